@@ -1,0 +1,173 @@
+"""The daemon: builds the node tree, mounts it, links the nodes at their /dev
+paths, serves until cancelled, and takes down exactly what it set up."""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+from dataclasses import dataclass, field
+
+import trio
+
+from .config import Config
+from .iommufd.main import AccountMode, IommufdFile
+from .system import System
+from .transport.mount import fuse_mount, fuse_umount, mounted_here
+from .transport.nodes import Tree
+from .transport.server import MAX_WRITE, FuseServer, Request
+
+log = logging.getLogger(__name__)
+
+
+class StartupError(RuntimeError):
+    """The daemon cannot start; the message is one line for the operator."""
+
+
+@dataclass
+class Links:
+    """Symlinks from /dev paths to nodes of the mount, and directories made for them."""
+
+    made_links: list[str] = field(default_factory=list)
+    made_dirs: list[str] = field(default_factory=list)
+
+    def remove(self) -> None:
+        for path in reversed(self.made_links):
+            try:
+                os.unlink(path)
+            except FileNotFoundError:
+                pass
+            except OSError as e:
+                log.warning("cannot remove %s: %s", path, e)
+        for d in reversed(self.made_dirs):
+            try:
+                os.rmdir(d)
+            except OSError:
+                pass  # not empty: someone else uses it now
+        self.made_links.clear()
+        self.made_dirs.clear()
+
+
+def _is_ours(path: str, mountpoint: str) -> bool:
+    try:
+        target = os.readlink(path)
+    except OSError:
+        return False
+    return target.startswith(mountpoint.rstrip("/") + "/")
+
+
+class Daemon:
+    def __init__(self, config: Config, dev_dir: str = "/dev", mountpoint: str = "/run/iommufd-cuse/mnt") -> None:
+        self.config = config
+        self.dev_dir = os.path.abspath(dev_dir)
+        self.mountpoint = os.path.abspath(mountpoint)
+        self.system = System()
+        self.tree = Tree()
+        self.server = FuseServer(self.tree)
+        self.links = Links()
+        self._fd = -1
+        self._mounted = False
+        self.ready = trio.Event()
+        self._build_tree()
+
+    # -- nodes ---------------------------------------------------------------------
+    def _build_tree(self) -> None:
+        n = self.config.nodes["iommu"]
+        self.tree.add("iommu", n.mode, n.uid, n.gid, self._open_iommufd(AccountMode.USER))
+        n = self.config.nodes["vfio"]
+        # The kernel's /dev/vfio/vfio is an iommufd that accounts like VFIO did.
+        self.tree.add("vfio/vfio", n.mode, n.uid, n.gid, self._open_iommufd(AccountMode.MM))
+
+    def _open_iommufd(self, mode: AccountMode):  # noqa: ANN202
+        def opener(req: Request, flags: int) -> IommufdFile:
+            return IommufdFile(self.system, req.caller, mode)
+
+        return opener
+
+    def link_path(self, node_path: str) -> str:
+        return os.path.join(self.dev_dir, node_path)
+
+    # -- start-up ------------------------------------------------------------------
+    def check_and_clean(self) -> None:
+        """Refuse what cannot work; remove what a crashed run left behind."""
+        if os.geteuid() != 0:
+            raise StartupError("must run as root (it mounts a FUSE file system)")
+        if not os.path.exists("/dev/fuse"):
+            raise StartupError("/dev/fuse is missing (is FUSE available in this kernel?)")
+        os.makedirs(self.mountpoint, exist_ok=True)
+        try:
+            os.stat(self.mountpoint)
+            live = mounted_here(self.mountpoint)
+        except OSError as e:
+            if e.errno != errno.ENOTCONN:
+                raise StartupError(f"mountpoint {self.mountpoint}: {e.strerror}") from None
+            live = False
+            log.warning("removing the stale mount at %s", self.mountpoint)
+            fuse_umount(self.mountpoint)
+        if live or os.path.ismount(self.mountpoint):
+            raise StartupError(f"mountpoint {self.mountpoint} is busy (another daemon?)")
+        if os.listdir(self.mountpoint):
+            raise StartupError(f"mountpoint {self.mountpoint} is not empty")
+        for node in self.tree.files():
+            path = self.link_path(node.path())
+            if os.path.islink(path) and _is_ours(path, self.mountpoint):
+                log.warning("removing the stale link %s", path)
+                os.unlink(path)
+            elif os.path.lexists(path):
+                raise StartupError(f"{path} exists and was not created by iommufd-cuse")
+
+    def _make_links(self) -> None:
+        for node in self.tree.files():
+            path = self.link_path(node.path())
+            parent = os.path.dirname(path)
+            missing = []
+            while not os.path.isdir(parent):
+                missing.append(parent)
+                parent = os.path.dirname(parent)
+            for d in reversed(missing):
+                os.mkdir(d, 0o755)
+                self.links.made_dirs.append(d)
+            os.symlink(os.path.join(self.mountpoint, node.path()), path)
+            self.links.made_links.append(path)
+
+    async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:  # noqa: ANN001
+        """Serve until cancelled. task_status.started() once the nodes answer."""
+        self.check_and_clean()
+        try:
+            self._fd = fuse_mount(self.mountpoint, MAX_WRITE)
+        except OSError as e:
+            raise StartupError(f"cannot mount {self.mountpoint}: {e.strerror}") from None
+        self._mounted = True
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._serve_then_stop, nursery.cancel_scope)
+                with trio.fail_after(10):
+                    await self.server.initialized.wait()
+                self._make_links()
+                log.info("serving %s", ", ".join(self.link_path(n.path()) for n in self.tree.files()))
+                self.ready.set()
+                task_status.started(self)
+        finally:
+            with trio.CancelScope(shield=True):
+                self.shutdown()
+
+    async def _serve_then_stop(self, scope: trio.CancelScope) -> None:
+        await self.server.serve(self._fd)
+        scope.cancel()  # unmounted under us: stop
+
+    def shutdown(self) -> None:
+        self.links.remove()
+        if self._mounted:
+            try:
+                fuse_umount(self.mountpoint)
+            except OSError as e:
+                log.error("unmount %s: %s", self.mountpoint, e)
+            self._mounted = False
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+        # Contexts of clients that still hold files are released with the mount.
+        for ctx in list(self.system.contexts):
+            ctx.destroy_all()
+        self.system.contexts.clear()
+        log.info("stopped")

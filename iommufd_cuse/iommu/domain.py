@@ -1,0 +1,82 @@
+"""IOMMU domains: what a device's DMA is translated through.
+
+A paging domain owns a native I/O page table; the blocking domain translates
+nothing. The properties come from the emulated IOMMU that made the domain.
+"""
+
+from __future__ import annotations
+
+import errno
+import itertools
+
+from .._native import ffi, lib
+from ..transport.caller import Errno
+
+ULONG_MAX = (1 << 64) - 1
+_ids = itertools.count(1)
+
+
+class Domain:
+    paging = False
+
+    def __init__(self) -> None:
+        self.serial = next(_ids)
+
+
+class BlockingDomain(Domain):
+    """DMA blocked: every access faults."""
+
+
+class PagingDomain(Domain):
+    paging = True
+
+    def __init__(
+        self,
+        pgsize_bitmap: int,
+        aperture_start: int = 0,
+        aperture_end: int = ULONG_MAX,
+        iova_bits: int = 64,
+        dirty_tracking: bool = False,
+    ) -> None:
+        super().__init__()
+        granule = pgsize_bitmap & -pgsize_bitmap
+        self.granule_shift = granule.bit_length() - 1
+        self.pgsize_bitmap = pgsize_bitmap
+        self.aperture_start = aperture_start
+        self.aperture_end = aperture_end
+        self.dirty_tracking_capable = dirty_tracking
+        self.dirty_tracking = False
+        pt = lib.icuse_pt_alloc(self.granule_shift, pgsize_bitmap, iova_bits)
+        if pt == ffi.NULL:
+            raise Errno(errno.ENOMEM)
+        self.pt = ffi.gc(pt, lib.icuse_pt_free)
+
+    @property
+    def granule(self) -> int:
+        return 1 << self.granule_shift
+
+    def map(self, iova: int, pa: int, length: int, prot: int) -> None:
+        rc = lib.icuse_pt_map(self.pt, iova, pa, length, prot)
+        if rc:
+            raise Errno(-rc)
+
+    def unmap(self, iova: int, length: int) -> int:
+        n = lib.icuse_pt_unmap(self.pt, iova, length)
+        if n < 0:
+            raise Errno(-n)
+        return n
+
+    def walk(self, iova: int) -> tuple[int, int, int] | None:
+        """(pa, prot, leaf size) of iova, or None if unmapped."""
+        info = ffi.new("struct icuse_pte_info *")
+        if lib.icuse_pt_walk(self.pt, iova, info):
+            return None
+        return info.pa, info.prot, info.leaf_size
+
+    def stats(self) -> dict[str, int]:
+        s = ffi.new("struct icuse_pt_stats *")
+        lib.icuse_pt_get_stats(self.pt, s)
+        return {"tables": s.tables, "leaves": s.leaves, "mapped_bytes": s.mapped_bytes}
+
+    def __repr__(self) -> str:
+        return f"<PagingDomain {self.serial} granule={self.granule:#x}>"

@@ -1,0 +1,283 @@
+"""IOAS objects and their ioctls (drivers/iommu/iommufd/ioas.c)."""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import struct
+
+from .. import uapi
+from ..transport.caller import CAP_SYS_RESOURCE, Errno
+from .io_pagetable import IOMMU_READ, IOMMU_WRITE, ULONG_MAX, IoPagetable, PagesSlice
+from .main import AccountMode, Context, Object, ObjType, Ucmd
+from .pages import FilePages, UserPages
+
+log = logging.getLogger(__name__)
+
+RANGE = struct.Struct("<QQ")  # struct iommu_iova_range
+MAP_FLAGS = uapi.IOMMU_IOAS_MAP_FIXED_IOVA | uapi.IOMMU_IOAS_MAP_WRITEABLE | uapi.IOMMU_IOAS_MAP_READABLE
+MAX_IOVA_RANGES = 1 << 20  # bounds what ALLOW_IOVAS reads from the caller
+
+
+class Ioas(Object):
+    type = ObjType.IOAS
+
+    def __init__(self, ctx: Context) -> None:
+        super().__init__()
+        self.ctx = ctx
+        self.iopt = IoPagetable()
+        self.hwpts: list[object] = []  # automatic domains made for attached devices
+
+    def destroy(self) -> None:
+        self.iopt.destroy()
+
+
+def get_ioas(ctx: Context, ioas_id: int) -> Ioas:
+    return ctx.get(ioas_id, ObjType.IOAS)
+
+
+def conv_prot(flags: int) -> int:
+    prot = 0
+    if flags & uapi.IOMMU_IOAS_MAP_WRITEABLE:
+        prot |= IOMMU_WRITE
+    if flags & uapi.IOMMU_IOAS_MAP_READABLE:
+        prot |= IOMMU_READ
+    return prot
+
+
+def _check_map_flags(flags: int, *sizes: int) -> None:
+    if flags & ~MAP_FLAGS:
+        raise Errno(errno.EOPNOTSUPP)
+    if any(s >= ULONG_MAX for s in sizes):
+        raise Errno(errno.EOVERFLOW)
+    if not flags & (uapi.IOMMU_IOAS_MAP_WRITEABLE | uapi.IOMMU_IOAS_MAP_READABLE):
+        raise Errno(errno.EINVAL)
+
+
+# -- handlers -------------------------------------------------------------------------
+def ioas_alloc(ucmd: Ucmd) -> int:
+    cmd = ucmd.cmd
+    if cmd.flags:
+        raise Errno(errno.EOPNOTSUPP)
+    ctx = ucmd.ctx
+    ioas = ctx.alloc(Ioas(ctx))
+    cmd.out_ioas_id = ioas.id
+    try:
+        ucmd.respond()
+    except BaseException:
+        ctx.abort(ioas)
+        raise
+    ctx.finalize(ioas)
+    return 0
+
+
+def ioas_iova_ranges(ucmd: Ucmd) -> int:
+    cmd = ucmd.cmd
+    if cmd.reserved:
+        raise Errno(errno.EOPNOTSUPP)
+    ioas = get_ioas(ucmd.ctx, cmd.ioas_id)
+    ranges = ioas.iopt.iova_ranges()
+    max_iovas = cmd.num_iovas
+    out = b"".join(RANGE.pack(s, e) for s, e in ranges[:max_iovas])
+    ucmd.caller.write(cmd.allowed_iovas, out)
+    cmd.num_iovas = len(ranges)
+    cmd.out_iova_alignment = ioas.iopt.iova_alignment
+    ucmd.respond()
+    if len(ranges) > max_iovas:
+        raise Errno(errno.EMSGSIZE)
+    return 0
+
+
+def _load_iovas(ucmd: Ucmd, addr: int, num: int) -> list[tuple[int, int]]:
+    if num > MAX_IOVA_RANGES:
+        raise Errno(errno.ENOMEM)
+    raw = ucmd.caller.read(addr, num * RANGE.size) if num else b""
+    out: list[tuple[int, int]] = []
+    for start, last in RANGE.iter_unpack(raw):
+        if start >= last:
+            raise Errno(errno.EINVAL)
+        if any(s <= last and start <= e for s, e in out):
+            raise Errno(errno.EINVAL)
+        out.append((start, last))
+    return out
+
+
+async def ioas_allow_iovas(ucmd: Ucmd) -> int:
+    cmd = ucmd.cmd
+    if cmd.reserved:
+        raise Errno(errno.EOPNOTSUPP)
+    ioas = get_ioas(ucmd.ctx, cmd.ioas_id)
+    with ucmd.ctx.hold(ioas):
+        ranges = _load_iovas(ucmd, cmd.allowed_iovas, cmd.num_iovas)
+        async with ioas.iopt.lock:
+            ioas.iopt.set_allowed(ranges)
+    return 0
+
+
+async def ioas_map(ucmd: Ucmd) -> int:
+    cmd = ucmd.cmd
+    if cmd.reserved:
+        raise Errno(errno.EOPNOTSUPP)
+    _check_map_flags(cmd.flags, cmd.iova, cmd.length)
+    ctx = ucmd.ctx
+    ioas = get_ioas(ctx, cmd.ioas_id)
+    with ctx.hold(ioas):
+        if cmd.user_va + cmd.length > ULONG_MAX:
+            raise Errno(errno.EOVERFLOW)
+        if cmd.length == 0 or cmd.length > ULONG_MAX - 4096:
+            raise Errno(errno.EINVAL)
+        writable = bool(cmd.flags & uapi.IOMMU_IOAS_MAP_WRITEABLE)
+        pages = UserPages(ctx.system, ucmd.caller, ctx.account_mode, cmd.user_va, cmd.length, writable)
+        try:
+            cmd.iova = await _map(ioas, [PagesSlice(pages, pages.start_byte, cmd.length)], cmd)
+        finally:
+            pages.put()
+        ucmd.respond()  # a faulting copy-out leaves the mapping, as in the kernel
+    return 0
+
+
+async def ioas_map_file(ucmd: Ucmd) -> int:
+    cmd = ucmd.cmd
+    _check_map_flags(cmd.flags, cmd.iova, cmd.length)
+    ctx = ucmd.ctx
+    ioas = get_ioas(ctx, cmd.ioas_id)
+    with ctx.hold(ioas):
+        fd = ucmd.caller.fetch_fd(cmd.fd)
+        try:
+            if cmd.length and cmd.start + cmd.length - 1 > ULONG_MAX:
+                raise Errno(errno.EOVERFLOW)
+            if cmd.length == 0:
+                raise Errno(errno.EINVAL)
+            writable = bool(cmd.flags & uapi.IOMMU_IOAS_MAP_WRITEABLE)
+            pages = FilePages(ctx.system, ucmd.caller, ctx.account_mode, fd, cmd.start, cmd.length, writable)
+        except BaseException:
+            os.close(fd)
+            raise
+        try:
+            cmd.iova = await _map(ioas, [PagesSlice(pages, pages.start_byte, cmd.length)], cmd)
+        finally:
+            pages.put()
+        ucmd.respond()  # a faulting copy-out leaves the mapping, as in the kernel
+    return 0
+
+
+async def _map(ioas: Ioas, slices: list[PagesSlice], cmd) -> int:  # noqa: ANN001
+    fixed = cmd.flags & uapi.IOMMU_IOAS_MAP_FIXED_IOVA
+    async with ioas.iopt.lock:
+        return await ioas.iopt.map_pages(slices, cmd.length, cmd.iova if fixed else None, conv_prot(cmd.flags))
+
+
+async def ioas_copy(ucmd: Ucmd) -> int:
+    cmd = ucmd.cmd
+    _check_map_flags(cmd.flags, cmd.length, cmd.src_iova, cmd.dst_iova)
+    ctx = ucmd.ctx
+    src = get_ioas(ctx, cmd.src_ioas_id)
+    slices = src.iopt.get_pages(cmd.src_iova, cmd.length)
+    for sl in slices:
+        sl.pages.refs += 1
+    try:
+        dst = get_ioas(ctx, cmd.dst_ioas_id)
+        with ctx.hold(dst):
+            fixed = cmd.flags & uapi.IOMMU_IOAS_MAP_FIXED_IOVA
+            async with dst.iopt.lock:
+                cmd.dst_iova = await dst.iopt.map_pages(
+                    slices, cmd.length, cmd.dst_iova if fixed else None, conv_prot(cmd.flags)
+                )
+            ucmd.respond()
+    finally:
+        for sl in slices:
+            sl.pages.put()
+    return 0
+
+
+async def ioas_unmap(ucmd: Ucmd) -> int:
+    cmd = ucmd.cmd
+    ioas = get_ioas(ucmd.ctx, cmd.ioas_id)
+    with ucmd.ctx.hold(ioas):
+        async with ioas.iopt.lock:
+            if cmd.iova == 0 and cmd.length == ULONG_MAX:
+                unmapped = ioas.iopt.unmap_all()
+            else:
+                if cmd.iova >= ULONG_MAX or cmd.length >= ULONG_MAX:
+                    raise Errno(errno.EOVERFLOW)
+                if not cmd.length:
+                    raise Errno(errno.EINVAL)
+                if cmd.iova + cmd.length - 1 > ULONG_MAX:
+                    raise Errno(errno.EOVERFLOW)
+                rc, unmapped = ioas.iopt.unmap_range(cmd.iova, cmd.iova + cmd.length - 1)
+                if rc:
+                    raise Errno(rc)
+        cmd.length = unmapped
+        ucmd.respond()
+    return 0
+
+
+def option_huge_pages(ucmd: Ucmd) -> int:
+    cmd = ucmd.cmd
+    if cmd.reserved:
+        raise Errno(errno.EOPNOTSUPP)
+    ioas = get_ioas(ucmd.ctx, cmd.object_id)
+    iopt = ioas.iopt
+    if cmd.op == uapi.IOMMU_OPTION_OP_GET:
+        cmd.val64 = int(not iopt.disable_large_pages)
+        return 0
+    if cmd.op == uapi.IOMMU_OPTION_OP_SET:
+        if iopt.lock.locked():
+            raise Errno(errno.EBUSY)
+        if cmd.val64 == 0:
+            if iopt.disable_large_pages:
+                return 0
+            if iopt.domains and iopt.areas:
+                raise Errno(errno.EINVAL)
+            iopt.disable_large_pages = True
+            try:
+                iopt.calculate_iova_alignment()
+            except BaseException:
+                iopt.disable_large_pages = False
+                raise
+            return 0
+        if cmd.val64 == 1:
+            iopt.disable_large_pages = False
+            iopt.calculate_iova_alignment()
+            return 0
+        raise Errno(errno.EINVAL)
+    raise Errno(errno.EOPNOTSUPP)
+
+
+def option_rlimit_mode(ucmd: Ucmd) -> int:
+    cmd = ucmd.cmd
+    ctx = ucmd.ctx
+    if cmd.object_id:
+        raise Errno(errno.EOPNOTSUPP)
+    if cmd.op == uapi.IOMMU_OPTION_OP_GET:
+        cmd.val64 = int(ctx.account_mode is AccountMode.MM)
+        return 0
+    if cmd.op == uapi.IOMMU_OPTION_OP_SET:
+        if not ucmd.caller.capable(CAP_SYS_RESOURCE):
+            raise Errno(errno.EPERM)
+        if ctx.objects:
+            raise Errno(errno.EBUSY)
+        if cmd.val64 == 0:
+            ctx.account_mode = AccountMode.USER
+        elif cmd.val64 == 1:
+            ctx.account_mode = AccountMode.MM
+        else:
+            raise Errno(errno.EINVAL)
+        return 0
+    raise Errno(errno.EOPNOTSUPP)
+
+
+def option(ucmd: Ucmd) -> int:
+    """IOMMU_OPTION: on success only val64 is copied back."""
+    cmd = ucmd.cmd
+    if cmd.reserved:
+        raise Errno(errno.EOPNOTSUPP)
+    if cmd.option_id == uapi.IOMMU_OPTION_RLIMIT_MODE:
+        option_rlimit_mode(ucmd)
+    elif cmd.option_id == uapi.IOMMU_OPTION_HUGE_PAGES:
+        option_huge_pages(ucmd)
+    else:
+        raise Errno(errno.EOPNOTSUPP)
+    ucmd.respond_field("val64")
+    return 0

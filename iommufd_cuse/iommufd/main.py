@@ -1,0 +1,309 @@
+"""The iommufd context: object table, the ioctl table and its central validation.
+
+Mirrors drivers/iommu/iommufd/main.c. One Context per open of /dev/iommu (or of
+/dev/vfio/vfio). Objects get ids from 1, lowest free; each has a users count
+that the table's own reference starts at 1. Creation is two-phase: an id is
+reserved by alloc(), and the object only becomes visible at finalize(); abort()
+drops it. IOMMU_DESTROY and context release share each type's destroy().
+"""
+
+from __future__ import annotations
+
+import enum
+import errno
+import logging
+from collections.abc import Awaitable, Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, TypeVar
+
+from .. import uapi
+from ..transport.caller import Caller, Errno
+from ..transport.nodes import FileHandle
+from ..transport.protocol import FOPEN_DIRECT_IO, FOPEN_NONSEEKABLE
+
+if TYPE_CHECKING:
+    from ..system import System
+    from ..transport.server import Request
+
+log = logging.getLogger(__name__)
+
+
+class ObjType(enum.Enum):
+    ACCESS = "access"
+    DEVICE = "device"
+    HWPT_PAGING = "hwpt_paging"
+    HWPT_NESTED = "hwpt_nested"
+    IOAS = "ioas"
+    FAULT = "fault"
+    VIOMMU = "viommu"
+    VDEVICE = "vdevice"
+    SELFTEST = "selftest"
+
+
+class AccountMode(enum.Enum):
+    USER = 0  # IOPT_PAGES_ACCOUNT_USER: the user's locked_vm
+    MM = 1  # IOPT_PAGES_ACCOUNT_MM: the process's pinned_vm
+
+
+class Object:
+    """Base of every iommufd object: id, type, users count."""
+
+    type: ObjType
+
+    def __init__(self) -> None:
+        self.id = 0
+        self.users = 1  # the object table's reference
+
+    def destroy(self) -> None:
+        """Release everything the object holds. Called once, with users at zero."""
+
+    def abort(self) -> None:
+        """Undo a creation that did not reach finalize (default: destroy)."""
+        self.destroy()
+
+    def __repr__(self) -> str:
+        return f"<{self.type.value} {self.id}>"
+
+
+_RESERVED = object()  # an id allocated but not yet finalized (the kernel's XA_ZERO_ENTRY)
+
+O = TypeVar("O", bound=Object)
+
+
+class Context:
+    """struct iommufd_ctx: one per open file."""
+
+    def __init__(self, system: System, opener: Caller, account_mode: AccountMode = AccountMode.USER) -> None:
+        self.system = system
+        self.objects: dict[int, Any] = {}
+        self.account_mode = account_mode
+        self.vfio_ioas = None  # the compat layer's IOAS
+        self.opener_tid = opener.tid
+        self.opener_uid = opener.uid
+        self.closed = False
+
+    # -- objects --------------------------------------------------------------
+    def alloc(self, obj: O) -> O:
+        """Reserve the lowest free id for obj (visible only after finalize)."""
+        i = 1
+        objects = self.objects
+        while i in objects:
+            i += 1
+        objects[i] = _RESERVED
+        obj.id = i
+        return obj
+
+    def finalize(self, obj: Object) -> None:
+        assert self.objects.get(obj.id) is _RESERVED
+        self.objects[obj.id] = obj
+
+    def abort(self, obj: Object) -> None:
+        """Drop an object whose creation failed; what it set up is undone."""
+        assert self.objects.get(obj.id) is _RESERVED
+        del self.objects[obj.id]
+        obj.abort()
+
+    def get(self, obj_id: int, type_: ObjType | None = None) -> Any:
+        """Typed lookup: a missing id or an object of another type is ENOENT."""
+        obj = self.objects.get(obj_id)
+        if obj is None or obj is _RESERVED or (type_ is not None and obj.type is not type_):
+            raise Errno(errno.ENOENT)
+        return obj
+
+    @contextmanager
+    def hold(self, obj: O) -> Iterator[O]:
+        """Keep obj from being destroyed while a handler that awaits uses it."""
+        obj.users += 1
+        try:
+            yield obj
+        finally:
+            obj.users -= 1
+
+    def remove(self, obj_id: int) -> None:
+        """IOMMU_DESTROY: ENOENT for unknown ids, EBUSY while others use it."""
+        obj = self.objects.get(obj_id)
+        if obj is None or obj is _RESERVED:
+            raise Errno(errno.ENOENT)
+        if obj.users != 1:
+            raise Errno(errno.EBUSY)
+        self._destroy(obj)
+
+    def _destroy(self, obj: Object) -> None:
+        del self.objects[obj.id]
+        obj.users = 0
+        if self.vfio_ioas is obj:
+            self.vfio_ioas = None
+        obj.destroy()
+
+    def live_objects(self) -> list[Object]:
+        return [o for o in self.objects.values() if o is not _RESERVED]
+
+    def destroy_all(self) -> None:
+        """Release: destroy leaves first (users 1) until nothing is left."""
+        while self.live_objects():
+            leaves = [o for o in self.live_objects() if o.users == 1]
+            if not leaves:
+                log.error("context objects still in use at release: %s", self.live_objects())
+                break
+            for obj in leaves:
+                try:
+                    self._destroy(obj)
+                except Exception:
+                    log.exception("destroying %r at release failed", obj)
+        self.closed = True
+
+
+@dataclass(slots=True)
+class Ucmd:
+    """One iommufd ioctl in flight: the context, the caller, the copied-in struct."""
+
+    ctx: Context
+    caller: Caller
+    arg: int  # the user's pointer
+    user_size: int
+    struct: Any  # uapi.CStruct
+    cmd: Any  # the struct's unpacked fields
+
+    def respond(self) -> None:
+        """Copy the struct back: min(user size, struct size) bytes (iommufd_ucmd_respond)."""
+        data = self.struct.pack(self.cmd)
+        self.caller.write(self.arg, data[: min(self.user_size, len(data))])
+
+    def respond_field(self, name: str) -> None:
+        """Copy back a single field, as handlers that write one member do."""
+        off, size = self.struct.FIELDS[name]
+        data = self.struct.pack(self.cmd)
+        self.caller.write(self.arg + off, data[off : off + size])
+
+
+Handler = Callable[[Ucmd], int | Awaitable[int]]
+
+
+@dataclass(frozen=True, slots=True)
+class IoctlOp:
+    number: int
+    handler: Handler
+    struct: Any
+    min_size: int
+
+
+IOMMUFD_CMD_BASE = 0x80
+_IOC_NRMASK = 0xFF
+
+
+class IoctlTable:
+    """Number -> (handler, struct, min size), with the kernel's central validation."""
+
+    def __init__(self) -> None:
+        self.ops: dict[int, IoctlOp] = {}
+        self.last_nr = IOMMUFD_CMD_BASE - 1
+
+    def register(self, number: int, handler: Handler) -> None:
+        struct, min_size = uapi.IOCTL_STRUCTS[number]
+        self.ops[number & _IOC_NRMASK] = IoctlOp(number, handler, struct, min_size)
+        self.last_nr = max(self.last_nr, number & _IOC_NRMASK)
+
+    def in_range(self, cmd: int) -> bool:
+        return IOMMUFD_CMD_BASE <= cmd & _IOC_NRMASK <= self.last_nr
+
+    def dispatch(self, ctx: Context, caller: Caller, cmd: int, arg: int) -> int | Awaitable[int]:
+        """The path of iommufd_fops_ioctl for a number inside the table's range."""
+        # The size word is read first: a bad pointer is EFAULT even for a bad number.
+        size_word = caller.read(arg, 4)
+        op = self.ops.get(cmd & _IOC_NRMASK)
+        if op is None or op.number != cmd:
+            raise Errno(errno.ENOTTY)
+        user_size = int.from_bytes(size_word, "little")
+        if user_size < op.min_size:
+            raise Errno(errno.EINVAL)
+        ucmd = Ucmd(ctx, caller, arg, user_size, op.struct, op.struct.unpack(copy_struct_from_user(caller, arg, op.struct.SIZE, user_size)))
+        return op.handler(ucmd)
+
+
+_TAIL_CHUNK = 64 * 1024
+
+
+def copy_struct_from_user(caller: Caller, addr: int, ksize: int, usize: int) -> bytes:
+    """The kernel's copy_struct_from_user: a shorter user struct is zero-extended,
+    a longer one must have only zero bytes past ksize (else E2BIG)."""
+    if usize <= ksize:
+        data = caller.read(addr, usize)
+        return bytes(data) + bytes(ksize - usize)
+    data = caller.read(addr, ksize)
+    pos = addr + ksize
+    end = addr + usize
+    while pos < end:
+        n = min(_TAIL_CHUNK, end - pos)
+        if any(caller.read(pos, n)):
+            raise Errno(errno.E2BIG)
+        pos += n
+    return bytes(data)
+
+
+# -- the ioctl table and the file ----------------------------------------------------
+def _unsupported(name: str) -> Handler:
+    def handler(ucmd: Ucmd) -> int:
+        log.info("%s is not supported by this daemon: EOPNOTSUPP", name)
+        raise Errno(errno.EOPNOTSUPP)
+
+    return handler
+
+
+def destroy(ucmd: Ucmd) -> int:
+    ucmd.ctx.remove(ucmd.cmd.id)
+    return 0
+
+
+def build_ioctl_table() -> IoctlTable:
+    from . import ioas
+
+    table = IoctlTable()
+    implemented = {
+        uapi.IOMMU_DESTROY: destroy,
+        uapi.IOMMU_IOAS_ALLOC: ioas.ioas_alloc,
+        uapi.IOMMU_IOAS_ALLOW_IOVAS: ioas.ioas_allow_iovas,
+        uapi.IOMMU_IOAS_COPY: ioas.ioas_copy,
+        uapi.IOMMU_IOAS_IOVA_RANGES: ioas.ioas_iova_ranges,
+        uapi.IOMMU_IOAS_MAP: ioas.ioas_map,
+        uapi.IOMMU_IOAS_MAP_FILE: ioas.ioas_map_file,
+        uapi.IOMMU_IOAS_UNMAP: ioas.ioas_unmap,
+        uapi.IOMMU_OPTION: ioas.option,
+    }
+    names = {v: k for k, v in vars(uapi).items() if k.startswith("IOMMU_") and isinstance(v, int)}
+    for number in uapi.IOCTL_STRUCTS:
+        if number == uapi.IOMMU_TEST_CMD:
+            continue  # only in test mode
+        table.register(number, implemented.get(number) or _unsupported(names.get(number, hex(number))))
+    return table
+
+
+_table: IoctlTable | None = None
+
+
+def ioctl_table() -> IoctlTable:
+    global _table
+    if _table is None:
+        _table = build_ioctl_table()
+    return _table
+
+
+class IommufdFile(FileHandle):
+    """An open of /dev/iommu: struct file -> iommufd_ctx."""
+
+    open_flags = FOPEN_DIRECT_IO | FOPEN_NONSEEKABLE
+
+    def __init__(self, system: System, caller: Caller, account_mode: AccountMode = AccountMode.USER) -> None:
+        self.ctx = Context(system, caller, account_mode)
+        self.table = ioctl_table()
+        system.contexts.add(self.ctx)
+
+    def ioctl(self, req: Request, cmd: int, arg: int) -> int | Awaitable[int]:
+        if self.table.in_range(cmd):
+            return self.table.dispatch(self.ctx, req.caller, cmd, arg)
+        # Outside the table: the VFIO type1 compatibility ioctls.
+        raise Errno(errno.ENOTTY)
+
+    def release(self) -> None:
+        self.ctx.destroy_all()
+        self.ctx.system.contexts.discard(self.ctx)

@@ -1,0 +1,112 @@
+"""The process behind a request: its memory, its file descriptors, its credentials.
+
+Everything is addressed by the thread id the kernel put in the FUSE request
+header, never by a pid or pointer taken from a payload. The daemon runs as
+root, so privilege checks use the caller's capabilities and rlimits, read from
+/proc, not the daemon's.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import os
+import resource
+
+from .._native import ffi, lib
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_SYS_pidfd_getfd = 438
+_PIDFD_THREAD = os.O_EXCL  # pidfd of a thread rather than a process (Linux 6.9)
+
+CAP_IPC_LOCK = 14
+CAP_SYS_RAWIO = 17
+CAP_SYS_ADMIN = 21
+CAP_SYS_RESOURCE = 24
+
+
+class Errno(OSError):
+    """An errno answer for the client; cheap to raise on the hot path."""
+
+    def __init__(self, code: int, why: str | None = None) -> None:
+        super().__init__(code, why or os.strerror(code))
+
+
+class Caller:
+    """The thread that issued one request."""
+
+    __slots__ = ("tid", "uid", "gid", "_status")
+
+    def __init__(self, tid: int, uid: int, gid: int) -> None:
+        self.tid = tid
+        self.uid = uid
+        self.gid = gid
+        self._status: dict[str, str] | None = None
+
+    # -- memory -------------------------------------------------------------
+    def read(self, addr: int, length: int) -> bytearray:
+        """length bytes at addr in the caller; Errno(EFAULT) if not all readable."""
+        buf = bytearray(length)
+        rc = lib.icuse_vm_read(self.tid, addr, ffi.from_buffer(buf), length)
+        if rc:
+            raise Errno(-rc)
+        return buf
+
+    def read_into(self, addr: int, buf: bytearray, length: int) -> int:
+        """Read into buf; returns 0 or a negative errno (no exception: used for probing)."""
+        return lib.icuse_vm_read(self.tid, addr, ffi.from_buffer(buf), length)
+
+    def write(self, addr: int, data: bytes | bytearray | memoryview) -> None:
+        if not data:
+            return
+        rc = lib.icuse_vm_write(self.tid, addr, ffi.from_buffer(data), len(data))
+        if rc:
+            raise Errno(-rc)
+
+    # -- identity and credentials ------------------------------------------
+    def status(self) -> dict[str, str]:
+        if self._status is None:
+            try:
+                with open(f"/proc/{self.tid}/status") as f:
+                    self._status = dict(
+                        line.rstrip("\n").split(":\t", 1) for line in f if ":\t" in line
+                    )
+            except FileNotFoundError:
+                raise Errno(errno.ESRCH) from None
+        return self._status
+
+    @property
+    def tgid(self) -> int:
+        return int(self.status()["Tgid"])
+
+    def capable(self, cap: int) -> bool:
+        """The kernel's capable(cap), asked of the calling thread's effective set."""
+        return bool(int(self.status()["CapEff"], 16) >> cap & 1)
+
+    def rlimit(self, res: int) -> int:
+        """The caller's soft limit (RLIM_INFINITY as resource.RLIM_INFINITY)."""
+        try:
+            return resource.prlimit(self.tgid, res)[0]
+        except ProcessLookupError:
+            raise Errno(errno.ESRCH) from None
+
+    # -- file descriptors ---------------------------------------------------
+    def fetch_fd(self, fd: int) -> int:
+        """A duplicate, in the daemon, of the caller's fd; EBADF if it has none."""
+        if fd < 0:
+            raise Errno(errno.EBADF)
+        try:
+            pidfd = os.pidfd_open(self.tid, _PIDFD_THREAD)
+        except OSError:
+            pidfd = os.pidfd_open(self.tgid)
+        try:
+            got = _libc.syscall(_SYS_pidfd_getfd, pidfd, fd, 0)
+            if got < 0:
+                e = ctypes.get_errno()
+                raise Errno(errno.EBADF if e == errno.EBADF else e)
+            return got
+        finally:
+            os.close(pidfd)
+
+    def __repr__(self) -> str:
+        return f"Caller(tid={self.tid}, uid={self.uid})"

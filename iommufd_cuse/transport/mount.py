@@ -1,0 +1,69 @@
+"""Mounting the FUSE file system, and the links that make its nodes appear at /dev paths."""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import errno
+import os
+
+_libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+_libc.mount.argtypes = [ctypes.c_char_p] * 3 + [ctypes.c_ulong, ctypes.c_char_p]
+_libc.umount2.argtypes = [ctypes.c_char_p, ctypes.c_int]
+
+MS_NOSUID = 2
+MS_NODEV = 4
+MNT_DETACH = 2
+FSNAME = "iommufd-cuse"
+
+
+def _check(rc: int, what: str) -> None:
+    if rc != 0:
+        e = ctypes.get_errno()
+        raise OSError(e, f"{what}: {os.strerror(e)}")
+
+
+def fuse_mount(mountpoint: str, max_read: int) -> int:
+    """Open /dev/fuse and mount it at mountpoint; returns the fuse device fd."""
+    fd = os.open("/dev/fuse", os.O_RDWR | os.O_CLOEXEC | os.O_NONBLOCK)
+    opts = (
+        f"fd={fd},rootmode=40755,user_id=0,group_id=0,"
+        f"allow_other,default_permissions,max_read={max_read}"
+    )
+    try:
+        _check(
+            _libc.mount(
+                FSNAME.encode(),
+                mountpoint.encode(),
+                f"fuse.{FSNAME}".encode(),
+                MS_NOSUID | MS_NODEV,
+                opts.encode(),
+            ),
+            f"mount {mountpoint}",
+        )
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def fuse_umount(mountpoint: str) -> None:
+    """Lazy unmount: clients still holding files keep them until they close."""
+    rc = _libc.umount2(mountpoint.encode(), MNT_DETACH)
+    if rc != 0 and ctypes.get_errno() not in (errno.EINVAL, errno.ENOENT):
+        _check(rc, f"umount {mountpoint}")
+
+
+def mounted_here(mountpoint: str) -> bool:
+    """Whether a file system of ours is mounted at mountpoint (a stale one counts)."""
+    target = os.path.realpath(mountpoint)
+    with open("/proc/self/mounts") as f:
+        for line in f:
+            fields = line.split()
+            if len(fields) > 2 and _unescape(fields[1]) == target and fields[0] == FSNAME:
+                return True
+    return False
+
+
+def _unescape(path: str) -> str:
+    return path.replace("\\040", " ").replace("\\011", "\t").replace("\\012", "\n").replace("\\134", "\\")

@@ -1,0 +1,353 @@
+"""The FUSE request loop: one reader under trio, one reused request buffer.
+
+Quick requests are answered inline by the reader. A handler that returns an
+awaitable runs as a task of its own, in a cancel scope that FUSE_INTERRUPT
+cancels (the client then gets EINTR). Replies to requests the kernel has
+already abandoned (ENOENT from the device) are dropped.
+"""
+
+from __future__ import annotations
+
+import errno
+import inspect
+import logging
+import os
+import time
+
+import trio
+
+from . import protocol as P
+from .caller import Caller, Errno
+from .nodes import FileHandle, Node, Tree
+
+log = logging.getLogger(__name__)
+
+ATTR_TIMEOUT = 1  # seconds the kernel may cache names and attributes
+MAX_WRITE = 128 * 1024
+BUFSIZE = MAX_WRITE + 4096  # the kernel refuses reads into less than header + max_write
+
+
+class Request:
+    """One FUSE request as handlers see it."""
+
+    __slots__ = ("unique", "opcode", "nodeid", "caller", "fh")
+
+    def __init__(self, unique: int, opcode: int, nodeid: int, caller: Caller, fh: int = 0) -> None:
+        self.unique = unique
+        self.opcode = opcode
+        self.nodeid = nodeid
+        self.caller = caller
+        self.fh = fh
+
+
+class FuseServer:
+    def __init__(self, tree: Tree) -> None:
+        self.tree = tree
+        self.fd = -1
+        self.handles: dict[int, FileHandle] = {}
+        self._handle_nodes: dict[int, Node] = {}
+        self._next_fh = 1
+        self._inflight: dict[int, tuple[trio.CancelScope, int]] = {}
+        self._nursery: trio.Nursery | None = None
+        self.initialized = trio.Event()
+        self.start_time = int(time.time())
+        self._ops = {
+            P.INIT: self._init,
+            P.LOOKUP: self._lookup,
+            P.FORGET: self._forget,
+            P.BATCH_FORGET: self._forget,
+            P.GETATTR: self._getattr,
+            P.SETATTR: self._setattr,
+            P.OPEN: self._open,
+            P.OPENDIR: self._opendir,
+            P.READ: self._read,
+            P.WRITE: self._write,
+            P.IOCTL: self._ioctl,
+            P.POLL: self._poll,
+            P.FLUSH: self._flush,
+            P.FSYNC: self._ok,
+            P.RELEASE: self._release,
+            P.READDIR: self._readdir,
+            P.RELEASEDIR: self._ok,
+            P.STATFS: self._statfs,
+            P.ACCESS: self._ok,
+            P.INTERRUPT: self._interrupt,
+            P.DESTROY: self._ok,
+        }
+
+    # -- the loop -----------------------------------------------------------
+    async def serve(self, fd: int) -> None:
+        """Serve requests from the fuse device fd until it is unmounted or cancelled."""
+        self.fd = fd
+        buf = bytearray(BUFSIZE)
+        view = memoryview(buf)
+        readv = os.readv
+        streak = 0
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            try:
+                while True:
+                    try:
+                        n = readv(fd, [buf])
+                    except BlockingIOError:
+                        streak = 0
+                        await trio.lowlevel.wait_readable(fd)
+                        continue
+                    except OSError as e:
+                        if e.errno in (errno.ENOENT, errno.EINTR):
+                            continue  # a request abandoned before we read it
+                        if e.errno == errno.ENODEV:
+                            log.info("file system unmounted")
+                            break
+                        raise
+                    self._dispatch(view[:n])
+                    streak += 1
+                    if streak >= 16:  # let spawned handlers run under a steady stream
+                        streak = 0
+                        await trio.lowlevel.checkpoint()
+            finally:
+                nursery.cancel_scope.cancel()
+                await self._release_all()
+
+    def _dispatch(self, msg: memoryview) -> None:
+        _len, opcode, unique, nodeid, uid, gid, pid, _ext, _pad = P.IN_HEADER.unpack_from(msg)
+        body = msg[P.IN_HEADER.size :]
+        op = self._ops.get(opcode)
+        if op is None:
+            log.debug("opcode %d not served: ENOSYS", opcode)
+            self.reply_error(unique, errno.ENOSYS)
+            return
+        req = Request(unique, opcode, nodeid, Caller(pid, uid, gid))
+        try:
+            op(req, body)
+        except Errno as e:
+            self.reply_error(unique, e.errno)
+        except Exception:
+            log.exception("%s failed", P.OPCODE_NAMES.get(opcode, opcode))
+            if opcode not in P.NO_REPLY:
+                self.reply_error(unique, errno.EIO)
+
+    # -- replies ------------------------------------------------------------
+    def reply(self, unique: int, payload: bytes | bytearray | memoryview = b"") -> None:
+        self._send(P.OUT_HEADER.pack(P.OUT_HEADER.size + len(payload), 0, unique), payload)
+
+    def reply_error(self, unique: int, err: int) -> None:
+        self._send(P.OUT_HEADER.pack(P.OUT_HEADER.size, -err, unique), b"")
+
+    def notify_poll(self, kh: int) -> None:
+        """Tell the kernel that a polled handle has changed (FUSE_NOTIFY_POLL)."""
+        payload = P.NOTIFY_POLL_OUT.pack(kh)
+        self._send(P.OUT_HEADER.pack(P.OUT_HEADER.size + len(payload), P.NOTIFY_POLL, 0), payload)
+
+    def _send(self, header: bytes, payload: bytes | bytearray | memoryview) -> None:
+        try:
+            os.writev(self.fd, [header, payload] if payload else [header])
+        except OSError as e:
+            # ENOENT: the kernel abandoned the request (client interrupted or gone).
+            if e.errno != errno.ENOENT:
+                log.warning("reply failed: %s", e)
+
+    def _answer(self, req: Request, result: object, pack) -> None:  # noqa: ANN001
+        """Reply now, or run an awaitable answer as its own interruptible task."""
+        if inspect.isawaitable(result):
+            scope = trio.CancelScope()
+            self._inflight[req.unique] = (scope, req.fh)
+            assert self._nursery is not None
+            self._nursery.start_soon(self._run, req, result, pack, scope)
+        else:
+            self.reply(req.unique, pack(result))
+
+    async def _run(self, req: Request, awaitable, pack, scope: trio.CancelScope) -> None:  # noqa: ANN001
+        try:
+            with scope:
+                try:
+                    result = await awaitable
+                except Errno as e:
+                    self.reply_error(req.unique, e.errno)
+                    return
+                except Exception:
+                    log.exception("%s failed", P.OPCODE_NAMES.get(req.opcode, req.opcode))
+                    self.reply_error(req.unique, errno.EIO)
+                    return
+                self.reply(req.unique, pack(result))
+            if scope.cancelled_caught:
+                self.reply_error(req.unique, errno.EINTR)
+        finally:
+            self._inflight.pop(req.unique, None)
+
+    # -- ops ----------------------------------------------------------------
+    def _init(self, req: Request, body: memoryview) -> None:
+        major, minor, max_readahead, _flags = P.INIT_IN.unpack_from(body)
+        if major != P.KERNEL_VERSION:
+            log.error("kernel speaks FUSE %d.%d; need %d", major, minor, P.KERNEL_VERSION)
+            raise Errno(errno.EPROTO)
+        self.reply(
+            req.unique,
+            P.INIT_OUT.pack(
+                P.KERNEL_VERSION,
+                min(minor, P.KERNEL_MINOR_VERSION),
+                max_readahead,
+                P.FUSE_BIG_WRITES | P.FUSE_MAX_PAGES,
+                16,  # max_background
+                12,  # congestion_threshold
+                MAX_WRITE,
+                1,  # time_gran
+                MAX_WRITE // 4096,
+                0,
+                0,
+                0,
+                0,
+            ),
+        )
+        self.initialized.set()
+
+    def _node(self, nodeid: int) -> Node:
+        node = self.tree.by_ino.get(nodeid)
+        if node is None:
+            raise Errno(errno.ENOENT)
+        return node
+
+    def _attr(self, node: Node) -> bytes:
+        t = self.start_time
+        nlink = 2 if node.is_dir else 1
+        return P.ATTR.pack(node.ino, 0, 0, t, t, t, 0, 0, 0, node.full_mode, nlink, node.uid, node.gid, 0, 4096, 0)
+
+    def _lookup(self, req: Request, body: memoryview) -> None:
+        name = bytes(body).split(b"\0", 1)[0].decode(errors="surrogateescape")
+        child = self._node(req.nodeid).children.get(name)
+        if child is None:
+            raise Errno(errno.ENOENT)
+        head = P.ENTRY_OUT_HEAD.pack(child.ino, 0, ATTR_TIMEOUT, ATTR_TIMEOUT, 0, 0)
+        self.reply(req.unique, head + self._attr(child))
+
+    def _forget(self, req: Request, body: memoryview) -> None:
+        pass  # nodes are static: lookup counts need no bookkeeping
+
+    def _getattr(self, req: Request, body: memoryview) -> None:
+        node = self._node(req.nodeid)
+        self.reply(req.unique, P.ATTR_OUT_HEAD.pack(ATTR_TIMEOUT, 0, 0) + self._attr(node))
+
+    def _setattr(self, req: Request, body: memoryview) -> None:
+        # Truncation of a device node (open with O_TRUNC) is a no-op, as for a char device.
+        self._getattr(req, body)
+
+    def _open(self, req: Request, body: memoryview) -> None:
+        flags, _ = P.OPEN_IN.unpack_from(body)
+        node = self._node(req.nodeid)
+        if node.is_dir:
+            raise Errno(errno.EISDIR)
+        assert node.opener is not None
+        handle = node.opener(req, flags)
+        fh = self._next_fh
+        self._next_fh += 1
+        self.handles[fh] = handle
+        self._handle_nodes[fh] = node
+        self.reply(req.unique, P.OPEN_OUT.pack(fh, handle.open_flags, 0))
+
+    def _opendir(self, req: Request, body: memoryview) -> None:
+        if not self._node(req.nodeid).is_dir:
+            raise Errno(errno.ENOTDIR)
+        self.reply(req.unique, P.OPEN_OUT.pack(0, 0, 0))
+
+    def _readdir(self, req: Request, body: memoryview) -> None:
+        _fh, offset, size, *_ = P.READ_IN.unpack_from(body)
+        node = self._node(req.nodeid)
+        entries = [(node.ino, b".", P.DT_DIR), ((node.parent or node).ino, b"..", P.DT_DIR)]
+        entries += [
+            (c.ino, c.name.encode(), P.DT_DIR if c.is_dir else P.DT_REG) for c in node.children.values()
+        ]
+        out = bytearray()
+        for i, (ino, name, kind) in enumerate(entries[offset:], start=offset + 1):
+            rec = P.dirent(ino, i, name, kind)
+            if len(out) + len(rec) > size:
+                break
+            out += rec
+        self.reply(req.unique, out)
+
+    def _handle(self, fh: int) -> FileHandle:
+        handle = self.handles.get(fh)
+        if handle is None:
+            raise Errno(errno.EBADF)
+        return handle
+
+    def _ioctl(self, req: Request, body: memoryview) -> None:
+        fh, flags, cmd, arg, _in_size, _out_size = P.IOCTL_IN.unpack_from(body)
+        req.fh = fh
+        result = self._handle(fh).ioctl(req, cmd, arg)
+        self._answer(req, result, _pack_ioctl)
+
+    def _read(self, req: Request, body: memoryview) -> None:
+        fh, offset, size, *_ = P.READ_IN.unpack_from(body)
+        req.fh = fh
+        self._answer(req, self._handle(fh).read(req, offset, size), bytes)
+
+    def _write(self, req: Request, body: memoryview) -> None:
+        fh, offset, size, *_ = P.WRITE_IN.unpack_from(body)
+        req.fh = fh
+        data = bytes(body[P.WRITE_IN.size : P.WRITE_IN.size + size])
+        self._answer(req, self._handle(fh).write(req, offset, data), _pack_write)
+
+    def _poll(self, req: Request, body: memoryview) -> None:
+        fh, kh, flags, events = P.POLL_IN.unpack_from(body)
+        req.fh = fh
+        revents = self._handle(fh).poll(req, events, kh if flags & P.FUSE_POLL_SCHEDULE_NOTIFY else None)
+        self.reply(req.unique, P.POLL_OUT.pack(revents, 0))
+
+    def _flush(self, req: Request, body: memoryview) -> None:
+        fh = P.RELEASE_IN.unpack_from(body)[0]
+        self._handle(fh).flush(req)
+        self.reply(req.unique)
+
+    def _ok(self, req: Request, body: memoryview) -> None:
+        self.reply(req.unique)
+
+    def _interrupt(self, req: Request, body: memoryview) -> None:
+        (target,) = P.INTERRUPT_IN.unpack_from(body)
+        entry = self._inflight.get(target)
+        if entry is not None:
+            log.debug("request %d interrupted", target)
+            entry[0].cancel()
+
+    def _release(self, req: Request, body: memoryview) -> None:
+        fh = P.RELEASE_IN.unpack_from(body)[0]
+        handle = self.handles.pop(fh, None)
+        self._handle_nodes.pop(fh, None)
+        if handle is None:
+            self.reply(req.unique)
+            return
+        # Anything still running for this open is abandoned first.
+        for scope, owner in list(self._inflight.values()):
+            if owner == fh:
+                scope.cancel()
+        req.fh = fh
+        self._answer(req, _maybe_await(handle.release()), lambda _: b"")
+
+    def _statfs(self, req: Request, body: memoryview) -> None:
+        self.reply(req.unique, P.STATFS_OUT.pack(0, 0, 0, len(self.tree.by_ino), 0, 4096, 255, 4096, 0))
+
+    async def _release_all(self) -> None:
+        """On shutdown, release every open so that contexts free what they hold."""
+        handles, self.handles = self.handles, {}
+        with trio.CancelScope(shield=True):
+            for handle in handles.values():
+                try:
+                    await _maybe_await(handle.release())
+                except Exception:
+                    log.exception("release at shutdown failed")
+
+    def open_count(self, node: Node) -> int:
+        return sum(1 for n in self._handle_nodes.values() if n is node)
+
+
+def _pack_ioctl(result: int) -> bytes:
+    return P.IOCTL_OUT.pack(result, 0, 0, 0)
+
+
+def _pack_write(n: int) -> bytes:
+    return P.WRITE_OUT.pack(n, 0)
+
+
+async def _maybe_await(value: object) -> object:
+    if inspect.isawaitable(value):
+        return await value
+    return value
