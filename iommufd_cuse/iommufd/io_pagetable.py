@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 
 import trio
 
-from .._native import lib
+from .._native import ffi, lib
 from ..iommu.domain import PagingDomain
 from ..system import PAGE_SIZE
 from ..transport.caller import Errno
@@ -434,3 +434,35 @@ class IoPagetable:
         self.unmap_all()
         for d in list(self.domains):
             self.remove_domain(d)
+
+    # -- CPU access (the kernel's iommufd_access_rw) -------------------------------------
+    def access_rw(self, iova: int, buf: bytearray | memoryview, write: bool) -> None:
+        """Read or write len(buf) bytes at iova through the areas. The pages are
+        held only for the copy: a CPU access, not a DMA mapping."""
+        length = len(buf)
+        if not length:
+            return
+        last = _check_add(iova, length - 1)
+        pos = iova
+        view = memoryview(buf)
+        for area in self.areas_in(iova, last):
+            if area.start > pos:
+                break
+            if write and not area.prot & IOMMU_WRITE or not write and not area.prot & IOMMU_READ:
+                raise Errno(errno.EPERM)
+            end = min(last, area.last)
+            n = end - pos + 1
+            off = area.start_byte + (pos - area.start)
+            first, npages = off // PAGE_SIZE, (off + n - 1) // PAGE_SIZE - off // PAGE_SIZE + 1
+            area.pages.pin(first, npages, charge=False)
+            try:
+                chunk = view[pos - iova : pos - iova + n]
+                rc = lib.icuse_pa_rw(area.pages.system.store, area.pa(pos), ffi.from_buffer(chunk), n, int(write))
+            finally:
+                area.pages.unpin(first, npages, charge=False)
+            if rc:
+                raise Errno(-rc)
+            pos = end + 1
+            if pos > last:
+                return
+        raise Errno(errno.ENOENT)

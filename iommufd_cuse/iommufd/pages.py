@@ -118,27 +118,31 @@ class Pages:
         return todo
 
     # -- pins ------------------------------------------------------------------
-    def pin(self, first: int, n: int, limit_caller: Caller | None = None) -> None:
-        """Pin [first, first+n), charging newly pinned pages; all or nothing."""
+    def pin(self, first: int, n: int, charge: bool = True) -> None:
+        """Pin [first, first+n), charging newly pinned pages; all or nothing.
+        charge=False is a transient hold for a CPU access (iommufd_access_rw),
+        which the kernel does not account either."""
         for a, b in self._missing(first, n):
             self.resolve(a, b - a)
         newly = lib.icuse_pages_pin(self.system.store, self.id, first, n)
         if newly < 0:
             raise Errno(-newly)
-        try:
-            self._charge(newly)
-        except BaseException:
-            lib.icuse_pages_unpin(self.system.store, self.id, first, n)
-            raise
-        self.npinned += newly
+        if charge:
+            try:
+                self._charge(newly)
+            except BaseException:
+                lib.icuse_pages_unpin(self.system.store, self.id, first, n)
+                raise
+            self.npinned += newly
 
-    def unpin(self, first: int, n: int) -> None:
+    def unpin(self, first: int, n: int, charge: bool = True) -> None:
         gone = lib.icuse_pages_unpin(self.system.store, self.id, first, n)
         if gone < 0:
             log.error("unpin of unpinned pages %d+%d in pages %d", first, n, self.id)
             return
-        self._uncharge(gone)
-        self.npinned -= gone
+        if charge:
+            self._uncharge(gone)
+            self.npinned -= gone
 
     def pin_count(self, index: int) -> int:
         return lib.icuse_pages_pin_count(self.system.store, self.id, index)
