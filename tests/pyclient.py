@@ -44,45 +44,45 @@ def addr_of(buf: Any) -> int:
     return ctypes.addressof(ctypes.c_char.from_buffer(buf))
 
 
-class Iommufd:
-    """One open of an iommufd node."""
+class IommufdSync:
+    """One open of an iommufd node, called from a thread or a client process."""
 
     def __init__(self, fd: int) -> None:
         self.fd = fd
 
     @classmethod
-    async def open(cls, path: str | os.PathLike) -> Iommufd:
-        return cls(await trio.to_thread.run_sync(os.open, str(path), os.O_RDWR))
+    def open(cls, path: str | os.PathLike) -> IommufdSync:
+        return cls(os.open(str(path), os.O_RDWR))
 
-    async def close(self) -> None:
+    def close(self) -> None:
         if self.fd >= 0:
             fd, self.fd = self.fd, -1
-            await trio.to_thread.run_sync(os.close, fd)
+            os.close(fd)
 
-    async def raw(self, cmd: int, struct: uapi.CStruct, size: int | None = None, extra: bytes = b"", **fields: Any) -> Result:
+    def raw(self, cmd: int, struct: uapi.CStruct, size: int | None = None, extra: bytes = b"", **fields: Any) -> Result:
         """Issue cmd with struct filled from fields; size defaults to sizeof."""
         obj = struct.new(**fields)
         if "size" in struct.FIELDS:
             obj.size = struct.SIZE + len(extra) if size is None else size
         data = struct.pack(obj) + extra
         buf = ctypes.create_string_buffer(data, len(data))
-        rc, err = await trio.to_thread.run_sync(_ioctl, self.fd, cmd, buf)
+        rc, err = _ioctl(self.fd, cmd, buf)
         return Result(rc, err, struct.unpack(buf.raw[: struct.SIZE]))
 
-    async def call(self, cmd: int, struct: uapi.CStruct, **fields: Any) -> Any:
-        r = await self.raw(cmd, struct, **fields)
+    def call(self, cmd: int, struct: uapi.CStruct, **fields: Any) -> Any:
+        r = self.raw(cmd, struct, **fields)
         if r.rc:
             raise IoctlError(r.errno, os.strerror(r.errno))
         return r.out
 
     # -- conveniences ------------------------------------------------------------------
-    async def ioas_alloc(self) -> int:
-        return (await self.call(uapi.IOMMU_IOAS_ALLOC, uapi.iommu_ioas_alloc)).out_ioas_id
+    def ioas_alloc(self) -> int:
+        return (self.call(uapi.IOMMU_IOAS_ALLOC, uapi.iommu_ioas_alloc)).out_ioas_id
 
-    async def destroy(self, obj_id: int) -> None:
-        await self.call(uapi.IOMMU_DESTROY, uapi.iommu_destroy, id=obj_id)
+    def destroy(self, obj_id: int) -> None:
+        self.call(uapi.IOMMU_DESTROY, uapi.iommu_destroy, id=obj_id)
 
-    async def map(self, ioas: int, buf: Any, length: int | None = None, iova: int | None = None,
+    def map(self, ioas: int, buf: Any, length: int | None = None, iova: int | None = None,
                   flags: int = RW, offset: int = 0) -> int:
         """IOAS_MAP of a Python buffer (or an address as int); returns the iova."""
         va = buf if isinstance(buf, int) else addr_of(buf)
@@ -90,46 +90,69 @@ class Iommufd:
             length = len(buf) - offset
         if iova is not None:
             flags |= FIXED
-        out = await self.call(uapi.IOMMU_IOAS_MAP, uapi.iommu_ioas_map, flags=flags, ioas_id=ioas,
+        out = self.call(uapi.IOMMU_IOAS_MAP, uapi.iommu_ioas_map, flags=flags, ioas_id=ioas,
                               user_va=va + offset, length=length, iova=iova or 0)
         return out.iova
 
-    async def map_file(self, ioas: int, fd: int, start: int, length: int, iova: int | None = None,
+    def map_file(self, ioas: int, fd: int, start: int, length: int, iova: int | None = None,
                        flags: int = RW) -> int:
         if iova is not None:
             flags |= FIXED
-        out = await self.call(uapi.IOMMU_IOAS_MAP_FILE, uapi.iommu_ioas_map_file, flags=flags,
+        out = self.call(uapi.IOMMU_IOAS_MAP_FILE, uapi.iommu_ioas_map_file, flags=flags,
                               ioas_id=ioas, fd=fd, start=start, length=length, iova=iova or 0)
         return out.iova
 
-    async def unmap(self, ioas: int, iova: int, length: int) -> int:
-        out = await self.call(uapi.IOMMU_IOAS_UNMAP, uapi.iommu_ioas_unmap, ioas_id=ioas, iova=iova, length=length)
+    def unmap(self, ioas: int, iova: int, length: int) -> int:
+        out = self.call(uapi.IOMMU_IOAS_UNMAP, uapi.iommu_ioas_unmap, ioas_id=ioas, iova=iova, length=length)
         return out.length
 
-    async def copy(self, dst: int, src: int, src_iova: int, length: int, dst_iova: int | None = None,
+    def copy(self, dst: int, src: int, src_iova: int, length: int, dst_iova: int | None = None,
                    flags: int = RW) -> int:
         if dst_iova is not None:
             flags |= FIXED
-        out = await self.call(uapi.IOMMU_IOAS_COPY, uapi.iommu_ioas_copy, flags=flags, dst_ioas_id=dst,
+        out = self.call(uapi.IOMMU_IOAS_COPY, uapi.iommu_ioas_copy, flags=flags, dst_ioas_id=dst,
                               src_ioas_id=src, length=length, dst_iova=dst_iova or 0, src_iova=src_iova)
         return out.dst_iova
 
-    async def iova_ranges(self, ioas: int) -> tuple[list[tuple[int, int]], int]:
-        r = await self.raw(uapi.IOMMU_IOAS_IOVA_RANGES, uapi.iommu_ioas_iova_ranges, ioas_id=ioas, num_iovas=0)
+    def iova_ranges(self, ioas: int) -> tuple[list[tuple[int, int]], int]:
+        r = self.raw(uapi.IOMMU_IOAS_IOVA_RANGES, uapi.iommu_ioas_iova_ranges, ioas_id=ioas, num_iovas=0)
         if r.rc == 0:
             return [], r.out.out_iova_alignment
         assert r.errno == errno.EMSGSIZE, r
         n = r.out.num_iovas
         arr = (ctypes.c_uint64 * (2 * n))()
-        out = await self.call(uapi.IOMMU_IOAS_IOVA_RANGES, uapi.iommu_ioas_iova_ranges, ioas_id=ioas,
+        out = self.call(uapi.IOMMU_IOAS_IOVA_RANGES, uapi.iommu_ioas_iova_ranges, ioas_id=ioas,
                               num_iovas=n, allowed_iovas=ctypes.addressof(arr))
         return [(arr[2 * i], arr[2 * i + 1]) for i in range(out.num_iovas)], out.out_iova_alignment
 
-    async def allow_iovas(self, ioas: int, ranges: list[tuple[int, int]]) -> Result:
+    def allow_iovas(self, ioas: int, ranges: list[tuple[int, int]]) -> Result:
         arr = (ctypes.c_uint64 * max(1, 2 * len(ranges)))(*[x for r in ranges for x in r])
-        return await self.raw(uapi.IOMMU_IOAS_ALLOW_IOVAS, uapi.iommu_ioas_allow_iovas, ioas_id=ioas,
+        return self.raw(uapi.IOMMU_IOAS_ALLOW_IOVAS, uapi.iommu_ioas_allow_iovas, ioas_id=ioas,
                               num_iovas=len(ranges), allowed_iovas=ctypes.addressof(arr))
 
-    async def option(self, option_id: int, op: int, object_id: int = 0, val64: int = 0) -> Result:
-        return await self.raw(uapi.IOMMU_OPTION, uapi.iommu_option, option_id=option_id, op=op,
+    def option(self, option_id: int, op: int, object_id: int = 0, val64: int = 0) -> Result:
+        return self.raw(uapi.IOMMU_OPTION, uapi.iommu_option, option_id=option_id, op=op,
                               object_id=object_id, val64=val64)
+
+
+class Iommufd:
+    """The same, for tests running under trio: every call runs in a worker thread."""
+
+    def __init__(self, sync: IommufdSync) -> None:
+        self.sync = sync
+
+    @property
+    def fd(self) -> int:
+        return self.sync.fd
+
+    @classmethod
+    async def open(cls, path: str | os.PathLike) -> Iommufd:
+        return cls(await trio.to_thread.run_sync(IommufdSync.open, path))
+
+    def __getattr__(self, name: str) -> Any:
+        method = getattr(self.sync, name)
+
+        async def call(*args: Any, **kw: Any) -> Any:
+            return await trio.to_thread.run_sync(lambda: method(*args, **kw))
+
+        return call

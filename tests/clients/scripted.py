@@ -1,0 +1,97 @@
+"""A client process driven by the test over stdin/stdout, one JSON object a line.
+
+It lets a test put iommufd calls in a separate process with its own
+credentials, limits, memory and lifetime (e.g. to exit while its memory is
+mapped). Each request {"op": ..., args} gets {"ok": true, ...} or {"errno": N}.
+"""
+
+import ctypes
+import json
+import mmap
+import os
+import resource
+import sys
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+from pyclient import IoctlError, IommufdSync, addr_of  # noqa: E402
+
+fds: dict[str, IommufdSync] = {}
+bufs: dict[str, mmap.mmap] = {}
+memfds: dict[str, int] = {}
+
+
+def op_open(path: str, name: str = "fd") -> dict:
+    fds[name] = IommufdSync.open(path)
+    return {}
+
+
+def op_mmap(name: str, size: int, kind: str = "anon") -> dict:
+    if kind == "anon":
+        m = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    elif kind == "shared_anon":
+        m = mmap.mmap(-1, size, flags=mmap.MAP_SHARED | mmap.MAP_ANONYMOUS)
+    elif kind == "memfd":
+        fd = os.memfd_create(name)
+        os.ftruncate(fd, size)
+        memfds[name] = fd
+        m = mmap.mmap(fd, size, flags=mmap.MAP_SHARED)
+    else:
+        raise ValueError(kind)
+    m[:] = bytes(size)  # populate
+    bufs[name] = m
+    return {"addr": addr_of(m), "fd": memfds.get(name, -1)}
+
+
+def op_fill(name: str, data: str, offset: int = 0) -> dict:
+    b = bytes.fromhex(data)
+    bufs[name][offset : offset + len(b)] = b
+    return {}
+
+
+def op_peek(name: str, offset: int, length: int) -> dict:
+    return {"data": bufs[name][offset : offset + length].hex()}
+
+
+def op_munmap(name: str) -> dict:
+    m = bufs.pop(name)
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.munmap(ctypes.c_void_p(addr_of(m)), ctypes.c_size_t(len(m)))
+    return {}
+
+
+def op_memlock(limit: int) -> dict:
+    resource.setrlimit(resource.RLIMIT_MEMLOCK, (limit, limit))
+    return {}
+
+
+def op_call(method: str, fd: str = "fd", **kw) -> dict:
+    if "buf" in kw:  # a named buffer -> its address
+        kw["buf"] = addr_of(bufs[kw["buf"]])
+    if "memfd" in kw:
+        kw["fd"] = memfds[kw.pop("memfd")]
+    result = getattr(fds[fd], method)(**kw)
+    if hasattr(result, "rc"):  # a raw Result: rc and errno, whatever they are
+        return {"result": {"rc": result.rc, "errno_": result.errno}}
+    return {"result": result}
+
+
+def op_close(name: str = "fd") -> dict:
+    fds.pop(name).close()
+    return {}
+
+
+def main() -> None:
+    for line in sys.stdin:
+        req = json.loads(line)
+        op = globals()["op_" + req.pop("_op")]
+        try:
+            out = {"ok": True, **op(**req)}
+        except IoctlError as e:
+            out = {"errno": e.errno}
+        except OSError as e:
+            out = {"errno": e.errno, "where": "os"}
+        print(json.dumps(out), flush=True)
+
+
+if __name__ == "__main__":
+    main()
