@@ -24,6 +24,47 @@ group = "root"
 mode = "0666"
 owner = "root"
 group = "root"
+
+# An emulated Intel VT-d IOMMU as a real one reports itself (48-bit, 4K/2M/1G
+# pages, the x86 MSI window reserved).
+[[iommu]]
+name = "vtd0"
+hw_info_type = "intel_vtd"
+vtd_flags = 0x1
+cap_reg = 0xd2008c222f0606
+ecap_reg = 0xf00f4a
+pgsize_bitmap = 0x40201000
+aperture = [0x0, 0xffffffffffff]
+reserved = [[0xfee00000, 0xfeefffff]]
+dirty_tracking = false
+nest_parent = false
+
+# Devices: vfio-pci bound (user-assignable) unless driver says otherwise:
+# "vfio-pci", "none" (no driver), "pci-stub" (no DMA), or the name of a
+# DMA-capable kernel driver (e.g. "e1000e"). Each group is the unit of isolation.
+[[device]]
+bdf = "0000:00:04.0"
+model = "edu"
+iommu = "vtd0"
+group = 4
+
+[[device]]
+bdf = "0000:00:05.0"
+model = "dma-engine"
+iommu = "vtd0"
+group = 5
+
+[[device]]                # a group of two: both functions must go to one owner
+bdf = "0000:00:06.0"
+model = "edu"
+iommu = "vtd0"
+group = 6
+
+[[device]]
+bdf = "0000:00:06.1"
+model = "edu"
+iommu = "vtd0"
+group = 6
 """
 
 
@@ -38,9 +79,40 @@ class NodeConfig:
     gid: int
 
 
+HW_INFO_TYPES = {"none": 0, "intel_vtd": 1, "arm_smmuv3": 2, "amd": 4}
+DEVICE_DEFAULT_NODE = {"mode": "0660", "owner": "root", "group": "root"}
+
+
+@dataclass
+class IommuConfig:
+    name: str
+    hw_info_type: int = 0
+    vtd_flags: int = 0
+    cap_reg: int = 0
+    ecap_reg: int = 0
+    pgsize_bitmap: int = 0x40201000
+    aperture: tuple[int, int] = (0, (1 << 48) - 1)
+    reserved: list[tuple[int, int]] = field(default_factory=list)
+    dirty_tracking: bool = False
+    nest_parent: bool = False
+
+
+@dataclass
+class DeviceConfig:
+    bdf: str
+    model: str
+    iommu: str
+    group: int
+    driver: str = "vfio-pci"
+    node: NodeConfig = field(default_factory=lambda: NodeConfig(0o660, 0, 0))
+    options: dict[str, Any] = field(default_factory=dict)
+
+
 @dataclass
 class Config:
     nodes: dict[str, NodeConfig] = field(default_factory=dict)
+    iommus: list[IommuConfig] = field(default_factory=list)
+    devices: list[DeviceConfig] = field(default_factory=list)
     raw: dict[str, Any] = field(default_factory=dict)
 
 
@@ -82,7 +154,61 @@ def parse(text: str) -> Config:
         "iommu": node_config(nodes_raw["iommu"], 0o660),
         "vfio": node_config(nodes_raw["vfio"], 0o666),
     }
-    return Config(nodes=nodes, raw=raw)
+    iommus = [_iommu(d) for d in raw.get("iommu", defaults["iommu"])]
+    names = {i.name for i in iommus}
+    devices = [_device(d, names) for d in raw.get("device", defaults["device"] if "iommu" not in raw else [])]
+    bdfs = [d.bdf for d in devices]
+    if len(set(bdfs)) != len(bdfs):
+        raise ConfigError("duplicate device bdf")
+    return Config(nodes=nodes, iommus=iommus, devices=devices, raw=raw)
+
+
+def _range(v: Any) -> tuple[int, int]:
+    if not (isinstance(v, list) and len(v) == 2 and all(isinstance(x, int) for x in v) and v[0] <= v[1]):
+        raise ConfigError(f"bad range {v!r}: want [first, last]")
+    return v[0], v[1]
+
+
+def _iommu(d: dict[str, Any]) -> IommuConfig:
+    t = d.get("hw_info_type", "none")
+    if isinstance(t, str):
+        if t not in HW_INFO_TYPES:
+            raise ConfigError(f"unknown hw_info_type {t!r} (one of {', '.join(HW_INFO_TYPES)})")
+        t = HW_INFO_TYPES[t]
+    pg = d.get("pgsize_bitmap", 0x40201000)
+    if pg & 0xFFF or pg & -pg != 0x1000:
+        raise ConfigError(f"pgsize_bitmap {pg:#x}: the smallest page must be 4 KiB")
+    return IommuConfig(
+        name=d["name"],
+        hw_info_type=t,
+        vtd_flags=d.get("vtd_flags", 0),
+        cap_reg=d.get("cap_reg", 0),
+        ecap_reg=d.get("ecap_reg", 0),
+        pgsize_bitmap=pg,
+        aperture=_range(d.get("aperture", [0, (1 << 48) - 1])),
+        reserved=[_range(r) for r in d.get("reserved", [])],
+        dirty_tracking=bool(d.get("dirty_tracking", False)),
+        nest_parent=bool(d.get("nest_parent", False)),
+    )
+
+
+def _device(d: dict[str, Any], iommus: set[str]) -> DeviceConfig:
+    try:
+        bdf, model, iommu, group = d["bdf"], d["model"], d["iommu"], d["group"]
+    except KeyError as e:
+        raise ConfigError(f"device needs {e.args[0]}") from None
+    if iommu not in iommus:
+        raise ConfigError(f"device {bdf}: unknown iommu {iommu!r}")
+    known = {"bdf", "model", "iommu", "group", "driver", "node"}
+    return DeviceConfig(
+        bdf=bdf,
+        model=model,
+        iommu=iommu,
+        group=int(group),
+        driver=d.get("driver", "vfio-pci"),
+        node=node_config({**DEVICE_DEFAULT_NODE, **d.get("node", {})}),
+        options={k: v for k, v in d.items() if k not in known},
+    )
 
 
 def load(path: str | None) -> Config:

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 import trio
 
 from .config import Config
+from .iommu.core import Device, Group, Iommu
 from .iommufd.main import AccountMode, IommufdFile
 from .system import System
 from .transport.mount import fuse_mount, fuse_umount, mounted_here
@@ -68,15 +69,66 @@ class Daemon:
         self._fd = -1
         self._mounted = False
         self.ready = trio.Event()
+        self._nursery: trio.Nursery | None = None
+        self._build_topology()
         self._build_tree()
+
+    # -- topology -----------------------------------------------------------------
+    def _build_topology(self) -> None:
+        try:
+            from .vfio.pci.core import VfioPciDevice
+        except ImportError as e:  # TEMPORARY while the device models land
+            log.warning("no device models yet: %s", e)
+            return
+
+        system = self.system
+        system.iommus = {c.name: Iommu(c) for c in self.config.iommus}
+        system.groups = {}
+        system.devices = []
+        for dc in self.config.devices:
+            iommu = system.iommus[dc.iommu]
+            group = system.groups.get(dc.group)
+            if group is None:
+                group = system.groups[dc.group] = Group(dc.group, iommu)
+            elif group.iommu is not iommu:
+                raise StartupError(f"group {dc.group} spans two IOMMUs")
+            dev = Device(dc, group, iommu, driver="none")
+            group.devices.append(dev)
+            try:
+                dev.bind_driver(dc.driver)
+            except OSError as e:
+                raise StartupError(f"{dc.bdf}: driver {dc.driver}: {e.strerror}") from None
+            try:
+                VfioPciDevice(system, dev, self._spawn)
+            except ValueError as e:
+                raise StartupError(str(e)) from None
+            system.devices.append(dev)
+
+    def _spawn(self, fn) -> None:  # noqa: ANN001
+        """Start a device model's background work in the daemon's nursery."""
+        if self._nursery is None:
+            raise RuntimeError("the daemon is not running")
+        self._nursery.start_soon(fn)
 
     # -- nodes ---------------------------------------------------------------------
     def _build_tree(self) -> None:
         n = self.config.nodes["iommu"]
-        self.tree.add("iommu", n.mode, n.uid, n.gid, self._open_iommufd(AccountMode.USER))
+        iommu = self.tree.add("iommu", n.mode, n.uid, n.gid, self._open_iommufd(AccountMode.USER))
         n = self.config.nodes["vfio"]
         # The kernel's /dev/vfio/vfio is an iommufd that accounts like VFIO did.
-        self.tree.add("vfio/vfio", n.mode, n.uid, n.gid, self._open_iommufd(AccountMode.MM))
+        vfio = self.tree.add("vfio/vfio", n.mode, n.uid, n.gid, self._open_iommufd(AccountMode.MM))
+        self.iommufd_inodes = {iommu.ino, vfio.ino}
+        for i, dev in enumerate(self.system.devices):
+            nc = dev.cfg.node
+            dev.node = self.tree.add(f"vfio/devices/vfio{i}", nc.mode, nc.uid, nc.gid, self._open_device(dev))
+
+    def _open_device(self, dev: Device):  # noqa: ANN202
+        from .vfio.device_cdev import VfioDeviceFile
+
+        def opener(req: Request, flags: int) -> VfioDeviceFile:
+            return VfioDeviceFile(dev.vfio, self.iommufd_inodes)
+
+        return opener
 
     def _open_iommufd(self, mode: AccountMode):  # noqa: ANN202
         def opener(req: Request, flags: int) -> IommufdFile:
@@ -140,6 +192,7 @@ class Daemon:
         self._mounted = True
         try:
             async with trio.open_nursery() as nursery:
+                self._nursery = nursery
                 nursery.start_soon(self._serve_then_stop, nursery.cancel_scope)
                 with trio.fail_after(10):
                     await self.server.initialized.wait()

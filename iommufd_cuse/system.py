@@ -77,6 +77,9 @@ class System:
         self.accounting = Accounting()
         self.contexts: set[Context] = set()
         self.selftest = False
+        self.iommus: dict = {}  # name -> iommu.core.Iommu
+        self.groups: dict = {}  # id -> iommu.core.Group
+        self.devices: list = []  # iommu.core.Device, in node order (vfio0, vfio1, ...)
 
     def pinned_pages(self) -> int:
         return lib.icuse_store_pinned_pages(self.store)

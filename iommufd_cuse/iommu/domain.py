@@ -46,6 +46,7 @@ class PagingDomain(Domain):
         self.aperture_end = aperture_end
         self.dirty_tracking_capable = dirty_tracking
         self.dirty_tracking = False
+        self.iommu: object | None = None  # the IOMMU instance that made it
         pt = lib.icuse_pt_alloc(self.granule_shift, pgsize_bitmap, iova_bits)
         if pt == ffi.NULL:
             raise Errno(errno.ENOMEM)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import enum
 import errno
 import logging
+import os
 from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -81,6 +82,7 @@ class Context:
         self.vfio_ioas = None  # the compat layer's IOAS
         self.opener_tid = opener.tid
         self.opener_uid = opener.uid
+        self.igroups: dict[int, Any] = {}  # group id -> device.Igroup
         self.closed = False
 
     # -- objects --------------------------------------------------------------
@@ -256,11 +258,13 @@ def destroy(ucmd: Ucmd) -> int:
 
 
 def build_ioctl_table() -> IoctlTable:
-    from . import ioas
+    from . import device, hw_pagetable, ioas
 
     table = IoctlTable()
     implemented = {
         uapi.IOMMU_DESTROY: destroy,
+        uapi.IOMMU_GET_HW_INFO: device.get_hw_info,
+        uapi.IOMMU_HWPT_ALLOC: hw_pagetable.hwpt_alloc,
         uapi.IOMMU_IOAS_ALLOC: ioas.ioas_alloc,
         uapi.IOMMU_IOAS_ALLOW_IOVAS: ioas.ioas_allow_iovas,
         uapi.IOMMU_IOAS_COPY: ioas.ioas_copy,
@@ -292,6 +296,11 @@ class IommufdFile(FileHandle):
     """An open of /dev/iommu: struct file -> iommufd_ctx."""
 
     open_flags = FOPEN_DIRECT_IO | FOPEN_NONSEEKABLE
+    # The daemon's own question "which context is this file?", asked on a
+    # descriptor it fetched from a client (VFIO_DEVICE_BIND_IOMMUFD). Only the
+    # daemon's threads get an answer; to anyone else it is an unknown ioctl.
+    IDENTIFY = uapi._IO(uapi.IOMMUFD_TYPE, 0xEF)
+    identify_waiting: dict[int, Context | None] = {}
 
     def __init__(self, system: System, caller: Caller, account_mode: AccountMode = AccountMode.USER) -> None:
         self.ctx = Context(system, caller, account_mode)
@@ -301,6 +310,9 @@ class IommufdFile(FileHandle):
     def ioctl(self, req: Request, cmd: int, arg: int) -> int | Awaitable[int]:
         if self.table.in_range(cmd):
             return self.table.dispatch(self.ctx, req.caller, cmd, arg)
+        if cmd == self.IDENTIFY and arg in self.identify_waiting and req.caller.tgid == os.getpid():
+            self.identify_waiting[arg] = self.ctx
+            return 0
         # Outside the table: the VFIO type1 compatibility ioctls.
         raise Errno(errno.ENOTTY)
 

@@ -329,7 +329,8 @@ class FuseServer:
         """On shutdown, release every open so that contexts free what they hold."""
         handles, self.handles = self.handles, {}
         with trio.CancelScope(shield=True):
-            for handle in handles.values():
+            # Files that hold others (a bound device holds its iommufd) go first.
+            for handle in sorted(handles.values(), key=lambda h: getattr(h, "release_order", 1)):
                 try:
                     await _maybe_await(handle.release())
                 except Exception:

@@ -1,0 +1,165 @@
+"""The emulated IOMMU core: IOMMU instances, groups and DMA ownership
+(drivers/iommu/iommu.c as the DMA-ownership series left it in mainline).
+
+A group is the unit of isolation. Its DMA is owned either by the kernel (every
+member's DMA-capable driver counts as a user of the default domain) or by one
+iommufd context (the owner cookie). Claiming a group owned by anyone else is
+EPERM; a DMA driver binding while the group is user-owned is EBUSY. While
+user-owned the group sits in the blocking domain unless a paging domain is
+attached; releasing the last claim returns it to its default domain.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import struct
+from dataclasses import dataclass, field
+
+from .. import uapi
+from ..config import DeviceConfig, IommuConfig
+from ..transport.caller import Errno
+from .domain import BlockingDomain, Domain, PagingDomain
+
+log = logging.getLogger(__name__)
+
+# Drivers that never use the DMA API for the device (driver_managed_dma, or no driver).
+NON_DMA_DRIVERS = {"vfio-pci", "pci-stub", "none"}
+VFIO_DRIVER = "vfio-pci"
+
+
+class Iommu:
+    """One emulated IOMMU instance and what its driver reports."""
+
+    def __init__(self, cfg: IommuConfig) -> None:
+        self.cfg = cfg
+        self.name = cfg.name
+
+    @property
+    def dirty_tracking(self) -> bool:
+        return self.cfg.dirty_tracking
+
+    def hw_info(self) -> tuple[int, bytes]:
+        """(IOMMU_HW_INFO_TYPE_*, driver data) as the driver's hw_info op answers."""
+        c = self.cfg
+        if c.hw_info_type == uapi.IOMMU_HW_INFO_TYPE_INTEL_VTD:
+            return c.hw_info_type, struct.pack("<IIQQ", c.vtd_flags, 0, c.cap_reg, c.ecap_reg)
+        return uapi.IOMMU_HW_INFO_TYPE_NONE, b""
+
+    def domain_alloc_paging(self, dirty_tracking: bool = False) -> PagingDomain:
+        c = self.cfg
+        dom = PagingDomain(c.pgsize_bitmap, c.aperture[0], c.aperture[1], _iova_bits(c.aperture[1]), dirty_tracking)
+        dom.iommu = self
+        return dom
+
+
+def _iova_bits(aperture_end: int) -> int:
+    return max(32, (aperture_end).bit_length())
+
+
+@dataclass(eq=False)
+class Group:
+    id: int
+    iommu: Iommu
+    devices: list[Device] = field(default_factory=list)
+    owner: object | None = None  # the iommufd context that claimed it
+    owner_cnt: int = 0  # kernel DMA drivers using the default domain, or user claims
+    domain: Domain | None = None
+    default_domain: Domain | None = None
+    blocking_domain: Domain = field(default_factory=BlockingDomain)
+
+    def __post_init__(self) -> None:
+        # The kernel's default domain serves DMA API users; the daemon emulates no
+        # kernel driver's DMA, so it translates nothing anyone can see.
+        self.default_domain = self.iommu.domain_alloc_paging()
+        self.domain = self.default_domain
+
+    @property
+    def viable(self) -> bool:
+        return not any(d.driver not in NON_DMA_DRIVERS for d in self.devices)
+
+    def claim_dma_owner(self, owner: object) -> None:
+        """iommu_device_claim_dma_owner."""
+        if self.owner_cnt:
+            if self.owner is not owner:
+                raise Errno(errno.EPERM, f"group {self.id} is owned by {'the kernel' if self.owner is None else 'another context'}")
+            self.owner_cnt += 1
+            return
+        if self.domain is not self.default_domain:
+            raise Errno(errno.EBUSY)
+        self.domain = self.blocking_domain
+        self.owner = owner
+        self.owner_cnt = 1
+
+    def release_dma_owner(self) -> None:
+        """iommu_device_release_dma_owner: the last release returns to the default domain."""
+        if self.owner_cnt > 1:
+            self.owner_cnt -= 1
+            return
+        self.owner_cnt = 0
+        self.owner = None
+        self.domain = self.default_domain
+
+    def use_default_domain(self) -> None:
+        """A DMA-capable kernel driver binds to a member (iommu_device_use_default_domain)."""
+        if self.owner_cnt and (self.domain is not self.default_domain or self.owner is not None):
+            raise Errno(errno.EBUSY, f"group {self.id} is owned by userspace")
+        self.owner_cnt += 1
+
+    def unuse_default_domain(self) -> None:
+        if self.owner_cnt:
+            self.owner_cnt -= 1
+
+    def set_domain(self, domain: Domain) -> None:
+        self.domain = domain
+
+    def status(self) -> dict:
+        return {
+            "group": self.id,
+            "iommu": self.iommu.name,
+            "devices": [d.bdf for d in self.devices],
+            "owner": "kernel" if self.owner is None else f"context {getattr(self.owner, 'opener_tid', '?')}",
+            "domain": _domain_name(self.domain, self),
+        }
+
+
+def _domain_name(d: Domain | None, g: Group) -> str:
+    if d is g.default_domain:
+        return "default"
+    if d is g.blocking_domain:
+        return "blocking"
+    return repr(d)
+
+
+@dataclass(eq=False)
+class Device:
+    """A PCI function of the topology: its group, its IOMMU and its driver."""
+
+    cfg: DeviceConfig
+    group: Group
+    iommu: Iommu
+    driver: str = VFIO_DRIVER
+    vfio: object | None = None  # the vfio-pci device (regions, irqs, model) once created
+
+    @property
+    def bdf(self) -> str:
+        return self.cfg.bdf
+
+    def bind_driver(self, driver: str) -> None:
+        """Runtime driver change (unbind the current one, bind the new one)."""
+        if driver == self.driver:
+            return
+        if self.driver == VFIO_DRIVER and self.vfio is not None and getattr(self.vfio, "in_use", False):
+            raise Errno(errno.EBUSY, f"{self.bdf} is open through vfio")
+        if driver not in NON_DMA_DRIVERS:
+            self.group.use_default_domain()
+        if self.driver not in NON_DMA_DRIVERS:
+            self.group.unuse_default_domain()
+        log.info("%s: driver %s -> %s", self.bdf, self.driver, driver)
+        self.driver = driver
+
+    def status(self) -> dict:
+        d = {"bdf": self.bdf, "model": self.cfg.model, "group": self.group.id, "driver": self.driver}
+        if self.vfio is not None and hasattr(self.vfio, "status"):
+            d.update(self.vfio.status())
+        return d
