@@ -100,6 +100,9 @@ class Daemon:
                 raise StartupError(f"{dc.bdf}: driver {dc.driver}: {e.strerror}") from None
             try:
                 VfioPciDevice(system, dev, self._spawn)
+            except ImportError as e:  # TEMPORARY while the device models land
+                log.warning("no device models yet: %s", e)
+                return
             except ValueError as e:
                 raise StartupError(str(e)) from None
             system.devices.append(dev)

@@ -281,3 +281,44 @@ def option(ucmd: Ucmd) -> int:
         raise Errno(errno.EOPNOTSUPP)
     ucmd.respond_field("val64")
     return 0
+
+
+async def ioas_change_process(ucmd: Ucmd) -> int:
+    """IOMMU_IOAS_CHANGE_PROCESS: move the accounting of every pinned page of the
+    context to the calling process (e.g. a VMM handing over to its successor).
+    Only file-backed areas can move: memory of a process's address space stays
+    tied to it (EINVAL)."""
+    cmd = ucmd.cmd
+    if cmd.reserved:
+        raise Errno(errno.EOPNOTSUPP)
+    ctx = ucmd.ctx
+    caller = ucmd.caller
+    ioases = sorted((o for o in ctx.live_objects() if o.type is ObjType.IOAS), key=lambda o: o.id)
+    locked = []
+    try:
+        for ioas in ioases:  # the kernel takes every IOAS's iova lock, in id order
+            await ioas.iopt.lock.acquire()
+            locked.append(ioas)
+        all_pages: dict[int, FilePages] = {}
+        for ioas in ioases:
+            for area in ioas.iopt.areas:
+                if not isinstance(area.pages, FilePages):
+                    raise Errno(errno.EINVAL)
+                all_pages[id(area.pages)] = area.pages
+        tgid = caller.tgid
+        moving = [p for p in all_pages.values() if p.source_tgid != tgid]
+        charged = []
+        try:
+            for p in moving:  # charge the new owner first: on ENOMEM nothing has changed
+                p.charge_to(caller, p.npinned)
+                charged.append(p)
+        except BaseException:
+            for p in charged:
+                p.uncharge_from(caller, p.npinned)
+            raise
+        for p in moving:
+            p.move_source(caller)
+    finally:
+        for ioas in locked:
+            ioas.iopt.lock.release()
+    return 0

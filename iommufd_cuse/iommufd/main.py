@@ -13,6 +13,7 @@ import enum
 import errno
 import logging
 import os
+import time
 from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -67,6 +68,23 @@ class Object:
         return f"<{self.type.value} {self.id}>"
 
 
+def _opener_process(opener: Caller) -> tuple[int, str, list[str]]:
+    """(tgid, comm, argv) of the process the opening thread belongs to."""
+    try:
+        pid = opener.tgid
+    except OSError:
+        return opener.tid, "?", []
+    try:
+        with open(f"/proc/{pid}/comm", "rb") as f:
+            comm = f.read().decode(errors="replace").rstrip("\n")
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            raw = f.read().rstrip(b"\0")
+        argv = [a.decode(errors="replace") for a in raw.split(b"\0")] if raw else []
+    except OSError:
+        return pid, "?", []
+    return pid, comm, argv
+
+
 _RESERVED = object()  # an id allocated but not yet finalized (the kernel's XA_ZERO_ENTRY)
 
 O = TypeVar("O", bound=Object)
@@ -84,6 +102,9 @@ class Context:
         self.opener_uid = opener.uid
         self.igroups: dict[int, Any] = {}  # group id -> device.Igroup
         self.closed = False
+        # Who opened it, for `iommufd-cuse status` (read now: the thread may be gone later).
+        self.opener_pid, self.opener_comm, self.opener_cmdline = _opener_process(opener)
+        self.opened_at = time.time()
 
     # -- objects --------------------------------------------------------------
     def alloc(self, obj: O) -> O:
@@ -272,6 +293,7 @@ def build_ioctl_table() -> IoctlTable:
         uapi.IOMMU_IOAS_MAP: ioas.ioas_map,
         uapi.IOMMU_IOAS_MAP_FILE: ioas.ioas_map_file,
         uapi.IOMMU_IOAS_UNMAP: ioas.ioas_unmap,
+        uapi.IOMMU_IOAS_CHANGE_PROCESS: ioas.ioas_change_process,
         uapi.IOMMU_OPTION: ioas.option,
     }
     names = {v: k for k, v in vars(uapi).items() if k.startswith("IOMMU_") and isinstance(v, int)}

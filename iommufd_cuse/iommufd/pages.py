@@ -148,22 +148,41 @@ class Pages:
         return lib.icuse_pages_pin_count(self.system.store, self.id, index)
 
     def _charge(self, npages: int) -> None:
+        self._charge_as(self.source_uid, self.source_tgid, self._rlimit(), npages)
+
+    def _uncharge(self, npages: int) -> None:
+        self._uncharge_as(self.source_uid, self.source_tgid, npages)
+
+    def _charge_as(self, uid: int, tgid: int, rlimit: int, npages: int) -> None:
         if not npages or self.account is None:
             return
         acct = self.system.accounting
-        limit = memlock_limit_pages(self._rlimit())
+        limit = memlock_limit_pages(rlimit)
         if self.account is AccountMode.USER:
-            acct.charge_user(self.source_uid, npages, limit)
+            acct.charge_user(uid, npages, limit)
         else:
-            acct.charge_mm(self.source_tgid, npages, limit)
+            acct.charge_mm(tgid, npages, limit)
 
-    def _uncharge(self, npages: int) -> None:
+    def _uncharge_as(self, uid: int, tgid: int, npages: int) -> None:
         if not npages or self.account is None:
             return
         if self.account is AccountMode.USER:
-            self.system.accounting.uncharge_user(self.source_uid, npages)
+            self.system.accounting.uncharge_user(uid, npages)
         else:
-            self.system.accounting.uncharge_mm(self.source_tgid, npages)
+            self.system.accounting.uncharge_mm(tgid, npages)
+
+    # IOMMU_IOAS_CHANGE_PROCESS: the pinned pages change hands.
+    def charge_to(self, caller: Caller, npages: int) -> None:
+        self._charge_as(caller.uid, caller.tgid, caller.rlimit(resource.RLIMIT_MEMLOCK), npages)
+
+    def uncharge_from(self, caller: Caller, npages: int) -> None:
+        self._uncharge_as(caller.uid, caller.tgid, npages)
+
+    def move_source(self, caller: Caller) -> None:
+        self._uncharge(self.npinned)
+        self.source_uid = caller.uid
+        self.source_tgid = caller.tgid
+        self._saved_rlimit = caller.rlimit(resource.RLIMIT_MEMLOCK)
 
     def _rlimit(self) -> int:
         # The mapping task's limit now; its last known one once it has exited.

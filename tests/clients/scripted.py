@@ -15,6 +15,8 @@ import sys
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from pyclient import IoctlError, IommufdSync, addr_of  # noqa: E402
 
+from iommufd_cuse import uapi  # noqa: E402
+
 fds: dict[str, IommufdSync] = {}
 bufs: dict[str, mmap.mmap] = {}
 memfds: dict[str, int] = {}
@@ -22,7 +24,19 @@ memfds: dict[str, int] = {}
 
 def op_open(path: str, name: str = "fd") -> dict:
     fds[name] = IommufdSync.open(path)
-    return {}
+    return {"fdnum": fds[name].fd}
+
+
+def op_grab(pid: int, fdnum: int, name: str = "fd") -> dict:
+    """Take a duplicate of another process's descriptor (pidfd_getfd; needs privilege)."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    pidfd = os.pidfd_open(pid)
+    fd = libc.syscall(438, pidfd, fdnum, 0)
+    os.close(pidfd)
+    if fd < 0:
+        raise OSError(ctypes.get_errno(), "pidfd_getfd")
+    fds[name] = IommufdSync(fd)
+    return {"fdnum": fd}
 
 
 def op_mmap(name: str, size: int, kind: str = "anon") -> dict:
@@ -69,6 +83,8 @@ def op_call(method: str, fd: str = "fd", **kw) -> dict:
         kw["buf"] = addr_of(bufs[kw["buf"]])
     if "memfd" in kw:
         kw["fd"] = memfds[kw.pop("memfd")]
+    if "struct_name" in kw:
+        kw["struct"] = uapi.STRUCTS[kw.pop("struct_name")]
     result = getattr(fds[fd], method)(**kw)
     if hasattr(result, "rc"):  # a raw Result: rc and errno, whatever they are
         return {"result": {"rc": result.rc, "errno_": result.errno}}

@@ -505,3 +505,40 @@ async def test_map_fixed_unmap_property_against_model(daemon, fd):
                 for s in [s for s in inside if s < first_bad]:
                     del model[s]
         assert sorted((a.start >> 12, a.length >> 12) for a in iopt(daemon, ioas).areas) == sorted(model.items())
+
+
+async def test_change_process(daemon, scripted):
+    """Accounting of file-backed pins moves to the caller; anonymous areas refuse (EINVAL)."""
+    a = await scripted(drop_caps=("ipc_lock",))
+    a_fd = (await a.ok("open", path=os.path.join(daemon.dev_dir, "vfio/vfio")))["fdnum"]  # process accounting
+    ioas = await a.call("ioas_alloc")
+    await attach_domain(daemon, ioas)
+    await a.ok("mmap", name="m", size=1 << 16, kind="memfd")
+    r = await a.do("call", method="map_file", ioas=ioas, memfd="m", start=0, length=1 << 16)
+    assert r.get("ok"), r
+    acct = daemon.system.accounting
+    assert acct.mm[a.proc.pid] == 16
+    r = await a.call("raw", cmd=uapi.IOMMU_IOAS_CHANGE_PROCESS, struct_name="iommu_ioas_change_process", reserved=1)
+    assert r == {"rc": -1, "errno_": errno.EOPNOTSUPP}
+    # The same process again: nothing moves.
+    r = await a.call("raw", cmd=uapi.IOMMU_IOAS_CHANGE_PROCESS, struct_name="iommu_ioas_change_process")
+    assert r == {"rc": 0, "errno_": 0} and acct.mm[a.proc.pid] == 16
+    # An anonymous area makes the whole call EINVAL.
+    await a.ok("mmap", name="x", size=1 << 12)
+    iova = await a.call("map", ioas=ioas, buf="x", length=1 << 12)
+    r = await a.call("raw", cmd=uapi.IOMMU_IOAS_CHANGE_PROCESS, struct_name="iommu_ioas_change_process")
+    assert r == {"rc": -1, "errno_": errno.EINVAL}
+    await a.call("unmap", ioas=ioas, iova=iova, length=1 << 12)
+    assert acct.mm[a.proc.pid] == 16
+    # Another process holding the same context takes the charge over.
+    b = await scripted(drop_caps=("ipc_lock",))
+    await b.ok("grab", pid=a.proc.pid, fdnum=a_fd)
+    r = await b.call("raw", cmd=uapi.IOMMU_IOAS_CHANGE_PROCESS, struct_name="iommu_ioas_change_process")
+    assert r == {"rc": 0, "errno_": 0}
+    assert acct.mm[b.proc.pid] == 16 and a.proc.pid not in acct.mm
+    await a.exit()
+    await b.exit()
+    with trio.fail_after(5):
+        while daemon.system.contexts:
+            await trio.sleep(0.01)
+    assert not acct.mm and daemon.system.pinned_pages() == 0
