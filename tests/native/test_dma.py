@@ -1,0 +1,310 @@
+"""Device DMA through a page table into the page store (native/dma.c)."""
+
+import errno
+import random
+import threading
+
+import pytest
+from nativehelp import PAGE, RW, Child, R, W, addr_of, ffi, lib, memfd_map, pattern
+
+M2, G1 = 1 << 21, 1 << 30
+MEM, PROC = lib.ICUSE_BACKING_MEM, lib.ICUSE_BACKING_PROC
+
+
+class World:
+    """A store, page tables, and memory mapped through them."""
+
+    def __init__(self):
+        self.st = lib.icuse_store_new()
+        self.pts = []
+        self.maps = []
+        self.children = []
+
+    def pt(self, bitmap=PAGE | M2 | G1):
+        pt = lib.icuse_pt_alloc(12, bitmap, 48)
+        self.pts.append(pt)
+        return pt
+
+    def pages(self, npages, iova=0, kind=MEM, pin=True):
+        """A pages entry backed by fresh memory; returns (id, pa, memory)
+        where memory is an mmap (MEM) or a Child (PROC)."""
+        pa = ffi.new("uint64_t *")
+        pid = lib.icuse_pages_new(self.st, npages, iova, pa)
+        assert pid > 0
+        if kind == MEM:
+            mem = memfd_map(npages * PAGE)
+            self.maps.append(mem)
+            rc = lib.icuse_pages_set_backing(self.st, pid, 0, npages, MEM, -1, addr_of(mem))
+        else:
+            mem = Child(npages * PAGE)
+            self.children.append(mem)
+            rc = lib.icuse_pages_set_backing(self.st, pid, 0, npages, PROC, mem.fd, mem.addr)
+        assert rc == 0
+        if pin:
+            assert lib.icuse_pages_pin(self.st, pid, 0, npages) == npages
+        return pid, pa[0], mem
+
+    def mapped(self, pt, iova, npages, kind=MEM, prot=RW):
+        pid, pa, mem = self.pages(npages, iova, kind)
+        assert lib.icuse_pt_map(pt, iova, pa, npages * PAGE, prot) == 0
+        return pid, pa, mem
+
+    def rw(self, pt, iova, data_or_len, write):
+        fault = ffi.new("uint64_t *", 0xDEAD)
+        if write:
+            buf = ffi.from_buffer(data_or_len)
+            n = len(data_or_len)
+        else:
+            n = data_or_len
+            buf = ffi.new("uint8_t[]", [0xEE] * n)
+        rc = lib.icuse_dma_rw(self.st, pt, iova, buf, n, write, fault)
+        out = None if write else bytes(ffi.buffer(buf, n))
+        return rc, (fault[0] if rc else None), out
+
+    def write(self, pt, iova, data):
+        return self.rw(pt, iova, data, 1)[:2]
+
+    def read(self, pt, iova, n):
+        rc, fault, out = self.rw(pt, iova, n, 0)
+        return rc, fault, out
+
+    def copy(self, src_pt, src, dst_pt, dst, n):
+        fault = ffi.new("uint64_t *", 0xDEAD)
+        is_dst = ffi.new("int *", -1)
+        rc = lib.icuse_dma_copy(self.st, src_pt, src, dst_pt, dst, n, fault, is_dst)
+        return (rc, fault[0], is_dst[0]) if rc else (0, None, None)
+
+    def close(self):
+        for c in self.children:
+            c.close()
+        for pt in self.pts:
+            lib.icuse_pt_free(pt)
+        lib.icuse_store_free(self.st)
+        for m in self.maps:
+            m.close()
+
+
+@pytest.fixture
+def w():
+    world = World()
+    yield world
+    world.close()
+
+
+def test_rw_across_entries_and_backings(w):
+    pt = w.pt()
+    base = 0x100000
+    _, _, mem = w.mapped(pt, base, 8, MEM)
+    _, _, child = w.mapped(pt, base + 8 * PAGE, 8, PROC)
+    data = pattern(14 * PAGE + 5, 3)
+    start = base + PAGE + 11
+    assert w.write(pt, start, data) == (0, None)
+    split = 7 * PAGE - 11
+    assert mem[PAGE + 11 :] == data[:split]
+    assert child.get(0, len(data) - split) == data[split:]
+    assert w.read(pt, start, len(data)) == (0, None, data)
+    child.set(3, b"child")
+    assert w.read(pt, base + 8 * PAGE + 3, 5)[2] == b"child"
+
+
+def test_multi_chunk_transfer_with_large_leaves(w):
+    pt = w.pt()
+    iova = 3 * M2 - PAGE  # straddles 2 MiB boundaries
+    npages = 5 * 512 + 2
+    _, pa, mem = w.mapped(pt, iova, npages)
+    info = ffi.new("struct icuse_pte_info *")
+    assert lib.icuse_pt_walk(pt, 4 * M2, info) == 0 and info.leaf_size == M2
+    data = pattern(5 * M2 + 123, 4)
+    assert w.write(pt, iova + 77, data) == (0, None)
+    assert mem[77 : 77 + len(data)] == data
+    assert w.read(pt, iova + 77, len(data))[2] == data
+
+
+def test_scattered_pages_many_segments(w):
+    """300 pages mapped each to a pa of its own: a chunk needs more segments
+    than one translate call holds, and must still arrive in order."""
+    pt = w.pt()
+    n = 300
+    _, pa, mem = w.pages(n)
+    perm = list(range(n))
+    random.Random(5).shuffle(perm)
+    for i, p in enumerate(perm):
+        assert lib.icuse_pt_map(pt, 0x40000000 + i * PAGE, pa + p * PAGE, PAGE, RW) == 0
+    data = pattern(n * PAGE, 6)
+    assert w.write(pt, 0x40000000, data) == (0, None)
+    for i, p in enumerate(perm):
+        assert mem[p * PAGE : (p + 1) * PAGE] == data[i * PAGE : (i + 1) * PAGE]
+    assert w.read(pt, 0x40000000, len(data))[2] == data
+
+
+def dirty_pages(pt, iova, npages):
+    bm = ffi.new("uint64_t[]", (npages + 63) // 64)
+    lib.icuse_pt_read_and_clear_dirty(pt, iova, npages * PAGE, PAGE, bm, 0)
+    return [i for i in range(npages) if bm[i // 64] >> (i % 64) & 1]
+
+
+def test_faults_unmapped(w):
+    pt = w.pt(PAGE)  # 4 KiB leaves only, to see dirty bits per page
+    base = 0x200000
+    _, _, mem = w.mapped(pt, base, 8)
+    lib.icuse_pt_unmap(pt, base + 3 * PAGE, PAGE)
+    # A read copies nothing and reports the first unmapped byte.
+    rc, fault, out = w.read(pt, base + 100, 5 * PAGE)
+    assert (rc, fault) == (-errno.ENOENT, base + 3 * PAGE)
+    assert out == b"\xee" * 5 * PAGE
+    assert w.read(pt, base + 3 * PAGE + 9, 1)[:2] == (-errno.ENOENT, base + 3 * PAGE + 9)
+    # A write stores everything before the faulting page and nothing after.
+    rc, fault = w.write(pt, base + 100, b"\x5a" * 6 * PAGE)
+    assert (rc, fault) == (-errno.ENOENT, base + 3 * PAGE)
+    assert mem[100 : 3 * PAGE] == b"\x5a" * (3 * PAGE - 100)
+    assert mem[:100] == bytes(100) and mem[4 * PAGE :] == bytes(4 * PAGE)
+    # ... and only those pages are dirty.
+    assert dirty_pages(pt, base, 8) == [0, 1, 2]
+    # Nothing mapped at all.
+    assert w.write(pt, 0x7000, b"x") == (-errno.ENOENT, 0x7000)
+    assert dirty_pages(pt, base, 8) == []
+
+
+def test_faults_permission(w):
+    pt = w.pt(PAGE)
+    base = 0x300000
+    _, _, mem = w.mapped(pt, base, 2, prot=R)
+    _, _, wo = w.mapped(pt, base + 2 * PAGE, 2, prot=W)
+    mem[:4] = b"read"
+    assert w.read(pt, base, 4) == (0, None, b"read")
+    assert w.write(pt, base + 1, b"no") == (-errno.EACCES, base + 1)
+    assert mem[:4] == b"read"
+    assert w.read(pt, base + PAGE, 2 * PAGE)[:2] == (-errno.EACCES, base + 2 * PAGE)
+    assert w.write(pt, base + 2 * PAGE, b"ok") == (0, None)
+    assert wo[:2] == b"ok"
+
+
+def test_faults_unpinned(w):
+    pt = w.pt()
+    base = 0x400000
+    pid, _, mem = w.mapped(pt, base, 8)
+    lib.icuse_pages_unpin(w.st, pid, 5, 1)
+    rc, fault, out = w.read(pt, base, 8 * PAGE)
+    assert (rc, fault) == (-errno.EFAULT, base + 5 * PAGE)
+    assert out == b"\xee" * 8 * PAGE
+    assert w.write(pt, base + PAGE, b"\x33" * 6 * PAGE) == (-errno.EFAULT, base + 5 * PAGE)
+    assert mem[PAGE : 5 * PAGE] == b"\x33" * 4 * PAGE
+    assert mem[5 * PAGE :] == bytes(3 * PAGE)
+    assert w.read(pt, base + 5 * PAGE + 1, 1)[:2] == (-errno.EFAULT, base + 5 * PAGE + 1)
+    lib.icuse_pages_pin(w.st, pid, 5, 1)
+    assert w.read(pt, base, 8 * PAGE)[0] == 0
+
+
+def test_write_fault_in_a_later_chunk(w):
+    pt = w.pt()
+    base = 0x40000000
+    _, _, mem = w.mapped(pt, base, 2048)  # 8 MiB
+    lib.icuse_pt_unmap(pt, base + 3 * M2, PAGE)
+    rc, fault = w.write(pt, base + PAGE, b"\x77" * 4 * M2)
+    assert (rc, fault) == (-errno.ENOENT, base + 3 * M2)
+    assert mem[PAGE : 3 * M2] == b"\x77" * (3 * M2 - PAGE)
+    assert mem[3 * M2 :] == bytes(M2)
+
+
+def test_owner_gone(w):
+    pt = w.pt()
+    base = 0x500000
+    _, _, child = w.mapped(pt, base, 4, PROC)
+    assert w.write(pt, base, b"alive") == (0, None)
+    assert child.get(0, 5) == b"alive"
+    child.kill()
+    assert w.read(pt, base + 10, 4)[:2] == (-errno.ESRCH, base + 10)
+    assert w.write(pt, base + PAGE, b"dead")[0] == -errno.ESRCH
+
+
+@pytest.mark.parametrize("src_kind", [MEM, PROC])
+@pytest.mark.parametrize("dst_kind", [MEM, PROC])
+@pytest.mark.parametrize("same_pt", [True, False])
+def test_copy_backings(w, src_kind, dst_kind, same_pt):
+    spt = w.pt()
+    dpt = spt if same_pt else w.pt()
+    n = 80
+    _, _, src = w.mapped(spt, 0x1000000, n, src_kind)
+    _, _, dst = w.mapped(dpt, 0x2000000 + 3 * PAGE, n, dst_kind)
+    data = pattern(n * PAGE, 7)
+    if src_kind == MEM:
+        src[:] = data
+    else:
+        src.set(0, data)
+    # Offsets that differ between source and destination.
+    length = (n - 2) * PAGE + 1000
+    assert w.copy(spt, 0x1000000 + 5, dpt, 0x2000000 + 3 * PAGE + 2000, length) == (0, None, None)
+    got = dst[2000 : 2000 + length] if dst_kind == MEM else dst.get(2000, length)
+    assert got == data[5 : 5 + length]
+
+
+def test_copy_large_crosses_chunks(w):
+    spt, dpt = w.pt(), w.pt()
+    n = 1536  # 6 MiB
+    _, _, src = w.mapped(spt, G1, n)
+    _, _, dst = w.mapped(dpt, 2 * G1 + M2 // 2, n)
+    src[:] = pattern(n * PAGE, 8)
+    length = n * PAGE - 3 * PAGE
+    assert w.copy(spt, G1 + 3 * PAGE, dpt, 2 * G1 + M2 // 2, length) == (0, None, None)
+    assert dst[:length] == src[3 * PAGE :]
+
+
+def test_copy_faults(w):
+    spt, dpt = w.pt(PAGE), w.pt(PAGE)
+    s, d = 0x100000, 0x900000
+    _, _, src = w.mapped(spt, s, 8)
+    dpid, _, dst = w.mapped(dpt, d, 8)
+    src[:] = pattern(8 * PAGE, 9)
+    # Source unmapped at page 4: pages 0..3 arrive, reported on the source side.
+    lib.icuse_pt_unmap(spt, s + 4 * PAGE, PAGE)
+    assert w.copy(spt, s, dpt, d, 8 * PAGE) == (-errno.ENOENT, s + 4 * PAGE, 0)
+    assert dst[: 4 * PAGE] == src[: 4 * PAGE] and dst[4 * PAGE :] == bytes(4 * PAGE)
+    assert dirty_pages(dpt, d, 8) == [0, 1, 2, 3]
+    # The destination fault comes first (page 2 unpinned): reported there.
+    dst[:] = bytes(8 * PAGE)
+    lib.icuse_pages_unpin(w.st, dpid, 2, 1)
+    assert w.copy(spt, s, dpt, d, 8 * PAGE) == (-errno.EFAULT, d + 2 * PAGE, 1)
+    assert dst[: 2 * PAGE] == src[: 2 * PAGE] and dst[2 * PAGE :] == bytes(6 * PAGE)
+    lib.icuse_pages_pin(w.st, dpid, 2, 1)
+    # A read-only destination.
+    _, _, ro = w.mapped(dpt, 0x2000000, 2, prot=R)
+    assert w.copy(spt, s, dpt, 0x2000000 + 10, 100) == (-errno.EACCES, 0x2000000 + 10, 1)
+    assert ro[:] == bytes(2 * PAGE)
+    assert w.copy(spt, s, dpt, 0x2000000, 0) == (0, None, None)
+
+
+def test_concurrent_copies_and_unmaps():
+    """Copies in both directions between two tables while their mappings
+    come and go and pins change: no deadlock, and every copy either
+    completes or faults with a fault reason."""
+    w = World()
+    try:
+        a, b = w.pt(), w.pt()
+        _, pa_a, _ = w.mapped(a, 0, 512)
+        pid_b, pa_b, _ = w.mapped(b, 0, 512)
+        stop = threading.Event()
+        bad = []
+
+        def copier(src, dst):
+            while not stop.is_set():
+                r = w.copy(src, 0, dst, 0, 512 * PAGE)
+                if r[0] not in (0, -errno.ENOENT, -errno.EFAULT):
+                    bad.append(r)
+
+        threads = [threading.Thread(target=copier, args=p) for p in ((a, b), (b, a), (a, b))]
+        for t in threads:
+            t.start()
+        for _ in range(200):
+            assert lib.icuse_pt_unmap(b, 100 * PAGE, PAGE) == PAGE
+            lib.icuse_pages_unpin(w.st, pid_b, 7, 1)
+            assert lib.icuse_pt_map(b, 100 * PAGE, pa_b + 100 * PAGE, PAGE, RW) == 0
+            lib.icuse_pages_pin(w.st, pid_b, 7, 1)
+        stop.set()
+        for t in threads:
+            t.join(timeout=20)
+            assert not t.is_alive(), "deadlock"
+        assert not bad
+        assert w.copy(a, 0, b, 0, 512 * PAGE) == (0, None, None)
+    finally:
+        stop.set()
+        w.close()
