@@ -64,6 +64,10 @@ void icuse_pt_free(struct icuse_pt *pt);
  * -EEXIST: some part is already mapped (nothing is changed).
  * -ENOMEM: out of memory (nothing is changed). */
 int icuse_pt_map(struct icuse_pt *pt, uint64_t iova, uint64_t pa, uint64_t length, uint32_t prot);
+/* The same with no leaf larger than max_leaf bytes (0: no limit); the granule
+ * is always used. For an IOAS with large pages disabled. */
+int icuse_pt_map_max(struct icuse_pt *pt, uint64_t iova, uint64_t pa, uint64_t length, uint32_t prot,
+		     uint64_t max_leaf);
 
 /* Remove every translation in [iova, iova + length) (granule aligned), splitting
  * large leaves that straddle its edges. Returns the number of bytes that were

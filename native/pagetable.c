@@ -212,11 +212,11 @@ static int any_mapped(struct icuse_pt *pt, uint64_t *t, unsigned level, uint64_t
 
 /* The range is known to be unmapped. On -ENOMEM the caller unmaps it again. */
 static int map_level(struct icuse_pt *pt, uint64_t *t, unsigned level, uint64_t iova, uint64_t last,
-		     uint64_t pa, uint64_t bits)
+		     uint64_t pa, uint64_t bits, uint64_t leaf_levels)
 {
 	unsigned shift = lvl_shift(pt, level);
 	uint64_t esize = 1ull << shift;
-	int leaf_ok = (pt->leaf_ok >> level) & 1;
+	int leaf_ok = (leaf_levels >> level) & 1;
 
 	for (;;) {
 		uint64_t *ep = &t[pt_index(iova, shift)];
@@ -237,7 +237,7 @@ static int map_level(struct icuse_pt *pt, uint64_t *t, unsigned level, uint64_t 
 					return -ENOMEM;
 				*ep = (uint64_t)(uintptr_t)child | PTE_V;
 			}
-			ret = map_level(pt, pte_table(*ep), level - 1, iova, end, pa, bits);
+			ret = map_level(pt, pte_table(*ep), level - 1, iova, end, pa, bits, leaf_levels);
 			if (ret)
 				return ret;
 		}
@@ -342,8 +342,20 @@ static int split_edge(struct icuse_pt *pt, uint64_t a)
 
 int icuse_pt_map(struct icuse_pt *pt, uint64_t iova, uint64_t pa, uint64_t length, uint32_t prot)
 {
-	uint64_t last, bits = 0;
+	return icuse_pt_map_max(pt, iova, pa, length, prot, 0);
+}
+
+int icuse_pt_map_max(struct icuse_pt *pt, uint64_t iova, uint64_t pa, uint64_t length, uint32_t prot,
+		     uint64_t max_leaf)
+{
+	uint64_t last, bits = 0, leaf_levels = pt->leaf_ok;
+	unsigned k;
 	int ret;
+
+	/* The granule is always allowed; larger leaves only up to max_leaf. */
+	for (k = 1; max_leaf && k < 64; k++)
+		if (lvl_shift(pt, k) >= 64 || (1ull << lvl_shift(pt, k)) > max_leaf)
+			leaf_levels &= ~(1ull << k);
 
 	if (!range_ok(pt, iova, length, &last) || (pa & ((1ull << pt->gs) - 1)) ||
 	    pa + length - 1 < pa || (prot & ~(ICUSE_PROT_READ | ICUSE_PROT_WRITE)))
@@ -357,7 +369,7 @@ int icuse_pt_map(struct icuse_pt *pt, uint64_t iova, uint64_t pa, uint64_t lengt
 	if (any_mapped(pt, pt->root, pt->levels - 1, iova, last)) {
 		ret = -EEXIST;
 	} else {
-		ret = map_level(pt, pt->root, pt->levels - 1, iova, last, pa, bits);
+		ret = map_level(pt, pt->root, pt->levels - 1, iova, last, pa, bits, leaf_levels);
 		if (ret)
 			/* The range was empty: unmapping it removes exactly what
 			 * was added, and the tables left empty by the failure. */

@@ -56,8 +56,9 @@ class PagingDomain(Domain):
     def granule(self) -> int:
         return 1 << self.granule_shift
 
-    def map(self, iova: int, pa: int, length: int, prot: int) -> None:
-        rc = lib.icuse_pt_map(self.pt, iova, pa, length, prot)
+    def map(self, iova: int, pa: int, length: int, prot: int, max_leaf: int = 0) -> None:
+        """Map with the largest leaves alignment allows, none above max_leaf (0: any)."""
+        rc = lib.icuse_pt_map_max(self.pt, iova, pa, length, prot, max_leaf)
         if rc:
             raise Errno(-rc)
 

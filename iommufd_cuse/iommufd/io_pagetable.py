@@ -406,7 +406,9 @@ class IoPagetable:
         try:
             while mapped < area.length:
                 n = min(THREAD_CHUNK, area.length - mapped)
-                args = (area.start + mapped, area.pa(area.start + mapped), n, area.prot)
+                # With large pages disabled only page-sized leaves are used.
+                max_leaf = PAGE_SIZE if self.disable_large_pages else 0
+                args = (area.start + mapped, area.pa(area.start + mapped), n, area.prot, max_leaf)
                 if area.length > THREAD_CHUNK:
                     await trio.to_thread.run_sync(domain.map, *args)
                 else:
