@@ -19,6 +19,8 @@ _libc = ctypes.CDLL(None, use_errno=True)
 _SYS_pidfd_getfd = 438
 _PIDFD_THREAD = os.O_EXCL  # pidfd of a thread rather than a process (Linux 6.9)
 
+_OWN_USERNS = os.readlink("/proc/self/ns/user")
+
 CAP_IPC_LOCK = 14
 CAP_SYS_RAWIO = 17
 CAP_SYS_ADMIN = 21
@@ -80,8 +82,15 @@ class Caller:
         return int(self.status()["Tgid"])
 
     def capable(self, cap: int) -> bool:
-        """The kernel's capable(cap), asked of the calling thread's effective set."""
-        return bool(int(self.status()["CapEff"], 16) >> cap & 1)
+        """The kernel's capable(cap): the calling thread's effective set, which only
+        counts in the daemon's own user namespace (capable() asks the initial one;
+        capabilities held inside a child user namespace do not count)."""
+        if not int(self.status()["CapEff"], 16) >> cap & 1:
+            return False
+        try:
+            return os.readlink(f"/proc/{self.tid}/ns/user") == _OWN_USERNS
+        except OSError:
+            return False
 
     def rlimit(self, res: int) -> int:
         """The caller's soft limit (RLIM_INFINITY as resource.RLIM_INFINITY)."""
