@@ -75,11 +75,7 @@ class Daemon:
 
     # -- topology -----------------------------------------------------------------
     def _build_topology(self) -> None:
-        try:
-            from .vfio.pci.core import VfioPciDevice
-        except ImportError as e:  # TEMPORARY while the device models land
-            log.warning("no device models yet: %s", e)
-            return
+        from .vfio.pci.core import VfioPciDevice
 
         system = self.system
         system.iommus = {c.name: Iommu(c) for c in self.config.iommus}
@@ -100,12 +96,16 @@ class Daemon:
                 raise StartupError(f"{dc.bdf}: driver {dc.driver}: {e.strerror}") from None
             try:
                 VfioPciDevice(system, dev, self._spawn)
-            except ImportError as e:  # TEMPORARY while the device models land
-                log.warning("no device models yet: %s", e)
-                return
             except ValueError as e:
                 raise StartupError(str(e)) from None
             system.devices.append(dev)
+        # Functions sharing a slot announce it in their header type.
+        slots: dict[str, list[Device]] = {}
+        for dev in system.devices:
+            slots.setdefault(dev.bdf.rsplit(".", 1)[0], []).append(dev)
+        for devs in slots.values():
+            for dev in devs:
+                dev.vfio.config.set_multifunction(len(devs) > 1)
 
     def _spawn(self, fn) -> None:  # noqa: ANN001
         """Start a device model's background work in the daemon's nursery."""

@@ -156,3 +156,68 @@ class Iommufd:
             return await trio.to_thread.run_sync(lambda: method(*args, **kw))
 
         return call
+
+
+class VfioDeviceSync:
+    """One open of a VFIO device cdev."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+
+    @classmethod
+    def open(cls, path: str | os.PathLike) -> VfioDeviceSync:
+        return cls(os.open(str(path), os.O_RDWR))
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            fd, self.fd = self.fd, -1
+            os.close(fd)
+
+    def raw(self, cmd: int, struct: uapi.CStruct, argsz: int | None = None, extra: bytes = b"", **fields: Any) -> Result:
+        obj = struct.new(**fields)
+        obj.argsz = struct.SIZE + len(extra) if argsz is None else argsz
+        data = struct.pack(obj) + extra
+        buf = ctypes.create_string_buffer(data, len(data))
+        rc, err = _ioctl(self.fd, cmd, buf)
+        return Result(rc, err, struct.unpack(buf.raw[: struct.SIZE]))
+
+    def call(self, cmd: int, struct: uapi.CStruct, **fields: Any) -> Any:
+        r = self.raw(cmd, struct, **fields)
+        if r.rc:
+            raise IoctlError(r.errno, os.strerror(r.errno))
+        return r.out
+
+    def bind(self, iommufd: int) -> int:
+        return self.call(uapi.VFIO_DEVICE_BIND_IOMMUFD, uapi.vfio_device_bind_iommufd, iommufd=iommufd).out_devid
+
+    def attach(self, pt_id: int) -> int:
+        return self.call(uapi.VFIO_DEVICE_ATTACH_IOMMUFD_PT, uapi.vfio_device_attach_iommufd_pt, pt_id=pt_id).pt_id
+
+    def detach(self) -> None:
+        self.call(uapi.VFIO_DEVICE_DETACH_IOMMUFD_PT, uapi.vfio_device_detach_iommufd_pt)
+
+    def region(self, index: int) -> Any:
+        return self.call(uapi.VFIO_DEVICE_GET_REGION_INFO, uapi.vfio_region_info, index=index)
+
+    def pread(self, index: int, offset: int, size: int) -> int:
+        return int.from_bytes(os.pread(self.fd, size, (index << 40) + offset), "little")
+
+    def pwrite(self, index: int, offset: int, size: int, value: int) -> None:
+        n = os.pwrite(self.fd, value.to_bytes(size, "little"), (index << 40) + offset)
+        assert n == size
+
+    def set_irqs(self, index: int, flags: int, start: int = 0, fds: list[int] | None = None, count: int | None = None) -> Result:
+        import struct as st
+
+        extra = b"".join(st.pack("<i", f) for f in fds or [])
+        n = len(fds or []) if count is None else count
+        return self.raw(uapi.VFIO_DEVICE_SET_IRQS, uapi.vfio_irq_set, extra=extra, flags=flags, index=index,
+                        start=start, count=n)
+
+
+class VfioDevice(Iommufd):
+    """VfioDeviceSync for tests under trio (calls run in worker threads)."""
+
+    @classmethod
+    async def open(cls, path: str | os.PathLike) -> VfioDevice:  # type: ignore[override]
+        return cls(await trio.to_thread.run_sync(VfioDeviceSync.open, path))

@@ -123,8 +123,7 @@ async def _attach_auto(idev: Idev, ioas: Ioas) -> int:
         with trio.CancelScope(shield=True):
             ctx.abort(hwpt)
         raise
-    ctx.finalize(hwpt)
-    hwpt.users -= 1  # an automatic HWPT lives while devices hold it
+    ctx.finalize(hwpt)  # it goes away with its last device (_put_hwpt)
     return hwpt.id
 
 

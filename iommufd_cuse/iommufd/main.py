@@ -87,7 +87,7 @@ def _opener_process(opener: Caller) -> tuple[int, str, list[str]]:
 
 _RESERVED = object()  # an id allocated but not yet finalized (the kernel's XA_ZERO_ENTRY)
 
-O = TypeVar("O", bound=Object)
+ObjT = TypeVar("ObjT", bound=Object)
 
 
 class Context:
@@ -107,7 +107,7 @@ class Context:
         self.opened_at = time.time()
 
     # -- objects --------------------------------------------------------------
-    def alloc(self, obj: O) -> O:
+    def alloc(self, obj: ObjT) -> ObjT:
         """Reserve the lowest free id for obj (visible only after finalize)."""
         i = 1
         objects = self.objects
@@ -135,7 +135,7 @@ class Context:
         return obj
 
     @contextmanager
-    def hold(self, obj: O) -> Iterator[O]:
+    def hold(self, obj: ObjT) -> Iterator[ObjT]:
         """Keep obj from being destroyed while a handler that awaits uses it."""
         obj.users += 1
         try:

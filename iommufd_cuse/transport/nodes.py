@@ -9,7 +9,7 @@ from __future__ import annotations
 import errno
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Union
+from typing import TYPE_CHECKING
 
 from . import protocol as P
 from .caller import Errno
@@ -19,7 +19,7 @@ if TYPE_CHECKING:
 
 # A handler returns its answer, or an awaitable of it when it may take long:
 # the server then runs it as a task of its own that an interrupt can cancel.
-Answer = Union[int, Awaitable[int]]
+Answer = int | Awaitable[int]
 
 
 class FileHandle:

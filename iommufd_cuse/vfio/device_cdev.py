@@ -25,7 +25,7 @@ from ..iommufd.main import Context, IommufdFile
 from ..transport.caller import Caller, Errno
 from ..transport.nodes import FileHandle
 from ..transport.protocol import FOPEN_DIRECT_IO
-from .pci.core import NUM_IRQS, NUM_REGIONS, ERR, REGION_SHIFT, VfioPciDevice
+from .pci.core import ERR, NUM_IRQS, NUM_REGIONS, REGION_SHIFT, VfioPciDevice
 
 log = logging.getLogger(__name__)
 
@@ -134,7 +134,7 @@ class VfioDeviceFile(FileHandle):
         st = os.fstat(fd)
         if st.st_ino not in self.iommufd_inodes or not _on_our_mount(fd):
             raise Errno(errno.EBADFD)
-        nonce = secrets.randbits(63)
+        nonce = secrets.randbits(31)  # fcntl.ioctl passes a C int
         registry = IommufdFile.identify_waiting
         registry[nonce] = None
         try:

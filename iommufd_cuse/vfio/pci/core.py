@@ -17,7 +17,7 @@ from ...iommu.core import Device
 from ...iommu.domain import PagingDomain
 from ...system import System
 from ...transport.caller import Caller, Errno
-from .config import ConfigSpace
+from .config import ConfigAccessError, ConfigSpace
 from .model import DmaFault, PciFunction
 
 log = logging.getLogger(__name__)
@@ -89,7 +89,10 @@ class DmaPort:
         while done < length:
             n = min(length - done, DMA_CHUNK * 16)
             args = (store, src.pt, src_iova + done, dst.pt, dst_iova + done, n, fault, is_dst)
-            rc = await trio.to_thread.run_sync(lambda: lib.icuse_dma_copy(*args)) if n > DMA_CHUNK else lib.icuse_dma_copy(*args)
+            if n > DMA_CHUNK:
+                rc = await trio.to_thread.run_sync(lib.icuse_dma_copy, *args)
+            else:
+                rc = lib.icuse_dma_copy(*args)
             if rc < 0:
                 raise self._fault(fault[0], bool(is_dst[0]), _REASONS.get(-rc, os.strerror(-rc)))
             done += n
@@ -180,6 +183,16 @@ class Irqs:
             self.type = None
             if index == INTX:
                 self.intx_masked = False
+            else:
+                self._enable_msi(index, False)
+
+    def _enable_msi(self, index: int, on: bool) -> None:
+        """vfio-pci programs the device's MSI/MSI-X capability when SET_IRQS enables them."""
+        config = self.vdev.config
+        if index == MSI:
+            config.set_msi_enabled(on)
+        else:
+            config.set_msix_enabled(on, masked=False if on else None)
 
     def disable_all(self) -> None:
         for index in range(NUM_IRQS):
@@ -245,6 +258,8 @@ class Irqs:
             if self.type is None:
                 self.triggers[index] = []
             self._set_fds(index, start, fds, caller)
+            if self.type is None:
+                self._enable_msi(index, True)
             self.type = index
             return
         if self.type != index:
@@ -290,7 +305,10 @@ class VfioPciDevice:
         if model_cls is None:
             raise ValueError(f"{device.bdf}: unknown device model {device.cfg.model!r}")
         self.model: PciFunction = model_cls(self.dma, self.irqs, nursery_spawn, **device.cfg.options)
-        self.config = ConfigSpace(self.model)
+        self.config: ConfigSpace = self.model.config
+        # vfio-pci owns the MSI/MSI-X enables: SET_IRQS sets them, user writes are dropped.
+        self.config.msix_control_writable = False
+        self.config.msi_enable_writable = False
         self.faults: list[DmaFault] = []
         self.fault_count = 0
         self.in_use = False  # bound through a cdev
@@ -313,7 +331,7 @@ class VfioPciDevice:
     # -- open/close (vfio_pci_core_enable/disable) ---------------------------------------
     def enable(self) -> None:
         self.in_use = True
-        _enable_memory(self.config)
+        self.config.enable_device()
 
     def disable(self) -> None:
         self.model.stop()
@@ -323,13 +341,14 @@ class VfioPciDevice:
         self.in_use = False
 
     def reset(self) -> None:
-        """VFIO_DEVICE_RESET: a function-level reset of the model and its config space."""
+        """VFIO_DEVICE_RESET: a function-level reset; the config space is saved and
+        restored around it (pci_try_reset_function), so BARs, command and MSI survive."""
         if not self.reset_works:
             raise Errno(errno.EINVAL)
+        snap = self.config.snapshot()
         self.model.stop()
         self.model.reset()
-        self.config.reset()
-        _enable_memory(self.config)
+        self.config.restore(snap)
         self.irqs.intx_masked = False
 
     # -- info ---------------------------------------------------------------------------
@@ -357,38 +376,47 @@ class VfioPciDevice:
             return b"" if data is None else 0  # past the end: nothing transferred
         n = min(size, rsize - addr)
         if index == CONFIG:
-            access = self.config.read, self.config.write
-        else:
-            if not self.config.memory_enabled:
-                raise Errno(errno.EIO)
-            access = (lambda o, s: self.model.mmio_read(index, o, s)), (lambda o, s, v: self.model.mmio_write(index, o, s, v))
+            try:
+                if data is None:
+                    return self.config.read_bytes(addr, n)
+                self.config.write_bytes(addr, data[:n])
+            except ConfigAccessError:
+                raise Errno(errno.EFAULT) from None
+            return n
+        if not self.config.memory_enabled:
+            raise Errno(errno.EIO)
+        model = self.model
+        hole = self._msix_hole(index)
         if data is None:
             out = bytearray()
             for o, s in _split(addr, n):
-                out += access[0](o, s).to_bytes(s, "little")
+                v = (1 << 8 * s) - 1 if hole and hole[0] <= o < hole[1] else model.mmio_read(index, o, s)
+                out += v.to_bytes(s, "little")
             return bytes(out)
         pos = 0
         for o, s in _split(addr, n):
-            access[1](o, s, int.from_bytes(data[pos : pos + s], "little"))
+            if not (hole and hole[0] <= o < hole[1]):  # the MSI-X table is vfio's: writes dropped
+                model.mmio_write(index, o, s, int.from_bytes(data[pos : pos + s], "little"))
             pos += s
         return n
+
+    def _msix_hole(self, index: int) -> tuple[int, int] | None:
+        m = self.model
+        if not m.msix_vectors or index != m.msix_bar:
+            return None
+        return m.msix_table_offset, m.msix_table_offset + 16 * m.msix_vectors
 
     def status(self) -> dict:
         dom = self.device.group.domain
         return {"in_use": self.in_use, "dma_faults": self.fault_count, "domain": repr(dom)}
 
 
-def _enable_memory(config: ConfigSpace) -> None:
-    """pci_enable_device: memory decoding on, as vfio-pci leaves an opened device."""
-    config.write(4, 2, config.read(4, 2) | 0x2)
-
-
 def _split(addr: int, n: int) -> list[tuple[int, int]]:
-    """Naturally aligned accesses of 4, 2 or 1 bytes covering [addr, addr+n), as vfio-pci issues them."""
+    """Naturally aligned accesses of 8, 4, 2 or 1 bytes covering [addr, addr+n), as vfio-pci issues them."""
     out = []
     end = addr + n
     while addr < end:
-        for s in (4, 2, 1):
+        for s in (8, 4, 2, 1):
             if addr % s == 0 and addr + s <= end:
                 out.append((addr, s))
                 addr += s

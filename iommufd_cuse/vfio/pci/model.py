@@ -69,6 +69,9 @@ class PciFunction:
     express = False  # PCI Express: 4 KiB config space and a PCIe capability
     msi_vectors = 0  # 0: no MSI capability
     msix_vectors = 0  # 0: no MSI-X capability
+    msix_bar = 0  # BAR holding the MSI-X table and PBA (with msix_vectors)
+    msix_table_offset = 0  # in that BAR, 8-byte aligned; 16 bytes per vector
+    msix_pba_offset = 0x800  # in that BAR, 8-byte aligned; one bit per vector
     intx_pin = 1  # INTA#; 0 for none
 
     def __init__(self, dma: DmaPort, irq: IrqSink, spawn: Callable[[Callable[[], Awaitable[None]]], None]) -> None:

@@ -1,0 +1,437 @@
+"""dma-engine: the project's descriptor-ring copy engine (a PCI Express function).
+
+A driver puts 32-byte descriptors in a ring in its own memory; the engine
+fetches them by DMA through the IOMMU, copies src -> dst (device-internal copy,
+off the event loop), writes a status back into the descriptor and signals
+completion on MSI-X vector 0. Any DMA the IOMMU refuses halts the engine with
+an error, is recorded in a fault log the driver reads through BAR0, and is
+signalled on MSI-X vector 1. docs/dma-engine.md is the driver writer's manual;
+the constants below are its register map.
+"""
+
+from __future__ import annotations
+
+import logging
+import struct
+from collections.abc import Awaitable, Callable
+
+import trio
+
+from .config import ConfigSpace
+from .model import Bar, DmaFault, DmaPort, IrqSink, PciFunction
+
+log = logging.getLogger(__name__)
+
+U32 = (1 << 32) - 1
+U64 = (1 << 64) - 1
+
+# BAR0 registers (32-bit, little-endian)
+REG_MAGIC = 0x000
+REG_VERSION = 0x004
+REG_CAPS = 0x008
+REG_CONTROL = 0x010
+REG_STATUS = 0x014
+REG_INT_STATUS = 0x018
+REG_RING_BASE_LO = 0x020
+REG_RING_BASE_HI = 0x024
+REG_RING_SIZE = 0x028
+REG_HEAD = 0x030
+REG_TAIL = 0x034
+REG_COMPLETED = 0x038
+REG_FAULT_COUNT = 0x040
+REG_FAULT_CTRL = 0x044
+FAULT_LOG_BASE = 0x1000
+FAULT_RECORD_SIZE = 32
+
+MAGIC = 0x45414D44  # "DMAE" in memory order
+VERSION = 0x00010000  # 1.0
+MAX_RING_LOG2 = 16
+DESC_SIZE = 32
+FAULT_LOG_ENTRIES = 16
+MSIX_VECTORS = 2
+CAPS = MAX_RING_LOG2 | DESC_SIZE << 8 | FAULT_LOG_ENTRIES << 16 | MSIX_VECTORS << 24
+
+CTL_ENABLE = 1 << 0
+CTL_DONE_IRQ = 1 << 1
+CTL_FAULT_IRQ = 1 << 2
+CTL_RESET = 1 << 31
+CTL_WRITABLE = CTL_ENABLE | CTL_DONE_IRQ | CTL_FAULT_IRQ
+
+ST_BUSY = 1 << 0
+ST_HALTED = 1 << 1  # RW1C
+ST_ERROR_SHIFT = 8
+
+INT_DONE = 1 << 0
+INT_FAULT = 1 << 1
+
+FAULT_CTRL_CLEAR = 1 << 0
+
+VEC_DONE = 0
+VEC_FAULT = 1
+
+# Descriptor: src u64, dst u64, len u32, flags u32, status u32, cookie u32
+DESC = struct.Struct("<QQIIII")
+DESC_STATUS_OFFSET = 0x18
+DESC_IRQ = 1 << 0
+DESC_CHAIN = 1 << 1
+DESC_FLAGS_KNOWN = DESC_IRQ | DESC_CHAIN
+DESC_ST_DONE = 1 << 0
+DESC_ST_ERROR = 1 << 1
+
+# Where in the work a fault happened (fault record INFO bits 7:4, descriptor status bits 23:16)
+SRC_FETCH = 0  # reading the descriptor
+SRC_READ = 1  # reading the source buffer
+SRC_WRITE = 2  # writing the destination buffer
+SRC_WRITEBACK = 3  # writing the status back into the descriptor
+SRC_CONFIG = 4  # the ring registers (no DMA)
+
+# Reason codes (STATUS bits 15:8, fault record INFO bits 15:8, descriptor status bits 15:8)
+ERR_NO_TRANSLATION = 0x01
+ERR_PERMISSION = 0x02
+ERR_BLOCKED = 0x03
+ERR_BUS_MASTER = 0x04
+ERR_MEMORY = 0x05
+ERR_BAD_DESCRIPTOR = 0x10
+ERR_BAD_RING = 0x11
+ERR_OTHER = 0xFF
+
+
+def fault_reason_code(reason: str) -> int:
+    """Reason code of a DmaFault, from the words the DmaPort uses."""
+    r = reason.lower()
+    if "bus master" in r:
+        return ERR_BUS_MASTER
+    if "block" in r:
+        return ERR_BLOCKED
+    if "translation" in r or "unmapped" in r or "not mapped" in r:
+        return ERR_NO_TRANSLATION
+    if "permission" in r:
+        return ERR_PERMISSION
+    if "pinned" in r or "owner" in r or "gone" in r:
+        return ERR_MEMORY
+    return ERR_OTHER
+
+
+class _Halt(Exception):
+    """The engine stops on the current descriptor."""
+
+    def __init__(self, code: int, source: int, iova: int, write: bool) -> None:
+        super().__init__(code, source, iova, write)
+        self.code = code
+        self.source = source
+        self.iova = iova
+        self.write = write
+
+
+class DmaEngine(PciFunction):
+    vendor_id = 0x1DE5  # a test id, not registered to this project: see docs/dma-engine.md
+    device_id = 0x0001
+    revision = 0x01
+    class_code = 0x088000  # base system peripheral, other
+    subsystem_vendor_id = 0x1DE5
+    subsystem_id = 0x0001
+    bars = [Bar(16 << 10, is_64=True), None, Bar(4 << 10, is_64=True), None, None, None]
+    express = True
+    msi_vectors = 0
+    msix_vectors = MSIX_VECTORS
+    msix_bar = 2
+    msix_table_offset = 0x000
+    msix_pba_offset = 0x800
+    intx_pin = 1
+    flr = True
+
+    def __init__(
+        self, dma: DmaPort, irq: IrqSink, spawn: Callable[[Callable[[], Awaitable[None]]], None]
+    ) -> None:
+        super().__init__(dma, irq, spawn)
+        self.faults: list[DmaFault] = []  # every DmaFault the engine met (the newest 256)
+        self.fault_total = 0  # how many, since the model was made
+        self._gen = 0  # bumped when work in flight must be forgotten (reset, stop, ring change)
+        self._active = False  # an engine task exists
+        self._scope: trio.CancelScope | None = None
+        self._intx = False
+        self.config = ConfigSpace(self)
+        self._power_on()
+
+    def _power_on(self) -> None:
+        self.control = 0
+        self.halted = False
+        self.error = 0
+        self.int_status = 0
+        self.ring_base = 0
+        self.ring_size = 0
+        self.head = 0
+        self.tail = 0
+        self.completed = 0
+        self.fault_count = 0
+        self.fault_log: list[tuple[int, int, int, int] | None] = [None] * FAULT_LOG_ENTRIES
+        self.msix_pending = 0
+
+    # -- state ------------------------------------------------------------------------
+    @property
+    def ring_valid(self) -> bool:
+        n = self.ring_size
+        return 2 <= n <= 1 << MAX_RING_LOG2 and not n & (n - 1)
+
+    @property
+    def status(self) -> int:
+        st = (ST_BUSY if self._active else 0) | (ST_HALTED if self.halted else 0)
+        return st | self.error << ST_ERROR_SHIFT
+
+    def _can_run(self) -> bool:
+        return bool(self.control & CTL_ENABLE) and not self.halted and self.ring_valid and self.head != self.tail
+
+    def _kick(self) -> None:
+        if self._active or not self._can_run():
+            return
+        self._active = True
+        self.spawn(self._engine)
+
+    def _forget_work(self) -> None:
+        """Whatever the engine task is doing, it must not touch the device again."""
+        self._gen += 1
+        if self._scope is not None:
+            self._scope.cancel()
+
+    # -- interrupts ---------------------------------------------------------------------
+    def _update_intx(self) -> None:
+        pending = self.int_status != 0 and not self.config.msix_enabled
+        self.config.interrupt_status = pending
+        level = pending and not self.config.intx_disabled and self.intx_pin != 0
+        if level != self._intx:
+            self._intx = level
+            self.irq.set_intx(level)
+
+    def _signal(self, bit: int, vector: int) -> None:
+        self.int_status |= bit
+        if self.config.msix_enabled:
+            if self.config.msix_function_masked:
+                self.msix_pending |= 1 << vector
+            else:
+                self.irq.msi(vector)
+        self._update_intx()
+
+    def config_changed(self, what: str) -> None:
+        if what == "flr":
+            self.reset()
+            return
+        if what == "msix" and self.config.msix_enabled and not self.config.msix_function_masked:
+            pending, self.msix_pending = self.msix_pending, 0
+            for v in range(MSIX_VECTORS):
+                if pending >> v & 1:
+                    self.irq.msi(v)
+        if what == "reset":
+            self.msix_pending = 0
+        self._update_intx()
+
+    # -- faults ---------------------------------------------------------------------------
+    def _record(self, code: int, source: int, iova: int, write: bool, index: int) -> None:
+        slot = self.fault_count % FAULT_LOG_ENTRIES
+        info = (1 if write else 0) | (source & 0xF) << 4 | code << 8
+        self.fault_count = min(self.fault_count + 1, U32)
+        self.fault_log[slot] = (iova & U64, index & U32, info, self.fault_count)
+
+    def _halt(self, h: _Halt, index: int) -> None:
+        self._record(h.code, h.source, h.iova, h.write, index)
+        self.halted = True
+        self.error = h.code
+        log.warning(
+            "dma-engine: halted at descriptor %d: %s at iova %#x (code %#x)",
+            index,
+            ("fetch", "read", "write", "write-back", "config")[h.source],
+            h.iova,
+            h.code,
+        )
+        if self.control & CTL_FAULT_IRQ:
+            self._signal(INT_FAULT, VEC_FAULT)
+
+    def _fault(self, f: DmaFault, source: int) -> _Halt:
+        self.fault_total += 1
+        self.faults.append(f)
+        del self.faults[:-256]
+        return _Halt(fault_reason_code(f.reason), source, f.iova, f.write)
+
+    # -- the engine -----------------------------------------------------------------------
+    async def _engine(self) -> None:
+        gen = self._gen
+        scope = trio.CancelScope()
+        self._scope = scope
+        finished = False
+        try:
+            with scope:
+                try:
+                    await self._process(gen)
+                except Exception:  # a bug must halt this device, not the daemon
+                    log.exception("dma-engine: engine failed")
+                    if gen == self._gen:
+                        self._halt(_Halt(ERR_OTHER, SRC_FETCH, 0, False), self.head)
+            finished = True  # drained, halted, disabled, or cancelled by reset/stop
+        finally:
+            if self._scope is scope:
+                self._scope = None
+            self._active = False
+        if finished:
+            self._kick()  # work queued for a new generation meanwhile gets a new task
+
+    async def _process(self, gen: int) -> None:
+        while True:
+            await trio.lowlevel.checkpoint()  # one descriptor at a time, fair to the event loop
+            if gen != self._gen or not self._can_run():
+                return
+            index = self.head
+            desc_iova = (self.ring_base + index * DESC_SIZE) & U64
+            try:
+                try:
+                    raw = self.dma.read(desc_iova, DESC_SIZE)
+                except DmaFault as f:
+                    raise self._fault(f, SRC_FETCH) from None
+                src, dst, length, flags, _status, _cookie = DESC.unpack(raw)
+                if flags & ~DESC_FLAGS_KNOWN or src + length > U64 + 1 or dst + length > U64 + 1:
+                    raise _Halt(ERR_BAD_DESCRIPTOR, SRC_FETCH, desc_iova, False)
+                if length:
+                    try:
+                        await self.dma.copy(src, dst, length)
+                    except DmaFault as f:
+                        if gen != self._gen:
+                            return
+                        raise self._fault(f, SRC_WRITE if f.write else SRC_READ) from None
+                if gen != self._gen:
+                    return
+                last = not flags & DESC_CHAIN
+                if last:
+                    try:
+                        self.dma.write(desc_iova + DESC_STATUS_OFFSET, DESC_ST_DONE.to_bytes(4, "little"))
+                    except DmaFault as f:
+                        raise self._fault(f, SRC_WRITEBACK) from None
+            except _Halt as h:
+                if h.source != SRC_FETCH or h.code == ERR_BAD_DESCRIPTOR:
+                    status = DESC_ST_ERROR | h.code << 8 | h.source << 16
+                    try:  # best effort: the driver may find the reason in the descriptor too
+                        self.dma.write(desc_iova + DESC_STATUS_OFFSET, status.to_bytes(4, "little"))
+                    except DmaFault as f:
+                        log.info("dma-engine: error status not written back: %s", f)
+                self._halt(h, index)
+                return
+            self.head = (index + 1) % self.ring_size
+            if last:
+                self.completed = (self.completed + 1) & U32
+                if flags & DESC_IRQ and self.control & CTL_DONE_IRQ:
+                    self._signal(INT_DONE, VEC_DONE)
+
+    # -- MMIO --------------------------------------------------------------------------
+    def mmio_read(self, bar: int, offset: int, size: int) -> int:
+        if size == 8 and offset % 8 == 0:
+            return self.mmio_read(bar, offset, 4) | self.mmio_read(bar, offset + 4, 4) << 32
+        if size not in (1, 2, 4) or offset % size:
+            return (1 << (8 * size)) - 1
+        dword = self._read32(bar, offset & ~3)
+        shift = 8 * (offset & 3)
+        return dword >> shift & ((1 << (8 * size)) - 1)
+
+    def mmio_write(self, bar: int, offset: int, size: int, value: int) -> None:
+        if size == 8 and offset % 8 == 0:
+            self.mmio_write(bar, offset, 4, value & U32)
+            self.mmio_write(bar, offset + 4, 4, value >> 32 & U32)
+            return
+        if size != 4 or offset % 4:
+            return  # registers take 4- and 8-byte accesses only
+        self._write32(bar, offset, value & U32)
+
+    def _read32(self, bar: int, off: int) -> int:
+        if bar == self.msix_bar:
+            t = self.msix_table_offset
+            if t <= off < t + MSIX_VECTORS * 16:
+                return U32  # the host owns the vector table (vfio-pci: reads -1)
+            if off == self.msix_pba_offset:
+                return self.msix_pending
+            return 0
+        if bar != 0:
+            return U32
+        if off >= FAULT_LOG_BASE:
+            return self._read_fault_log(off - FAULT_LOG_BASE)
+        regs = {
+            REG_MAGIC: MAGIC,
+            REG_VERSION: VERSION,
+            REG_CAPS: CAPS,
+            REG_CONTROL: self.control,
+            REG_STATUS: self.status,
+            REG_INT_STATUS: self.int_status,
+            REG_RING_BASE_LO: self.ring_base & U32,
+            REG_RING_BASE_HI: self.ring_base >> 32,
+            REG_RING_SIZE: self.ring_size,
+            REG_HEAD: self.head,
+            REG_TAIL: self.tail,
+            REG_COMPLETED: self.completed,
+            REG_FAULT_COUNT: self.fault_count,
+        }
+        return regs.get(off, 0)
+
+    def _read_fault_log(self, off: int) -> int:
+        slot, field = divmod(off, FAULT_RECORD_SIZE)
+        if slot >= FAULT_LOG_ENTRIES or self.fault_log[slot] is None:
+            return 0
+        iova, index, info, seq = self.fault_log[slot]  # type: ignore[misc]
+        return {0x00: iova & U32, 0x04: iova >> 32, 0x08: index, 0x0C: info, 0x10: seq}.get(field, 0)
+
+    def _write32(self, bar: int, off: int, value: int) -> None:
+        if bar != 0:
+            return  # MSI-X table writes are dropped (the host owns it); the PBA is read-only
+        if off == REG_CONTROL:
+            self._write_control(value)
+        elif off == REG_STATUS:
+            if value & ST_HALTED and self.halted:
+                self.halted = False
+                self.error = 0
+                if self.control & CTL_ENABLE and not self.ring_valid:
+                    self._halt(_Halt(ERR_BAD_RING, SRC_CONFIG, self.ring_base, False), self.head)
+                    return
+                self._kick()
+        elif off == REG_INT_STATUS:
+            self.int_status &= ~value
+            self._update_intx()
+        elif off in (REG_RING_BASE_LO, REG_RING_BASE_HI, REG_RING_SIZE):
+            if self.control & CTL_ENABLE:
+                return  # the ring is fixed while the engine is enabled
+            if off == REG_RING_BASE_LO:
+                self.ring_base = (self.ring_base & ~U32) | (value & ~(DESC_SIZE - 1))
+            elif off == REG_RING_BASE_HI:
+                self.ring_base = (self.ring_base & U32) | value << 32
+            else:
+                self.ring_size = value
+            self._forget_work()
+            self.head = self.tail = 0
+        elif off == REG_TAIL:
+            self.tail = value % self.ring_size if self.ring_valid else value & 0xFFFF
+            self._kick()
+        elif off == REG_FAULT_CTRL:
+            if value & FAULT_CTRL_CLEAR:
+                self.fault_count = 0
+                self.fault_log = [None] * FAULT_LOG_ENTRIES
+
+    def _write_control(self, value: int) -> None:
+        if value & CTL_RESET:
+            self.reset()
+            return
+        was_enabled = self.control & CTL_ENABLE
+        self.control = value & CTL_WRITABLE
+        if not self.control & CTL_ENABLE:
+            if was_enabled:  # disabling clears an error halt
+                self.halted = False
+                self.error = 0
+            return
+        if not was_enabled and not self.ring_valid:
+            self._halt(_Halt(ERR_BAD_RING, SRC_CONFIG, self.ring_base, False), self.head)
+            return
+        self._kick()
+
+    # -- lifecycle ------------------------------------------------------------------------
+    def stop(self) -> None:
+        """Cancel the engine task; the engine is left disabled, its registers kept."""
+        self._forget_work()
+        self.control &= ~CTL_ENABLE
+
+    def reset(self) -> None:
+        """Function-level reset: engine stopped, every register and the fault log at power-on values."""
+        self._forget_work()
+        self._power_on()
+        self._update_intx()
