@@ -61,9 +61,18 @@ class IommufdSync:
 
     def raw(self, cmd: int, struct: uapi.CStruct, size: int | None = None, extra: bytes = b"", **fields: Any) -> Result:
         """Issue cmd with struct filled from fields; size defaults to sizeof."""
+        # The leading u32 carries the struct's size: iommufd's `size`, VFIO's `argsz`
+        # (where `size` is an ordinary field, and argsz= overrides the default).
+        if "argsz" in struct.FIELDS:
+            if size is not None:
+                fields["size"] = size
+            size = fields.pop("argsz", None)
+            word = "argsz"
+        else:
+            word = "size"
         obj = struct.new(**fields)
-        if "size" in struct.FIELDS:
-            obj.size = struct.SIZE + len(extra) if size is None else size
+        if struct.FIELDS.get(word, (None,))[0] == 0:
+            setattr(obj, word, struct.SIZE + len(extra) if size is None else size)
         data = struct.pack(obj) + extra
         buf = ctypes.create_string_buffer(data, len(data))
         rc, err = _ioctl(self.fd, cmd, buf)

@@ -315,6 +315,29 @@ class IoPagetable:
             raise Errno(rc)
         return unmapped
 
+    def cut(self, iovas: list[int]) -> None:
+        """iopt_cut_iova: split the areas so that each iova ends one (VFIO type1 v1
+        unmaps inside mappings). Only with large pages disabled: every leaf is a page."""
+        for iova in iovas:
+            area = self.first_area(iova, iova)
+            if area is None or area.last == iova:
+                continue
+            if area.busy or area.num_accesses:
+                raise Errno(errno.EBUSY)
+            if (iova + 1) & (self.iova_alignment - 1) or (iova + 1) % PAGE_SIZE:
+                raise Errno(errno.EINVAL)
+            first_len = iova - area.start + 1
+            rest = Area(iova + 1, area.last, area.pages, area.start_byte + first_len, area.prot, filled=area.filled)
+            if area.filled:
+                # Each piece holds its own pins; pin the new ones before dropping the old.
+                head = Area(area.start, iova, area.pages, area.start_byte, area.prot)
+                area.pages.pin(head.first_index, head.num_pages)
+                area.pages.pin(rest.first_index, rest.num_pages)
+                area.pages.unpin(area.first_index, area.num_pages)
+            area.last = iova
+            area.pages.refs += 1
+            self._insert_area(rest)
+
     def get_pages(self, iova: int, length: int) -> list[PagesSlice]:
         """iopt_get_pages: the pages behind a contiguous run of areas (for COPY)."""
         if not length:

@@ -123,18 +123,26 @@ async def ioas_map(ucmd: Ucmd) -> int:
     ctx = ucmd.ctx
     ioas = get_ioas(ctx, cmd.ioas_id)
     with ctx.hold(ioas):
-        if cmd.user_va + cmd.length > ULONG_MAX:
-            raise Errno(errno.EOVERFLOW)
-        if cmd.length == 0 or cmd.length > ULONG_MAX - 4096:
-            raise Errno(errno.EINVAL)
-        writable = bool(cmd.flags & uapi.IOMMU_IOAS_MAP_WRITEABLE)
-        pages = UserPages(ctx.system, ucmd.caller, ctx.account_mode, cmd.user_va, cmd.length, writable)
-        try:
-            cmd.iova = await _map(ioas, [PagesSlice(pages, pages.start_byte, cmd.length)], cmd)
-        finally:
-            pages.put()
+        fixed = cmd.flags & uapi.IOMMU_IOAS_MAP_FIXED_IOVA
+        cmd.iova = await ioas_map_user(ctx, ucmd.caller, ioas, cmd.user_va, cmd.length,
+                                       cmd.iova if fixed else None, conv_prot(cmd.flags))
         ucmd.respond()  # a faulting copy-out leaves the mapping, as in the kernel
     return 0
+
+
+async def ioas_map_user(ctx: Context, caller, ioas: Ioas, user_va: int, length: int,  # noqa: ANN001
+                        iova: int | None, prot: int) -> int:
+    """iopt_map_user_pages: the caller's memory at user_va, at iova (None: allocate)."""
+    if user_va + length > ULONG_MAX:
+        raise Errno(errno.EOVERFLOW)
+    if length == 0 or length > ULONG_MAX - 4096:
+        raise Errno(errno.EINVAL)
+    pages = UserPages(ctx.system, caller, ctx.account_mode, user_va, length, bool(prot & IOMMU_WRITE))
+    try:
+        async with ioas.iopt.lock:
+            return await ioas.iopt.map_pages([PagesSlice(pages, pages.start_byte, length)], length, iova, prot)
+    finally:
+        pages.put()
 
 
 async def ioas_map_file(ucmd: Ucmd) -> int:

@@ -279,7 +279,7 @@ def destroy(ucmd: Ucmd) -> int:
 
 
 def build_ioctl_table() -> IoctlTable:
-    from . import device, hw_pagetable, ioas
+    from . import device, hw_pagetable, ioas, vfio_compat
 
     table = IoctlTable()
     implemented = {
@@ -295,6 +295,7 @@ def build_ioctl_table() -> IoctlTable:
         uapi.IOMMU_IOAS_UNMAP: ioas.ioas_unmap,
         uapi.IOMMU_IOAS_CHANGE_PROCESS: ioas.ioas_change_process,
         uapi.IOMMU_OPTION: ioas.option,
+        uapi.IOMMU_VFIO_IOAS: vfio_compat.vfio_ioas,
     }
     names = {v: k for k, v in vars(uapi).items() if k.startswith("IOMMU_") and isinstance(v, int)}
     for number in uapi.IOCTL_STRUCTS:
@@ -335,8 +336,10 @@ class IommufdFile(FileHandle):
         if cmd == self.IDENTIFY and arg in self.identify_waiting and req.caller.tgid == os.getpid():
             self.identify_waiting[arg] = self.ctx
             return 0
-        # Outside the table: the VFIO type1 compatibility ioctls.
-        raise Errno(errno.ENOTTY)
+        # Outside the table: the VFIO type1 container ioctls.
+        from .vfio_compat import vfio_ioctl
+
+        return vfio_ioctl(self.ctx, req.caller, cmd, arg)
 
     def release(self) -> None:
         self.ctx.destroy_all()

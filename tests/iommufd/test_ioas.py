@@ -180,6 +180,8 @@ async def test_auto_iova_alignment_and_reuse(fd):
     addr = debug_addr(big)
     # the IOVA keeps the user address's alignment up to 2 MiB
     assert iova % min(2 << 20, addr & -addr) == 0
+    await fd.unmap(ioas, iova, 4 << 20)
+    await fd.map(ioas, big, iova=0x10000000)
     small = anon(1 << 12)
     i2 = await fd.map(ioas, small)
     assert i2 == 0x1000  # the lowest free page-aligned IOVA, as the reference kernel answered
