@@ -11,6 +11,7 @@ from typing import Any
 
 DEFAULT_CONFIG_PATH = "/etc/iommufd-cuse/config.toml"
 DEFAULT_MOUNTPOINT = "/run/iommufd-cuse/mnt"
+DEFAULT_CONTROL_SOCKET = "/run/iommufd-cuse/control.sock"
 
 DEFAULT_TOML = """\
 # The embedded default configuration of iommufd-cuse.
@@ -208,6 +209,24 @@ def _device(d: dict[str, Any], iommus: set[str]) -> DeviceConfig:
         driver=d.get("driver", "vfio-pci"),
         node=node_config({**DEVICE_DEFAULT_NODE, **d.get("node", {})}),
         options={k: v for k, v in d.items() if k not in known},
+    )
+
+
+def serve_config_path(path: str | None, default: str = DEFAULT_CONFIG_PATH) -> str | None:
+    """The file `serve` reads: the one given, else the system one if it exists,
+    else None (the embedded default)."""
+    if path is not None:
+        return path
+    return default if Path(default).exists() else None
+
+
+def installed_text() -> str:
+    """What `iommufd-cuse install` writes to DEFAULT_CONFIG_PATH: the embedded default."""
+    body = DEFAULT_TOML.split("\n", 1)[1]  # without the "embedded default" title
+    return (
+        f"# {DEFAULT_CONFIG_PATH}: configuration of iommufd-cuse, read by `iommufd-cuse serve`\n"
+        "# (restart the service after a change). Written by `iommufd-cuse install`;\n"
+        "# `iommufd-cuse uninstall` keeps it once changed.\n" + body
     )
 
 

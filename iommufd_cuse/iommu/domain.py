@@ -46,6 +46,7 @@ class PagingDomain(Domain):
         self.aperture_end = aperture_end
         self.dirty_tracking_capable = dirty_tracking
         self.dirty_tracking = False
+        self.iova_bits = iova_bits
         self.iommu: object | None = None  # the IOMMU instance that made it
         pt = lib.icuse_pt_alloc(self.granule_shift, pgsize_bitmap, iova_bits)
         if pt == ffi.NULL:
@@ -74,6 +75,29 @@ class PagingDomain(Domain):
         if lib.icuse_pt_walk(self.pt, iova, info):
             return None
         return info.pa, info.prot, info.leaf_size
+
+    def read_dirty(self, iova: int, length: int, page_size: int, base: int, bitmap: bytearray, no_clear: bool) -> None:
+        """OR the dirty pages of [iova, iova+length) into bitmap, whose bit 0 is
+        the page at base (page_size granular), clearing them unless no_clear."""
+        first_bit = (iova - base) // page_size
+        nbits = (length + page_size - 1) // page_size
+        words = ffi.new("uint64_t[]", (nbits + 63) // 64 + 1)
+        rc = lib.icuse_pt_read_and_clear_dirty(self.pt, iova, length, page_size, words, int(no_clear))
+        if rc < 0:
+            raise Errno(-rc)
+        found = int.from_bytes(ffi.buffer(words), "little") & ((1 << nbits) - 1)
+        if found:
+            merged = int.from_bytes(bitmap, "little") | found << first_bit
+            bitmap[:] = merged.to_bytes(len(bitmap), "little")
+
+    def clear_dirty(self) -> None:
+        """Forget every dirty bit (tracking is being switched on)."""
+        half = 1 << (self.iova_bits - 1)
+        words = ffi.new("uint64_t[]", 2)
+        for start in (0, half):  # two halves: the whole space may be 2^64 bytes
+            rc = lib.icuse_pt_read_and_clear_dirty(self.pt, start, half, half, words, 0)
+            if rc < 0:
+                raise Errno(-rc)
 
     def stats(self) -> dict[str, int]:
         s = ffi.new("struct icuse_pt_stats *")

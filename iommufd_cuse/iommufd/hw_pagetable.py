@@ -117,3 +117,61 @@ async def hwpt_alloc(ucmd: Ucmd) -> int:
         raise
     ctx.finalize(hwpt)
     return 0
+
+
+# -- dirty tracking ---------------------------------------------------------------------
+def _get_hwpt_paging(ctx: Context, hwpt_id: int) -> HwptPaging:
+    return ctx.get(hwpt_id, ObjType.HWPT_PAGING)
+
+
+def hwpt_set_dirty_tracking(ucmd: Ucmd) -> int:
+    """IOMMU_HWPT_SET_DIRTY_TRACKING: enabling first clears what was recorded before."""
+    cmd = ucmd.cmd
+    if cmd.flags & ~uapi.IOMMU_HWPT_DIRTY_TRACKING_ENABLE:
+        raise Errno(errno.EOPNOTSUPP)
+    hwpt = _get_hwpt_paging(ucmd.ctx, cmd.hwpt_id)
+    domain = hwpt.domain
+    if not domain.dirty_tracking_capable:
+        raise Errno(errno.EOPNOTSUPP)  # allocated without IOMMU_HWPT_ALLOC_DIRTY_TRACKING
+    enable = bool(cmd.flags & uapi.IOMMU_HWPT_DIRTY_TRACKING_ENABLE)
+    if enable and not domain.dirty_tracking:
+        domain.clear_dirty()
+    domain.dirty_tracking = enable
+    return 0
+
+
+async def hwpt_get_dirty_bitmap(ucmd: Ucmd) -> int:
+    """IOMMU_HWPT_GET_DIRTY_BITMAP: OR the dirty pages of [iova, iova+length) into the
+    user's bitmap (one bit per page_size), clearing them unless NO_CLEAR."""
+    cmd = ucmd.cmd
+    if cmd.flags & ~uapi.IOMMU_HWPT_GET_DIRTY_BITMAP_NO_CLEAR or cmd.reserved:
+        raise Errno(errno.EOPNOTSUPP)
+    ctx = ucmd.ctx
+    hwpt = _get_hwpt_paging(ctx, cmd.hwpt_id)
+    iopt = hwpt.ioas.iopt
+    last = cmd.iova + cmd.length - 1
+    if cmd.length == 0 or last > (1 << 64) - 1:
+        raise Errno(errno.EOVERFLOW)
+    align = iopt.iova_alignment
+    if cmd.iova & (align - 1) or (last + 1) & (align - 1) or not cmd.page_size:
+        raise Errno(errno.EINVAL)
+    if cmd.iova % cmd.page_size or (last + 1) % cmd.page_size:
+        raise Errno(errno.EINVAL)
+    domain = hwpt.domain
+    if not domain.dirty_tracking_capable:
+        raise Errno(errno.EOPNOTSUPP)
+    if not domain.dirty_tracking:
+        raise Errno(errno.EINVAL)  # the drivers refuse a bitmap while tracking is off
+    nbits = cmd.length // cmd.page_size
+    nbytes = (nbits + 63) // 64 * 8
+    if nbytes > 64 << 20:
+        raise Errno(errno.ENOMEM)
+    with ctx.hold(hwpt):
+        bitmap = bytearray(ucmd.caller.read(cmd.data, nbytes))
+        no_clear = bool(cmd.flags & uapi.IOMMU_HWPT_GET_DIRTY_BITMAP_NO_CLEAR)
+        # Only the areas are walked, as the kernel does (holes are never dirty).
+        for area in iopt.areas_in(cmd.iova, last):
+            s, e = max(area.start, cmd.iova), min(area.last, last)
+            await trio.to_thread.run_sync(domain.read_dirty, s, e - s + 1, cmd.page_size, cmd.iova, bitmap, no_clear)
+        ucmd.caller.write(cmd.data, bitmap)
+    return 0

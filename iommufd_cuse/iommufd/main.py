@@ -286,6 +286,8 @@ def build_ioctl_table() -> IoctlTable:
         uapi.IOMMU_DESTROY: destroy,
         uapi.IOMMU_GET_HW_INFO: device.get_hw_info,
         uapi.IOMMU_HWPT_ALLOC: hw_pagetable.hwpt_alloc,
+        uapi.IOMMU_HWPT_SET_DIRTY_TRACKING: hw_pagetable.hwpt_set_dirty_tracking,
+        uapi.IOMMU_HWPT_GET_DIRTY_BITMAP: hw_pagetable.hwpt_get_dirty_bitmap,
         uapi.IOMMU_IOAS_ALLOC: ioas.ioas_alloc,
         uapi.IOMMU_IOAS_ALLOW_IOVAS: ioas.ioas_allow_iovas,
         uapi.IOMMU_IOAS_COPY: ioas.ioas_copy,

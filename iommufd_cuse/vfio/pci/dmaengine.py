@@ -77,6 +77,8 @@ DESC_CHAIN = 1 << 1
 DESC_FLAGS_KNOWN = DESC_IRQ | DESC_CHAIN
 DESC_ST_DONE = 1 << 0
 DESC_ST_ERROR = 1 << 1
+FETCH_BYTES = 4096  # descriptors are fetched at most a ring page at a time
+MERGE_MAX = 16 << 20  # bytes one copy may cover for contiguous descriptors of a chain
 
 # Where in the work a fault happened (fault record INFO bits 7:4, descriptor status bits 23:16)
 SRC_FETCH = 0  # reading the descriptor
@@ -274,49 +276,119 @@ class DmaEngine(PciFunction):
             self._kick()  # work queued for a new generation meanwhile gets a new task
 
     async def _process(self, gen: int) -> None:
+        """Work through the ring from HEAD until it is empty, the engine is
+        disabled or halted, or the work is forgotten (gen moved on).
+
+        Descriptors are fetched a batch at a time: from HEAD up to TAIL, the
+        end of the ring or the end of the 4 KiB ring page, whichever is first
+        (one read; a page is mapped, or not, as a whole, so a fetch fault is
+        still taken on the descriptor at HEAD). Consecutive descriptors of a
+        chain that continue each other's source and destination are copied by
+        one copy of up to MERGE_MAX bytes: the bytes move in the same order,
+        a fault still stops the copy at its first faulting address and is
+        charged to the descriptor that holds it, and HEAD, STATUS, COMPLETED
+        and interrupts come out as if the descriptors had been done one by one.
+        """
         while True:
-            await trio.lowlevel.checkpoint()  # one descriptor at a time, fair to the event loop
+            await trio.lowlevel.checkpoint()  # fair to the event loop between pieces of work
             if gen != self._gen or not self._can_run():
                 return
-            index = self.head
+            index, size = self.head, self.ring_size
             desc_iova = (self.ring_base + index * DESC_SIZE) & U64
+            count = min(
+                (self.tail - index) % size,
+                size - index,
+                (FETCH_BYTES - desc_iova % FETCH_BYTES) // DESC_SIZE,
+            )
             try:
-                try:
-                    raw = self.dma.read(desc_iova, DESC_SIZE)
-                except DmaFault as f:
-                    raise self._fault(f, SRC_FETCH) from None
-                src, dst, length, flags, _status, _cookie = DESC.unpack(raw)
-                if flags & ~DESC_FLAGS_KNOWN or src + length > U64 + 1 or dst + length > U64 + 1:
-                    raise _Halt(ERR_BAD_DESCRIPTOR, SRC_FETCH, desc_iova, False)
-                if length:
+                raw = self.dma.read(desc_iova, count * DESC_SIZE)
+            except DmaFault as f:
+                self._stop(self._fault(f, SRC_FETCH), index, desc_iova)
+                return
+            descs = [DESC.unpack_from(raw, k * DESC_SIZE) for k in range(count)]
+            i = 0
+            while i < count:
+                if i:
+                    await trio.lowlevel.checkpoint()
+                    if gen != self._gen or not self._can_run():
+                        return
+                j, total = self._group(descs, i)
+                if j < 0:  # descriptor i is invalid
+                    self._stop(_Halt(ERR_BAD_DESCRIPTOR, SRC_FETCH, desc_iova + i * DESC_SIZE, False), index + i,
+                               desc_iova + i * DESC_SIZE)
+                    return
+                src, dst = descs[i][0], descs[i][1]
+                if total:
                     try:
-                        await self.dma.copy(src, dst, length)
+                        await self.dma.copy(src, dst, total)
                     except DmaFault as f:
                         if gen != self._gen:
                             return
-                        raise self._fault(f, SRC_WRITE if f.write else SRC_READ) from None
+                        # the descriptor holding the first faulting address
+                        off = (f.iova - (dst if f.write else src)) & U64
+                        k = i
+                        while k < j - 1 and off >= descs[k][2]:
+                            off -= descs[k][2]
+                            k += 1
+                        self.head = index + k  # the chain before it is done
+                        self._stop(self._fault(f, SRC_WRITE if f.write else SRC_READ), index + k,
+                                   desc_iova + k * DESC_SIZE)
+                        return
                 if gen != self._gen:
                     return
+                flags = descs[j - 1][3]
                 last = not flags & DESC_CHAIN
                 if last:
+                    status_iova = desc_iova + (j - 1) * DESC_SIZE + DESC_STATUS_OFFSET
                     try:
-                        self.dma.write(desc_iova + DESC_STATUS_OFFSET, DESC_ST_DONE.to_bytes(4, "little"))
+                        self.dma.write(status_iova, DESC_ST_DONE.to_bytes(4, "little"))
                     except DmaFault as f:
-                        raise self._fault(f, SRC_WRITEBACK) from None
-            except _Halt as h:
-                if h.source != SRC_FETCH or h.code == ERR_BAD_DESCRIPTOR:
-                    status = DESC_ST_ERROR | h.code << 8 | h.source << 16
-                    try:  # best effort: the driver may find the reason in the descriptor too
-                        self.dma.write(desc_iova + DESC_STATUS_OFFSET, status.to_bytes(4, "little"))
-                    except DmaFault as f:
-                        log.info("dma-engine: error status not written back: %s", f)
-                self._halt(h, index)
-                return
-            self.head = (index + 1) % self.ring_size
-            if last:
-                self.completed = (self.completed + 1) & U32
-                if flags & DESC_IRQ and self.control & CTL_DONE_IRQ:
-                    self._signal(INT_DONE, VEC_DONE)
+                        self.head = index + j - 1
+                        self._stop(self._fault(f, SRC_WRITEBACK), index + j - 1, desc_iova + (j - 1) * DESC_SIZE)
+                        return
+                self.head = (index + j) % size
+                if last:
+                    self.completed = (self.completed + 1) & U32
+                    if flags & DESC_IRQ and self.control & CTL_DONE_IRQ:
+                        self._signal(INT_DONE, VEC_DONE)
+                i = j
+
+    @staticmethod
+    def _group(descs: list[tuple[int, ...]], i: int) -> tuple[int, int]:
+        """(end, bytes) of the work starting at descriptor i: i alone, or with
+        the chain descriptors after it that continue its ranges contiguously
+        (never overlapping source and destination, at most MERGE_MAX bytes).
+        end is -1 if descriptor i is invalid; an invalid one ends a group."""
+
+        def valid(d: tuple[int, ...]) -> bool:
+            src, dst, length, flags = d[0], d[1], d[2], d[3]
+            return not flags & ~DESC_FLAGS_KNOWN and src + length <= U64 + 1 and dst + length <= U64 + 1
+
+        first = descs[i]
+        if not valid(first):
+            return -1, 0
+        src, dst = first[0], first[1]
+        j, total, flags = i + 1, first[2], first[3]
+        while flags & DESC_CHAIN and j < len(descs):
+            d = descs[j]
+            if not valid(d) or d[0] != src + total or d[1] != dst + total or total + d[2] > MERGE_MAX:
+                break
+            total += d[2]
+            flags = d[3]
+            j += 1
+        if j > i + 1 and src < dst + total and dst < src + total:
+            return i + 1, first[2]  # overlapping ranges: one descriptor at a time
+        return j, total
+
+    def _stop(self, h: _Halt, index: int, desc_iova: int) -> None:
+        """Halt on descriptor index; its STATUS gets the error when the device can write it."""
+        if h.source != SRC_FETCH or h.code == ERR_BAD_DESCRIPTOR:
+            status = DESC_ST_ERROR | h.code << 8 | h.source << 16
+            try:  # best effort: the driver may find the reason in the descriptor too
+                self.dma.write((desc_iova + DESC_STATUS_OFFSET) & U64, status.to_bytes(4, "little"))
+            except DmaFault as f:
+                log.info("dma-engine: error status not written back: %s", f)
+        self._halt(h, index % self.ring_size if self.ring_size else index)
 
     # -- MMIO --------------------------------------------------------------------------
     def mmio_read(self, bar: int, offset: int, size: int) -> int:
