@@ -80,7 +80,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         path = config_mod.serve_config_path(args.config)
         log.debug("configuration: %s", path or "the embedded default")
         cfg = config_mod.load(path)
-        daemon = Daemon(cfg, dev_dir=args.dev_dir, mountpoint=args.mountpoint)
+        daemon = Daemon(cfg, dev_dir=args.dev_dir, mountpoint=args.mountpoint, selftest=args.selftest)
         trio.run(service.serve, daemon, control_socket or None)
     except BaseException as e:
         why = _startup_error(e)
@@ -172,6 +172,11 @@ def main(argv: list[str] | None = None) -> int:
         f"{config_mod.DEFAULT_CONTROL_SOCKET}; '' for none)",
     )
     s.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    s.add_argument(
+        "--selftest",
+        action="store_true",
+        help="test mode: serve IOMMU_TEST_CMD and the mock IOMMU (CONFIG_IOMMUFD_TEST); never in production",
+    )
     s.set_defaults(func=cmd_serve)
 
     s = sub.add_parser("status", help="show what the running daemon serves (root only)")

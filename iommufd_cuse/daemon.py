@@ -58,11 +58,26 @@ def _is_ours(path: str, mountpoint: str) -> bool:
 
 
 class Daemon:
-    def __init__(self, config: Config, dev_dir: str = "/dev", mountpoint: str = "/run/iommufd-cuse/mnt") -> None:
+    def __init__(
+        self,
+        config: Config,
+        dev_dir: str = "/dev",
+        mountpoint: str = "/run/iommufd-cuse/mnt",
+        selftest: bool = False,
+    ) -> None:
         self.config = config
         self.dev_dir = os.path.abspath(dev_dir)
         self.mountpoint = os.path.abspath(mountpoint)
         self.system = System()
+        # Test mode: IOMMU_TEST_CMD and the mock IOMMU, as a kernel built with
+        # CONFIG_IOMMUFD_TEST. Never for production: any client may then create
+        # mock devices and inspect pinned pages.
+        self.system.selftest = selftest
+        if selftest:
+            log.warning(
+                "TEST MODE: IOMMU_TEST_CMD (the kernel's CONFIG_IOMMUFD_TEST interface) is enabled; "
+                "do not use this daemon for anything but tests"
+            )
         self.tree = Tree()
         self.server = FuseServer(self.tree)
         self.links = Links()
@@ -121,6 +136,14 @@ class Daemon:
         # The kernel's /dev/vfio/vfio is an iommufd that accounts like VFIO did.
         vfio = self.tree.add("vfio/vfio", n.mode, n.uid, n.gid, self._open_iommufd(AccountMode.MM))
         self.iommufd_inodes = {iommu.ino, vfio.ino}
+        if self.system.selftest:
+            # Test mode: the node the selftest companion opens to receive the
+            # file of an access (IOMMU_TEST_OP_CREATE_ACCESS), see docs/selftest.md.
+            from .iommufd.selftest import ACCESS_NODE, AccessFile
+
+            n = self.config.nodes["iommu"]
+            node = self.tree.add(ACCESS_NODE, n.mode, n.uid, n.gid, lambda req, flags: AccessFile(self.system))
+            self.system.selftest_access_ino = node.ino
         for i, dev in enumerate(self.system.devices):
             nc = dev.cfg.node
             dev.node = self.tree.add(f"vfio/devices/vfio{i}", nc.mode, nc.uid, nc.gid, self._open_device(dev))

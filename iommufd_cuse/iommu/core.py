@@ -52,6 +52,34 @@ class Iommu:
         dom.iommu = self
         return dom
 
+    # -- what the driver answers for one device (iommu_ops) ------------------------
+    def domain_alloc_user(self, device: Device, flags: int, user_data: object | None) -> PagingDomain:
+        """domain_alloc_paging_flags: a paging domain for HWPT_ALLOC or an automatic
+        HWPT, for device; user_data is driver-specific data (hw_pagetable.UserData)."""
+        if user_data is not None:
+            raise Errno(errno.EOPNOTSUPP)  # no driver-specific paging data here
+        if flags & uapi.IOMMU_HWPT_ALLOC_DIRTY_TRACKING and not self.dirty_tracking:
+            raise Errno(errno.EOPNOTSUPP)
+        if flags & uapi.IOMMU_HWPT_ALLOC_NEST_PARENT and not self.cfg.nest_parent:
+            raise Errno(errno.EOPNOTSUPP)
+        if flags & (uapi.IOMMU_HWPT_ALLOC_PASID | uapi.IOMMU_HWPT_FAULT_ID_VALID):
+            # No PASID support on the emulated IOMMUs, and no fault objects (FAULT_QUEUE_ALLOC).
+            raise Errno(errno.EOPNOTSUPP)
+        return self.domain_alloc_paging(dirty_tracking=bool(flags & uapi.IOMMU_HWPT_ALLOC_DIRTY_TRACKING))
+
+    def attach_compatible(self, device: Device, domain: Domain) -> bool:
+        """Whether device can attach to domain (else the attach is EINVAL)."""
+        return getattr(domain, "iommu", None) is self
+
+    def hw_caps(self, device: Device) -> tuple[int, int]:
+        """(IOMMU_HW_CAP_* of device, out_max_pasid_log2) for IOMMU_GET_HW_INFO."""
+        caps = 0
+        if self.dirty_tracking:
+            caps |= uapi.IOMMU_HW_CAP_DIRTY_TRACKING
+        if not getattr(device.vfio, "ats", False):
+            caps |= uapi.IOMMU_HW_CAP_PCI_ATS_NOT_SUPPORTED
+        return caps, 0
+
 
 def _iova_bits(aperture_end: int) -> int:
     return max(32, (aperture_end).bit_length())

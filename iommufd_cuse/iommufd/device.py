@@ -33,6 +33,7 @@ class Igroup:
     group: Group
     devices: list[Idev] = field(default_factory=list)
     hwpt: HwptPaging | None = None
+    pasids: dict[int, HwptPaging] = field(default_factory=dict)  # PASID attachments (mock devices)
 
 
 class Idev(Object):
@@ -128,7 +129,7 @@ async def _attach_auto(idev: Idev, ioas: Ioas) -> int:
 
 
 def _compatible(idev: Idev, hwpt: HwptPaging) -> bool:
-    return hwpt.domain.iommu is idev.device.iommu
+    return idev.device.iommu.attach_compatible(idev.device, hwpt.domain)
 
 
 async def _attach_hwpt(idev: Idev, hwpt: HwptPaging) -> None:
@@ -138,6 +139,8 @@ async def _attach_hwpt(idev: Idev, hwpt: HwptPaging) -> None:
         return
     if not _compatible(idev, hwpt):
         raise Errno(errno.EINVAL)
+    if igroup.pasids and not hwpt.pasid_compat:
+        raise Errno(errno.EINVAL)  # PASIDs are attached: the RID domain must allow them
     ioas = hwpt.ioas
     async with ioas.iopt.lock:
         _reserve_regions(idev, ioas)
@@ -160,6 +163,11 @@ def _put_hwpt(ctx: Context, hwpt: HwptPaging) -> None:
 
 async def detach(idev: Idev) -> None:
     """iommufd_device_detach: back to the blocking domain; a no-op when not attached."""
+    detach_sync(idev)
+
+
+def detach_sync(idev: Idev) -> None:
+    """detach() for callers that cannot await (an object's destroy)."""
     igroup = idev.igroup
     hwpt = igroup.hwpt
     if hwpt is None:
@@ -189,12 +197,6 @@ def get_hw_info(ucmd: Ucmd) -> int:
         ucmd.caller.write(cmd.data_uptr, data[:n] + bytes(cmd.data_len - n))
     cmd.data_len = len(data)
     cmd.out_data_type = out_type
-    caps = 0
-    if iommu.dirty_tracking:
-        caps |= uapi.IOMMU_HW_CAP_DIRTY_TRACKING
-    if not getattr(idev.device.vfio, "ats", False):
-        caps |= uapi.IOMMU_HW_CAP_PCI_ATS_NOT_SUPPORTED
-    cmd.out_capabilities = caps
-    cmd.out_max_pasid_log2 = 0
+    cmd.out_capabilities, cmd.out_max_pasid_log2 = iommu.hw_caps(idev.device)
     ucmd.respond()
     return 0

@@ -15,7 +15,7 @@ import trio
 from .. import uapi
 from ..iommu.domain import PagingDomain
 from ..transport.caller import Errno
-from .main import Context, Object, ObjType, Ucmd
+from .main import Context, Object, ObjType, Ucmd, copy_struct_from_user
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +37,7 @@ class HwptPaging(Object):
         self.domain = domain
         self.auto_domain = auto
         self.nest_parent = False
+        self.pasid_compat = False  # allocated with IOMMU_HWPT_ALLOC_PASID
         self.in_iopt = False
 
     async def load(self) -> None:
@@ -59,21 +60,37 @@ class HwptPaging(Object):
             self.in_iopt = False
 
 
-async def hwpt_paging_alloc(ctx: Context, ioas, idev, flags: int, auto: bool = False) -> HwptPaging:  # noqa: ANN001
+class UserData:
+    """struct iommu_user_data: driver-specific data a HWPT_ALLOC carries, read by
+    the driver when it wants it (iommu_copy_struct_from_user)."""
+
+    def __init__(self, caller, data_type: int, uptr: int, length: int) -> None:  # noqa: ANN001
+        self.caller = caller
+        self.type = data_type
+        self.uptr = uptr
+        self.len = length
+
+    def copy_struct(self, data_type: int, struct, last: str):  # noqa: ANN001, ANN201
+        """The struct of data_type, at least up to its member last: another type,
+        a null pointer or a shorter length is EINVAL; non-zero bytes past the
+        known struct are E2BIG."""
+        if self.type != data_type or not self.uptr:
+            raise Errno(errno.EINVAL)
+        if self.len < uapi.offsetofend(struct, last):
+            raise Errno(errno.EINVAL)
+        return struct.unpack(copy_struct_from_user(self.caller, self.uptr, struct.SIZE, self.len))
+
+
+async def hwpt_paging_alloc(ctx: Context, ioas, idev, flags: int, auto: bool = False,  # noqa: ANN001
+                            user_data: UserData | None = None) -> HwptPaging:
     """iommufd_hwpt_paging_alloc: a new domain of idev's IOMMU for ioas (not yet finalized)."""
     iommu = idev.device.iommu
     if flags & ~HWPT_ALLOC_FLAGS:
         raise Errno(errno.EOPNOTSUPP)
-    if flags & uapi.IOMMU_HWPT_ALLOC_DIRTY_TRACKING and not iommu.dirty_tracking:
-        raise Errno(errno.EOPNOTSUPP)
-    if flags & uapi.IOMMU_HWPT_ALLOC_NEST_PARENT and not iommu.cfg.nest_parent:
-        raise Errno(errno.EOPNOTSUPP)
-    if flags & (uapi.IOMMU_HWPT_ALLOC_PASID | uapi.IOMMU_HWPT_FAULT_ID_VALID):
-        # No PASID support on the emulated IOMMUs, and no fault objects (FAULT_QUEUE_ALLOC).
-        raise Errno(errno.EOPNOTSUPP)
-    domain = iommu.domain_alloc_paging(dirty_tracking=bool(flags & uapi.IOMMU_HWPT_ALLOC_DIRTY_TRACKING))
+    domain = iommu.domain_alloc_user(idev.device, flags, user_data)
     hwpt = ctx.alloc(HwptPaging(ctx, ioas, domain, auto))
     hwpt.nest_parent = bool(flags & uapi.IOMMU_HWPT_ALLOC_NEST_PARENT)
+    hwpt.pasid_compat = bool(flags & uapi.IOMMU_HWPT_ALLOC_PASID)
     try:
         await hwpt.load()
     except BaseException:
@@ -100,9 +117,10 @@ async def hwpt_alloc(ucmd: Ucmd) -> int:
     pt = ctx.get(cmd.pt_id)
     with ctx.hold(idev), ctx.hold(pt):
         if isinstance(pt, Ioas):
+            user_data = None
             if cmd.data_type != uapi.IOMMU_HWPT_DATA_NONE:
-                raise Errno(errno.EOPNOTSUPP)  # no driver-specific paging data here
-            hwpt = await hwpt_paging_alloc(ctx, pt, idev, cmd.flags)
+                user_data = UserData(ucmd.caller, cmd.data_type, cmd.data_uptr, cmd.data_len)
+            hwpt = await hwpt_paging_alloc(ctx, pt, idev, cmd.flags, user_data=user_data)
         elif isinstance(pt, HwptPaging):
             # A nested (stage-1) domain on a parent: needs a driver with nesting.
             log.info("HWPT_ALLOC of a nested domain: the emulated IOMMU has no nesting")

@@ -103,6 +103,8 @@ class IoPagetable:
     iova_alignment: int = 1
     disable_large_pages: bool = False
     lock: trio.Lock = field(default_factory=trio.Lock)
+    # iommufd accesses attached (objects with iova_alignment and notify_unmap(iova, length))
+    accesses: list = field(default_factory=list)
 
     # -- lookups ---------------------------------------------------------------
     def areas_in(self, start: int, last: int) -> Iterator[Area]:
@@ -299,6 +301,10 @@ class IoPagetable:
         at all, is ENOENT; areas removed before the error stay removed."""
         unmapped = 0
         for area in list(self.areas_in(start, last)):
+            if area.num_accesses and not area.busy and start <= area.start and area.last <= last:
+                # iommufd_access_notify_unmap: accesses drop their pins on it first
+                for access in list(self.accesses):
+                    access.notify_unmap(area.start, area.length)
             if area.busy or area.num_accesses:
                 return errno.EBUSY, unmapped
             if area.start < start or area.last > last:
@@ -386,6 +392,8 @@ class IoPagetable:
             align = max(align, d.granule)
         for a in extra or []:
             align = max(align, a)
+        for access in self.accesses:
+            align = max(align, access.iova_alignment)
         if align > self.iova_alignment:
             self._check_alignment(align)
         self.iova_alignment = align

@@ -102,6 +102,9 @@ class Context:
         self.opener_uid = opener.uid
         self.igroups: dict[int, Any] = {}  # group id -> device.Igroup
         self.closed = False
+        # Called first at release: holders from outside the context (selftest
+        # accesses, files of their own) let go of their objects.
+        self.release_hooks: list[Callable[[], None]] = []
         # Who opened it, for `iommufd-cuse status` (read now: the thread may be gone later).
         self.opener_pid, self.opener_comm, self.opener_cmdline = _opener_process(opener)
         self.opened_at = time.time()
@@ -164,6 +167,12 @@ class Context:
 
     def destroy_all(self) -> None:
         """Release: destroy leaves first (users 1) until nothing is left."""
+        for hook in list(self.release_hooks):
+            try:
+                hook()
+            except Exception:
+                log.exception("release hook %r failed", hook)
+        self.release_hooks.clear()
         while self.live_objects():
             leaves = [o for o in self.live_objects() if o.users == 1]
             if not leaves:
@@ -221,6 +230,7 @@ class IoctlTable:
     def __init__(self) -> None:
         self.ops: dict[int, IoctlOp] = {}
         self.last_nr = IOMMUFD_CMD_BASE - 1
+        self.selftest = False
 
     def register(self, number: int, handler: Handler) -> None:
         struct, min_size = uapi.IOCTL_STRUCTS[number]
@@ -278,7 +288,9 @@ def destroy(ucmd: Ucmd) -> int:
     return 0
 
 
-def build_ioctl_table() -> IoctlTable:
+def build_ioctl_table(selftest: bool = False) -> IoctlTable:
+    """The ioctl table; IOMMU_TEST_CMD is in it only in test mode (as in a kernel
+    built with CONFIG_IOMMUFD_TEST), so without it the number is out of range."""
     from . import device, hw_pagetable, ioas, vfio_compat
 
     table = IoctlTable()
@@ -299,22 +311,27 @@ def build_ioctl_table() -> IoctlTable:
         uapi.IOMMU_OPTION: ioas.option,
         uapi.IOMMU_VFIO_IOAS: vfio_compat.vfio_ioas,
     }
+    if selftest:
+        from . import selftest as selftest_mod
+
+        implemented[uapi.IOMMU_TEST_CMD] = selftest_mod.iommufd_test
     names = {v: k for k, v in vars(uapi).items() if k.startswith("IOMMU_") and isinstance(v, int)}
     for number in uapi.IOCTL_STRUCTS:
-        if number == uapi.IOMMU_TEST_CMD:
+        if number == uapi.IOMMU_TEST_CMD and not selftest:
             continue  # only in test mode
         table.register(number, implemented.get(number) or _unsupported(names.get(number, hex(number))))
     return table
 
 
-_table: IoctlTable | None = None
-
-
-def ioctl_table() -> IoctlTable:
-    global _table
-    if _table is None:
-        _table = build_ioctl_table()
-    return _table
+def ioctl_table(system: System) -> IoctlTable:
+    """The table of system, built once: whether IOMMU_TEST_CMD is in it depends on
+    the daemon's test mode (system.selftest)."""
+    table = getattr(system, "_ioctl_table", None)
+    if table is None or table.selftest != system.selftest:
+        table = build_ioctl_table(system.selftest)
+        table.selftest = system.selftest
+        system._ioctl_table = table
+    return table
 
 
 class IommufdFile(FileHandle):
@@ -329,7 +346,7 @@ class IommufdFile(FileHandle):
 
     def __init__(self, system: System, caller: Caller, account_mode: AccountMode = AccountMode.USER) -> None:
         self.ctx = Context(system, caller, account_mode)
-        self.table = ioctl_table()
+        self.table = ioctl_table(system)
         system.contexts.add(self.ctx)
 
     def ioctl(self, req: Request, cmd: int, arg: int) -> int | Awaitable[int]:

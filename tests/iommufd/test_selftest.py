@@ -1,0 +1,641 @@
+"""IOMMU_TEST_CMD, the kernel's selftest interface (drivers/iommu/iommufd/selftest.c),
+served in test mode (`iommufd-cuse serve --selftest`): real C clients
+(tests/clients/selftest_*.c) against a daemon started with selftest=True, each call
+checked against mainline's answer.
+
+Where the daemon cannot give mainline's answer (a new fd in the caller), the
+expected value says so and docs/selftest.md explains it.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import subprocess
+import sys
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+import trio
+from clientkit import Step, mismatches, parse_steps, wait_until
+from conftest import run, scratch_dir
+
+from iommufd_cuse import config, uapi
+from iommufd_cuse.daemon import Daemon
+from iommufd_cuse.iommufd.main import IOMMUFD_CMD_BASE, ioctl_table
+
+OK = "OK"
+
+
+async def _serve(selftest: bool) -> AsyncIterator[Daemon]:
+    base = scratch_dir()
+    try:
+        async with trio.open_nursery() as nursery:
+            d = Daemon(config.load(None), dev_dir=str(base / "dev"), mountpoint=str(base / "mnt"), selftest=selftest)
+            await nursery.start(d.run)
+            yield d
+            nursery.cancel_scope.cancel()
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
+
+
+@pytest.fixture
+async def selftest_daemon() -> AsyncIterator[Daemon]:
+    """A running daemon in test mode (IOMMU_TEST_CMD served), nodes under a scratch /dev."""
+    async for d in _serve(True):
+        yield d
+
+
+@pytest.fixture
+async def plain_daemon() -> AsyncIterator[Daemon]:
+    async for d in _serve(False):
+        yield d
+
+
+async def client(d: Daemon, cbuild, name: str, *args: str) -> dict[str, Step]:  # noqa: ANN001
+    exe = cbuild(name)
+    p = await run([exe, Path(d.dev_dir) / "iommu", *args])
+    return parse_steps(p.stdout)
+
+
+def assert_kernel(steps: dict[str, Step], expected: dict[str, str]) -> None:
+    problems = mismatches(steps, expected)
+    assert not problems, "answers differ from mainline's:\n" + "\n".join(problems)
+
+
+def fields(steps: dict[str, Step], name: str) -> dict[str, str]:
+    return steps[name].fields
+
+
+# -- test mode on and off -------------------------------------------------------------------
+async def test_absent_without_test_mode(plain_daemon, cbuild):
+    """Without --selftest the number is not in the table: ENOTTY, as a kernel without
+    CONFIG_IOMMUFD_TEST."""
+    steps = await client(plain_daemon, cbuild, "selftest_ops", "absent")
+    assert_kernel(steps, {"test_cmd": "ENOTTY"})
+    table = ioctl_table(plain_daemon.system)
+    assert not table.in_range(uapi.IOMMU_TEST_CMD)
+    assert table.last_nr < IOMMUFD_CMD_BASE + 32
+
+
+async def test_table_is_per_daemon(selftest_daemon, plain_daemon):
+    assert ioctl_table(selftest_daemon.system).in_range(uapi.IOMMU_TEST_CMD)
+    assert not ioctl_table(plain_daemon.system).in_range(uapi.IOMMU_TEST_CMD)
+
+
+def test_test_mode_warns(caplog):
+    with caplog.at_level(logging.WARNING, logger="iommufd_cuse.daemon"):
+        d = Daemon(config.load(None), dev_dir="/nonexistent", mountpoint="/nonexistent", selftest=True)
+    assert d.system.selftest
+    assert any(r.levelno == logging.WARNING and "IOMMU_TEST_CMD" in r.getMessage() for r in caplog.records)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="iommufd_cuse.daemon"):
+        d = Daemon(config.load(None), dev_dir="/nonexistent", mountpoint="/nonexistent")
+    assert not d.system.selftest and not caplog.records
+
+
+def test_cli_flag():
+    out = subprocess.run([sys.executable, "-m", "iommufd_cuse.cli", "serve", "--help"], capture_output=True,
+                         text=True, check=True).stdout
+    assert "--selftest" in out
+
+
+# -- the generic ops --------------------------------------------------------------------------
+async def test_generic(selftest_daemon, cbuild):
+    steps = await client(selftest_daemon, cbuild, "selftest_ops", "generic")
+    assert_kernel(steps, {
+        "size_short": "EINVAL",
+        "size_exact": OK,
+        "size_long_zero": OK,
+        "size_long_nonzero": "E2BIG",
+        "bad_pointer": "EFAULT",
+        "op_zero": "EOPNOTSUPP",
+        "op_unknown": "EOPNOTSUPP",
+        "reserved_zero_length": "EINVAL",
+        "reserved_overflow": "EOVERFLOW",
+        "reserved_bad_ioas": "ENOENT",
+        "reserved_ok": OK,
+        "map_auto": OK,
+        "map_fixed_in_reserved": "EINVAL",
+        "reserved_over_area": "EADDRINUSE",
+        "allow_iovas": OK,
+        "reserved_over_allowed": "EADDRINUSE",
+        "reserved_id_zero": "ENOENT",
+        "limit_11": "EINVAL",
+        "limit_12": OK,
+        "limit_default": OK,
+    })
+    assert fields(steps, "map_auto") == {"above": "1"}
+    assert selftest_daemon.system.selftest_memory_limit == 65536
+
+
+# -- mock devices and domains --------------------------------------------------------------------
+async def test_mock_domain(selftest_daemon, cbuild):
+    steps = await client(selftest_daemon, cbuild, "selftest_ops", "mock")
+    expected = {
+        "mock_bad_ioas": "ENOENT",
+        "mock_id_zero": "ENOENT",
+        "mock_flags_unknown": "EINVAL",
+        "mock_flags_huge_iova_removed": "EINVAL",
+        "mock": OK,
+        "mock2": OK,
+        "mock_on_hwpt": OK,
+        "destroy_mock3": OK,
+        "hw_info": OK,
+        "hw_info_stdev": "ENOENT",
+        "iova_ranges": OK,
+        "map_below_aperture": "EINVAL",
+        "map_2k_offset": OK,
+        "destroy_idev": "EBUSY",
+        "destroy_hwpt_in_use": "EBUSY",
+        "replace_bad_stdev": "ENOENT",
+        "replace_idev_not_stdev": "ENOENT",
+        "replace_bad_pt": "ENOENT",
+        "replace_to_device": "EINVAL",
+        "replace_same": OK,
+        "replace_ioas2": OK,
+        "replace_back": OK,
+        "hwpt_alloc": OK,
+        "replace_manual": OK,
+        "destroy_manual_in_use": "EBUSY",
+        "replace_from_manual": OK,
+        "destroy_manual": OK,
+        "hwpt_bad_type": "EOPNOTSUPP",
+        "hwpt_short_data": "EINVAL",
+        "hwpt_other_data": "EOPNOTSUPP",
+        "hwpt_unknown_flag": "EOPNOTSUPP",
+        "hwpt_fault_id": "ENOENT",
+        "hwpt_huge": OK,
+        "destroy_huge": OK,
+        "hwpt_nest_parent": OK,
+        "destroy_nest_parent": OK,
+        "mock_no_dirty": OK,
+        "hwpt_dirty_no_dirty_dev": "EOPNOTSUPP",
+        "hwpt_dirty": OK,
+        "replace_no_dirty_to_dirty": "EINVAL",
+        "mock_no_dirty_on_dirty": "EINVAL",
+        "hw_info_no_dirty": OK,
+        "destroy_dirty": OK,
+        "destroy_no_dirty": OK,
+        **{f"cache_{i}": OK for i in range(uapi.MOCK_DEV_CACHE_NUM)},
+        "cache_bad_index": "EINVAL",
+        "cache_wrong_value": "EINVAL",
+        "cache_not_device": "ENOENT",
+        "iotlb_paging": "ENOENT",
+        "iotlb_missing": "ENOENT",
+        "iopf": OK,
+        "iopf_not_device": "ENOENT",
+        "vevent_no_viommu": "ENOENT",
+        "vevent_missing": "ENOENT",
+        "check_map_ioas": "ENOENT",
+        "check_map_stdev": "ENOENT",
+        "check_map_empty": OK,
+        "destroy_stdev2": OK,
+        "destroy_stdev": OK,
+        "destroy_idev_gone": "ENOENT",
+        "destroy_hwpt_gone": "ENOENT",
+        "destroy_ioas": OK,
+        "destroy_stdev_again": "ENOENT",
+        "mock_again": OK,
+    }
+    assert_kernel(steps, expected)
+    # ids: the selftest object, then the bound device, then the automatic HWPT
+    assert fields(steps, "mock") == {"stdev": "2", "idev": "3", "hwpt": "4"}
+    assert fields(steps, "mock2") == {"stdev": "5", "idev": "6", "hwpt": "4", "same_hwpt": "1"}
+    assert fields(steps, "mock_on_hwpt") == {"hwpt": "4"}
+    assert fields(steps, "hw_info") == {
+        "type": hex(uapi.IOMMU_HW_INFO_TYPE_SELFTEST), "reg": hex(uapi.IOMMU_HW_INFO_SELFTEST_REGVAL),
+        "flags": "0", "len": "8", "caps": hex(uapi.IOMMU_HW_CAP_DIRTY_TRACKING), "pasid": "0",
+    }
+    assert fields(steps, "hw_info_no_dirty") == {"caps": "0"}
+    assert fields(steps, "iova_ranges") == {
+        "n": "1", "start": hex(uapi.MOCK_APERTURE_START), "last": hex(uapi.MOCK_APERTURE_LAST), "align": "2048",
+    }
+    assert fields(steps, "replace_same") == {"pt": "4"}
+    assert fields(steps, "replace_ioas2") == {"pt": "8"}
+    assert fields(steps, "replace_back") == {"pt": "4", "same": "1"}
+    assert fields(steps, "replace_manual") == {"same": "1"}
+    assert fields(steps, "mock_again") == {"stdev": "1", "idev": "2", "hwpt": "3"}
+    # the context's release (the client exited) takes every mock device with it
+    mock = selftest_daemon.system.mock_iommu
+    await wait_until(lambda: not mock.dev_ids and not selftest_daemon.system.contexts, what="release")
+
+
+async def test_access_and_dmabuf(selftest_daemon, cbuild, caplog):
+    """What needs a new fd in the caller: CREATE_ACCESS and DMABUF_GET answer
+    EOPNOTSUPP (mainline: a new fd), after mainline's own checks; the ops that take
+    an access fd find none, as mainline for an fd that is not an access."""
+    with caplog.at_level(logging.WARNING, logger="iommufd_cuse.iommufd.selftest"):
+        steps = await client(selftest_daemon, cbuild, "selftest_ops", "files")
+    assert_kernel(steps, {
+        "access_bad_flags": "EOPNOTSUPP",
+        "access_bad_ioas": "ENOENT",
+        "access_create": "EOPNOTSUPP",  # mainline: OK, out_access_fd = a new fd
+        "access_pages_too_long": "ENOMEM",
+        "access_pages_bad_flags": "EOPNOTSUPP",
+        "access_pages_not_access": "EBADFD",
+        "access_rw_too_long": "ENOMEM",
+        "access_rw_bad_flags": "EOPNOTSUPP",
+        "access_rw_not_access": "EBADFD",
+        "access_destroy_not_access": "EBADFD",
+        "access_replace_no_fd": "EBADFD",
+        "dmabuf_zero": "EINVAL",
+        "dmabuf_too_long": "EINVAL",
+        "dmabuf_get": "EOPNOTSUPP",  # mainline: a new dma-buf fd
+        "dmabuf_revoke_no_fd": "EBADF",
+        "dmabuf_revoke_not_dmabuf": "EINVAL",
+    })
+    assert fields(steps, "access_create") == {"fd": "12345"}  # nothing written back
+    msgs = [r.getMessage() for r in caplog.records]
+    assert any("CREATE_ACCESS" in m and "EOPNOTSUPP" in m for m in msgs)
+    assert any("DMABUF_GET" in m for m in msgs)
+
+
+# -- MD_CHECK_MAP / MD_CHECK_REFS ---------------------------------------------------------------------
+MAP_EXPECTED = {
+    "refs_before": OK,
+    "mock": OK,
+    "mock2": OK,
+    "ranges": "EMSGSIZE",
+    "map": OK,
+    "check_map": OK,
+    "check_map_tail": OK,
+    "check_map_shifted": "EINVAL",
+    "check_map_copy_of_data": "EINVAL",
+    "check_map_unmapped_iova": "EINVAL",
+    "check_map_unaligned_iova": "EINVAL",
+    "check_map_unaligned_length": "EINVAL",
+    "check_map_unaligned_uptr": "EINVAL",
+    "check_map_overflow": "EINVAL",
+    "check_map_unmapped_uptr": "EFAULT",
+    "check_map_wrong_hwpt": "EINVAL",
+    "refs_mapped": OK,
+    "refs_mapped_wrong": "EIO",
+    "refs_other": OK,
+    "refs_unaligned": "EINVAL",
+    "refs_unaligned_length": "EINVAL",
+    "refs_unmapped": "EFAULT",
+    "refs_empty": OK,
+    "copy": OK,
+    "check_map_copy": OK,
+    "refs_copy": OK,
+    "map_again": OK,
+    "check_map_again": OK,
+    "refs_twice": OK,
+    "unmap_again": OK,
+    "refs_after_unmap": OK,
+    "check_map_unmapped": "EINVAL",
+    "replace": OK,
+    "check_map_replaced": OK,
+    "refs_replaced": OK,
+    "unmap_copy": OK,
+    "refs_unmapped_all": OK,
+    "replace_back": OK,
+    "check_map_back": OK,
+    "refs_back": OK,
+    "destroy_stdev": OK,
+    "refs_no_domain": OK,
+    "mock_again": OK,
+    "check_map_new_domain": OK,
+    "refs_new_domain": OK,
+    "refs_closed": OK,
+}
+
+
+@pytest.mark.parametrize("memory", ["anon", "memfd"])
+@pytest.mark.parametrize("domain", ["default", "huge"])
+async def test_check_map_and_refs(selftest_daemon, cbuild, memory, domain):
+    steps = await client(selftest_daemon, cbuild, "selftest_map", memory, domain)
+    expected = dict(MAP_EXPECTED)
+    # a 2 KiB step: one mock page of the default domain; half a page of the huge one
+    expected["check_map_2k"] = OK if domain == "default" else "EINVAL"
+    if memory == "memfd":
+        expected |= {"check_map_alias": OK, "refs_alias": OK, "map_file": OK, "check_map_file": OK,
+                     "refs_file": OK, "unmap_file": OK}
+    if domain == "huge":
+        expected |= {"hwpt_huge": OK, "hwpt_huge2": OK, "replace_huge": OK, "replace_huge2": OK,
+                     "destroy_manual": OK}
+    assert_kernel(steps, expected)
+    assert set(steps) == set(expected), set(steps) ^ set(expected)
+    if domain == "default":
+        assert fields(steps, "ranges") == {"n": "1", "align": "2048"}
+        assert fields(steps, "check_map_replaced") == {"shared": "1"}  # the automatic HWPT of the IOAS
+    else:  # the whole IOVA space, PAGE_SIZE granule
+        assert fields(steps, "ranges") == {"n": "1", "align": "4096"}
+        assert fields(steps, "check_map_replaced") == {"shared": "0"}  # a manual HWPT is never picked
+    await wait_until(lambda: selftest_daemon.system.pinned_pages() == 0, what="all unpinned")
+
+
+async def test_check_refs_skips_compound_pages(selftest_daemon, cbuild):
+    """The kernel's check skips compound pages (THP): any refs value passes there."""
+    steps = await client(selftest_daemon, cbuild, "selftest_ops", "thp")
+    if int(fields(steps, "refs_thp")["thp_kb"]) < 2048:
+        pytest.skip("no transparent huge page was granted to the client")
+    assert_kernel(steps, {"refs_thp": OK})
+
+
+async def test_check_map_sees_the_domain(selftest_daemon, cbuild):
+    """MD_CHECK_MAP reads the mock domain's page table, not the IOAS: a translation
+    removed behind the IOAS's back fails the check (the test can fail)."""
+    from pyclient import Iommufd
+
+    from iommufd_cuse.iommufd.selftest import MockDomain
+
+    fd = await Iommufd.open(Path(selftest_daemon.dev_dir) / "iommu")
+    ioas = await fd.ioas_alloc()
+    r = await fd.raw(uapi.IOMMU_TEST_CMD, uapi.iommu_test_cmd, **_tc(uapi.IOMMU_TEST_OP_MOCK_DOMAIN, ioas))
+    assert r.rc == 0, r
+    md = uapi.IOMMU_TEST_OP_STRUCTS[uapi.IOMMU_TEST_OP_MOCK_DOMAIN].unpack(r.out.data)
+    import ctypes
+    import mmap
+
+    buf = mmap.mmap(-1, 1 << 16)
+    buf[:] = b"\1" * len(buf)
+    va = ctypes.addressof(ctypes.c_char.from_buffer(buf))
+    await fd.map(ioas, va, 1 << 16, iova=uapi.MOCK_APERTURE_START)
+    check = _tc(uapi.IOMMU_TEST_OP_MD_CHECK_MAP, md.out_hwpt_id, iova=uapi.MOCK_APERTURE_START, length=1 << 16,
+                uptr=va)
+    assert (await fd.raw(uapi.IOMMU_TEST_CMD, uapi.iommu_test_cmd, **check)).rc == 0
+    ctx = next(iter(selftest_daemon.system.contexts))
+    domain = ctx.get(md.out_hwpt_id).domain
+    assert isinstance(domain, MockDomain)
+    # `iommufd-cuse status` shows the selftest object and its mock device
+    import json
+
+    from iommufd_cuse import service
+
+    st = json.loads(json.dumps(service.collect_status(selftest_daemon)))
+    objs = {o["id"]: o for o in st["contexts"][0]["objects"]}
+    assert objs[md.out_stdev_id]["type"] == "selftest"
+    assert objs[md.out_stdev_id]["device"] == objs[md.out_idev_id]["device"] == "iommufd_mock0"
+    domain.unmap(uapi.MOCK_APERTURE_START + 0x800, 0x800)
+    r = await fd.raw(uapi.IOMMU_TEST_CMD, uapi.iommu_test_cmd, **check)
+    assert r.errno == 22, r  # EINVAL
+    del buf
+    await fd.close()
+
+
+def _tc(op: int, obj_id: int = 0, **kw: int) -> dict:
+    st = uapi.IOMMU_TEST_OP_STRUCTS[op]
+    data = st.pack(st.new(**kw))
+    return {"op": op, "id": obj_id, "data": data + bytes(48 - len(data))}
+
+
+# -- DIRTY -------------------------------------------------------------------------------------
+@pytest.mark.parametrize("domain", ["default", "huge"])
+async def test_dirty(selftest_daemon, cbuild, domain):
+    steps = await client(selftest_daemon, cbuild, "selftest_dirty", domain)
+    assert_kernel(steps, {
+        "mock": OK,
+        "map": OK,
+        "dirty_auto": "EINVAL",
+        "hwpt_dirty": OK,
+        "replace": OK,
+        "dirty_tracking_off": "EINVAL",
+        "tracking_on": OK,
+        "dirty_page_size_0": "EINVAL",
+        "dirty_length_0": "EINVAL",
+        "dirty_iova_unaligned": "EINVAL",
+        "dirty_length_unaligned": "EINVAL",
+        "dirty_no_bitmap": "EINVAL",
+        "dirty_bad_bitmap": "EFAULT",
+        "dirty_on_ioas": "ENOENT",
+        "dirty_missing": "ENOENT",
+        "dirty": OK,
+        "bitmap": OK,
+        "bitmap_cleared": OK,
+        "dirty_again": OK,
+        "bitmap_no_clear": OK,
+        "bitmap_kept": OK,
+        "dirty_unmapped": OK,
+        "tracking_off": OK,
+        "dirty_after_off": "EINVAL",
+    })
+    nbits = (4 << 20) // (uapi.MOCK_HUGE_PAGE_SIZE if domain == "huge" else uapi.MOCK_PAGE_SIZE)
+    want = len(range(0, nbits, 3))
+    assert fields(steps, "dirty") == {"nr": str(want), "expected": str(want)}
+    assert fields(steps, "bitmap") == {"match": "1", "set": str(want)}
+    assert fields(steps, "bitmap_cleared") == {"set": "0"}
+    assert fields(steps, "bitmap_no_clear") == {"match": "1"}
+    assert fields(steps, "bitmap_kept") == {"match": "1"}
+    assert fields(steps, "dirty_unmapped") == {"nr": str(want)}  # every set bit counts
+
+
+# -- PASID -----------------------------------------------------------------------------------------
+async def test_pasid(selftest_daemon, cbuild):
+    steps = await client(selftest_daemon, cbuild, "selftest_pasid")
+    assert_kernel(steps, {
+        "mock": OK,
+        "hw_info": OK,
+        "hwpt_pasid": OK,
+        "hwpt_pasid2": OK,
+        "hwpt_plain": OK,
+        "attach_rid_not_compat": "EINVAL",
+        "replace_rid": OK,
+        "attach_plain": "EINVAL",
+        "attach": OK,
+        "check": OK,
+        "check_detached": "EINVAL",
+        "check_other": "EINVAL",
+        "check_free_pasid": OK,
+        "check_missing_hwpt": "ENOENT",
+        "check_ioas": "EINVAL",
+        "check_rid": OK,
+        "check_bad_stdev": "ENOENT",
+        "attach_again": "EBUSY",
+        "attach_again_ioas": "EBUSY",
+        "attach_ioas": "EINVAL",
+        "attach_device": "EINVAL",
+        "attach_missing": "ENOENT",
+        "attach_bad_stdev": "ENOENT",
+        "attach_idev_not_stdev": "ENOENT",
+        "attach_pasid_too_big": "EINVAL",
+        "replace_rid_plain": "EINVAL",
+        "destroy_in_use": "EBUSY",
+        "replace": OK,
+        "check_replaced": OK,
+        "replace_plain": "EINVAL",
+        "replace_not_attached": "EINVAL",
+        "replace_same": OK,
+        "replace_ioas": "EINVAL",
+        "attach_1024": OK,
+        "replace_1024_fails": "ENOMEM",
+        "check_1024_unchanged": OK,
+        "replace_1024": OK,
+        "check_1024": OK,
+        "detach_1024": OK,
+        "check_1024_detached": OK,
+        "detach": OK,
+        "detach_again": OK,
+        "check_after_detach": OK,
+        "replace_rid_plain_now": OK,
+        "mock_no_pasid": OK,
+        "attach_no_pasid_dev": "EINVAL",
+        "destroy_no_pasid": OK,
+        "replace_rid_back": OK,
+        "attach_last": OK,
+        "destroy_hp2_in_use": "EBUSY",
+        "destroy_stdev": OK,
+        "destroy_hp2": OK,
+        "destroy_hp": OK,
+    })
+    assert fields(steps, "hw_info") == {"pasid_log2": str(uapi.MOCK_PASID_WIDTH)}
+    assert fields(steps, "attach") == {"same": "1"}
+
+
+# -- accesses, through the companion library ------------------------------------------------------
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="session")
+def preload(tmp_path_factory) -> Path:  # noqa: ANN001
+    """tools/iommufd_selftest_preload.c built as a shared library."""
+    out = tmp_path_factory.mktemp("preload") / "libiommufd_selftest_preload.so"
+    subprocess.run(["cc", "-shared", "-fPIC", "-O2", "-Wall", "-Werror", f"-I{ROOT / 'include'}", "-o", str(out),
+                    str(ROOT / "tools" / "iommufd_selftest_preload.c"), "-ldl"], check=True)
+    out.parent.chmod(0o755)
+    return out
+
+
+async def test_access_with_companion(selftest_daemon, cbuild, preload):
+    import os
+
+    exe = cbuild("selftest_access")
+    env = dict(os.environ, LD_PRELOAD=str(preload))
+    p = await run([exe, Path(selftest_daemon.dev_dir) / "iommu"], env=env)
+    steps = parse_steps(p.stdout)
+    assert_kernel(steps, {
+        "map": OK,
+        "map_ro": OK,
+        "create": OK,
+        "ioas2": OK,
+        "destroy_access_obj": "EBUSY",
+        "destroy_ioas_with_access": "EBUSY",
+        "access_pages_iommufd": "EBADFD",
+        "refs_none": OK,
+        "pages": OK,
+        "refs_pinned": OK,
+        "refs_rest": OK,
+        "pages_wrong_uptr": "EBADE",
+        "pages_no_uptr": OK,
+        "pages_unaligned": "EINVAL",
+        "pages_beyond": "ENOENT",
+        "pages_zero": "EINVAL",
+        "pages_ro_write": "EPERM",
+        "pages_ro_read": OK,
+        "destroy_pages_missing": "ENOENT",
+        "destroy_pages": OK,
+        "destroy_pages_again": "ENOENT",
+        "destroy_pages_no_uptr": OK,
+        "refs_unpinned": OK,
+        "rw_read": OK,
+        "rw_write": OK,
+        "rw_slow": OK,
+        "rw_zero": "EINVAL",
+        "rw_beyond": "ENOENT",
+        "rw_ro_write": "EPERM",
+        "rw_ro_read": OK,
+        "rw_bad_uptr": "EFAULT",
+        "pages_again": OK,
+        "unmap_pinned": OK,
+        "refs_after_unmap": OK,
+        "destroy_pages_unmapped": "ENOENT",
+        "replace_missing": "ENOENT",
+        "replace": OK,
+        "rw_empty_ioas": "ENOENT",
+        "map2": OK,
+        "rw_ioas2": OK,
+        "destroy_old_ioas": OK,
+        "replace_same": OK,
+        "create_nopin": OK,
+        "pages_nopin": "EOPNOTSUPP",
+        "rw_nopin": OK,
+        "map_2k": OK,
+        "create_unaligned_ioas": "EADDRINUSE",
+        "create_nopin_unaligned": OK,
+        "map_2k_with_pin_access": "EINVAL",
+        "pages_before_close": OK,
+        "destroy_ioas2_after_close": OK,
+        "refs_closed": OK,
+        "pages_closed_fd": "EBADFD",
+    })
+    # a real, close-on-exec descriptor; the access object took id 2 (so the next IOAS is 3)
+    assert fields(steps, "create") == {"fd_ok": "1", "cloexec": "1"}
+    assert fields(steps, "ioas2") == {"id": "3"}
+    assert fields(steps, "pages") == {"id": "0"}
+    assert fields(steps, "pages_no_uptr") == {"id": "1"}
+    assert fields(steps, "pages_again") == {"id": "3"}  # ids only advance on success
+    assert fields(steps, "pages_before_close") == {"id": "4"}
+    for name in ("rw_read", "rw_write", "rw_slow", "rw_ioas2"):
+        assert fields(steps, name) == {"same": "1"}, name
+    await wait_until(lambda: selftest_daemon.system.pinned_pages() == 0, what="all unpinned")
+    assert not getattr(selftest_daemon.system, "selftest_pending_accesses", {})
+
+
+async def test_access_protocol_and_context_close(selftest_daemon):
+    """The companion's protocol done by hand: a token for CREATE_ACCESS marked by the
+    companion, claimed once on the access node by the process that asked. Closing the
+    iommufd with the access file still open ends the access (its pins go): the
+    kernel would keep the context alive until the access file is closed."""
+    import ctypes
+    import fcntl
+    import mmap
+    import os
+
+    from pyclient import Iommufd
+
+    from iommufd_cuse.iommufd import selftest as st
+
+    system = selftest_daemon.system
+    fd = await Iommufd.open(Path(selftest_daemon.dev_dir) / "iommu")
+    ioas = await fd.ioas_alloc()
+    buf = mmap.mmap(-1, 1 << 16)
+    buf[:] = b"x" * len(buf)
+    va = ctypes.addressof(ctypes.c_char.from_buffer(buf))
+    await fd.map(ioas, va, 1 << 16, iova=0x100000)
+
+    async def create() -> int:
+        r = await fd.raw(uapi.IOMMU_TEST_CMD, uapi.iommu_test_cmd, reserved=st.COMPANION_MAGIC,
+                         **_tc(uapi.IOMMU_TEST_OP_CREATE_ACCESS, ioas, flags=1))
+        assert r.rc == 0, r
+        token = uapi.IOMMU_TEST_OP_STRUCTS[uapi.IOMMU_TEST_OP_CREATE_ACCESS].unpack(r.out.data).out_access_fd
+        assert token >= st.ACCESS_TOKEN_BASE  # never a descriptor number
+        return token
+
+    def claim(afd: int, token: int) -> int:
+        try:
+            fcntl.ioctl(afd, st.ACCESS_CLAIM, token)
+        except OSError as e:
+            return e.errno
+        return 0
+
+    node = Path(selftest_daemon.mountpoint) / st.ACCESS_NODE
+    token, unclaimed = await create(), await create()
+    assert token != unclaimed
+    afd = await trio.to_thread.run_sync(os.open, node, os.O_RDWR)
+    other = await trio.to_thread.run_sync(os.open, node, os.O_RDWR)
+    try:
+        assert await trio.to_thread.run_sync(claim, afd, 12345) == 22  # not a token: EINVAL
+        assert await trio.to_thread.run_sync(claim, afd, token) == 0
+        assert await trio.to_thread.run_sync(claim, other, token) == 22  # claimed once only
+        assert await trio.to_thread.run_sync(claim, afd, unclaimed) == 22  # one access per file
+        r = await fd.raw(uapi.IOMMU_TEST_CMD, uapi.iommu_test_cmd,
+                         **_tc(uapi.IOMMU_TEST_OP_ACCESS_PAGES, afd, iova=0x100000, length=8192, uptr=va))
+        assert r.rc == 0, r
+        r = await fd.raw(uapi.IOMMU_TEST_CMD, uapi.iommu_test_cmd,
+                         **_tc(uapi.IOMMU_TEST_OP_ACCESS_PAGES, other, iova=0x100000, length=4096, uptr=va))
+        assert r.errno == 77, r  # EBADFD: an access node file that holds no access
+        assert system.pinned_pages() == 2
+        await fd.close()
+        await wait_until(lambda: not system.contexts and system.pinned_pages() == 0, what="context released")
+        assert not getattr(system, "selftest_pending_accesses", {})  # the unclaimed one went too
+        fd2 = await Iommufd.open(Path(selftest_daemon.dev_dir) / "iommu")
+        r = await fd2.raw(uapi.IOMMU_TEST_CMD, uapi.iommu_test_cmd,
+                          **_tc(uapi.IOMMU_TEST_OP_ACCESS_RW, afd, iova=0x100000, length=4, uptr=va))
+        assert r.errno == 77, r  # the access ended with its context
+        await fd2.close()
+    finally:
+        await trio.to_thread.run_sync(os.close, afd)
+        await trio.to_thread.run_sync(os.close, other)
+    del buf

@@ -1,0 +1,133 @@
+/*
+ * iommufd_selftest_preload.so -- the companion of `iommufd-cuse serve --selftest`.
+ *
+ * IOMMU_TEST_OP_CREATE_ACCESS answers with a new file descriptor, which a FUSE
+ * server cannot create in its caller. Preloaded into the client, this library
+ * marks that one command as coming from a process that has the companion
+ * (iommu_test_cmd.__reserved = "ICUS"); the daemon then answers with a token in
+ * create_access.out_access_fd, and the library opens the daemon's access node,
+ * hands it the token (the node's claim ioctl) and puts the new descriptor in
+ * out_access_fd. Everything else (the access, its pins, its lifetime: it ends
+ * when that descriptor is closed) is the daemon's. Every other call passes
+ * through untouched; against a real kernel (which ignores __reserved and
+ * returns a real descriptor, never a token) the library does nothing.
+ *
+ * Build:  cc -shared -fPIC -O2 -Iinclude -o libiommufd_selftest_preload.so \
+ *             tools/iommufd_selftest_preload.c -ldl
+ * Use:    LD_PRELOAD=$PWD/libiommufd_selftest_preload.so ./iommufd_selftest_binary
+ *
+ * Limits: only calls through libc's ioctl() are seen (not raw syscall(2)).
+ * See docs/selftest.md.
+ */
+#define _GNU_SOURCE
+#include <dlfcn.h>
+#include <errno.h>
+#include <fcntl.h>
+#include <limits.h>
+#include <stdarg.h>
+#include <stddef.h>
+#include <stdio.h>
+#include <string.h>
+#include <sys/ioctl.h>
+#include <sys/uio.h>
+#include <unistd.h>
+
+#include <iommufd-cuse/uapi.h>
+
+#define COMPANION_MAGIC 0x49435553u		/* "ICUS" */
+#define ACCESS_TOKEN_BASE 0x40000000u
+#define ACCESS_CLAIM _IO(IOMMUFD_TYPE, 0xE0)
+#define ACCESS_NODE "iommufd-selftest/access"
+
+typedef int (*ioctl_fn)(int, unsigned long, ...);
+
+static ioctl_fn real_ioctl(void)
+{
+	static ioctl_fn fn;
+
+	if (!fn)
+		fn = (ioctl_fn)dlsym(RTLD_NEXT, "ioctl");
+	return fn;
+}
+
+/* Open the access node of the daemon that serves iommufd: it sits in the same
+ * FUSE mount, ACCESS_NODE below the mount's root, which is the iommufd node's
+ * directory or one of its parents (/dev/vfio/vfio is one level down). */
+static int open_access_node(int iommufd)
+{
+	char proc[64], path[PATH_MAX], node[PATH_MAX + sizeof(ACCESS_NODE) + 1];
+	ssize_t n;
+	char *slash;
+
+	snprintf(proc, sizeof(proc), "/proc/self/fd/%d", iommufd);
+	n = readlink(proc, path, sizeof(path) - 1);
+	if (n <= 0)
+		return -1;
+	path[n] = 0;
+	while ((slash = strrchr(path, '/')) != NULL) {
+		*slash = 0;
+		snprintf(node, sizeof(node), "%s/%s", path, ACCESS_NODE);
+		int fd = open(node, O_RDWR | O_CLOEXEC);
+		if (fd >= 0 || errno != ENOENT)
+			return fd;
+	}
+	errno = ENOENT;
+	return -1;
+}
+
+static int create_access(int fd, unsigned long request, struct iommu_test_cmd *cmd)
+{
+	__u32 saved = cmd->__reserved;
+	__u32 token;
+	int rc, afd, err;
+
+	cmd->__reserved = COMPANION_MAGIC;
+	rc = real_ioctl()(fd, request, cmd);
+	err = errno;
+	cmd->__reserved = saved;
+	if (rc)
+		goto out;
+	token = cmd->create_access.out_access_fd;
+	if (token < ACCESS_TOKEN_BASE)
+		goto out; /* a real descriptor: not our daemon */
+	afd = open_access_node(fd);
+	if (afd < 0) {
+		err = errno;
+		rc = -1;
+		goto out;
+	}
+	if (real_ioctl()(afd, ACCESS_CLAIM, (unsigned long)token)) {
+		err = errno;
+		close(afd);
+		rc = -1;
+		goto out;
+	}
+	cmd->create_access.out_access_fd = afd;
+out:
+	errno = err;
+	return rc;
+}
+
+/* Read n bytes at p without faulting (a bad pointer is the daemon's EFAULT). */
+static int peek(const void *p, void *out, size_t n)
+{
+	struct iovec local = { out, n }, remote = { (void *)p, n };
+
+	return process_vm_readv(getpid(), &local, 1, &remote, 1, 0) == (ssize_t)n ? 0 : -1;
+}
+
+int ioctl(int fd, unsigned long request, ...)
+{
+	struct iommu_test_cmd head;
+	va_list ap;
+	void *arg;
+
+	va_start(ap, request);
+	arg = va_arg(ap, void *);
+	va_end(ap);
+	if (request == IOMMU_TEST_CMD && !peek(arg, &head, sizeof(head)) &&
+	    head.size >= offsetof(struct iommu_test_cmd, last) + sizeof(head.last) &&
+	    head.op == IOMMU_TEST_OP_CREATE_ACCESS)
+		return create_access(fd, request, arg);
+	return real_ioctl()(fd, request, arg);
+}
