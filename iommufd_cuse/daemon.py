@@ -14,6 +14,7 @@ from .config import Config
 from .iommu.core import Device, Group, Iommu
 from .iommufd.main import AccountMode, IommufdFile
 from .system import System
+from .transport.loopback import prime_no_flush
 from .transport.mount import fuse_mount, fuse_umount, mounted_here
 from .transport.nodes import Tree
 from .transport.server import MAX_WRITE, FuseServer, Request
@@ -172,17 +173,27 @@ class Daemon:
             raise StartupError("must run as root (it mounts a FUSE file system)")
         if not os.path.exists("/dev/fuse"):
             raise StartupError("/dev/fuse is missing (is FUSE available in this kernel?)")
-        os.makedirs(self.mountpoint, exist_ok=True)
+        # A mount of ours there is a live daemon's or a crashed run's. Ask with
+        # statfs: FUSE never answers it from a cache (stat can be, for a second),
+        # and a dead connection answers ENOTCONN. Restart=on-failure relies on this.
+        for _ in range(8):  # crashed runs may have stacked mounts
+            if not mounted_here(self.mountpoint):
+                break
+            try:
+                os.statvfs(self.mountpoint)
+            except OSError as e:
+                if e.errno != errno.ENOTCONN:
+                    raise StartupError(f"mountpoint {self.mountpoint}: {e.strerror}") from None
+                log.warning("removing the stale mount at %s", self.mountpoint)
+                fuse_umount(self.mountpoint)
+            else:
+                raise StartupError(f"mountpoint {self.mountpoint} is busy (another daemon?)")
         try:
-            os.stat(self.mountpoint)
-            live = mounted_here(self.mountpoint)
+            os.makedirs(self.mountpoint, exist_ok=True)
+            live = os.path.ismount(self.mountpoint)
         except OSError as e:
-            if e.errno != errno.ENOTCONN:
-                raise StartupError(f"mountpoint {self.mountpoint}: {e.strerror}") from None
-            live = False
-            log.warning("removing the stale mount at %s", self.mountpoint)
-            fuse_umount(self.mountpoint)
-        if live or os.path.ismount(self.mountpoint):
+            raise StartupError(f"mountpoint {self.mountpoint}: {e.strerror}") from None
+        if live:
             raise StartupError(f"mountpoint {self.mountpoint} is busy (another daemon?)")
         if os.listdir(self.mountpoint):
             raise StartupError(f"mountpoint {self.mountpoint} is not empty")
@@ -191,6 +202,15 @@ class Daemon:
             if os.path.islink(path) and _is_ours(path, self.mountpoint):
                 log.warning("removing the stale link %s", path)
                 os.unlink(path)
+                # and the directories made for it, now empty (made again, and
+                # then removed at exit, by this run)
+                parent = os.path.dirname(path)
+                while parent.startswith(self.dev_dir + "/"):
+                    try:
+                        os.rmdir(parent)
+                    except OSError:
+                        break
+                    parent = os.path.dirname(parent)
             elif os.path.lexists(path):
                 raise StartupError(f"{path} exists and was not created by iommufd-cuse")
 
@@ -222,6 +242,7 @@ class Daemon:
                 nursery.start_soon(self._serve_then_stop, nursery.cancel_scope)
                 with trio.fail_after(10):
                     await self.server.initialized.wait()
+                await prime_no_flush(os.path.join(self.mountpoint, "iommu"))
                 self._make_links()
                 log.info("serving %s", ", ".join(self.link_path(n.path()) for n in self.tree.files()))
                 self.ready.set()

@@ -20,6 +20,12 @@
 int icuse_vm_read(int tid, uint64_t addr, void *buf, size_t len);
 int icuse_vm_write(int tid, uint64_t addr, const void *buf, size_t len);
 
+/* Issue ioctl(fd, cmd, arg) from a forked child that keeps no other file
+ * open; returns the child's pid (it exits 0 when the ioctl returned 0) or
+ * -errno. For I/O on the daemon's own mount, which must never be done by a
+ * thread of the daemon itself. */
+int icuse_loopback_ioctl(int fd, unsigned long cmd, unsigned long arg);
+
 /* ---------------------------------------------------------------------------
  * I/O page table: a radix tree of 512-entry tables. The granule is
  * 1 << granule_shift (11: 2 KiB, 12: 4 KiB); level k leaves are

@@ -339,8 +339,9 @@ class IommufdFile(FileHandle):
 
     open_flags = FOPEN_DIRECT_IO | FOPEN_NONSEEKABLE
     # The daemon's own question "which context is this file?", asked on a
-    # descriptor it fetched from a client (VFIO_DEVICE_BIND_IOMMUFD). Only the
-    # daemon's threads get an answer; to anyone else it is an unknown ioctl.
+    # descriptor it fetched from a client (VFIO_DEVICE_BIND_IOMMUFD), by a child
+    # of the daemon (transport.loopback) with a one-time random nonce. Anyone
+    # else gets the answer for an unknown ioctl.
     IDENTIFY = uapi._IO(uapi.IOMMUFD_TYPE, 0xEF)
     identify_waiting: dict[int, Context | None] = {}
 
@@ -352,7 +353,7 @@ class IommufdFile(FileHandle):
     def ioctl(self, req: Request, cmd: int, arg: int) -> int | Awaitable[int]:
         if self.table.in_range(cmd):
             return self.table.dispatch(self.ctx, req.caller, cmd, arg)
-        if cmd == self.IDENTIFY and arg in self.identify_waiting and req.caller.tgid == os.getpid():
+        if cmd == self.IDENTIFY and arg in self.identify_waiting and _from_our_child(req.caller):
             self.identify_waiting[arg] = self.ctx
             return 0
         # Outside the table: the VFIO type1 container ioctls.
@@ -363,3 +364,10 @@ class IommufdFile(FileHandle):
     def release(self) -> None:
         self.ctx.destroy_all()
         self.ctx.system.contexts.discard(self.ctx)
+
+
+def _from_our_child(caller: Caller) -> bool:
+    try:
+        return int(caller.status()["PPid"]) == os.getpid()
+    except (OSError, KeyError, ValueError):
+        return False

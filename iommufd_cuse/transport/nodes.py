@@ -37,15 +37,16 @@ class FileHandle:
         raise Errno(errno.EINVAL)
 
     def poll(self, req: Request, events: int, kh: int | None) -> int:
-        """Ready events now; when kh is given, notify the server when that changes."""
-        return 0
-
-    def flush(self, req: Request) -> None:
-        pass
+        """Ready events now; when kh is given, notify the server when that changes.
+        A file without a poll operation is always ready (DEFAULT_POLLMASK)."""
+        return DEFAULT_POLLMASK
 
     def release(self) -> Awaitable[None] | None:
         return None
 
+
+# POLLIN | POLLOUT | POLLRDNORM | POLLWRNORM: what the kernel answers for files without poll
+DEFAULT_POLLMASK = 0x1 | 0x4 | 0x40 | 0x100
 
 Opener = Callable[["Request", int], FileHandle]
 

@@ -23,6 +23,7 @@ from ..iommu.core import VFIO_DRIVER, Device
 from ..iommufd import device as iommufd_device
 from ..iommufd.main import Context, IommufdFile
 from ..transport.caller import Caller, Errno
+from ..transport.loopback import loopback_ioctl
 from ..transport.nodes import FileHandle
 from ..transport.protocol import FOPEN_DIRECT_IO
 from .pci.core import ERR, NUM_IRQS, NUM_REGIONS, REGION_SHIFT, VfioPciDevice
@@ -115,7 +116,7 @@ class VfioDeviceFile(FileHandle):
                 ctx = await self._context_of(fd)
                 idev = iommufd_device.bind(ctx, self.device)
             except BaseException:
-                await trio.to_thread.run_sync(os.close, fd)
+                os.close(fd)
                 raise
             self.idev, self.ctx, self.iommufd_fd = idev, ctx, fd
             self.vdev.enable()
@@ -134,11 +135,11 @@ class VfioDeviceFile(FileHandle):
         st = os.fstat(fd)
         if st.st_ino not in self.iommufd_inodes or not _on_our_mount(fd):
             raise Errno(errno.EBADFD)
-        nonce = secrets.randbits(31)  # fcntl.ioctl passes a C int
+        nonce = secrets.randbits(63)
         registry = IommufdFile.identify_waiting
         registry[nonce] = None
         try:
-            await trio.to_thread.run_sync(_identify, fd, nonce)
+            await loopback_ioctl(fd, IommufdFile.IDENTIFY, nonce)
             ctx = registry[nonce]
         finally:
             registry.pop(nonce, None)
@@ -153,8 +154,8 @@ class VfioDeviceFile(FileHandle):
             await iommufd_device.unbind(idev)
             fd, self.iommufd_fd = self.iommufd_fd, -1
             self.ctx = None
-            # Closing a file of our own mount sends FLUSH to ourselves: off the loop.
-            await trio.to_thread.run_sync(os.close, fd)
+            # A file of our own mount: closing it never waits for us (no FLUSH).
+            os.close(fd)
         log.info("%s unbound", self.device.bdf)
 
     # -- attach / detach ------------------------------------------------------------------
@@ -285,15 +286,6 @@ class VfioDeviceFile(FileHandle):
         data = bytes(caller.read(arg + s.SIZE, data_size)) if data_size else b""
         irqs.set_irqs(hdr.flags, hdr.index, hdr.start, hdr.count, data, caller)
         return 0
-
-
-def _identify(fd: int, nonce: int) -> None:
-    import fcntl
-
-    try:
-        fcntl.ioctl(fd, IommufdFile.IDENTIFY, nonce)
-    except OSError:
-        pass
 
 
 def _on_our_mount(fd: int) -> bool:
