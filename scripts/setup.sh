@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Installs everything the project needs on a fresh Debian 12 machine, idempotently:
-# Debian packages (compiler, systemd tools), a virtualenv in .venv with the package
+# Debian packages (compiler, systemd tools, strace), a virtualenv in .venv with the package
 # (its C core is compiled by cffi during the install) and the test dependencies.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -8,6 +8,8 @@ cd "$(dirname "$0")/.."
 need_apt=()
 command -v cc >/dev/null || need_apt+=(gcc libc6-dev)
 command -v systemd-analyze >/dev/null || need_apt+=(systemd)
+# tests/test_service.py checks the unit's SystemCallFilter= against what strace sees
+command -v strace >/dev/null || need_apt+=(strace)
 if [ ${#need_apt[@]} -gt 0 ]; then
     export DEBIAN_FRONTEND=noninteractive
     apt-get update -qq
