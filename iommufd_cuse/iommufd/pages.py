@@ -17,13 +17,12 @@ import errno
 import logging
 import mmap
 import os
-import resource
 import stat
 from dataclasses import dataclass
 
 from .._native import ffi, lib
 from ..system import PAGE_SIZE, System, memlock_limit_pages
-from ..transport.caller import CAP_IPC_LOCK, Caller, Errno
+from ..transport.caller import CAP_IPC_LOCK, Caller, Errno, memlock_limit_of
 from .main import AccountMode
 
 log = logging.getLogger(__name__)
@@ -79,7 +78,7 @@ class Pages:
         self.account: AccountMode | None = None if caller.capable(CAP_IPC_LOCK) else account_mode
         self.source_uid = caller.uid
         self.source_tgid = caller.tgid
-        self._saved_rlimit = caller.rlimit(resource.RLIMIT_MEMLOCK)
+        self._saved_rlimit = caller.memlock_limit()
         self.npinned = 0
         base = ffi.new("uint64_t *")
         pid = lib.icuse_pages_new(system.store, npages, align_offset % GIB, base)
@@ -173,7 +172,7 @@ class Pages:
 
     # IOMMU_IOAS_CHANGE_PROCESS: the pinned pages change hands.
     def charge_to(self, caller: Caller, npages: int) -> None:
-        self._charge_as(caller.uid, caller.tgid, caller.rlimit(resource.RLIMIT_MEMLOCK), npages)
+        self._charge_as(caller.uid, caller.tgid, caller.memlock_limit(), npages)
 
     def uncharge_from(self, caller: Caller, npages: int) -> None:
         self._uncharge_as(caller.uid, caller.tgid, npages)
@@ -182,14 +181,12 @@ class Pages:
         self._uncharge(self.npinned)
         self.source_uid = caller.uid
         self.source_tgid = caller.tgid
-        self._saved_rlimit = caller.rlimit(resource.RLIMIT_MEMLOCK)
+        self._saved_rlimit = caller.memlock_limit()
 
     def _rlimit(self) -> int:
         # The mapping task's limit now; its last known one once it has exited.
-        try:
-            return resource.prlimit(self.source_tgid, resource.RLIMIT_MEMLOCK)[0]
-        except (ProcessLookupError, PermissionError):
-            return self._saved_rlimit
+        limit = memlock_limit_of(f"/proc/{self.source_tgid}")
+        return self._saved_rlimit if limit is None else limit
 
     # -- lifetime -----------------------------------------------------------------
     def put(self) -> None:

@@ -92,12 +92,12 @@ class Caller:
         except OSError:
             return False
 
-    def rlimit(self, res: int) -> int:
-        """The caller's soft limit (RLIM_INFINITY as resource.RLIM_INFINITY)."""
-        try:
-            return resource.prlimit(self.tgid, res)[0]
-        except ProcessLookupError:
-            raise Errno(errno.ESRCH) from None
+    def memlock_limit(self) -> int:
+        """The caller's soft RLIMIT_MEMLOCK (resource.RLIM_INFINITY when unlimited)."""
+        limit = memlock_limit_of(f"/proc/{self.tgid}")
+        if limit is None:
+            raise Errno(errno.ESRCH)
+        return limit
 
     # -- file descriptors ---------------------------------------------------
     def fetch_fd(self, fd: int) -> int:
@@ -119,3 +119,22 @@ class Caller:
 
     def __repr__(self) -> str:
         return f"Caller(tid={self.tid}, uid={self.uid})"
+
+
+def memlock_limit_of(proc_dir: str | int) -> int | None:
+    """Soft RLIMIT_MEMLOCK of a process from its /proc directory (a path, or an
+    O_PATH fd of it): /proc/<pid>/limits needs no privilege, unlike prlimit()
+    on another user's process. None when the process is gone."""
+    try:
+        if isinstance(proc_dir, int):
+            fd = os.open("limits", os.O_RDONLY | os.O_CLOEXEC, dir_fd=proc_dir)
+        else:
+            fd = os.open(f"{proc_dir}/limits", os.O_RDONLY | os.O_CLOEXEC)
+        with os.fdopen(fd) as f:
+            for line in f:
+                if line.startswith("Max locked memory"):
+                    soft = line[26:].split()[0]
+                    return resource.RLIM_INFINITY if soft == "unlimited" else int(soft)
+    except OSError:
+        return None
+    return None

@@ -9,7 +9,7 @@ import threading
 import pytest
 import trio
 import trio.testing
-from devhelp import PAGE, IrqLog, Memory, Port, R
+from devhelp import PAGE, REASONS, IrqLog, Memory, Port, R
 from iommufd_cuse._native import ffi, lib
 
 from iommufd_cuse.vfio.pci import config as C
@@ -554,3 +554,221 @@ async def test_an_unexpected_port_error_halts_the_device_only(rig: Rig) -> None:
     rig.wr(D.REG_TAIL, 1)
     await rig.settle()
     assert rig.rd(D.REG_STATUS) == D.ST_HALTED | D.ERR_OTHER << 8
+
+
+# -- read-ahead and contiguous chains (the engine's batching) -----------------------------
+
+
+async def test_contiguous_chain_is_copied_as_one_piece(rig: Rig, mem: Memory, irq: IrqLog) -> None:
+    rig.msix()
+    data = pattern(4 * PAGE, 11)
+    mem.put(SRC_PAGE, data)
+    for i in range(4):
+        rig.put_desc(i, desc(SRC + i * PAGE, DST + i * PAGE, PAGE, D.DESC_CHAIN if i < 3 else D.DESC_IRQ))
+    rig.put_desc(4, desc(SRC, DST + 4 * PAGE, 100, D.DESC_IRQ))  # the next transfer: a piece of its own
+    rig.setup()
+    rig.wr(D.REG_TAIL, 5)
+    await rig.settle()
+    assert mem.get(DST_PAGE, 4 * PAGE) == data and mem.get(DST_PAGE + 4, 100) == data[:100]
+    assert rig.port.copies == 2
+    assert [rig.desc_status(i) for i in range(5)] == [0, 0, 0, D.DESC_ST_DONE, D.DESC_ST_DONE]
+    assert (rig.rd(D.REG_HEAD), rig.rd(D.REG_COMPLETED)) == (5, 2)
+    assert irq.msis() == [0, 0]
+
+
+async def test_overlapping_chain_is_copied_descriptor_by_descriptor(rig: Rig, mem: Memory) -> None:
+    # each descriptor copies the previous one's destination on: merged, the result would differ
+    mem.put(SRC_PAGE, pattern(PAGE, 12))
+    for i in range(3):
+        rig.put_desc(i, desc(SRC + i * 256, SRC + (i + 1) * 256, 256, D.DESC_CHAIN if i < 2 else 0))
+    rig.setup()
+    rig.wr(D.REG_TAIL, 3)
+    await rig.settle()
+    assert rig.port.copies == 3
+    assert mem.get(SRC_PAGE, 4 * 256) == pattern(PAGE, 12)[:256] * 4
+
+
+async def test_fault_inside_a_contiguous_chain(rig: Rig, mem: Memory, irq: IrqLog) -> None:
+    rig.msix()
+    dst = 0xB000000  # two pages mapped, the third not (yet)
+    mem.map(dst, 48, 2)
+    data = pattern(4 * 3000, 13)
+    mem.put(SRC_PAGE, data)
+    for i in range(4):
+        rig.put_desc(i, desc(SRC + i * 3000, dst + i * 3000, 3000, D.DESC_CHAIN if i < 3 else D.DESC_IRQ))
+    rig.setup()
+    rig.wr(D.REG_TAIL, 4)
+    await rig.settle()
+    # the fault (dst + 2 pages) is in descriptor 2: HEAD there, as if done one by one
+    assert rig.rd(D.REG_STATUS) == D.ST_HALTED | D.ERR_NO_TRANSLATION << 8
+    assert rig.rd(D.REG_HEAD) == 2 and rig.rd(D.REG_COMPLETED) == 0
+    assert rig.fault_record(0) == (dst + 2 * PAGE, 2, D.SRC_WRITE << 4 | D.ERR_NO_TRANSLATION << 8 | 1, 1)
+    assert [rig.desc_status(i) for i in range(4)] == [
+        0, 0, D.DESC_ST_ERROR | D.ERR_NO_TRANSLATION << 8 | D.SRC_WRITE << 16, 0]
+    assert mem.get(48, 2 * PAGE) == data[: 2 * PAGE]  # everything before the fault landed
+    assert irq.msis() == [1]
+    # map the rest, clear the halt: descriptor 2 is retried, the transfer completes
+    mem.map(dst + 2 * PAGE, 50, 1)
+    rig.wr(D.REG_STATUS, D.ST_HALTED)
+    await rig.settle()
+    assert mem.get(48, 3 * PAGE)[: len(data)] == data
+    assert rig.desc_status(3) == D.DESC_ST_DONE
+    assert (rig.rd(D.REG_HEAD), rig.rd(D.REG_COMPLETED), rig.rd(D.REG_STATUS)) == (4, 1, 0)
+    assert irq.msis() == [1, 0]
+
+
+async def test_read_ahead_stops_at_a_ring_page(rig: Rig, mem: Memory) -> None:
+    # a ring whose first two slots end one mapped page; the third is on an unmapped page
+    page = 0xC000000
+    mem.map(page, 51, 1)
+    ring = page + PAGE - 2 * D.DESC_SIZE
+    mem.put(SRC_PAGE, pattern(256, 14))
+    for i in range(2):
+        mem.put(51, desc(SRC + 128 * i, DST + 128 * i, 128, D.DESC_IRQ), PAGE - (2 - i) * D.DESC_SIZE)
+    rig.setup(base=ring)
+    rig.wr(D.REG_TAIL, 3)
+    await rig.settle()
+    # the two on the mapped page are done; the fetch fault is taken on the third
+    assert mem.get(DST_PAGE, 256) == pattern(256, 14)
+    assert (rig.rd(D.REG_HEAD), rig.rd(D.REG_COMPLETED)) == (2, 2)
+    assert rig.rd(D.REG_STATUS) == D.ST_HALTED | D.ERR_NO_TRANSLATION << 8
+    assert rig.fault_record(0) == (page + PAGE, 2, D.SRC_FETCH << 4 | D.ERR_NO_TRANSLATION << 8, 1)
+
+
+async def test_status_is_idle_right_after_a_reset_during_a_copy(rig: Rig, mem: Memory) -> None:
+    rig.port.gate = threading.Event()
+    rig.put_desc(0, desc(SRC, DST, NPAGES * PAGE, D.DESC_IRQ))
+    rig.setup()
+    rig.wr(D.REG_TAIL, 1)
+    with trio.fail_after(5):
+        while not rig.port.in_copy:
+            await trio.sleep(0.001)
+    assert rig.rd(D.REG_STATUS) == D.ST_BUSY
+    rig.eng.reset()
+    assert rig.rd(D.REG_STATUS) == 0  # though the old copy is still in flight
+    rig.put_desc(1, desc(SRC, DST, 64))
+    rig.wr(D.REG_RING_BASE_LO, RING + 32, 8)
+    rig.wr(D.REG_RING_SIZE, 16)
+    rig.wr(D.REG_CONTROL, D.CTL_ENABLE)
+    rig.wr(D.REG_TAIL, 1)
+    assert rig.rd(D.REG_STATUS) == D.ST_BUSY  # new work, waiting for the old copy to return
+    rig.port.gate.set()
+    await rig.settle()
+    assert rig.rd(D.REG_STATUS) == 0 and rig.rd(D.REG_COMPLETED) == 1
+
+
+# -- the same, with the engine's worker thread (a port that copies synchronously) -----------
+
+
+class ThreadedPort(GatedPort):
+    """A GatedPort that also offers copy_sync, as the daemon's port does: the
+    engine then runs big batches in a worker thread (gated the same way)."""
+
+    def copy_sync(self, src_iova: int, dst_iova: int, length: int) -> None:
+        self._check(src_iova, False)
+        self._check(dst_iova, True)
+        self.copies += 1
+        self.in_copy += 1
+        try:
+            if self.gate is not None:
+                self.gate.wait()
+            fault = ffi.new("uint64_t *")
+            is_dst = ffi.new("int *")
+            mem = self.mem
+            rc = lib.icuse_dma_copy(mem.store, mem.pt, src_iova, mem.pt, dst_iova, length, fault, is_dst)
+        finally:
+            self.in_copy -= 1
+        if rc < 0:
+            raise DmaFault(fault[0], bool(is_dst[0]), REASONS.get(-rc, f"error {-rc}"))
+
+
+@pytest.fixture
+async def trig(mem: Memory, irq: IrqLog, nursery: trio.Nursery, monkeypatch: pytest.MonkeyPatch) -> Rig:
+    monkeypatch.setattr(D, "THREAD_MIN", 0)  # every batch goes to the worker thread
+    return Rig(mem, ThreadedPort(mem), irq, Spawner(nursery))
+
+
+async def wait_in_copy(rig: Rig) -> None:
+    with trio.fail_after(5):
+        while not rig.port.in_copy:
+            await trio.sleep(0.001)
+
+
+async def test_thread_copies_pieces_and_completes_each(trig: Rig, mem: Memory, irq: IrqLog) -> None:
+    trig.msix()
+    data = pattern(4 * PAGE, 15)
+    mem.put(SRC_PAGE, data)
+    for i in range(4):  # two transfers of two contiguous descriptors each
+        trig.put_desc(i, desc(SRC + i * PAGE, DST + i * PAGE, PAGE, D.DESC_IRQ if i % 2 else D.DESC_CHAIN))
+    trig.setup()
+    trig.wr(D.REG_TAIL, 4)
+    await trig.settle()
+    assert mem.get(DST_PAGE, 4 * PAGE) == data
+    assert trig.port.copies == 2
+    assert [trig.desc_status(i) for i in range(4)] == [0, D.DESC_ST_DONE, 0, D.DESC_ST_DONE]
+    assert (trig.rd(D.REG_HEAD), trig.rd(D.REG_COMPLETED), trig.rd(D.REG_STATUS)) == (4, 2, 0)
+    assert irq.msis() == [0, 0]
+
+
+async def test_thread_fault_inside_a_chain_then_retry(trig: Rig, mem: Memory, irq: IrqLog) -> None:
+    trig.msix()
+    dst = 0xB000000
+    mem.map(dst, 48, 2)
+    data = pattern(4 * 3000, 16)
+    mem.put(SRC_PAGE, data)
+    trig.put_desc(0, desc(SRC, DST, 100, D.DESC_IRQ))  # a transfer that completes first
+    for i in range(1, 5):
+        k = i - 1
+        trig.put_desc(i, desc(SRC + k * 3000, dst + k * 3000, 3000, D.DESC_CHAIN if i < 4 else D.DESC_IRQ))
+    trig.setup()
+    trig.wr(D.REG_TAIL, 5)
+    await trig.settle()
+    assert trig.desc_status(0) == D.DESC_ST_DONE and trig.rd(D.REG_COMPLETED) == 1
+    assert trig.rd(D.REG_HEAD) == 3  # descriptor 3 holds dst + 2 pages
+    assert trig.fault_record(0) == (dst + 2 * PAGE, 3, D.SRC_WRITE << 4 | D.ERR_NO_TRANSLATION << 8 | 1, 1)
+    assert trig.desc_status(3) == D.DESC_ST_ERROR | D.ERR_NO_TRANSLATION << 8 | D.SRC_WRITE << 16
+    assert mem.get(48, 2 * PAGE) == data[: 2 * PAGE]
+    assert irq.msis() == [0, 1]
+    mem.map(dst + 2 * PAGE, 50, 1)
+    trig.wr(D.REG_STATUS, D.ST_HALTED)
+    await trig.settle()
+    assert mem.get(48, 3 * PAGE)[: len(data)] == data and trig.desc_status(4) == D.DESC_ST_DONE
+    assert (trig.rd(D.REG_HEAD), trig.rd(D.REG_COMPLETED), trig.rd(D.REG_STATUS)) == (5, 2, 0)
+    assert irq.msis() == [0, 1, 0]
+
+
+async def test_thread_disable_finishes_the_current_piece(trig: Rig, mem: Memory) -> None:
+    trig.port.gate = threading.Event()
+    for i in range(3):
+        trig.put_desc(i, desc(SRC, DST, 64))
+    trig.setup()
+    trig.wr(D.REG_TAIL, 3)
+    await wait_in_copy(trig)
+    trig.wr(D.REG_CONTROL, 0)
+    trig.port.gate.set()
+    await trig.settle()
+    assert trig.rd(D.REG_HEAD) == 1 and trig.desc_status(0) == D.DESC_ST_DONE and trig.desc_status(1) == 0
+    trig.port.gate = None
+    trig.wr(D.REG_CONTROL, D.CTL_ENABLE)
+    await trig.settle()
+    assert trig.rd(D.REG_HEAD) == 3 and trig.rd(D.REG_COMPLETED) == 3
+
+
+@pytest.mark.parametrize("how", ["reset", "stop"])
+async def test_thread_reset_or_stop_during_a_copy(trig: Rig, mem: Memory, irq: IrqLog, how: str) -> None:
+    trig.msix()
+    trig.port.gate = threading.Event()
+    trig.put_desc(0, desc(SRC, DST, PAGE, D.DESC_IRQ))
+    trig.put_desc(1, desc(SRC, DST + PAGE, PAGE, D.DESC_IRQ))
+    trig.setup()
+    trig.wr(D.REG_TAIL, 2)
+    await wait_in_copy(trig)
+    getattr(trig.eng, how)()
+    assert trig.rd(D.REG_STATUS) == 0 and trig.rd(D.REG_HEAD) == 0
+    trig.port.gate.set()
+    await trig.settle()
+    # the copy in flight landed, but nothing else: no status, no completion, no interrupt
+    assert trig.port.copies == 1
+    assert trig.desc_status(0) == 0 and trig.desc_status(1) == 0
+    assert trig.rd(D.REG_COMPLETED) == 0 and irq.events == []
+    assert trig.spawner.running == 0

@@ -79,26 +79,35 @@ class DmaPort:
     def write(self, iova: int, data: bytes) -> None:
         self._rw(iova, bytearray(data), True)
 
-    async def copy(self, src_iova: int, dst_iova: int, length: int) -> None:
+    def _copy_piece(self, src_iova: int, dst_iova: int, n: int) -> None:
+        # the domain is looked up for every piece: it may change in between (replace/detach)
         src = self._domain(src_iova, False)
         dst = self._domain(dst_iova, True)
         fault = ffi.new("uint64_t *")
         is_dst = ffi.new("int *")
-        store = self.vdev.system.store
+        rc = lib.icuse_dma_copy(self.vdev.system.store, src.pt, src_iova, dst.pt, dst_iova, n, fault, is_dst)
+        if rc < 0:
+            raise self._fault(fault[0], bool(is_dst[0]), _REASONS.get(-rc, os.strerror(-rc)))
+
+    async def copy(self, src_iova: int, dst_iova: int, length: int) -> None:
+        """Device-internal copy: small ones on the event loop, longer ones in a
+        worker thread, DMA_CHUNK * 16 bytes per call."""
         done = 0
         while done < length:
             n = min(length - done, DMA_CHUNK * 16)
-            args = (store, src.pt, src_iova + done, dst.pt, dst_iova + done, n, fault, is_dst)
             if n > DMA_CHUNK:
-                rc = await trio.to_thread.run_sync(lib.icuse_dma_copy, *args)
+                await trio.to_thread.run_sync(self._copy_piece, src_iova + done, dst_iova + done, n)
             else:
-                rc = lib.icuse_dma_copy(*args)
-            if rc < 0:
-                raise self._fault(fault[0], bool(is_dst[0]), _REASONS.get(-rc, os.strerror(-rc)))
+                self._copy_piece(src_iova + done, dst_iova + done, n)
             done += n
-            # the domain may have changed between chunks (replace/detach): look again
-            src = self._domain(src_iova + done, False) if done < length else src
-            dst = self._domain(dst_iova + done, True) if done < length else dst
+
+    def copy_sync(self, src_iova: int, dst_iova: int, length: int) -> None:
+        """copy() for a device that is already off the event loop (in a worker thread)."""
+        done = 0
+        while done < length:
+            n = min(length - done, DMA_CHUNK * 16)
+            self._copy_piece(src_iova + done, dst_iova + done, n)
+            done += n
 
 
 class Irqs:
@@ -372,10 +381,11 @@ class VfioPciDevice:
         flags, rsize = self.region_info(index) if index < NUM_REGIONS else (0, 0)
         if not flags:
             raise Errno(errno.EINVAL)
-        if addr >= rsize:
-            return b"" if data is None else 0  # past the end: nothing transferred
-        n = min(size, rsize - addr)
         if index == CONFIG:
+            # vfio_config_do_rw: an access not wholly inside config space is EFAULT
+            if size and addr + size > rsize:
+                raise Errno(errno.EFAULT)
+            n = size
             try:
                 if data is None:
                     return self.config.read_bytes(addr, n)
@@ -383,6 +393,9 @@ class VfioPciDevice:
             except ConfigAccessError:
                 raise Errno(errno.EFAULT) from None
             return n
+        if addr >= rsize:
+            raise Errno(errno.EINVAL)  # vfio_pci_bar_rw: starts past the BAR
+        n = min(size, rsize - addr)
         if not self.config.memory_enabled:
             raise Errno(errno.EIO)
         model = self.model

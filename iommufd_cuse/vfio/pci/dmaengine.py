@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import struct
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 
 import trio
 
@@ -79,6 +80,7 @@ DESC_ST_DONE = 1 << 0
 DESC_ST_ERROR = 1 << 1
 FETCH_BYTES = 4096  # descriptors are fetched at most a ring page at a time
 MERGE_MAX = 16 << 20  # bytes one copy may cover for contiguous descriptors of a chain
+THREAD_MIN = 2 << 20  # a batch moving more than this runs in a worker thread
 
 # Where in the work a fault happened (fault record INFO bits 7:4, descriptor status bits 23:16)
 SRC_FETCH = 0  # reading the descriptor
@@ -112,6 +114,31 @@ def fault_reason_code(reason: str) -> int:
     if "pinned" in r or "owner" in r or "gone" in r:
         return ERR_MEMORY
     return ERR_OTHER
+
+
+@dataclass
+class _Batch:
+    """Descriptors fetched together: ring index and IOVA of the first, and for
+    which generation of work."""
+
+    gen: int
+    index: int
+    desc_iova: int
+    descs: list[tuple[int, ...]]
+
+
+_STOPPED = object()  # a batch left part done: the work was forgotten or the engine disabled
+
+
+def _locate(descs: list[tuple[int, ...]], i: int, j: int, f: DmaFault) -> tuple[int, DmaFault, int]:
+    """(descriptor, fault, where) of a fault in the piece of descriptors i..j-1:
+    the descriptor holding the first faulting address."""
+    off = (f.iova - (descs[i][1] if f.write else descs[i][0])) & U64
+    k = i
+    while k < j - 1 and off >= descs[k][2]:
+        off -= descs[k][2]
+        k += 1
+    return k, f, SRC_WRITE if f.write else SRC_READ
 
 
 class _Halt(Exception):
@@ -150,6 +177,7 @@ class DmaEngine(PciFunction):
         self.fault_total = 0  # how many, since the model was made
         self._gen = 0  # bumped when work in flight must be forgotten (reset, stop, ring change)
         self._active = False  # an engine task exists
+        self._active_gen = -1  # the generation that task works for
         self._scope: trio.CancelScope | None = None
         self._intx = False
         self.config = ConfigSpace(self)
@@ -177,7 +205,10 @@ class DmaEngine(PciFunction):
 
     @property
     def status(self) -> int:
-        st = (ST_BUSY if self._active else 0) | (ST_HALTED if self.halted else 0)
+        # BUSY: working for the current generation, or with work to start once the
+        # task of a forgotten one (a copy in flight at a reset) has returned
+        busy = self._active and (self._active_gen == self._gen or self._can_run())
+        st = (ST_BUSY if busy else 0) | (ST_HALTED if self.halted else 0)
         return st | self.error << ST_ERROR_SHIFT
 
     def _can_run(self) -> bool:
@@ -187,6 +218,7 @@ class DmaEngine(PciFunction):
         if self._active or not self._can_run():
             return
         self._active = True
+        self._active_gen = self._gen
         self.spawn(self._engine)
 
     def _forget_work(self) -> None:
@@ -256,6 +288,7 @@ class DmaEngine(PciFunction):
     # -- the engine -----------------------------------------------------------------------
     async def _engine(self) -> None:
         gen = self._gen
+        self._active_gen = gen
         scope = trio.CancelScope()
         self._scope = scope
         finished = False
@@ -283,14 +316,20 @@ class DmaEngine(PciFunction):
         end of the ring or the end of the 4 KiB ring page, whichever is first
         (one read; a page is mapped, or not, as a whole, so a fetch fault is
         still taken on the descriptor at HEAD). Consecutive descriptors of a
-        chain that continue each other's source and destination are copied by
-        one copy of up to MERGE_MAX bytes: the bytes move in the same order,
+        chain that continue each other's source and destination are copied as
+        one piece of up to MERGE_MAX bytes: the bytes move in the same order,
         a fault still stops the copy at its first faulting address and is
         charged to the descriptor that holds it, and HEAD, STATUS, COMPLETED
         and interrupts come out as if the descriptors had been done one by one.
+
+        A batch that moves more than THREAD_MIN bytes runs in a worker thread
+        when the port can copy synchronously (the daemon's can): its pieces are
+        copied back to back there, each piece's STATUS written right after its
+        data, and the completions (HEAD, COMPLETED, interrupt) are handed to the
+        event loop as they happen. Smaller batches run on the event loop.
         """
         while True:
-            await trio.lowlevel.checkpoint()  # fair to the event loop between pieces of work
+            await trio.lowlevel.checkpoint()  # fair to the event loop between batches
             if gen != self._gen or not self._can_run():
                 return
             index, size = self.head, self.ring_size
@@ -305,53 +344,118 @@ class DmaEngine(PciFunction):
             except DmaFault as f:
                 self._stop(self._fault(f, SRC_FETCH), index, desc_iova)
                 return
-            descs = [DESC.unpack_from(raw, k * DESC_SIZE) for k in range(count)]
-            i = 0
-            while i < count:
-                if i:
-                    await trio.lowlevel.checkpoint()
-                    if gen != self._gen or not self._can_run():
-                        return
-                j, total = self._group(descs, i)
-                if j < 0:  # descriptor i is invalid
-                    self._stop(_Halt(ERR_BAD_DESCRIPTOR, SRC_FETCH, desc_iova + i * DESC_SIZE, False), index + i,
-                               desc_iova + i * DESC_SIZE)
-                    return
-                src, dst = descs[i][0], descs[i][1]
-                if total:
-                    try:
-                        await self.dma.copy(src, dst, total)
-                    except DmaFault as f:
-                        if gen != self._gen:
-                            return
-                        # the descriptor holding the first faulting address
-                        off = (f.iova - (dst if f.write else src)) & U64
-                        k = i
-                        while k < j - 1 and off >= descs[k][2]:
-                            off -= descs[k][2]
-                            k += 1
-                        self.head = index + k  # the chain before it is done
-                        self._stop(self._fault(f, SRC_WRITE if f.write else SRC_READ), index + k,
-                                   desc_iova + k * DESC_SIZE)
-                        return
-                if gen != self._gen:
-                    return
-                flags = descs[j - 1][3]
-                last = not flags & DESC_CHAIN
-                if last:
-                    status_iova = desc_iova + (j - 1) * DESC_SIZE + DESC_STATUS_OFFSET
-                    try:
-                        self.dma.write(status_iova, DESC_ST_DONE.to_bytes(4, "little"))
-                    except DmaFault as f:
-                        self.head = index + j - 1
-                        self._stop(self._fault(f, SRC_WRITEBACK), index + j - 1, desc_iova + (j - 1) * DESC_SIZE)
-                        return
-                self.head = (index + j) % size
-                if last:
-                    self.completed = (self.completed + 1) & U32
-                    if flags & DESC_IRQ and self.control & CTL_DONE_IRQ:
-                        self._signal(INT_DONE, VEC_DONE)
-                i = j
+            b = _Batch(gen, index, desc_iova, list(DESC.iter_unpack(raw)))
+            pieces, valid = self._plan(b.descs)
+            copy_sync = getattr(self.dma, "copy_sync", None)
+            if copy_sync is not None and sum(p[2] for p in pieces) > THREAD_MIN:
+                token = trio.lowlevel.current_trio_token()
+                # the completions it posts run before this task resumes (run_sync_soon is FIFO)
+                result = await trio.to_thread.run_sync(
+                    self._run_in_thread, b, pieces, copy_sync, token
+                )
+            else:
+                result = await self._run_on_loop(b, pieces)
+            if gen != self._gen:
+                return
+            if result is _STOPPED:
+                continue  # disabled part way: the loop above ends the task
+            if result is not None:  # (descriptor, fault, where) that halts the engine
+                k, f, where = result
+                self.head = (index + k) % size
+                self._stop(self._fault(f, where), index + k, desc_iova + k * DESC_SIZE)
+                return
+            if valid < count:
+                k = valid  # HEAD is on it: the pieces before it completed
+                iova = desc_iova + k * DESC_SIZE
+                self._stop(_Halt(ERR_BAD_DESCRIPTOR, SRC_FETCH, iova, False), index + k, iova)
+                return
+
+    async def _run_on_loop(self, b: _Batch, pieces: list[tuple[int, int, int]]) -> object:
+        for n, (i, j, total) in enumerate(pieces):
+            if n:
+                await trio.lowlevel.checkpoint()
+                if b.gen != self._gen or not self._can_run():
+                    return _STOPPED
+            if total:
+                try:
+                    await self.dma.copy(b.descs[i][0], b.descs[i][1], total)
+                except DmaFault as f:
+                    return _STOPPED if b.gen != self._gen else _locate(b.descs, i, j, f)
+            if b.gen != self._gen:
+                return _STOPPED
+            fault = self._write_done(b, j)
+            if fault is not None:
+                return fault
+            self._complete(b, j)
+        return None
+
+    def _run_in_thread(
+        self,
+        b: _Batch,
+        pieces: list[tuple[int, int, int]],
+        copy_sync: Callable[[int, int, int], None],
+        token: trio.lowlevel.TrioToken,
+    ) -> object:
+        """_run_on_loop in a worker thread: it stops between pieces when the work
+        is forgotten or the engine disabled; model state changes go to the loop."""
+        for n, (i, j, total) in enumerate(pieces):
+            if n and (b.gen != self._gen or not self.control & CTL_ENABLE):
+                return _STOPPED
+            if total:
+                try:
+                    copy_sync(b.descs[i][0], b.descs[i][1], total)
+                except DmaFault as f:
+                    return _locate(b.descs, i, j, f)
+            if b.gen != self._gen:
+                return _STOPPED
+            fault = self._write_done(b, j)
+            if fault is not None:
+                return fault
+            token.run_sync_soon(self._complete_soon, b, j)
+        return None
+
+    def _write_done(self, b: _Batch, j: int) -> tuple[int, DmaFault, int] | None:
+        """STATUS DONE into the last descriptor of a transfer (piece ending at j)."""
+        if b.descs[j - 1][3] & DESC_CHAIN:
+            return None
+        try:
+            status_iova = b.desc_iova + (j - 1) * DESC_SIZE + DESC_STATUS_OFFSET
+            self.dma.write(status_iova, DESC_ST_DONE.to_bytes(4, "little"))
+        except DmaFault as f:
+            return j - 1, f, SRC_WRITEBACK
+        return None
+
+    def _complete(self, b: _Batch, j: int) -> None:
+        """The piece ending at descriptor j is done: HEAD past it, and for the end
+        of a transfer the completion count and interrupt."""
+        if b.gen != self._gen:
+            return
+        self.head = (b.index + j) % self.ring_size
+        flags = b.descs[j - 1][3]
+        if not flags & DESC_CHAIN:
+            self.completed = (self.completed + 1) & U32
+            if flags & DESC_IRQ and self.control & CTL_DONE_IRQ:
+                self._signal(INT_DONE, VEC_DONE)
+
+    def _complete_soon(self, b: _Batch, j: int) -> None:
+        try:  # a run_sync_soon callback must not raise
+            self._complete(b, j)
+        except Exception:
+            log.exception("dma-engine: completion failed")
+
+    @classmethod
+    def _plan(cls, descs: list[tuple[int, ...]]) -> tuple[list[tuple[int, int, int]], int]:
+        """The pieces (first, end, bytes) of the valid descriptors at the start of
+        a batch, and how many those are (the next one, if any, is invalid)."""
+        pieces = []
+        i = 0
+        while i < len(descs):
+            j, total = cls._group(descs, i)
+            if j < 0:
+                break
+            pieces.append((i, j, total))
+            i = j
+        return pieces, i
 
     @staticmethod
     def _group(descs: list[tuple[int, ...]], i: int) -> tuple[int, int]:
@@ -362,7 +466,8 @@ class DmaEngine(PciFunction):
 
         def valid(d: tuple[int, ...]) -> bool:
             src, dst, length, flags = d[0], d[1], d[2], d[3]
-            return not flags & ~DESC_FLAGS_KNOWN and src + length <= U64 + 1 and dst + length <= U64 + 1
+            in_range = src + length <= U64 + 1 and dst + length <= U64 + 1
+            return not flags & ~DESC_FLAGS_KNOWN and in_range
 
         first = descs[i]
         if not valid(first):
@@ -371,7 +476,8 @@ class DmaEngine(PciFunction):
         j, total, flags = i + 1, first[2], first[3]
         while flags & DESC_CHAIN and j < len(descs):
             d = descs[j]
-            if not valid(d) or d[0] != src + total or d[1] != dst + total or total + d[2] > MERGE_MAX:
+            contiguous = d[0] == src + total and d[1] == dst + total
+            if not valid(d) or not contiguous or total + d[2] > MERGE_MAX:
                 break
             total += d[2]
             flags = d[3]
