@@ -15,6 +15,8 @@
 #define _GNU_SOURCE
 #include <errno.h>
 
+#include <pthread.h>
+
 #include "icuse_internal.h"
 
 #define DMA_CHUNK (2ull << 20)
@@ -264,31 +266,96 @@ int64_t icuse_dma_rw(struct icuse_store *st, struct icuse_pt *pt, uint64_t iova,
 	return 0;
 }
 
-int64_t icuse_dma_copy(struct icuse_store *st, struct icuse_pt *src_pt, uint64_t src_iova,
-		       struct icuse_pt *dst_pt, uint64_t dst_iova, size_t len, uint64_t *fault_iova,
-		       int *fault_is_dst)
+static int64_t copy_range(struct icuse_store *st, struct icuse_pt *src_pt, uint64_t src_iova,
+			  struct icuse_pt *dst_pt, uint64_t dst_iova, size_t len, uint64_t *fault_off,
+			  int *fault_is_dst)
 {
 	struct xside src = { .pt = src_pt, .access = ICUSE_PROT_READ };
 	struct xside dst = { .pt = dst_pt, .access = ICUSE_PROT_WRITE };
 	uint64_t done, n, off;
 	int ret, is_dst;
 
-	if (!len)
-		return 0;
-	if (!src_pt || !dst_pt || src_iova + len - 1 < src_iova || dst_iova + len - 1 < dst_iova)
-		return -EINVAL;
 	for (done = 0; done < len; done += n) {
 		n = min_u64(len - done, DMA_CHUNK - ((src_iova + done) & (DMA_CHUNK - 1)));
 		src.iova = src_iova + done;
 		dst.iova = dst_iova + done;
 		ret = do_chunk(st, &src, &dst, &n, 0, &off, &is_dst);
 		if (ret) {
-			if (fault_iova)
-				*fault_iova = (is_dst ? dst_iova : src_iova) + done + off;
-			if (fault_is_dst)
-				*fault_is_dst = is_dst;
+			*fault_off = done + off;
+			*fault_is_dst = is_dst;
 			return ret;
 		}
 	}
 	return 0;
+}
+
+/* A long copy whose whole range translates is done by two threads, each half
+ * on its own: transfers through another process's memory (two kernel copies
+ * each) then use both CPUs. */
+#define PAR_MIN (8ull << 20)
+
+struct half {
+	struct icuse_store *st;
+	struct icuse_pt *src_pt, *dst_pt;
+	uint64_t src_iova, dst_iova, len, fault_off;
+	int is_dst;
+	int64_t ret;
+};
+
+static void *half_main(void *arg)
+{
+	struct half *h = arg;
+
+	h->ret = copy_range(h->st, h->src_pt, h->src_iova, h->dst_pt, h->dst_iova, h->len, &h->fault_off,
+			    &h->is_dst);
+	return NULL;
+}
+
+static int range_ok(struct icuse_pt *pt, uint64_t iova, uint64_t len, uint32_t access)
+{
+	uint64_t fault;
+
+	return icuse_pt_translate(pt, iova, len, access, NULL, 0, &fault) == 0;
+}
+
+int64_t icuse_dma_copy(struct icuse_store *st, struct icuse_pt *src_pt, uint64_t src_iova,
+		       struct icuse_pt *dst_pt, uint64_t dst_iova, size_t len, uint64_t *fault_iova,
+		       int *fault_is_dst)
+{
+	struct half a, b;
+	pthread_t t;
+	uint64_t split;
+	int64_t ret;
+
+	if (!len)
+		return 0;
+	if (!src_pt || !dst_pt || src_iova + len - 1 < src_iova || dst_iova + len - 1 < dst_iova)
+		return -EINVAL;
+	split = (len / 2) & ~(uint64_t)(DMA_CHUNK - 1);
+	a = (struct half){ st, src_pt, dst_pt, src_iova, dst_iova, split, 0, 0, 0 };
+	b = (struct half){ st, src_pt, dst_pt, src_iova + split, dst_iova + split, len - split, 0, 0, 0 };
+	/* Only when nothing can fault: a fault must stop the copy at that point. */
+	if (len >= PAR_MIN && range_ok(src_pt, src_iova, len, ICUSE_PROT_READ) &&
+	    range_ok(dst_pt, dst_iova, len, ICUSE_PROT_WRITE) && !pthread_create(&t, NULL, half_main, &b)) {
+		half_main(&a);
+		pthread_join(t, NULL);
+		if (a.ret || !b.ret) {
+			ret = a.ret;
+		} else {
+			ret = b.ret;
+			a = b;
+			a.fault_off += split;
+		}
+	} else {
+		a.len = len;
+		half_main(&a);
+		ret = a.ret;
+	}
+	if (ret) {
+		if (fault_iova)
+			*fault_iova = (a.is_dst ? dst_iova : src_iova) + a.fault_off;
+		if (fault_is_dst)
+			*fault_is_dst = a.is_dst;
+	}
+	return ret;
 }

@@ -88,7 +88,8 @@ int icuse_pt_walk(struct icuse_pt *pt, uint64_t iova, struct icuse_pte_info *out
  * the accessed bit, and the dirty bit for writes. Returns the number of
  * segments; -ENOENT (no translation) or -EACCES (permission) with *fault_iova
  * set to the first faulting address; -ENOSPC when more than max_segs are needed.
- * A/D bits are only set when the whole range translates. */
+ * A/D bits are only set when the whole range translates. With segs NULL it
+ * only checks the range (0 or the fault) and marks nothing. */
 int64_t icuse_pt_translate(struct icuse_pt *pt, uint64_t iova, uint64_t length, uint32_t access,
 			   struct icuse_seg *segs, size_t max_segs, uint64_t *fault_iova);
 

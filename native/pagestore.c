@@ -18,6 +18,9 @@
 #define _GNU_SOURCE
 #include <errno.h>
 #include <pthread.h>
+#include <stdio.h>
+#include <sys/uio.h>
+#include <limits.h>
 #include <stdlib.h>
 #include <string.h>
 #include <unistd.h>
@@ -588,7 +591,7 @@ int icuse_store_span_locked(struct icuse_store *st, uint64_t pa, uint64_t len,
 }
 
 /* Bounce buffer for PROC -> PROC copies, one per thread, kept for reuse. */
-#define BOUNCE_SIZE (256u << 10)
+#define BOUNCE_SIZE (1u << 20)
 static pthread_key_t bounce_key;
 static pthread_once_t bounce_once = PTHREAD_ONCE_INIT;
 
@@ -613,13 +616,64 @@ static void *bounce_get(void)
 	return p;
 }
 
-/* /proc/<pid>/mem transfers. Whatever stops one short (the owner exited, so
- * its mm is gone and the read returns 0; the range was unmapped, EIO) means
- * the memory is out of reach. */
+/* Memory of another process. The backing's fd is an open /proc/<pid>/mem,
+ * bound to that process's mm: a reused pid can never alias it, and once the
+ * process is gone every transfer stops short (ESRCH). Bulk transfers use
+ * process_vm_readv/writev on the pid (one copy instead of two through the
+ * mem file's page-sized bounce), checked against the mem file: a read counts
+ * only if the mm is still alive after it, a write is issued only while it is
+ * alive. (A pid is only reused after the process has died and the whole pid
+ * space has been cycled through; no transfer is that long.) */
+static pid_t mem_fd_pid(int fd)
+{
+	char link[64], path[32];
+	ssize_t n;
+	long pid;
+
+	snprintf(path, sizeof(path), "/proc/self/fd/%d", fd);
+	n = readlink(path, link, sizeof(link) - 1);
+	if (n <= 0)
+		return -1;
+	link[n] = 0;
+	if (sscanf(link, "/proc/%ld/mem", &pid) != 1)
+		return -1;
+	return (pid_t)pid;
+}
+
+static int mm_alive(int fd, uint64_t addr)
+{
+	char c;
+
+	return pread(fd, &c, 1, (off_t)addr) == 1;
+}
+
+static int proc_rw_vm(int fd, void *buf, uint64_t n, uint64_t addr, int write)
+{
+	struct iovec local = { .iov_base = buf, .iov_len = n };
+	struct iovec remote = { .iov_base = (void *)(uintptr_t)addr, .iov_len = n };
+	pid_t pid = mem_fd_pid(fd);
+	ssize_t r;
+
+	if (pid <= 0 || n > SSIZE_MAX)
+		return -1;
+	if (write && !mm_alive(fd, addr))
+		return -ESRCH;
+	r = write ? process_vm_writev(pid, &local, 1, &remote, 1, 0)
+		  : process_vm_readv(pid, &local, 1, &remote, 1, 0);
+	if (r != (ssize_t)n)
+		return -1; /* partly or not reachable this way: let the mem file say */
+	if (!write && !mm_alive(fd, addr))
+		return -ESRCH;
+	return 0;
+}
+
 static int proc_read(int fd, void *buf, uint64_t n, uint64_t addr)
 {
 	char *p = buf;
+	int ret = proc_rw_vm(fd, buf, n, addr, 0);
 
+	if (ret >= 0 || ret == -ESRCH)
+		return ret;
 	while (n) {
 		ssize_t r = pread(fd, p, n, (off_t)addr);
 
@@ -637,7 +691,10 @@ static int proc_read(int fd, void *buf, uint64_t n, uint64_t addr)
 static int proc_write(int fd, const void *buf, uint64_t n, uint64_t addr)
 {
 	const char *p = buf;
+	int ret = proc_rw_vm(fd, (void *)buf, n, addr, 1);
 
+	if (ret >= 0 || ret == -ESRCH)
+		return ret;
 	while (n) {
 		ssize_t r = pwrite(fd, p, n, (off_t)addr);
 

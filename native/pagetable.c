@@ -512,7 +512,9 @@ int64_t icuse_pt_translate_locked(struct icuse_pt *pt, uint64_t iova, uint64_t l
 		esize = 1ull << lvl_shift(pt, it.level);
 		end = min_u64(cur | (esize - 1), last);
 		pa = (e & PTE_ADDR) + (cur & (esize - 1));
-		if (nsegs && segs[nsegs - 1].pa + segs[nsegs - 1].len == pa) {
+		if (!segs) {
+			/* check only */
+		} else if (nsegs && segs[nsegs - 1].pa + segs[nsegs - 1].len == pa) {
 			segs[nsegs - 1].len += end - cur + 1;
 		} else {
 			if (nsegs == max_segs)
@@ -525,6 +527,9 @@ int64_t icuse_pt_translate_locked(struct icuse_pt *pt, uint64_t iova, uint64_t l
 			break;
 		cur = end + 1;
 	}
+
+	if (!segs)
+		return 0; /* a check: nothing was accessed */
 
 	/* Pass 2: the access happens, so mark the leaves. Test first: once set,
 	 * the bits stay, and a plain load keeps the line shared between CPUs. */

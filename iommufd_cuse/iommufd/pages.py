@@ -278,7 +278,7 @@ class UserPages(Pages):
             m = mmap.mmap(
                 fd,
                 end - pos,
-                flags=mmap.MAP_SHARED,
+                flags=mmap.MAP_SHARED | mmap.MAP_POPULATE,
                 prot=mmap.PROT_READ | (mmap.PROT_WRITE if mode == os.O_RDWR else 0),
                 offset=vma.offset + (pos - vma.start),
             )
@@ -312,7 +312,7 @@ class FilePages(Pages):
             raise Errno(errno.EINVAL, "range beyond the end of the file")
         prot = mmap.PROT_READ | (mmap.PROT_WRITE if self.writable else 0)
         try:
-            m = mmap.mmap(self.file_fd, length, flags=mmap.MAP_SHARED, prot=prot, offset=offset)
+            m = mmap.mmap(self.file_fd, length, flags=mmap.MAP_SHARED | mmap.MAP_POPULATE, prot=prot, offset=offset)
         except OSError as e:
             raise Errno(e.errno or errno.EINVAL) from None
         self._resources.append(m)
