@@ -242,16 +242,28 @@ class IoctlTable:
 
     def dispatch(self, ctx: Context, caller: Caller, cmd: int, arg: int) -> int | Awaitable[int]:
         """The path of iommufd_fops_ioctl for a number inside the table's range."""
-        # The size word is read first: a bad pointer is EFAULT even for a bad number.
-        size_word = caller.read(arg, 4)
         op = self.ops.get(cmd & _IOC_NRMASK)
         if op is None or op.number != cmd:
+            caller.read(arg, 4)  # the size word is read first: a bad pointer is EFAULT
             raise Errno(errno.ENOTTY)
-        user_size = int.from_bytes(size_word, "little")
-        if user_size < op.min_size:
-            raise Errno(errno.EINVAL)
-        ucmd = Ucmd(ctx, caller, arg, user_size, op.struct, op.struct.unpack(copy_struct_from_user(caller, arg, op.struct.SIZE, user_size)))
-        return op.handler(ucmd)
+        ksize = op.struct.SIZE
+        buf = bytearray(ksize)
+        # One read of the whole known struct in the common case; exact reads
+        # when that fails (a shorter struct may end just before unmapped memory).
+        if caller.read_into(arg, buf, ksize) == 0:
+            user_size = int.from_bytes(buf[:4], "little")
+            if user_size < op.min_size:
+                raise Errno(errno.EINVAL)
+            if user_size < ksize:
+                buf[user_size:] = bytes(ksize - user_size)
+            elif user_size > ksize:
+                buf = copy_struct_from_user(caller, arg, ksize, user_size)
+        else:
+            user_size = int.from_bytes(caller.read(arg, 4), "little")
+            if user_size < op.min_size:
+                raise Errno(errno.EINVAL)
+            buf = copy_struct_from_user(caller, arg, ksize, user_size)
+        return op.handler(Ucmd(ctx, caller, arg, user_size, op.struct, op.struct.unpack(buf)))
 
 
 _TAIL_CHUNK = 64 * 1024

@@ -149,7 +149,7 @@ class FuseServer:
 
     def _answer(self, req: Request, result: object, pack) -> None:  # noqa: ANN001
         """Reply now, or run an awaitable answer as its own interruptible task."""
-        if inspect.isawaitable(result):
+        if type(result) is not int and inspect.isawaitable(result):
             scope = trio.CancelScope()
             self._inflight[req.unique] = (scope, req.fh)
             assert self._nursery is not None
