@@ -121,6 +121,18 @@ def cmd_status(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_set_driver(args: argparse.Namespace) -> int:
+    from . import service
+
+    try:
+        r = service.request(args.control_socket, {"cmd": "set-driver", "bdf": args.bdf, "driver": args.driver})
+    except service.ControlError as e:
+        _error(e)
+        return 1
+    print(f"{r['bdf']}: driver {r['driver']} (group {r['group']})")
+    return 0
+
+
 def cmd_install(args: argparse.Namespace) -> int:
     from . import install
 
@@ -183,6 +195,15 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--control-socket", default=config_mod.DEFAULT_CONTROL_SOCKET, help="the daemon's control socket")
     s.add_argument("--json", action="store_true", help="machine-readable output")
     s.set_defaults(func=cmd_status)
+
+    s = sub.add_parser(
+        "set-driver",
+        help="bind an emulated device to another driver: vfio-pci, none, pci-stub, or a DMA driver's name (root only)",
+    )
+    s.add_argument("bdf", help="the device, e.g. 0000:00:06.1")
+    s.add_argument("driver")
+    s.add_argument("--control-socket", default=config_mod.DEFAULT_CONTROL_SOCKET, help="the daemon's control socket")
+    s.set_defaults(func=cmd_set_driver)
 
     s = sub.add_parser("install", help="install the systemd unit and the default configuration")
     s.add_argument("--root", default="/", help="install under this directory (default /)")

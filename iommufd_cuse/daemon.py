@@ -11,9 +11,10 @@ from dataclasses import dataclass, field
 import trio
 
 from .config import Config
-from .iommu.core import Device, Group, Iommu
+from .iommu.core import VFIO_DRIVER, Device, Group, Iommu
 from .iommufd.main import AccountMode, IommufdFile
 from .system import System
+from .transport.caller import Errno
 from .transport.loopback import prime_no_flush
 from .transport.mount import fuse_mount, fuse_umount, mounted_here
 from .transport.nodes import Tree
@@ -153,6 +154,9 @@ class Daemon:
         from .vfio.device_cdev import VfioDeviceFile
 
         def opener(req: Request, flags: int) -> VfioDeviceFile:
+            if dev.driver != VFIO_DRIVER:
+                # The kernel has no vfio cdev for a device on another driver.
+                raise Errno(errno.ENODEV)
             return VfioDeviceFile(dev.vfio, self.iommufd_inodes)
 
         return opener

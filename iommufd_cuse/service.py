@@ -483,8 +483,25 @@ async def _status_command(daemon: Daemon, request: dict) -> dict[str, Any]:
     return await trio.to_thread.run_sync(add_user_names, collect_status(daemon))
 
 
+def _set_driver_command(daemon: Daemon, request: dict) -> dict[str, Any]:
+    """Bind a device to another driver, with the kernel's group-ownership rules:
+    a DMA-capable driver on a member of a user-owned group is refused (EBUSY)."""
+    bdf, driver = request.get("bdf"), request.get("driver")
+    if not isinstance(bdf, str) or not isinstance(driver, str) or not driver:
+        raise ControlError('set-driver needs "bdf" and "driver" strings')
+    dev = next((d for d in daemon.system.devices if d.bdf == bdf), None)
+    if dev is None:
+        raise ControlError(f"no device {bdf}")
+    try:
+        dev.bind_driver(driver)
+    except OSError as e:
+        raise ControlError(f"{bdf}: {driver}: {os.strerror(e.errno)}") from None
+    return {"bdf": bdf, "driver": dev.driver, "group": dev.group.id}
+
+
 control = ControlCommands()
 control.register("status", _status_command)
+control.register("set-driver", _set_driver_command)
 control.register("commands", lambda daemon, request: control.names())
 
 

@@ -9,6 +9,7 @@ where the kernel allows it (bounding set, no_new_privs, MDWE)."""
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
@@ -778,3 +779,45 @@ def test_status_without_a_daemon_is_a_clear_error(tmp_path: Path) -> None:
     assert p.returncode == 1
     assert p.stderr.startswith("iommufd-cuse: error:") and "is the daemon running" in p.stderr
 
+
+
+async def test_set_driver_over_the_control_socket() -> None:
+    """The runtime driver change: a DMA driver on a member of a group makes the group
+    not viable for userspace, and is refused while the group is user-owned."""
+    async with served() as d:
+        await d.notify.wait_for("READY=1", timeout=20)
+
+        async def set_driver(bdf: str, driver: str) -> subprocess.CompletedProcess:
+            argv = [exe(), "set-driver", "--control-socket", str(d.control), bdf, driver]
+            with trio.fail_after(20):
+                return await trio.run_process(argv, capture_stdout=True, capture_stderr=True, check=False)
+
+        p = await set_driver("0000:00:06.1", "e1000e")
+        assert p.returncode == 0, p.stderr.decode()
+        assert "driver e1000e (group 6)" in p.stdout.decode()
+        st = await status_json(d)
+        assert {x["bdf"]: x["driver"] for x in st["devices"]}["0000:00:06.1"] == "e1000e"
+        # group 6 now has a kernel DMA user: binding its other member is EPERM
+        fd = await trio.to_thread.run_sync(IommufdSync.open, d.base / "dev" / "iommu")
+        from pyclient import VfioDeviceSync
+
+        dev = await trio.to_thread.run_sync(VfioDeviceSync.open, d.base / "dev" / "vfio" / "devices" / "vfio2")
+        try:
+            r = await trio.to_thread.run_sync(
+                lambda: dev.raw(uapi.VFIO_DEVICE_BIND_IOMMUFD, uapi.vfio_device_bind_iommufd, iommufd=fd.fd))
+            assert r.errno == errno.EPERM
+            # back to no driver: the group is viable again and the bind works
+            assert (await set_driver("0000:00:06.1", "none")).returncode == 0
+            devid = await trio.to_thread.run_sync(dev.bind, fd.fd)
+            assert devid > 0
+            # while user-owned, a DMA driver on the other member is refused (EBUSY)
+            p = await set_driver("0000:00:06.1", "e1000e")
+            assert p.returncode == 1 and "Device or resource busy" in p.stderr.decode()
+            p = await set_driver("0000:00:06.1", "pci-stub")  # a non-DMA driver is fine
+            assert p.returncode == 0
+            p = await set_driver("0000:09:00.0", "none")
+            assert p.returncode == 1 and "no device" in p.stderr.decode()
+        finally:
+            await trio.to_thread.run_sync(dev.close)
+            await trio.to_thread.run_sync(fd.close)
+        await stop(d)

@@ -2,10 +2,12 @@
 (drivers/iommu/iommufd/device.c).
 
 Binding claims DMA ownership of the device's group for the context; the
-devices of one group bound to one context share an igroup and are always
-attached together to the same HWPT. Attaching puts the device's reserved
-regions into the IOAS; detaching removes them and returns the group to the
-blocking domain.
+devices of one group bound to one context share an igroup, whose domain is
+one HWPT for all of them: the first device attached sets it, the others must
+attach to the same HWPT (else EINVAL), a replace moves the whole group, and
+the group returns to the blocking domain when its last attached device
+detaches. Attaching puts the device's reserved regions into the IOAS;
+detaching removes them.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ class Igroup:
     group: Group
     devices: list[Idev] = field(default_factory=list)
     hwpt: HwptPaging | None = None
+    attached: list[Idev] = field(default_factory=list)  # the kernel's igroup->device_list
     pasids: dict[int, HwptPaging] = field(default_factory=dict)  # PASID attachments (mock devices)
 
 
@@ -91,26 +94,30 @@ def _reserve_regions(idev: Idev, ioas: Ioas) -> None:
 
 
 async def attach(idev: Idev, pt_id: int) -> int:
-    """Attach (or replace) idev's igroup to pt_id: a HWPT, or an IOAS (automatic domain)."""
+    """VFIO_DEVICE_ATTACH_IOMMUFD_PT: attach idev to pt_id (a HWPT, or an IOAS through an
+    automatic domain), or replace its attachment when it is attached already
+    (vfio_iommufd_physical_attach_ioas). Returns the HWPT id."""
+    replace = idev in idev.igroup.attached
+    do = _do_replace if replace else _do_attach
     ctx = idev.ctx
     pt = ctx.get(pt_id)
     if isinstance(pt, HwptPaging):
         with ctx.hold(pt):
-            await _attach_hwpt(idev, pt)
+            await do(idev, pt)
         return pt.id
     if isinstance(pt, Ioas):
         with ctx.hold(pt):
-            return await _attach_auto(idev, pt)
+            return await _attach_auto(idev, pt, do)
     raise Errno(errno.EINVAL)
 
 
-async def _attach_auto(idev: Idev, ioas: Ioas) -> int:
+async def _attach_auto(idev: Idev, ioas: Ioas, do) -> int:  # noqa: ANN001
     """iommufd_device_auto_get_domain: reuse a compatible automatic HWPT or make one."""
     for hwpt in list(ioas.hwpts):
         if not hwpt.auto_domain:
             continue
         try:
-            await _attach_hwpt(idev, hwpt)
+            await do(idev, hwpt)
         except Errno as e:
             if e.errno == errno.EINVAL:
                 continue  # incompatible domain: try the next
@@ -119,7 +126,7 @@ async def _attach_auto(idev: Idev, ioas: Ioas) -> int:
     ctx = idev.ctx
     hwpt = await hwpt_paging_alloc(ctx, ioas, idev, 0, auto=True)
     try:
-        await _attach_hwpt(idev, hwpt)
+        await do(idev, hwpt)
     except BaseException:
         with trio.CancelScope(shield=True):
             ctx.abort(hwpt)
@@ -132,27 +139,62 @@ def _compatible(idev: Idev, hwpt: HwptPaging) -> bool:
     return idev.device.iommu.attach_compatible(idev.device, hwpt.domain)
 
 
-async def _attach_hwpt(idev: Idev, hwpt: HwptPaging) -> None:
-    igroup = idev.igroup
-    old = igroup.hwpt
-    if old is hwpt:
-        return
+def _check_target(idev: Idev, hwpt: HwptPaging) -> None:
     if not _compatible(idev, hwpt):
         raise Errno(errno.EINVAL)
-    if igroup.pasids and not hwpt.pasid_compat:
+    if idev.igroup.pasids and not hwpt.pasid_compat:
         raise Errno(errno.EINVAL)  # PASIDs are attached: the RID domain must allow them
-    ioas = hwpt.ioas
-    async with ioas.iopt.lock:
-        _reserve_regions(idev, ioas)
-    if old is not None and old.ioas is not ioas:
-        old.ioas.iopt.remove_reserved(idev)
-    # The new domain is fully loaded before the switch: no window without translations.
+
+
+async def _do_attach(idev: Idev, hwpt: HwptPaging) -> None:
+    """iommufd_hw_pagetable_attach: the first device of the group attaches the group;
+    another device of it may only join the same HWPT."""
+    igroup = idev.igroup
+    if igroup.hwpt is not None and igroup.hwpt is not hwpt:
+        raise Errno(errno.EINVAL)
+    _check_target(idev, hwpt)
+    async with hwpt.ioas.iopt.lock:
+        _reserve_regions(idev, hwpt.ioas)
+    if not igroup.attached:
+        igroup.group.set_domain(hwpt.domain)
+        igroup.hwpt = hwpt
+    hwpt.users += 1
+    igroup.attached.append(idev)
+    log.debug("%s attached to %r", idev.device.bdf, hwpt)
+
+
+async def _do_replace(idev: Idev, hwpt: HwptPaging) -> None:
+    """iommufd_device_do_replace: move the whole group to hwpt; the new domain is
+    fully loaded before the switch, so there is no window without translations."""
+    igroup = idev.igroup
+    old = igroup.hwpt
+    if old is None or idev not in igroup.attached:
+        raise Errno(errno.EINVAL)
+    if hwpt is old:
+        return
+    _check_target(idev, hwpt)
+    moved = old.ioas is not hwpt.ioas
+    if moved:
+        async with hwpt.ioas.iopt.lock:
+            done = []
+            try:
+                for d in igroup.attached:
+                    _reserve_regions(d, hwpt.ioas)
+                    done.append(d)
+            except BaseException:
+                for d in done:
+                    hwpt.ioas.iopt.remove_reserved(d)
+                raise
     igroup.group.set_domain(hwpt.domain)
     igroup.hwpt = hwpt
-    hwpt.users += 1
-    if old is not None:
-        _put_hwpt(idev.ctx, old)
-    log.debug("%s attached to %r", idev.device.bdf, hwpt)
+    if moved:
+        for d in igroup.attached:
+            old.ioas.iopt.remove_reserved(d)
+    n = len(igroup.attached)
+    hwpt.users += n
+    old.users -= n - 1
+    _put_hwpt(idev.ctx, old)
+    log.debug("%s: group %d replaced %r by %r", idev.device.bdf, igroup.group.id, old, hwpt)
 
 
 def _put_hwpt(ctx: Context, hwpt: HwptPaging) -> None:
@@ -162,22 +204,22 @@ def _put_hwpt(ctx: Context, hwpt: HwptPaging) -> None:
 
 
 async def detach(idev: Idev) -> None:
-    """iommufd_device_detach: back to the blocking domain; a no-op when not attached."""
+    """VFIO_DEVICE_DETACH_IOMMUFD_PT: a no-op when idev is not attached; the group goes
+    back to the blocking domain when its last attached device leaves."""
     detach_sync(idev)
 
 
 def detach_sync(idev: Idev) -> None:
     """detach() for callers that cannot await (an object's destroy)."""
     igroup = idev.igroup
+    if idev not in igroup.attached:
+        return
     hwpt = igroup.hwpt
-    if hwpt is None:
-        return
+    igroup.attached.remove(idev)
+    if not igroup.attached:
+        igroup.group.set_domain(igroup.group.blocking_domain)
+        igroup.hwpt = None
     hwpt.ioas.iopt.remove_reserved(idev)
-    # Devices of the group share the attachment: it ends with the last of them.
-    if any(d is not idev and d.id in idev.ctx.objects for d in igroup.devices):
-        return
-    igroup.group.set_domain(igroup.group.blocking_domain)
-    igroup.hwpt = None
     _put_hwpt(idev.ctx, hwpt)
 
 

@@ -114,7 +114,10 @@ async def hwpt_alloc(ucmd: Ucmd) -> int:
     ):
         raise Errno(errno.EINVAL)
     idev = get_idev(ctx, cmd.dev_id)
-    pt = ctx.get(cmd.pt_id)
+    try:
+        pt = ctx.get(cmd.pt_id)
+    except Errno:
+        raise Errno(errno.EINVAL) from None  # mainline: an unknown pt_id is EINVAL, not ENOENT
     with ctx.hold(idev), ctx.hold(pt):
         if isinstance(pt, Ioas):
             user_data = None

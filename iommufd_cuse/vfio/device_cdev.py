@@ -41,6 +41,7 @@ DEVICE_IOCTLS = {
     u.VFIO_DEVICE_PCI_HOT_RESET,
     u.VFIO_DEVICE_IOEVENTFD,
 }
+U32_MAX = (1 << 32) - 1
 FEATURE_FLAGS = u.VFIO_DEVICE_FEATURE_MASK | u.VFIO_DEVICE_FEATURE_SET | u.VFIO_DEVICE_FEATURE_GET | u.VFIO_DEVICE_FEATURE_PROBE
 
 
@@ -105,8 +106,8 @@ class VfioDeviceFile(FileHandle):
                 raise Errno(errno.EINVAL)
             # A VF token only means something to an SR-IOV PF/VF; these are neither.
             raise Errno(errno.EINVAL)
-        if self.idev is not None or self._busy or self.vdev.in_use:
-            raise Errno(errno.EINVAL)  # a device is bound once (the cdev has no shared open)
+        if self.idev is not None or self._busy:
+            raise Errno(errno.EINVAL)  # this file is bound already
         if self.device.driver != VFIO_DRIVER:
             raise Errno(errno.ENODEV)
         self._busy = True
@@ -114,6 +115,11 @@ class VfioDeviceFile(FileHandle):
             fd = caller.fetch_fd(bind.iommufd)
             try:
                 ctx = await self._context_of(fd)
+                # vfio_df_open: bound through another open of the cdev (which has no
+                # shared opens) is EINVAL, after the iommufd was looked up. No await
+                # from here to enable(), so two opens cannot both get past this.
+                if self.vdev.in_use:
+                    raise Errno(errno.EINVAL)
                 idev = iommufd_device.bind(ctx, self.device)
             except BaseException:
                 os.close(fd)
@@ -132,8 +138,9 @@ class VfioDeviceFile(FileHandle):
 
     async def _context_of(self, fd: int) -> Context:
         """Which context the fetched iommufd file is: EBADFD if it is not one of ours."""
-        st = os.fstat(fd)
-        if st.st_ino not in self.iommufd_inodes or not _on_our_mount(fd):
+        # Not fstat(): on a file of our own mount whose attributes are not cached it
+        # sends GETATTR to this very loop, which would wait for itself forever.
+        if _fd_ino(fd) not in self.iommufd_inodes or not _on_our_mount(fd):
             raise Errno(errno.EBADFD)
         nonce = secrets.randbits(63)
         registry = IommufdFile.identify_waiting
@@ -263,29 +270,44 @@ class VfioDeviceFile(FileHandle):
         s = u.vfio_irq_set
         hdr = s.unpack(caller.read(arg, s.SIZE))
         irqs = self.vdev.irqs
-        if hdr.argsz < s.SIZE or hdr.index >= NUM_IRQS:
-            raise Errno(errno.EINVAL)
-        if hdr.flags & ~(u.VFIO_IRQ_SET_DATA_TYPE_MASK | u.VFIO_IRQ_SET_ACTION_TYPE_MASK):
-            raise Errno(errno.EINVAL)
-        size = {u.VFIO_IRQ_SET_DATA_NONE: 0, u.VFIO_IRQ_SET_DATA_BOOL: 1, u.VFIO_IRQ_SET_DATA_EVENTFD: 4}.get(
-            hdr.flags & u.VFIO_IRQ_SET_DATA_TYPE_MASK
-        )
-        if size is None or hdr.flags & u.VFIO_IRQ_SET_ACTION_TYPE_MASK not in (
-            u.VFIO_IRQ_SET_ACTION_MASK,
-            u.VFIO_IRQ_SET_ACTION_UNMASK,
-            u.VFIO_IRQ_SET_ACTION_TRIGGER,
+        # vfio_set_irqs_validate_and_prepare, in its order
+        if (
+            hdr.argsz < s.SIZE
+            or hdr.index >= NUM_IRQS
+            or hdr.count >= U32_MAX - hdr.start
+            or hdr.flags & ~(u.VFIO_IRQ_SET_DATA_TYPE_MASK | u.VFIO_IRQ_SET_ACTION_TYPE_MASK)
         ):
             raise Errno(errno.EINVAL)
         max_irqs = irqs.count(hdr.index)
-        if hdr.count:
-            if not max_irqs or hdr.start >= max_irqs or hdr.count > max_irqs - hdr.start:
-                raise Errno(errno.EINVAL)
+        if hdr.start >= max_irqs or hdr.start + hdr.count > max_irqs:
+            raise Errno(errno.EINVAL)  # even with count 0: an index without irqs takes nothing
+        size = {u.VFIO_IRQ_SET_DATA_NONE: 0, u.VFIO_IRQ_SET_DATA_BOOL: 1, u.VFIO_IRQ_SET_DATA_EVENTFD: 4}.get(
+            hdr.flags & u.VFIO_IRQ_SET_DATA_TYPE_MASK
+        )
+        if size is None:
+            raise Errno(errno.EINVAL)
         data_size = hdr.count * size
         if hdr.argsz - s.SIZE < data_size:
             raise Errno(errno.EINVAL)
         data = bytes(caller.read(arg + s.SIZE, data_size)) if data_size else b""
+        # vfio_pci_set_irqs_ioctl: no handler for anything but exactly one action
+        if hdr.flags & u.VFIO_IRQ_SET_ACTION_TYPE_MASK not in (
+            u.VFIO_IRQ_SET_ACTION_MASK,
+            u.VFIO_IRQ_SET_ACTION_UNMASK,
+            u.VFIO_IRQ_SET_ACTION_TRIGGER,
+        ):
+            raise Errno(errno.ENOTTY)
         irqs.set_irqs(hdr.flags, hdr.index, hdr.start, hdr.count, data, caller)
         return 0
+
+
+def _fd_ino(fd: int) -> int | None:
+    """The inode number of an open file, from /proc (no request to any file system)."""
+    try:
+        with open(f"/proc/self/fdinfo/{fd}") as f:
+            return next(int(line.split()[1]) for line in f if line.startswith("ino:"))
+    except (OSError, StopIteration, ValueError):
+        return None
 
 
 def _on_our_mount(fd: int) -> bool:
