@@ -47,3 +47,19 @@ async def test_ioas_alloc_reports_errors(daemon, ioas_alloc: Path, tmp_path: Pat
     p = await run([ioas_alloc, tmp_path / "missing"], check=False)
     assert p.returncode == 1
     assert "No such file or directory" in p.stderr.decode()
+
+
+async def test_readme_c_example(daemon, tmp_path: Path) -> None:
+    """The C program printed in the README compiles and allocates and destroys an IOAS."""
+    import re
+
+    readme = (ROOT / "README.md").read_text()
+    code = re.search(r"```c\n(.*?)```", readme, re.S).group(1)
+    node = str(Path(daemon.dev_dir) / "iommu")
+    src = tmp_path / "readme.c"
+    src.write_text(code.replace('"/dev/iommu"', f'"{node}"'))
+    exe = tmp_path / "readme"
+    subprocess.run(["cc", "-Wall", "-Werror", f"-I{INCLUDE}", "-o", str(exe), str(src)], check=True)
+    p = await run([exe])
+    assert p.stdout.decode() == "ioas 1\n"
+    await wait_until(lambda: not daemon.system.contexts, what="context released at exit")
