@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from .._native import ffi, lib
 from ..system import PAGE_SIZE, System, memlock_limit_pages
 from ..transport.caller import CAP_IPC_LOCK, Caller, Errno, memlock_limit_of
+from ..transport.mount import fd_on_our_mount
 from .main import AccountMode
 
 log = logging.getLogger(__name__)
@@ -302,6 +303,9 @@ class FilePages(Pages):
         self._resources.append(file_fd)
 
     def resolve(self, first: int, n: int) -> None:
+        if fd_on_our_mount(self.file_fd):
+            # Not shmem; and fstat() on a file of our own mount would wait for ourselves.
+            raise Errno(errno.EINVAL, "not a memfd")
         st = os.fstat(self.file_fd)
         # The kernel pins file folios with memfd_pin_folios(): shmem or hugetlbfs only.
         if not stat.S_ISREG(st.st_mode):

@@ -38,6 +38,7 @@ from ..iommu.core import Device, Group, Iommu
 from ..iommu.domain import PagingDomain
 from ..system import PAGE_SIZE
 from ..transport.caller import Errno
+from ..transport.mount import fd_inode, fd_on_our_mount
 from ..transport.nodes import FileHandle
 from . import device as device_mod
 from .hw_pagetable import HwptPaging, UserData
@@ -432,6 +433,8 @@ class _AddressSpace:
 
 
 def _file_key(fd: int) -> tuple:
+    if fd_on_our_mount(fd):
+        raise Errno(errno.EINVAL)  # not memory; and fstat() there would ask ourselves
     st = os.fstat(fd)
     return ("file", (os.major(st.st_dev), os.minor(st.st_dev)), st.st_ino)
 
@@ -887,15 +890,13 @@ async def _get_access(t: SelftestCall, fd: int) -> SelftestAccess:
     no fd or a file that is not an access."""
     import secrets
 
-    from ..vfio.device_cdev import _on_our_mount
-
     try:
         dup = t.ucmd.caller.fetch_fd(fd)
     except Errno:
         raise Errno(errno.EBADFD) from None
     try:
         ino = getattr(t.system, "selftest_access_ino", None)
-        if ino is None or os.fstat(dup).st_ino != ino or not _on_our_mount(dup):
+        if ino is None or not fd_on_our_mount(dup) or fd_inode(dup) != ino:
             raise Errno(errno.EBADFD)
         nonce = secrets.randbits(31)
         AccessFile.identify_waiting[nonce] = None

@@ -67,3 +67,36 @@ def mounted_here(mountpoint: str) -> bool:
 
 def _unescape(path: str) -> str:
     return path.replace("\\040", " ").replace("\\011", "\t").replace("\\012", "\n").replace("\\134", "\\")
+
+
+def _fdinfo(fd: int, key: str) -> int | None:
+    try:
+        with open(f"/proc/self/fdinfo/{fd}") as f:
+            for line in f:
+                if line.startswith(key + ":"):
+                    return int(line.split()[1])
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def fd_inode(fd: int) -> int | None:
+    """The inode number of an open file, from /proc: unlike fstat() no request
+    reaches the file's file system (which, for our own mount, is us)."""
+    return _fdinfo(fd, "ino")
+
+
+def fd_on_our_mount(fd: int) -> bool:
+    """Whether an open file lives on a file system of this daemon (any mount of
+    it). Such a file must never be touched by a daemon thread: see loopback.py."""
+    mnt_id = _fdinfo(fd, "mnt_id")
+    if mnt_id is None:
+        return False
+    try:
+        with open("/proc/self/mountinfo") as f:
+            for line in f:
+                if line.split(maxsplit=1)[0] == str(mnt_id):
+                    return f" - fuse.{FSNAME} " in line
+    except OSError:
+        pass
+    return False

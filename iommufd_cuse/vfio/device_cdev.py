@@ -24,6 +24,7 @@ from ..iommufd import device as iommufd_device
 from ..iommufd.main import Context, IommufdFile
 from ..transport.caller import Caller, Errno
 from ..transport.loopback import loopback_ioctl
+from ..transport.mount import fd_inode, fd_on_our_mount
 from ..transport.nodes import FileHandle
 from ..transport.protocol import FOPEN_DIRECT_IO
 from .pci.core import ERR, NUM_IRQS, NUM_REGIONS, REGION_SHIFT, VfioPciDevice
@@ -140,7 +141,7 @@ class VfioDeviceFile(FileHandle):
         """Which context the fetched iommufd file is: EBADFD if it is not one of ours."""
         # Not fstat(): on a file of our own mount whose attributes are not cached it
         # sends GETATTR to this very loop, which would wait for itself forever.
-        if _fd_ino(fd) not in self.iommufd_inodes or not _on_our_mount(fd):
+        if fd_inode(fd) not in self.iommufd_inodes or not fd_on_our_mount(fd):
             raise Errno(errno.EBADFD)
         nonce = secrets.randbits(63)
         registry = IommufdFile.identify_waiting
@@ -299,26 +300,3 @@ class VfioDeviceFile(FileHandle):
             raise Errno(errno.ENOTTY)
         irqs.set_irqs(hdr.flags, hdr.index, hdr.start, hdr.count, data, caller)
         return 0
-
-
-def _fd_ino(fd: int) -> int | None:
-    """The inode number of an open file, from /proc (no request to any file system)."""
-    try:
-        with open(f"/proc/self/fdinfo/{fd}") as f:
-            return next(int(line.split()[1]) for line in f if line.startswith("ino:"))
-    except (OSError, StopIteration, ValueError):
-        return None
-
-
-def _on_our_mount(fd: int) -> bool:
-    try:
-        with open(f"/proc/self/fdinfo/{fd}") as f:
-            mnt_id = next(int(line.split()[1]) for line in f if line.startswith("mnt_id:"))
-        with open("/proc/self/mountinfo") as f:
-            for line in f:
-                parts = line.split()
-                if int(parts[0]) == mnt_id:
-                    return " - fuse.iommufd-cuse " in line
-    except (OSError, StopIteration, ValueError):
-        pass
-    return False

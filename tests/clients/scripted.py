@@ -13,7 +13,7 @@ import resource
 import sys
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-from pyclient import IoctlError, IommufdSync, addr_of  # noqa: E402
+from pyclient import IoctlError, IommufdSync, VfioDeviceSync, addr_of  # noqa: E402
 
 from iommufd_cuse import uapi  # noqa: E402
 
@@ -24,6 +24,12 @@ memfds: dict[str, int] = {}
 
 def op_open(path: str, name: str = "fd") -> dict:
     fds[name] = IommufdSync.open(path)
+    return {"fdnum": fds[name].fd}
+
+
+def op_open_device(path: str, name: str = "dev") -> dict:
+    """Open a VFIO device cdev; call its VfioDeviceSync methods with fd=name."""
+    fds[name] = VfioDeviceSync.open(path)
     return {"fdnum": fds[name].fd}
 
 

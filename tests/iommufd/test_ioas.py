@@ -544,3 +544,13 @@ async def test_change_process(daemon, scripted):
         while daemon.system.contexts:
             await trio.sleep(0.01)
     assert not acct.mm and daemon.system.pinned_pages() == 0
+
+
+async def test_map_file_of_our_own_node_is_refused_without_hanging(daemon, fd):
+    """A file of the daemon's own mount passed to MAP_FILE: EINVAL (not shmem), and
+    never a request from the daemon to itself (its attributes are no longer cached)."""
+    ioas = await fd.ioas_alloc()
+    await attach_domain(daemon, ioas)
+    await trio.sleep(1.2)  # past the attribute cache: fstat() would now ask the daemon
+    with trio.fail_after(10):
+        await expect_errno(errno.EINVAL, fd.map_file(ioas, fd.fd, 0, 0x1000))
