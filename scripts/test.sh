@@ -16,6 +16,6 @@ mountpoint -q "$fusectl" || mount -t fusectl fusectl "$fusectl" 2>/dev/null || t
     for c in "$fusectl"/*/abort; do [ -e "$c" ] && echo 1 >"$c"; done
 ) &
 watchdog=$!
-trap 'kill $watchdog 2>/dev/null || true' EXIT
+trap 'pkill -P $watchdog 2>/dev/null; kill $watchdog 2>/dev/null || true' EXIT
 
 .venv/bin/python -m pytest -q -p no:cacheprovider "$@"
