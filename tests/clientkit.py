@@ -14,7 +14,7 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 
 import trio
-from conftest import make_daemon, scratch_dir
+from harness import make_daemon, scratch_dir
 
 from iommufd_cuse import config
 from iommufd_cuse.daemon import Daemon

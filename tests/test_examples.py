@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 from clientkit import wait_until
-from conftest import INCLUDE, NOBODY, ROOT, run, scratch_dir
+from harness import INCLUDE, NOBODY, ROOT, run, scratch_dir
 
 EXAMPLES = ROOT / "examples"
 

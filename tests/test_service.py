@@ -28,7 +28,7 @@ from pathlib import Path
 
 import pytest
 import trio
-from conftest import NOBODY, ROOT, scratch_dir
+from harness import NOBODY, ROOT, scratch_dir
 from pyclient import IommufdSync
 
 from iommufd_cuse import config, install, service, uapi

@@ -12,7 +12,6 @@ from __future__ import annotations
 import enum
 import errno
 import logging
-import os
 import time
 from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
@@ -350,12 +349,6 @@ class IommufdFile(FileHandle):
     """An open of /dev/iommu: struct file -> iommufd_ctx."""
 
     open_flags = FOPEN_DIRECT_IO | FOPEN_NONSEEKABLE
-    # The daemon's own question "which context is this file?", asked on a
-    # descriptor it fetched from a client (VFIO_DEVICE_BIND_IOMMUFD), by a child
-    # of the daemon (transport.loopback) with a one-time random nonce. Anyone
-    # else gets the answer for an unknown ioctl.
-    IDENTIFY = uapi._IO(uapi.IOMMUFD_TYPE, 0xEF)
-    identify_waiting: dict[int, Context | None] = {}
 
     def __init__(self, system: System, caller: Caller, account_mode: AccountMode = AccountMode.USER) -> None:
         self.ctx = Context(system, caller, account_mode)
@@ -365,9 +358,6 @@ class IommufdFile(FileHandle):
     def ioctl(self, req: Request, cmd: int, arg: int) -> int | Awaitable[int]:
         if self.table.in_range(cmd):
             return self.table.dispatch(self.ctx, req.caller, cmd, arg)
-        if cmd == self.IDENTIFY and arg in self.identify_waiting and _from_our_child(req.caller):
-            self.identify_waiting[arg] = self.ctx
-            return 0
         # Outside the table: the VFIO type1 container ioctls.
         from .vfio_compat import vfio_ioctl
 
@@ -376,10 +366,3 @@ class IommufdFile(FileHandle):
     def release(self) -> None:
         self.ctx.destroy_all()
         self.ctx.system.contexts.discard(self.ctx)
-
-
-def _from_our_child(caller: Caller) -> bool:
-    try:
-        return int(caller.status()["PPid"]) == os.getpid()
-    except (OSError, KeyError, ValueError):
-        return False

@@ -38,6 +38,7 @@ from ..iommu.core import Device, Group, Iommu
 from ..iommu.domain import PagingDomain
 from ..system import PAGE_SIZE
 from ..transport.caller import Errno
+from ..transport.loopback import identify
 from ..transport.mount import fd_inode, fd_on_our_mount
 from ..transport.nodes import FileHandle
 from . import device as device_mod
@@ -698,7 +699,6 @@ ACCESS_NODE = "iommufd-selftest/access"
 COMPANION_MAGIC = 0x49435553  # "ICUS"
 ACCESS_TOKEN_BASE = 0x40000000  # tokens are never fd numbers
 ACCESS_CLAIM = uapi._IO(uapi.IOMMUFD_TYPE, 0xE0)  # on ACCESS_NODE, arg: the token
-ACCESS_IDENTIFY = uapi._IO(uapi.IOMMUFD_TYPE, 0xE2)  # the daemon's own question to an access file
 
 
 @dataclass
@@ -850,16 +850,11 @@ class AccessFile(FileHandle):
     """An open of ACCESS_NODE: the file of one access once claimed (its close
     destroys the access, as the kernel's staccess release)."""
 
-    identify_waiting: dict[int, AccessFile | None] = {}
-
     def __init__(self, system: Any) -> None:
         self.system = system
         self.access: SelftestAccess | None = None
 
     def ioctl(self, req: Any, cmd: int, arg: int) -> int:
-        if cmd == ACCESS_IDENTIFY and arg in self.identify_waiting and req.caller.tgid == os.getpid():
-            self.identify_waiting[arg] = self
-            return 0
         if cmd == ACCESS_CLAIM:
             pending = _pending_accesses(self.system)
             entry = pending.get(arg)
@@ -876,20 +871,9 @@ class AccessFile(FileHandle):
             self.access.close()
 
 
-def _identify_access(fd: int, nonce: int) -> None:
-    import fcntl
-
-    try:
-        fcntl.ioctl(fd, ACCESS_IDENTIFY, nonce)
-    except OSError:
-        pass
-
-
 async def _get_access(t: SelftestCall, fd: int) -> SelftestAccess:
     """iommufd_access_get: the access whose file the caller has as fd; EBADFD for
     no fd or a file that is not an access."""
-    import secrets
-
     try:
         dup = t.ucmd.caller.fetch_fd(fd)
     except Errno:
@@ -898,17 +882,10 @@ async def _get_access(t: SelftestCall, fd: int) -> SelftestAccess:
         ino = getattr(t.system, "selftest_access_ino", None)
         if ino is None or not fd_on_our_mount(dup) or fd_inode(dup) != ino:
             raise Errno(errno.EBADFD)
-        nonce = secrets.randbits(31)
-        AccessFile.identify_waiting[nonce] = None
-        try:
-            await trio.to_thread.run_sync(_identify_access, dup, nonce)
-            fh = AccessFile.identify_waiting[nonce]
-        finally:
-            AccessFile.identify_waiting.pop(nonce, None)
+        fh = await identify(dup)
     finally:
-        # Closing a file of our own mount sends FLUSH to ourselves: off the loop.
-        await trio.to_thread.run_sync(os.close, dup)
-    if fh is None or fh.access is None:
+        os.close(dup)  # closing a file of our own mount never waits for us (no FLUSH)
+    if not isinstance(fh, AccessFile) or fh.access is None:
         raise Errno(errno.EBADFD)
     return fh.access
 

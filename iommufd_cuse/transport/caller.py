@@ -81,6 +81,12 @@ class Caller:
     def tgid(self) -> int:
         return int(self.status()["Tgid"])
 
+    def ppid(self) -> int:
+        try:
+            return int(self.status()["PPid"])
+        except (Errno, KeyError, ValueError):
+            return -1
+
     def capable(self, cap: int) -> bool:
         """The kernel's capable(cap): the calling thread's effective set, which only
         counts in the daemon's own user namespace (capable() asks the initial one;

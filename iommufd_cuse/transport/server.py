@@ -18,6 +18,7 @@ import trio
 
 from . import protocol as P
 from .caller import Caller, Errno
+from .loopback import IDENTIFY, answer_identify
 from .nodes import FileHandle, Node, Tree
 
 log = logging.getLogger(__name__)
@@ -273,7 +274,11 @@ class FuseServer:
     def _ioctl(self, req: Request, body: memoryview) -> None:
         fh, flags, cmd, arg, _in_size, _out_size = P.IOCTL_IN.unpack_from(body)
         req.fh = fh
-        result = self._handle(fh).ioctl(req, cmd, arg)
+        handle = self._handle(fh)
+        if cmd == IDENTIFY and answer_identify(cmd, arg, req.caller.ppid, handle):
+            self.reply(req.unique, _pack_ioctl(0))
+            return
+        result = handle.ioctl(req, cmd, arg)
         self._answer(req, result, _pack_ioctl)
 
     def _read(self, req: Request, body: memoryview) -> None:

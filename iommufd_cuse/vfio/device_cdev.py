@@ -14,7 +14,6 @@ from __future__ import annotations
 import errno
 import logging
 import os
-import secrets
 
 import trio
 
@@ -23,7 +22,7 @@ from ..iommu.core import VFIO_DRIVER, Device
 from ..iommufd import device as iommufd_device
 from ..iommufd.main import Context, IommufdFile
 from ..transport.caller import Caller, Errno
-from ..transport.loopback import loopback_ioctl
+from ..transport.loopback import identify
 from ..transport.mount import fd_inode, fd_on_our_mount
 from ..transport.nodes import FileHandle
 from ..transport.protocol import FOPEN_DIRECT_IO
@@ -143,14 +142,8 @@ class VfioDeviceFile(FileHandle):
         # sends GETATTR to this very loop, which would wait for itself forever.
         if fd_inode(fd) not in self.iommufd_inodes or not fd_on_our_mount(fd):
             raise Errno(errno.EBADFD)
-        nonce = secrets.randbits(63)
-        registry = IommufdFile.identify_waiting
-        registry[nonce] = None
-        try:
-            await loopback_ioctl(fd, IommufdFile.IDENTIFY, nonce)
-            ctx = registry[nonce]
-        finally:
-            registry.pop(nonce, None)
+        handle = await identify(fd)
+        ctx = handle.ctx if isinstance(handle, IommufdFile) else None
         if ctx is None:
             raise Errno(errno.EBADFD)
         return ctx

@@ -26,7 +26,7 @@ from clientkit import (
     parse_steps,
     wait_until,
 )
-from conftest import SHARED, run
+from harness import SHARED, run
 
 from iommufd_cuse.transport import caller as caller_mod
 

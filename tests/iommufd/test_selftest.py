@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import trio
 from clientkit import Step, mismatches, parse_steps, wait_until
-from conftest import run, scratch_dir
+from harness import run, scratch_dir
 
 from iommufd_cuse import config, uapi
 from iommufd_cuse.daemon import Daemon

@@ -7,7 +7,7 @@ import os
 
 import pytest
 from clientkit import parse_steps
-from conftest import run
+from harness import run
 
 OK = 0
 

@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 import trio
 from clientkit import NOBODY, config_daemon, mismatches, parse_steps
-from conftest import run, scratch_dir
+from harness import run, scratch_dir
 
 OTHER = 65533  # a uid/gid that owns nothing
 

@@ -456,12 +456,12 @@ async def test_bind_does_not_stat_the_iommufd_on_the_event_loop(daemon, monkeypa
     that very loop once the attribute cache (1 s) has expired, and the daemon waits for
     itself forever: a client that opened /dev/iommu more than a second before BIND (as
     QEMU does) hung the daemon. BIND identifies the iommufd without it."""
-    from iommufd_cuse.vfio import device_cdev
+    from iommufd_cuse.transport.mount import fd_on_our_mount
 
     real_fstat = os.fstat
 
     def fstat(fd, *args, **kw):  # noqa: ANN001, ANN002, ANN003, ANN202
-        if threading.current_thread() is threading.main_thread() and device_cdev._on_our_mount(fd):
+        if threading.current_thread() is threading.main_thread() and fd_on_our_mount(fd):
             raise AssertionError("fstat() of a file of the daemon's own mount on the event loop")
         return real_fstat(fd, *args, **kw)
 
