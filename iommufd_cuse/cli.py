@@ -133,6 +133,26 @@ def cmd_set_driver(args: argparse.Namespace) -> int:
     return 0
 
 
+def companion_path() -> str:
+    """The LD_PRELOAD companion of the test mode, built with the package."""
+    import glob
+
+    here = os.path.dirname(os.path.abspath(__file__))
+    found = sorted(glob.glob(os.path.join(here, "libiommufd_selftest_preload*.so")))
+    if not found:
+        raise FileNotFoundError("the companion library was not built with this package")
+    return found[0]
+
+
+def cmd_companion(args: argparse.Namespace) -> int:
+    try:
+        print(companion_path())
+    except FileNotFoundError as e:
+        _error(e)
+        return 1
+    return 0
+
+
 def cmd_install(args: argparse.Namespace) -> int:
     from . import install
 
@@ -204,6 +224,13 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("driver")
     s.add_argument("--control-socket", default=config_mod.DEFAULT_CONTROL_SOCKET, help="the daemon's control socket")
     s.set_defaults(func=cmd_set_driver)
+
+    s = sub.add_parser(
+        "companion",
+        help="print the path of the LD_PRELOAD library that lets unmodified selftest clients "
+        "receive access fds (see docs/selftest.md)",
+    )
+    s.set_defaults(func=cmd_companion)
 
     s = sub.add_parser("install", help="install the systemd unit and the default configuration")
     s.add_argument("--root", default="/", help="install under this directory (default /)")

@@ -489,13 +489,15 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="session")
-def preload(tmp_path_factory) -> Path:  # noqa: ANN001
-    """tools/iommufd_selftest_preload.c built as a shared library."""
-    out = tmp_path_factory.mktemp("preload") / "libiommufd_selftest_preload.so"
-    subprocess.run(["cc", "-shared", "-fPIC", "-O2", "-Wall", "-Werror", f"-I{ROOT / 'include'}", "-o", str(out),
-                    str(ROOT / "tools" / "iommufd_selftest_preload.c"), "-ldl"], check=True)
-    out.parent.chmod(0o755)
-    return out
+def preload() -> Path:
+    """The companion as the package installs it (`iommufd-cuse companion`)."""
+    import sys
+
+    exe = Path(sys.executable).parent / "iommufd-cuse"
+    out = subprocess.run([str(exe), "companion"], capture_output=True, text=True, check=True)
+    path = Path(out.stdout.strip())
+    assert path.is_file(), path
+    return path
 
 
 async def test_access_with_companion(selftest_daemon, cbuild, preload):
