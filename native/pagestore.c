@@ -667,15 +667,15 @@ static int proc_rw_vm(int fd, void *buf, uint64_t n, uint64_t addr, int write)
 	return 0;
 }
 
-static int proc_read(int fd, void *buf, uint64_t n, uint64_t addr)
+static int proc_rw(int fd, void *buf, uint64_t n, uint64_t addr, int write)
 {
 	char *p = buf;
-	int ret = proc_rw_vm(fd, buf, n, addr, 0);
+	int ret = proc_rw_vm(fd, buf, n, addr, write);
 
 	if (ret >= 0 || ret == -ESRCH)
 		return ret;
 	while (n) {
-		ssize_t r = pread(fd, p, n, (off_t)addr);
+		ssize_t r = write ? pwrite(fd, p, n, (off_t)addr) : pread(fd, p, n, (off_t)addr);
 
 		if (r < 0 && errno == EINTR)
 			continue;
@@ -688,25 +688,14 @@ static int proc_read(int fd, void *buf, uint64_t n, uint64_t addr)
 	return 0;
 }
 
+static int proc_read(int fd, void *buf, uint64_t n, uint64_t addr)
+{
+	return proc_rw(fd, buf, n, addr, 0);
+}
+
 static int proc_write(int fd, const void *buf, uint64_t n, uint64_t addr)
 {
-	const char *p = buf;
-	int ret = proc_rw_vm(fd, (void *)buf, n, addr, 1);
-
-	if (ret >= 0 || ret == -ESRCH)
-		return ret;
-	while (n) {
-		ssize_t r = pwrite(fd, p, n, (off_t)addr);
-
-		if (r < 0 && errno == EINTR)
-			continue;
-		if (r <= 0)
-			return -ESRCH;
-		p += r;
-		n -= r;
-		addr += r;
-	}
-	return 0;
+	return proc_rw(fd, (void *)buf, n, addr, 1);
 }
 
 int icuse_span_copy(const struct icuse_span *d, const struct icuse_span *s, uint64_t n,

@@ -398,6 +398,24 @@ class IoPagetable:
             self._check_alignment(align)
         self.iova_alignment = align
 
+    def set_large_pages(self, enable: bool) -> None:
+        """iopt_enable/disable_large_pages. Disabling is refused (EINVAL) while
+        domains hold mappings: their large IOPTEs could no longer be split."""
+        if enable:
+            self.disable_large_pages = False
+            self.calculate_iova_alignment()
+            return
+        if self.disable_large_pages:
+            return
+        if self.domains and self.areas:
+            raise Errno(errno.EINVAL)
+        self.disable_large_pages = True
+        try:
+            self.calculate_iova_alignment()
+        except BaseException:
+            self.disable_large_pages = False
+            raise
+
     async def add_domain(self, domain: PagingDomain) -> None:
         """iopt_table_add_domain: reserve outside the aperture, load every area."""
         new_align = max(domain.granule, self.iova_alignment)

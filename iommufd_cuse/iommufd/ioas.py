@@ -233,23 +233,10 @@ def option_huge_pages(ucmd: Ucmd) -> int:
     if cmd.op == uapi.IOMMU_OPTION_OP_SET:
         if iopt.lock.locked():
             raise Errno(errno.EBUSY)
-        if cmd.val64 == 0:
-            if iopt.disable_large_pages:
-                return 0
-            if iopt.domains and iopt.areas:
-                raise Errno(errno.EINVAL)
-            iopt.disable_large_pages = True
-            try:
-                iopt.calculate_iova_alignment()
-            except BaseException:
-                iopt.disable_large_pages = False
-                raise
-            return 0
-        if cmd.val64 == 1:
-            iopt.disable_large_pages = False
-            iopt.calculate_iova_alignment()
-            return 0
-        raise Errno(errno.EINVAL)
+        if cmd.val64 not in (0, 1):
+            raise Errno(errno.EINVAL)
+        iopt.set_large_pages(bool(cmd.val64))
+        return 0
     raise Errno(errno.EOPNOTSUPP)
 
 

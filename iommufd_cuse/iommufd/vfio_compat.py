@@ -90,18 +90,8 @@ def _set_iommu(ctx: Context, type_: int):  # noqa: ANN202
 
     async def disable_large_pages() -> int:
         # v1 may unmap inside a mapping: only page-sized IOPTEs can be split.
-        iopt = ioas.iopt
-        async with iopt.lock:
-            if iopt.disable_large_pages:
-                return 0
-            if iopt.domains and iopt.areas:
-                raise Errno(errno.EINVAL)
-            iopt.disable_large_pages = True
-            try:
-                iopt.calculate_iova_alignment()
-            except BaseException:
-                iopt.disable_large_pages = False
-                raise
+        async with ioas.iopt.lock:
+            ioas.iopt.set_large_pages(False)
         return 0
 
     return disable_large_pages()
