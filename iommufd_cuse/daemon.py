@@ -108,7 +108,7 @@ class Daemon:
             dev = Device(dc, group, iommu, driver="none")
             group.devices.append(dev)
             try:
-                dev.bind_driver(dc.driver)
+                dev.bind_driver(dc.driver, quiet=True)
             except OSError as e:
                 raise StartupError(f"{dc.bdf}: driver {dc.driver}: {e.strerror}") from None
             try:

@@ -173,8 +173,9 @@ class Device:
     def bdf(self) -> str:
         return self.cfg.bdf
 
-    def bind_driver(self, driver: str) -> None:
-        """Runtime driver change (unbind the current one, bind the new one)."""
+    def bind_driver(self, driver: str, *, quiet: bool = False) -> None:
+        """Driver change (unbind the current one, bind the new one); quiet for the
+        drivers of the configuration at start-up."""
         if driver == self.driver:
             return
         if self.driver == VFIO_DRIVER and self.vfio is not None and getattr(self.vfio, "in_use", False):
@@ -183,7 +184,7 @@ class Device:
             self.group.use_default_domain()
         if self.driver not in NON_DMA_DRIVERS:
             self.group.unuse_default_domain()
-        log.info("%s: driver %s -> %s", self.bdf, self.driver, driver)
+        (log.debug if quiet else log.info)("%s: driver %s -> %s", self.bdf, self.driver, driver)
         self.driver = driver
 
     def status(self) -> dict:
