@@ -97,6 +97,14 @@ def op_call(method: str, fd: str = "fd", **kw) -> dict:
     return {"result": result}
 
 
+def op_catch_sigusr1() -> dict:
+    """A handler (without SA_RESTART): a blocked ioctl returns EINTR when signalled."""
+    import signal
+
+    signal.signal(signal.SIGUSR1, lambda *_: None)
+    return {}
+
+
 def op_close(name: str = "fd") -> dict:
     fds.pop(name).close()
     return {}

@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import mmap
 import os
+import signal
 
 import pytest
 import trio
@@ -554,3 +555,42 @@ async def test_map_file_of_our_own_node_is_refused_without_hanging(daemon, fd):
     await trio.sleep(1.2)  # past the attribute cache: fstat() would now ask the daemon
     with trio.fail_after(10):
         await expect_errno(errno.EINVAL, fd.map_file(ioas, fd.fd, 0, 0x1000))
+
+
+async def test_interrupted_map_returns_eintr_and_leaves_nothing(daemon, scripted, monkeypatch):
+    """A client signalled while its IOAS_MAP is being loaded into the domains gets
+    EINTR (FUSE_INTERRUPT cancels the work), and the half-made mapping is undone."""
+    from iommufd_cuse.iommufd.io_pagetable import IoPagetable
+
+    gate_reached = trio.Event()
+    original = IoPagetable._map_into
+
+    async def slow_map_into(self, area, domain):  # noqa: ANN001, ANN202
+        gate_reached.set()
+        await trio.sleep_forever()  # a long load, cut short only by the interrupt
+        await original(self, area, domain)
+
+    c = await scripted()
+    await c.ok("catch_sigusr1")
+    await c.ok("open", path=os.path.join(daemon.dev_dir, "iommu"))
+    ioas = await c.call("ioas_alloc")
+    await attach_domain(daemon, ioas)
+    await c.ok("mmap", name="a", size=1 << 20)
+    monkeypatch.setattr(IoPagetable, "_map_into", slow_map_into)
+    async with trio.open_nursery() as nursery:
+        result: dict = {}
+
+        async def do_map() -> None:
+            result.update(await c.do("call", method="map", ioas=ioas, buf="a", length=1 << 20))
+
+        nursery.start_soon(do_map)
+        with trio.fail_after(10):
+            await gate_reached.wait()
+        assert daemon.system.pinned_pages() == 256  # pinned, loading
+        os.kill(c.proc.pid, signal.SIGUSR1)
+    assert result == {"errno": errno.EINTR}
+    io = context(daemon).get(ioas).iopt
+    assert io.areas == [] and daemon.system.pinned_pages() == 0
+    assert not io.lock.locked()
+    monkeypatch.undo()
+    assert await c.call("map", ioas=ioas, buf="a", length=1 << 20) > 0  # the IOAS still works
