@@ -147,47 +147,36 @@ static int side_check(struct icuse_store *st, const struct xside *x, uint64_t n,
 static int do_chunk(struct icuse_store *st, struct xside *s, struct xside *d, uint64_t *np,
 		    int all_or_nothing, uint64_t *fault_off, int *fault_dst)
 {
+	struct xside *sides[2] = { s, d };
 	struct cursor sc = { .x = s }, dc = { .x = d };
 	uint64_t n = *np, ok, f = 0, done;
 	int64_t ret;
-	int err, edst, dst_failed;
+	int err, edst, dst_failed, i;
 
 	lock_pts(s->pt, d->pt);
-	for (;;) {
-		/* The source first: the destination then only gets its dirty
-		 * bits for what can actually be written. A side that faults is
-		 * translated again up to the fault: that part is accessed (and
-		 * needs its segments), unless the chunk moves nothing at all. */
-		err = 0;
-		edst = 0;
-		ok = n;
-		ret = side_translate(s, n, &f);
+retry:
+	/* The source first: the destination then only gets its dirty bits for
+	 * what can actually be written. A side that faults is translated again
+	 * up to the fault: that part is accessed (and needs its segments),
+	 * unless the chunk moves nothing at all. */
+	err = 0;
+	edst = 0;
+	ok = n;
+	for (i = 0; i < 2; i++) {
+		ret = side_translate(sides[i], ok, &f);
 		if (ret == -ENOSPC) {
 			n = (n + 1) / 2;
-			continue;
+			goto retry;
 		}
 		if (ret < 0) {
 			err = ret;
 			ok = f;
+			edst = i; /* 1: the destination */
 			if (all_or_nothing || !ok)
 				goto out_pts;
 			/* The prefix fitted in the segments the first time. */
-			side_translate(s, ok, &f);
+			side_translate(sides[i], ok, &f);
 		}
-		ret = side_translate(d, ok, &f);
-		if (ret == -ENOSPC) {
-			n = (n + 1) / 2;
-			continue;
-		}
-		if (ret < 0) {
-			err = ret;
-			ok = f;
-			edst = 1;
-			if (all_or_nothing || !ok)
-				goto out_pts;
-			side_translate(d, ok, &f);
-		}
-		break;
 	}
 
 	/* The fault reported is the first one in address order; a page check

@@ -8,7 +8,7 @@ import ctypes
 import errno
 import os
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Self
 
 import trio
 
@@ -44,20 +44,46 @@ def addr_of(buf: Any) -> int:
     return ctypes.addressof(ctypes.c_char.from_buffer(buf))
 
 
-class IommufdSync:
-    """One open of an iommufd node, called from a thread or a client process."""
+class IoctlFd:
+    """One open of a node of ours, called from a thread or a client process:
+    ioctls with a struct (raw: the Result; call: the struct, IoctlError if it fails)."""
 
     def __init__(self, fd: int) -> None:
         self.fd = fd
 
     @classmethod
-    def open(cls, path: str | os.PathLike) -> IommufdSync:
+    def open(cls, path: str | os.PathLike) -> Self:
         return cls(os.open(str(path), os.O_RDWR))
 
     def close(self) -> None:
         if self.fd >= 0:
             fd, self.fd = self.fd, -1
             os.close(fd)
+
+    def raw(self, cmd: int, struct: uapi.CStruct, *args: Any, **fields: Any) -> Result:
+        raise NotImplementedError
+
+    def _raw(self, cmd: int, struct: uapi.CStruct, fields: dict[str, Any], word: str | None,
+             size: int | None, extra: bytes) -> Result:
+        """Issue cmd with struct filled from fields, and its size word (the field `word`,
+        None: none) set to size, by default sizeof + the extra bytes appended."""
+        obj = struct.new(**fields)
+        if word is not None:
+            setattr(obj, word, struct.SIZE + len(extra) if size is None else size)
+        data = struct.pack(obj) + extra
+        buf = ctypes.create_string_buffer(data, len(data))
+        rc, err = _ioctl(self.fd, cmd, buf)
+        return Result(rc, err, struct.unpack(buf.raw[: struct.SIZE]))
+
+    def call(self, cmd: int, struct: uapi.CStruct, **fields: Any) -> Any:
+        r = self.raw(cmd, struct, **fields)
+        if r.rc:
+            raise IoctlError(r.errno, os.strerror(r.errno))
+        return r.out
+
+
+class IommufdSync(IoctlFd):
+    """One open of an iommufd node."""
 
     def raw(self, cmd: int, struct: uapi.CStruct, size: int | None = None, extra: bytes = b"", **fields: Any) -> Result:
         """Issue cmd with struct filled from fields; size defaults to sizeof."""
@@ -70,19 +96,9 @@ class IommufdSync:
             word = "argsz"
         else:
             word = "size"
-        obj = struct.new(**fields)
-        if struct.FIELDS.get(word, (None,))[0] == 0:
-            setattr(obj, word, struct.SIZE + len(extra) if size is None else size)
-        data = struct.pack(obj) + extra
-        buf = ctypes.create_string_buffer(data, len(data))
-        rc, err = _ioctl(self.fd, cmd, buf)
-        return Result(rc, err, struct.unpack(buf.raw[: struct.SIZE]))
-
-    def call(self, cmd: int, struct: uapi.CStruct, **fields: Any) -> Any:
-        r = self.raw(cmd, struct, **fields)
-        if r.rc:
-            raise IoctlError(r.errno, os.strerror(r.errno))
-        return r.out
+        if struct.FIELDS.get(word, (None,))[0] != 0:
+            word = None
+        return self._raw(cmd, struct, fields, word, size, extra)
 
     # -- conveniences ------------------------------------------------------------------
     def ioas_alloc(self) -> int:
@@ -167,34 +183,13 @@ class Iommufd:
         return call
 
 
-class VfioDeviceSync:
+class VfioDeviceSync(IoctlFd):
     """One open of a VFIO device cdev."""
 
-    def __init__(self, fd: int) -> None:
-        self.fd = fd
-
-    @classmethod
-    def open(cls, path: str | os.PathLike) -> VfioDeviceSync:
-        return cls(os.open(str(path), os.O_RDWR))
-
-    def close(self) -> None:
-        if self.fd >= 0:
-            fd, self.fd = self.fd, -1
-            os.close(fd)
-
     def raw(self, cmd: int, struct: uapi.CStruct, argsz: int | None = None, extra: bytes = b"", **fields: Any) -> Result:
-        obj = struct.new(**fields)
-        obj.argsz = struct.SIZE + len(extra) if argsz is None else argsz
-        data = struct.pack(obj) + extra
-        buf = ctypes.create_string_buffer(data, len(data))
-        rc, err = _ioctl(self.fd, cmd, buf)
-        return Result(rc, err, struct.unpack(buf.raw[: struct.SIZE]))
-
-    def call(self, cmd: int, struct: uapi.CStruct, **fields: Any) -> Any:
-        r = self.raw(cmd, struct, **fields)
-        if r.rc:
-            raise IoctlError(r.errno, os.strerror(r.errno))
-        return r.out
+        """Issue cmd with struct filled from fields (`size` among them, an ordinary
+        field); argsz defaults to sizeof + extra."""
+        return self._raw(cmd, struct, fields, "argsz", argsz, extra)
 
     def bind(self, iommufd: int) -> int:
         return self.call(uapi.VFIO_DEVICE_BIND_IOMMUFD, uapi.vfio_device_bind_iommufd, iommufd=iommufd).out_devid

@@ -28,47 +28,22 @@ from __future__ import annotations
 import argparse
 import os
 import re
-import shutil
-import signal
 import statistics
 import subprocess
 import sys
-import tempfile
-import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchlib import BIN, ROOT, compile_c, pin, serve_daemon  # noqa: E402
+
 HERE = Path(__file__).resolve().parent
-ROOT = HERE.parents[1]
-BIN = ROOT / "bench" / "bin"
 TARGETS = {"anon": 0.3, "memfd": 0.8}
 RUN_RE = re.compile(r"^run (\d+): .* in ([0-9.]+) ms", re.M)
 
 
 def build() -> tuple[Path, Path]:
-    BIN.mkdir(parents=True, exist_ok=True)
-    memcpy, engine = BIN / "dma_memcpy", BIN / "dma_engine"
-    cc = ["cc", "-O2", "-Wall", "-Wextra", "-Werror", f"-I{ROOT / 'include'}"]
-    subprocess.run([*cc, "-o", str(memcpy), str(HERE / "memcpy.c")], check=True)
-    subprocess.run([*cc, "-o", str(engine), str(ROOT / "examples" / "dma_engine.c")], check=True)
-    return memcpy, engine
-
-
-def mounted(path: Path) -> bool:
-    with open("/proc/mounts") as f:
-        return any(line.split()[1] == str(path) for line in f)
-
-
-def wait_openable(path: Path, proc: subprocess.Popen, timeout: float = 30) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise SystemExit(f"the daemon exited {proc.returncode}")
-        try:
-            os.close(os.open(path, os.O_RDWR))
-            return
-        except OSError:
-            time.sleep(0.05)
-    raise SystemExit(f"{path} did not appear")
+    return (compile_c(BIN / "dma_memcpy", HERE / "memcpy.c"),
+            compile_c(BIN / "dma_engine", ROOT / "examples" / "dma_engine.c"))
 
 
 def times(argv: list[str]) -> list[float]:
@@ -94,22 +69,10 @@ def main() -> int:
         raise SystemExit("--runs must be at least 2 (the first run of a driver is cold)")
 
     memcpy, engine = build()
-    scratch = Path(tempfile.mkdtemp(prefix="icuse-bench-dma-", dir="/tmp"))
-    scratch.chmod(0o755)
-    dev, mnt = scratch / "dev", scratch / "mnt"
-    dev.mkdir()
-    proc: subprocess.Popen | None = None
     client_prefix: list[str] = []
-    try:
-        cmd = [str(Path(sys.executable).parent / "iommufd-cuse"), "serve", "--dev-dir", str(dev),
-               "--mountpoint", str(mnt), "--log-level", "warning"]
-        if args.profile:
-            cmd = [sys.executable, "-m", "cProfile", "-o", args.profile, "-m", "iommufd_cuse.cli", *cmd[1:]]
-        proc = subprocess.Popen(cmd)
-        wait_openable(dev / "iommu", proc)
+    with serve_daemon("icuse-bench-dma-", profile=args.profile) as (proc, dev):
         if args.pin and (os.cpu_count() or 1) >= 2:
-            subprocess.run(["taskset", "-a", "-p", "-c", "0", str(proc.pid)], check=True,
-                           stdout=subprocess.DEVNULL)
+            pin(proc.pid, 0)
             client_prefix = ["taskset", "-c", "1"]
         nodes = [str(dev / "iommu"), str(dev / "vfio" / "devices" / "vfio1")]
 
@@ -123,17 +86,6 @@ def main() -> int:
                            "-r", str(args.runs), *nodes])
                 cold[kind].append(t[0])
                 warm[kind] += t[1:]
-    finally:
-        if proc is not None and proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-        if mounted(mnt):
-            subprocess.run(["umount", "-l", str(mnt)], check=False)
-        shutil.rmtree(scratch, ignore_errors=True)
 
     size_mib = args.size >> 20
     m = statistics.median(base)

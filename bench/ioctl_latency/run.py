@@ -21,53 +21,22 @@ from __future__ import annotations
 
 import argparse
 import os
-import shutil
-import signal
 import subprocess
 import sys
-import tempfile
-import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchlib import BIN, compile_c, fuse_server, pin, serve_daemon  # noqa: E402
+
 HERE = Path(__file__).resolve().parent
-ROOT = HERE.parents[1]
-BIN = ROOT / "bench" / "bin"
 
 PLACEMENTS = [("same CPU", 0, 0), ("different CPUs", 0, 1)]  # (name, server CPU, client CPU)
 
 
 def build() -> tuple[Path, Path]:
-    BIN.mkdir(parents=True, exist_ok=True)
-    out = []
-    for name in ("client", "echo_server"):
-        exe = BIN / f"ioctl_latency_{name}"
-        subprocess.run(["cc", "-O2", "-Wall", "-Wextra", "-Werror", f"-I{ROOT / 'include'}",
-                        "-o", str(exe), str(HERE / f"{name}.c")], check=True)
-        out.append(exe)
-    return out[0], out[1]
-
-
-def mounted(path: Path) -> bool:
-    with open("/proc/mounts") as f:
-        return any(line.split()[1] == str(path) for line in f)
-
-
-def wait_openable(path: Path, proc: subprocess.Popen, timeout: float = 30) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise SystemExit(f"{proc.args[0]} exited {proc.returncode}")
-        try:
-            os.close(os.open(path, os.O_RDWR))
-            return
-        except OSError:
-            time.sleep(0.05)
-    raise SystemExit(f"{path} did not appear")
-
-
-def pin(pid: int, cpu: int) -> None:
-    """Pin every thread of a running server to one CPU."""
-    subprocess.run(["taskset", "-a", "-p", "-c", str(cpu), str(pid)], check=True, stdout=subprocess.DEVNULL)
+    client, echo = (compile_c(BIN / f"ioctl_latency_{name}", HERE / f"{name}.c")
+                    for name in ("client", "echo_server"))
+    return client, echo
 
 
 def measure(client: Path, path: Path, cpu: int, calls: int, repeat: int) -> int:
@@ -93,53 +62,25 @@ def main() -> int:
         PLACEMENTS[1:] = []
 
     client, echo = build()
-    scratch = Path(tempfile.mkdtemp(prefix="icuse-bench-"))
-    scratch.chmod(0o755)
-    echo_mnt, dev, mnt = scratch / "echo", scratch / "dev", scratch / "mnt"
-    echo_mnt.mkdir()
-    dev.mkdir()
-    procs: list[subprocess.Popen] = []
-    try:
-        echo_proc = subprocess.Popen([str(echo), str(echo_mnt)], stdout=subprocess.PIPE, text=True)
-        procs.append(echo_proc)
-        daemon_cmd = [str(Path(sys.executable).parent / "iommufd-cuse"), "serve", "--dev-dir", str(dev),
-                      "--mountpoint", str(mnt), "--log-level", "warning"]
-        if args.profile:
-            daemon_cmd = [sys.executable, "-m", "cProfile", "-o", args.profile, "-m", "iommufd_cuse.cli",
-                          *daemon_cmd[1:]]
-        daemon_proc = subprocess.Popen(daemon_cmd)
-        procs.append(daemon_proc)
-        wait_openable(echo_mnt / "iommu", echo_proc)
-        wait_openable(dev / "iommu", daemon_proc)
+    with serve_daemon("icuse-bench-", profile=args.profile, stop_timeout=15) as (daemon_proc, dev):
+        echo_mnt = dev.parent / "echo"
+        echo_mnt.mkdir()
+        with fuse_server([str(echo), str(echo_mnt)], echo_mnt / "iommu", echo_mnt, stop_timeout=15,
+                         stdout=subprocess.PIPE, text=True) as echo_proc:
+            rows = []
+            for name, server_cpu, client_cpu in PLACEMENTS:
+                pin(echo_proc.pid, server_cpu)
+                pin(daemon_proc.pid, server_cpu)
+                e = measure(client, echo_mnt / "iommu", client_cpu, args.calls, args.repeat)
+                d = measure(client, dev / "iommu", client_cpu, args.calls, args.repeat)
+                rows.append((f"{name} (server {server_cpu}, client {client_cpu})", e, d))
 
-        rows = []
-        for name, server_cpu, client_cpu in PLACEMENTS:
-            pin(echo_proc.pid, server_cpu)
-            pin(daemon_proc.pid, server_cpu)
-            e = measure(client, echo_mnt / "iommu", client_cpu, args.calls, args.repeat)
-            d = measure(client, dev / "iommu", client_cpu, args.calls, args.repeat)
-            rows.append((f"{name} (server {server_cpu}, client {client_cpu})", e, d))
-
-        print(f"IOMMU_OPTION(GET RLIMIT_MODE) round trip, median of batch means, "
-              f"{args.calls} calls, best of {args.repeat}")
-        print(f"{'placement':<36} {'echo (ns)':>10} {'daemon (ns)':>12} {'daemon/echo':>12}")
-        for label, e, d in rows:
-            print(f"{label:<36} {e:>10} {d:>12} {d / e:>12.2f}")
-        return 0
-    finally:
-        for p in reversed(procs):
-            if p.poll() is None:
-                p.send_signal(signal.SIGTERM)
-        for p in procs:
-            try:
-                p.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                p.kill()
-                p.wait()
-        for m in (echo_mnt, mnt):
-            if mounted(m):
-                subprocess.run(["umount", "-l", str(m)], check=False)
-        shutil.rmtree(scratch, ignore_errors=True)
+    print(f"IOMMU_OPTION(GET RLIMIT_MODE) round trip, median of batch means, "
+          f"{args.calls} calls, best of {args.repeat}")
+    print(f"{'placement':<36} {'echo (ns)':>10} {'daemon (ns)':>12} {'daemon/echo':>12}")
+    for label, e, d in rows:
+        print(f"{label:<36} {e:>10} {d:>12} {d / e:>12.2f}")
+    return 0
 
 
 if __name__ == "__main__":

@@ -30,44 +30,19 @@ from __future__ import annotations
 import argparse
 import os
 import re
-import shutil
-import signal
 import subprocess
 import sys
-import tempfile
-import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchlib import BIN, compile_c, serve_daemon  # noqa: E402
+
 HERE = Path(__file__).resolve().parent
-ROOT = HERE.parents[1]
-BIN = ROOT / "bench" / "bin"
 RESULT_RE = re.compile(r"^result (.*)$", re.M)
 
 
 def build() -> Path:
-    BIN.mkdir(parents=True, exist_ok=True)
-    exe = BIN / "map"
-    subprocess.run(["cc", "-O2", "-Wall", "-Wextra", "-Werror", f"-I{ROOT / 'include'}", "-o", str(exe),
-                    str(HERE / "map.c")], check=True)
-    return exe
-
-
-def mounted(path: Path) -> bool:
-    with open("/proc/mounts") as f:
-        return any(line.split()[1] == str(path) for line in f)
-
-
-def wait_openable(path: Path, proc: subprocess.Popen, timeout: float = 30) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise SystemExit(f"the daemon exited {proc.returncode}")
-        try:
-            os.close(os.open(path, os.O_RDWR))
-            return
-        except OSError:
-            time.sleep(0.05)
-    raise SystemExit(f"{path} did not appear")
+    return compile_c(BIN / "map", HERE / "map.c")
 
 
 def measure(exe: Path, iommu: Path, device: str, size: int, runs: int) -> dict[str, float]:
@@ -89,31 +64,12 @@ def main() -> int:
         raise SystemExit("run as root: the daemon mounts a FUSE file system")
 
     exe = build()
-    scratch = Path(tempfile.mkdtemp(prefix="icuse-bench-map-", dir="/tmp"))
-    scratch.chmod(0o755)
-    dev, mnt = scratch / "dev", scratch / "mnt"
-    dev.mkdir()
-    proc: subprocess.Popen | None = None
-    try:
-        proc = subprocess.Popen([str(Path(sys.executable).parent / "iommufd-cuse"), "serve", "--dev-dir", str(dev),
-                                 "--mountpoint", str(mnt), "--log-level", "warning"])
-        wait_openable(dev / "iommu", proc)
+    with serve_daemon("icuse-bench-map-") as (_, dev):
         rows = [
             ("device attached (vfio0)", measure(exe, dev / "iommu", str(dev / "vfio" / "devices" / "vfio0"),
                                                 args.size, args.runs)),
             ("no device", measure(exe, dev / "iommu", "none", args.size, args.runs)),
         ]
-    finally:
-        if proc is not None and proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-        if mounted(mnt):
-            subprocess.run(["umount", "-l", str(mnt)], check=False)
-        shutil.rmtree(scratch, ignore_errors=True)
 
     print(f"IOAS_MAP + IOAS_UNMAP of {args.size >> 20} MiB of populated anonymous 4 KiB pages vs "
           f"mlock + munlock of the same range; medians of {args.runs}")

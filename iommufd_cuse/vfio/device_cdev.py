@@ -14,6 +14,7 @@ from __future__ import annotations
 import errno
 import logging
 import os
+from typing import Any
 
 import trio
 
@@ -47,6 +48,21 @@ FEATURE_FLAGS = u.VFIO_DEVICE_FEATURE_MASK | u.VFIO_DEVICE_FEATURE_SET | u.VFIO_
 
 def _end(s: uapi.CStruct, field: str) -> int:
     return uapi.offsetofend(s, field)
+
+
+def _read_pt_op(caller: Caller, arg: int, s: uapi.CStruct, last: str, pasid_flag: int) -> Any:
+    """The attach/detach struct s, read up to its field `last` and zero-extended:
+    EINVAL if argsz does not cover that or flags has unknown bits, EOPNOTSUPP for
+    the PASID flag (no PASID support on the emulated devices)."""
+    minsz = _end(s, last)
+    a = s.unpack(caller.read(arg, minsz) + bytes(s.SIZE - minsz))
+    if a.argsz < minsz:
+        raise Errno(errno.EINVAL)
+    if a.flags & ~pasid_flag:
+        raise Errno(errno.EINVAL)
+    if a.flags & pasid_flag:
+        raise Errno(errno.EOPNOTSUPP)
+    return a
 
 
 class VfioDeviceFile(FileHandle):
@@ -162,14 +178,7 @@ class VfioDeviceFile(FileHandle):
     # -- attach / detach ------------------------------------------------------------------
     async def _attach(self, caller: Caller, arg: int) -> int:
         s = u.vfio_device_attach_iommufd_pt
-        minsz = _end(s, "pt_id")
-        a = s.unpack(caller.read(arg, minsz) + bytes(s.SIZE - minsz))
-        if a.argsz < minsz:
-            raise Errno(errno.EINVAL)
-        if a.flags & ~u.VFIO_DEVICE_ATTACH_PASID:
-            raise Errno(errno.EINVAL)
-        if a.flags & u.VFIO_DEVICE_ATTACH_PASID:
-            raise Errno(errno.EOPNOTSUPP)  # no PASID support on the emulated devices
+        a = _read_pt_op(caller, arg, s, "pt_id", u.VFIO_DEVICE_ATTACH_PASID)
         pt_id = await iommufd_device.attach(self.idev, a.pt_id)
         try:
             caller.write(arg + s.FIELDS["pt_id"][0], pt_id.to_bytes(4, "little"))
@@ -179,15 +188,7 @@ class VfioDeviceFile(FileHandle):
         return 0
 
     async def _detach(self, caller: Caller, arg: int) -> int:
-        s = u.vfio_device_detach_iommufd_pt
-        minsz = _end(s, "flags")
-        d = s.unpack(caller.read(arg, minsz) + bytes(s.SIZE - minsz))
-        if d.argsz < minsz:
-            raise Errno(errno.EINVAL)
-        if d.flags & ~u.VFIO_DEVICE_DETACH_PASID:
-            raise Errno(errno.EINVAL)
-        if d.flags & u.VFIO_DEVICE_DETACH_PASID:
-            raise Errno(errno.EOPNOTSUPP)
+        _read_pt_op(caller, arg, u.vfio_device_detach_iommufd_pt, "flags", u.VFIO_DEVICE_DETACH_PASID)
         await iommufd_device.detach(self.idev)
         return 0
 

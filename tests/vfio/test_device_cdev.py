@@ -19,10 +19,10 @@ import signal
 import subprocess
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass, field
 
 import pytest
 import trio
+from clientkit import Step, mismatches, parse_steps
 from pyclient import IoctlError, Iommufd, VfioDevice
 
 from iommufd_cuse import uapi
@@ -40,43 +40,8 @@ CLIENT_TIMEOUT = 30
 
 
 # -- helpers -------------------------------------------------------------------------------
-@dataclass
-class Step:
-    name: str
-    rc: int
-    errno: int
-    fields: dict[str, str] = field(default_factory=dict)
-
-    def __getitem__(self, key: str) -> str:
-        return self.fields[key]
-
-    def int(self, key: str) -> int:
-        return int(self.fields[key], 0)
-
-    @property
-    def outcome(self) -> str:
-        if self.rc >= 0 and self.errno == 0:
-            return "OK"
-        return {E.EOPNOTSUPP: "EOPNOTSUPP"}.get(self.errno) or E.errorcode.get(self.errno, str(self.errno))
-
-
-def parse_steps(text: bytes) -> dict[str, Step]:
-    """`STEP <name> rc=<rc> errno=<errno> [key=value ...]` lines (tests/clients/stepper.h)."""
-    steps: dict[str, Step] = {}
-    for line in text.decode().splitlines():
-        if line.startswith("STEP "):
-            name, rc, err, *rest = line[5:].split(" ")
-            assert name not in steps, f"step {name} printed twice"
-            steps[name] = Step(name, int(rc[3:]), int(err[6:]), dict(kv.split("=", 1) for kv in rest))
-    return steps
-
-
 def assert_outcomes(steps: dict[str, Step], expected: dict[str, str]) -> None:
-    problems = [
-        f"{name}: got {steps[name].outcome if name in steps else '(not run)'}, kernel answers {want}"
-        for name, want in expected.items()
-        if (steps[name].outcome if name in steps else "(not run)") != want
-    ]
+    problems = mismatches(steps, expected)
     assert not problems, "answers differ from the kernel's:\n" + "\n".join(problems)
 
 
