@@ -63,12 +63,7 @@ def ioas_alloc(ucmd: Ucmd) -> int:
     ctx = ucmd.ctx
     ioas = ctx.alloc(Ioas(ctx))
     cmd.out_ioas_id = ioas.id
-    try:
-        ucmd.respond()
-    except BaseException:
-        ctx.abort(ioas)
-        raise
-    ctx.finalize(ioas)
+    ucmd.respond_and_finalize(ioas)
     return 0
 
 

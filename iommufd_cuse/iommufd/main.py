@@ -201,6 +201,16 @@ class Ucmd:
         data = self.struct.pack(self.cmd)
         self.caller.write(self.arg, data[: min(self.user_size, len(data))])
 
+    def respond_and_finalize(self, obj: Object) -> None:
+        """The end of every creating handler: copy the answer out, then make the
+        object visible; if the copy faults the object is aborted, never seen."""
+        try:
+            self.respond()
+        except BaseException:
+            self.ctx.abort(obj)
+            raise
+        self.ctx.finalize(obj)
+
     def respond_field(self, name: str) -> None:
         """Copy back a single field, as handlers that write one member do."""
         off, size = self.struct.FIELDS[name]
@@ -311,6 +321,7 @@ def build_ioctl_table(selftest: bool = False) -> IoctlTable:
         uapi.IOMMU_HWPT_ALLOC: hw_pagetable.hwpt_alloc,
         uapi.IOMMU_HWPT_SET_DIRTY_TRACKING: hw_pagetable.hwpt_set_dirty_tracking,
         uapi.IOMMU_HWPT_GET_DIRTY_BITMAP: hw_pagetable.hwpt_get_dirty_bitmap,
+        uapi.IOMMU_HWPT_INVALIDATE: hw_pagetable.hwpt_invalidate,
         uapi.IOMMU_IOAS_ALLOC: ioas.ioas_alloc,
         uapi.IOMMU_IOAS_ALLOW_IOVAS: ioas.ioas_allow_iovas,
         uapi.IOMMU_IOAS_COPY: ioas.ioas_copy,
