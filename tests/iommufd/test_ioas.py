@@ -594,3 +594,26 @@ async def test_interrupted_map_returns_eintr_and_leaves_nothing(daemon, scripted
     assert not io.lock.locked()
     monkeypatch.undo()
     assert await c.call("map", ioas=ioas, buf="a", length=1 << 20) > 0  # the IOAS still works
+
+
+async def test_alloc_whose_answer_cannot_be_written_leaves_no_object(daemon, fd):
+    """Creation is two-phase: when copying the answer out faults (EFAULT), the object
+    is aborted, its id never seen and free again."""
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    page = mmap.mmap(-1, 4096)
+    s = uapi.iommu_ioas_alloc
+    page[: s.SIZE] = s.pack(s.new(size=s.SIZE))
+    addr = ctypes.addressof(ctypes.c_char.from_buffer(page))
+    assert libc.mprotect(ctypes.c_void_p(addr), 4096, 1) == 0  # PROT_READ: readable, not writable
+
+    def alloc_into_read_only() -> int:
+        from pyclient import libc as plibc
+
+        rc = plibc.ioctl(fd.fd, uapi.IOMMU_IOAS_ALLOC, addr)
+        return ctypes.get_errno() if rc else 0
+
+    assert await trio.to_thread.run_sync(alloc_into_read_only) == errno.EFAULT
+    assert context(daemon).live_objects() == []
+    assert await fd.ioas_alloc() == 1
