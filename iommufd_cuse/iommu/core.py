@@ -31,6 +31,10 @@ VFIO_DRIVER = "vfio-pci"
 class Iommu:
     """One emulated IOMMU instance and what its driver reports."""
 
+    # Whether the driver allocates nested domains (iommu_ops.domain_alloc_nested):
+    # only the selftest's mock IOMMU does.
+    nesting = False
+
     def __init__(self, cfg: IommuConfig) -> None:
         self.cfg = cfg
         self.name = cfg.name
@@ -66,6 +70,11 @@ class Iommu:
             # No PASID support on the emulated IOMMUs, and no fault objects (FAULT_QUEUE_ALLOC).
             raise Errno(errno.EOPNOTSUPP)
         return self.domain_alloc_paging(dirty_tracking=bool(flags & uapi.IOMMU_HWPT_ALLOC_DIRTY_TRACKING))
+
+    def domain_alloc_nested(self, device: Device, parent: Domain, flags: int, user_data: object) -> Domain:
+        """domain_alloc_nested: a stage-1 domain on parent from user_data (drivers with
+        nesting override it)."""
+        raise Errno(errno.EOPNOTSUPP)
 
     def attach_compatible(self, device: Device, domain: Domain) -> bool:
         """Whether device can attach to domain (else the attach is EINVAL)."""

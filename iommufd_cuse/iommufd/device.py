@@ -7,7 +7,8 @@ one HWPT for all of them: the first device attached sets it, the others must
 attach to the same HWPT (else EINVAL), a replace moves the whole group, and
 the group returns to the blocking domain when its last attached device
 detaches. Attaching puts the device's reserved regions into the IOAS;
-detaching removes them.
+detaching removes them. A HWPT here is a paging one or a nested one; the
+IOAS of a nested HWPT is its parent's.
 """
 
 from __future__ import annotations
@@ -21,11 +22,13 @@ import trio
 from .. import uapi
 from ..iommu.core import Device, Group
 from ..transport.caller import Errno
-from .hw_pagetable import HwptPaging, hwpt_paging_alloc
+from .hw_pagetable import HwptNested, HwptPaging, hwpt_paging_alloc
 from .ioas import Ioas
 from .main import Context, Object, ObjType, Ucmd
 
 log = logging.getLogger(__name__)
+
+Hwpt = HwptPaging | HwptNested
 
 
 @dataclass(eq=False)
@@ -34,9 +37,9 @@ class Igroup:
 
     group: Group
     devices: list[Idev] = field(default_factory=list)
-    hwpt: HwptPaging | None = None
+    hwpt: Hwpt | None = None
     attached: list[Idev] = field(default_factory=list)  # the kernel's igroup->device_list
-    pasids: dict[int, HwptPaging] = field(default_factory=dict)  # PASID attachments (mock devices)
+    pasids: dict[int, Hwpt] = field(default_factory=dict)  # PASID attachments (mock devices)
 
 
 class Idev(Object):
@@ -101,7 +104,7 @@ async def attach(idev: Idev, pt_id: int) -> int:
     do = _do_replace if replace else _do_attach
     ctx = idev.ctx
     pt = ctx.get(pt_id)
-    if isinstance(pt, HwptPaging):
+    if isinstance(pt, (HwptPaging, HwptNested)):
         with ctx.hold(pt):
             await do(idev, pt)
         return pt.id
@@ -135,18 +138,18 @@ async def _attach_auto(idev: Idev, ioas: Ioas, do) -> int:  # noqa: ANN001
     return hwpt.id
 
 
-def _compatible(idev: Idev, hwpt: HwptPaging) -> bool:
+def _compatible(idev: Idev, hwpt: Hwpt) -> bool:
     return idev.device.iommu.attach_compatible(idev.device, hwpt.domain)
 
 
-def _check_target(idev: Idev, hwpt: HwptPaging) -> None:
+def _check_target(idev: Idev, hwpt: Hwpt) -> None:
     if not _compatible(idev, hwpt):
         raise Errno(errno.EINVAL)
     if idev.igroup.pasids and not hwpt.pasid_compat:
         raise Errno(errno.EINVAL)  # PASIDs are attached: the RID domain must allow them
 
 
-async def _do_attach(idev: Idev, hwpt: HwptPaging) -> None:
+async def _do_attach(idev: Idev, hwpt: Hwpt) -> None:
     """iommufd_hw_pagetable_attach: the first device of the group attaches the group;
     another device of it may only join the same HWPT."""
     igroup = idev.igroup
@@ -163,7 +166,7 @@ async def _do_attach(idev: Idev, hwpt: HwptPaging) -> None:
     log.debug("%s attached to %r", idev.device.bdf, hwpt)
 
 
-async def _do_replace(idev: Idev, hwpt: HwptPaging) -> None:
+async def _do_replace(idev: Idev, hwpt: Hwpt) -> None:
     """iommufd_device_do_replace: move the whole group to hwpt; the new domain is
     fully loaded before the switch, so there is no window without translations."""
     igroup = idev.igroup
@@ -197,7 +200,7 @@ async def _do_replace(idev: Idev, hwpt: HwptPaging) -> None:
     log.debug("%s: group %d replaced %r by %r", idev.device.bdf, igroup.group.id, old, hwpt)
 
 
-def _put_hwpt(ctx: Context, hwpt: HwptPaging) -> None:
+def _put_hwpt(ctx: Context, hwpt: Hwpt) -> None:
     hwpt.users -= 1
     if hwpt.auto_domain and hwpt.users == 1 and hwpt.id in ctx.objects:
         ctx.remove(hwpt.id)

@@ -3,6 +3,12 @@
 A paging HWPT wraps a domain of the device's IOMMU loaded with every area of
 its IOAS; it holds a users reference on the IOAS. Automatic HWPTs are made by
 attaching a device to an IOAS and go away with their last device.
+
+A nested HWPT wraps a stage-1 domain the driver builds from user data on a
+paging parent allocated with IOMMU_HWPT_ALLOC_NEST_PARENT; it holds a users
+reference on the parent, and devices attach to it as to a paging HWPT (their
+reserved regions go to the parent's IOAS). Only an IOMMU whose driver has
+domain_alloc_nested nests: here, the selftest's mock IOMMU.
 """
 
 from __future__ import annotations
@@ -18,6 +24,8 @@ from ..transport.caller import Errno
 from .main import Context, Object, ObjType, Ucmd, copy_struct_from_user
 
 log = logging.getLogger(__name__)
+
+ULONG_MAX = (1 << 64) - 1
 
 HWPT_ALLOC_FLAGS = (
     uapi.IOMMU_HWPT_ALLOC_NEST_PARENT
@@ -60,6 +68,34 @@ class HwptPaging(Object):
             self.in_iopt = False
 
 
+class HwptNested(Object):
+    """struct iommufd_hwpt_nested: a nested domain on a paging parent."""
+
+    type = ObjType.HWPT_NESTED
+    auto_domain = False
+
+    def __init__(self, ctx: Context, parent: HwptPaging) -> None:
+        super().__init__()
+        self.ctx = ctx
+        self.parent = parent
+        self.domain = None  # set by the driver once allocated
+        self.pasid_compat = False  # allocated with IOMMU_HWPT_ALLOC_PASID
+        parent.users += 1  # released by destroy (and abort)
+
+    @property
+    def ioas(self):  # noqa: ANN201
+        """The IOAS of the parent: where attached devices' reserved regions go."""
+        return self.parent.ioas
+
+    def status(self) -> dict:
+        return {"parent": self.parent.id}
+
+    def destroy(self) -> None:
+        if self.parent is not None:
+            self.parent.users -= 1
+            self.parent = None  # type: ignore[assignment]
+
+
 class UserData:
     """struct iommu_user_data: driver-specific data a HWPT_ALLOC carries, read by
     the driver when it wants it (iommu_copy_struct_from_user)."""
@@ -71,14 +107,41 @@ class UserData:
         self.len = length
 
     def copy_struct(self, data_type: int, struct, last: str):  # noqa: ANN001, ANN201
-        """The struct of data_type, at least up to its member last: another type,
-        a null pointer or a shorter length is EINVAL; non-zero bytes past the
-        known struct are E2BIG."""
-        if self.type != data_type or not self.uptr:
+        """iommu_copy_struct_from_user: the struct of data_type, at least up to its
+        member last. Another type, a length shorter than that or longer than the
+        struct is EINVAL (the kernel helper refuses a user struct bigger than its
+        own, whatever the tail holds); an unreadable pointer is EFAULT."""
+        return _copy_user_struct(self.caller, self.type, self.uptr, self.len, data_type, struct, last)
+
+
+def _copy_user_struct(caller, src_type: int, uptr: int, length: int, data_type: int,  # noqa: ANN001, ANN202
+                      struct, last: str):  # noqa: ANN001
+    if src_type != data_type:
+        raise Errno(errno.EINVAL)
+    if length < uapi.offsetofend(struct, last) or length > struct.SIZE:
+        raise Errno(errno.EINVAL)
+    return struct.unpack(copy_struct_from_user(caller, uptr, struct.SIZE, length))
+
+
+class UserDataArray:
+    """struct iommu_user_data_array: the entries of an IOMMU_HWPT_INVALIDATE. The
+    driver sets entry_num to the number of entries it handled."""
+
+    def __init__(self, caller, data_type: int, uptr: int, entry_len: int, entry_num: int) -> None:  # noqa: ANN001
+        self.caller = caller
+        self.type = data_type
+        self.uptr = uptr
+        self.entry_len = entry_len
+        self.entry_num = entry_num
+
+    def copy_entry(self, index: int, data_type: int, struct, last: str):  # noqa: ANN001, ANN201
+        """iommu_copy_struct_from_user_array: entry index, with copy_struct's rules
+        (another type, entry_len shorter than up to last or longer than the struct:
+        EINVAL; an unreadable entry: EFAULT)."""
+        if index >= self.entry_num:
             raise Errno(errno.EINVAL)
-        if self.len < uapi.offsetofend(struct, last):
-            raise Errno(errno.EINVAL)
-        return struct.unpack(copy_struct_from_user(self.caller, self.uptr, struct.SIZE, self.len))
+        addr = (self.uptr + self.entry_len * index) & ULONG_MAX
+        return _copy_user_struct(self.caller, self.type, addr, self.entry_len, data_type, struct, last)
 
 
 async def hwpt_paging_alloc(ctx: Context, ioas, idev, flags: int, auto: bool = False,  # noqa: ANN001
@@ -100,6 +163,33 @@ async def hwpt_paging_alloc(ctx: Context, ioas, idev, flags: int, auto: bool = F
     return hwpt
 
 
+NESTED_ALLOC_FLAGS = uapi.IOMMU_HWPT_FAULT_ID_VALID | uapi.IOMMU_HWPT_ALLOC_PASID
+
+
+def hwpt_nested_alloc(ctx: Context, parent: HwptPaging, idev, flags: int,  # noqa: ANN001
+                      user_data: UserData) -> HwptNested:
+    """iommufd_hwpt_nested_alloc: a nested domain of idev's IOMMU on parent (not yet
+    finalized). Flags other than FAULT_ID_VALID and PASID, no data, or a driver
+    without nesting: EOPNOTSUPP; a parent that is automatic, not allocated with
+    NEST_PARENT, or of another driver: EINVAL."""
+    iommu = idev.device.iommu
+    if flags & ~NESTED_ALLOC_FLAGS or not user_data.len or not iommu.nesting:
+        if not iommu.nesting:
+            log.info("HWPT_ALLOC of a nested domain: %s has no nesting", iommu.name)
+        raise Errno(errno.EOPNOTSUPP)
+    if parent.auto_domain or not parent.nest_parent or type(getattr(parent.domain, "iommu", None)) is not type(iommu):
+        raise Errno(errno.EINVAL)
+    hwpt = ctx.alloc(HwptNested(ctx, parent))
+    hwpt.pasid_compat = bool(flags & uapi.IOMMU_HWPT_ALLOC_PASID)
+    try:
+        hwpt.domain = iommu.domain_alloc_nested(idev.device, parent.domain,
+                                                flags & ~uapi.IOMMU_HWPT_FAULT_ID_VALID, user_data)
+    except BaseException:
+        ctx.abort(hwpt)
+        raise
+    return hwpt
+
+
 async def hwpt_alloc(ucmd: Ucmd) -> int:
     """IOMMU_HWPT_ALLOC."""
     from .device import get_idev
@@ -110,33 +200,71 @@ async def hwpt_alloc(ucmd: Ucmd) -> int:
     if cmd.reserved or cmd.reserved2:
         raise Errno(errno.EOPNOTSUPP)
     if (cmd.data_type == uapi.IOMMU_HWPT_DATA_NONE and cmd.data_len) or (
-        cmd.data_type != uapi.IOMMU_HWPT_DATA_NONE and (not cmd.data_len or not cmd.data_uptr)
+        cmd.data_type != uapi.IOMMU_HWPT_DATA_NONE and not cmd.data_len
     ):
-        raise Errno(errno.EINVAL)
+        raise Errno(errno.EINVAL)  # a null data_uptr is the driver's copy to fail (EFAULT)
     idev = get_idev(ctx, cmd.dev_id)
     try:
         pt = ctx.get(cmd.pt_id)
     except Errno:
         raise Errno(errno.EINVAL) from None  # mainline: an unknown pt_id is EINVAL, not ENOENT
+    user_data = UserData(ucmd.caller, cmd.data_type, cmd.data_uptr, cmd.data_len)
     with ctx.hold(idev), ctx.hold(pt):
         if isinstance(pt, Ioas):
-            user_data = None
-            if cmd.data_type != uapi.IOMMU_HWPT_DATA_NONE:
-                user_data = UserData(ucmd.caller, cmd.data_type, cmd.data_uptr, cmd.data_len)
-            hwpt = await hwpt_paging_alloc(ctx, pt, idev, cmd.flags, user_data=user_data)
+            hwpt = await hwpt_paging_alloc(ctx, pt, idev, cmd.flags, user_data=user_data if cmd.data_len else None)
         elif isinstance(pt, HwptPaging):
-            # A nested (stage-1) domain on a parent: needs a driver with nesting.
-            log.info("HWPT_ALLOC of a nested domain: the emulated IOMMU has no nesting")
-            raise Errno(errno.EOPNOTSUPP)
+            hwpt = hwpt_nested_alloc(ctx, pt, idev, cmd.flags, user_data)
         else:
-            raise Errno(errno.EINVAL)
+            raise Errno(errno.EINVAL)  # a nested HWPT is no parent; nor is any other object
+    if cmd.flags & uapi.IOMMU_HWPT_FAULT_ID_VALID:
+        # The fault object: none can exist (IOMMU_FAULT_QUEUE_ALLOC is not served).
+        try:
+            ctx.get(cmd.fault_id, ObjType.FAULT)
+        except BaseException:
+            ctx.abort(hwpt)
+            raise
     cmd.out_hwpt_id = hwpt.id
+    ucmd.respond_and_finalize(hwpt)
+    return 0
+
+
+# -- IOMMU_HWPT_INVALIDATE ----------------------------------------------------------------
+def hwpt_invalidate(ucmd: Ucmd) -> int:
+    """IOMMU_HWPT_INVALIDATE: hand an array of entry_num driver-defined entries of
+    entry_len bytes to the nested domain's cache_invalidate_user. entry_num is
+    written back as the number of entries handled, whatever the outcome (if that
+    write fails: EFAULT). A non-zero reserved is EOPNOTSUPP; entries without a
+    pointer or a length EINVAL; an unknown id ENOENT; a nested domain whose driver
+    cannot invalidate EOPNOTSUPP; any object but a nested HWPT (or a vIOMMU, which
+    cannot exist here) EINVAL."""
+    cmd = ucmd.cmd
+    done = 0
+    err: Errno | None = None
+    try:
+        if cmd.reserved:
+            raise Errno(errno.EOPNOTSUPP)
+        if cmd.entry_num and (not cmd.data_uptr or not cmd.entry_len):
+            raise Errno(errno.EINVAL)
+        obj = ucmd.ctx.get(cmd.hwpt_id)
+        if obj.type is not ObjType.HWPT_NESTED:
+            raise Errno(errno.EINVAL)
+        invalidate = getattr(obj.domain, "cache_invalidate_user", None)
+        if invalidate is None:
+            raise Errno(errno.EOPNOTSUPP)
+        array = UserDataArray(ucmd.caller, cmd.data_type, cmd.data_uptr, cmd.entry_len, cmd.entry_num)
+        try:
+            invalidate(array)
+        finally:
+            done = array.entry_num
+    except Errno as e:
+        err = e
+    cmd.entry_num = done
     try:
         ucmd.respond()
-    except BaseException:
-        ctx.abort(hwpt)
-        raise
-    ctx.finalize(hwpt)
+    except Errno:
+        raise Errno(errno.EFAULT) from None
+    if err is not None:
+        raise err
     return 0
 
 

@@ -35,14 +35,14 @@ from .. import uapi
 from .._native import ffi, lib
 from ..config import DeviceConfig, IommuConfig
 from ..iommu.core import Device, Group, Iommu
-from ..iommu.domain import PagingDomain
+from ..iommu.domain import Domain, PagingDomain
 from ..system import PAGE_SIZE
 from ..transport.caller import Errno
 from ..transport.loopback import identify
 from ..transport.mount import fd_inode, fd_on_our_mount
 from ..transport.nodes import FileHandle
 from . import device as device_mod
-from .hw_pagetable import HwptPaging, UserData
+from .hw_pagetable import HwptNested, HwptPaging, UserData, UserDataArray
 from .ioas import get_ioas
 from .main import Context, Object, ObjType, Ucmd
 from .pages import FilePages, Pages, UserPages
@@ -97,8 +97,51 @@ class MockDomain(PagingDomain):
         return f"<MockDomain {self.serial} {kind}>"
 
 
+class MockNestedDomain(Domain):
+    """struct mock_iommu_domain_nested: a nested domain of the mock IOMMU. There is
+    no stage-1 table: DMA through it would be translated by the parent (stage-2)
+    table alone, and a mock device does no DMA. What it has is the mock IOTLB,
+    MOCK_NESTED_DOMAIN_IOTLB_NUM entries set from iommu_hwpt_selftest.iotlb."""
+
+    def __init__(self, iommu: MockIommu, parent: MockDomain, iotlb: int) -> None:
+        super().__init__()
+        self.iommu = iommu
+        self.parent = parent
+        self.iotlb = [iotlb] * uapi.MOCK_NESTED_DOMAIN_IOTLB_NUM
+
+    def cache_invalidate_user(self, array: UserDataArray) -> None:
+        """mock_domain_cache_invalidate_user: entries of iommu_hwpt_invalidate_selftest.
+        Another data type is EINVAL; per entry, an unknown flag EOPNOTSUPP, an iotlb_id
+        past MOCK_NESTED_DOMAIN_IOTLB_ID_MAX EINVAL; IOMMU_TEST_INVALIDATE_FLAG_ALL clears
+        every entry, else entry iotlb_id is cleared. The first failure stops the array;
+        array.entry_num becomes the number of entries handled."""
+        processed = 0
+        try:
+            if array.type != uapi.IOMMU_HWPT_INVALIDATE_DATA_SELFTEST:
+                raise Errno(errno.EINVAL)
+            for i in range(array.entry_num):
+                inv = array.copy_entry(i, uapi.IOMMU_HWPT_INVALIDATE_DATA_SELFTEST,
+                                       uapi.iommu_hwpt_invalidate_selftest, "iotlb_id")
+                if inv.flags & ~uapi.IOMMU_TEST_INVALIDATE_FLAG_ALL:
+                    raise Errno(errno.EOPNOTSUPP)
+                if inv.iotlb_id > uapi.MOCK_NESTED_DOMAIN_IOTLB_ID_MAX:
+                    raise Errno(errno.EINVAL)
+                if inv.flags & uapi.IOMMU_TEST_INVALIDATE_FLAG_ALL:
+                    self.iotlb = [0] * uapi.MOCK_NESTED_DOMAIN_IOTLB_NUM
+                else:
+                    self.iotlb[inv.iotlb_id] = 0
+                processed += 1
+        finally:
+            array.entry_num = processed
+
+    def __repr__(self) -> str:
+        return f"<MockNestedDomain {self.serial} on {self.parent.serial}>"
+
+
 class MockIommu(Iommu):
     """mock_ops: the selftest's IOMMU driver."""
+
+    nesting = True
 
     def __init__(self) -> None:
         super().__init__(
@@ -143,9 +186,25 @@ class MockIommu(Iommu):
             raise Errno(errno.ENOENT)
         return MockDomain(self, pagetable_type, dirty)
 
+    def domain_alloc_nested(self, device: Device, parent: Domain, flags: int, user_data: object) -> Domain:
+        """mock_domain_alloc_nested: flags other than PASID EOPNOTSUPP; a parent that
+        is not a paging domain EINVAL; data other than IOMMU_HWPT_DATA_SELFTEST
+        EOPNOTSUPP; then iommu_hwpt_selftest, at least up to iotlb (EINVAL/EFAULT)."""
+        if flags & ~uapi.IOMMU_HWPT_ALLOC_PASID:
+            raise Errno(errno.EOPNOTSUPP)
+        if not isinstance(parent, MockDomain):
+            raise Errno(errno.EINVAL)
+        assert isinstance(user_data, UserData)
+        if user_data.type != uapi.IOMMU_HWPT_DATA_SELFTEST:
+            raise Errno(errno.EOPNOTSUPP)
+        cfg = user_data.copy_struct(uapi.IOMMU_HWPT_DATA_SELFTEST, uapi.iommu_hwpt_selftest, "iotlb")
+        return MockNestedDomain(self, parent, cfg.iotlb)
+
     def attach_compatible(self, device: Device, domain: object) -> bool:
         """mock_domain_nop_attach: any mock domain, but not a dirty-tracking one
-        for a device without dirty tracking."""
+        for a device without dirty tracking (a nested domain has no dirty tracking)."""
+        if isinstance(domain, MockNestedDomain):
+            return True
         if not isinstance(domain, MockDomain):
             return False
         return not (domain.dirty_tracking_capable and _dev_flags(device) & uapi.MOCK_FLAGS_DEVICE_NO_DIRTY)
@@ -599,10 +658,16 @@ def op_md_check_refs(t: SelftestCall) -> int:
 
 
 def op_md_check_iotlb(t: SelftestCall) -> int:
-    """MD_CHECK_IOTLB looks at a nested mock domain. Nested HWPTs cannot be made
-    here (HWPT_ALLOC on a parent is EOPNOTSUPP), so the typed lookup fails."""
-    t.ctx.get(t.id, ObjType.HWPT_NESTED)
-    raise Errno(errno.EINVAL)
+    """MD_CHECK_IOTLB: entry `id` of the mock IOTLB of the nested HWPT t.id holds
+    `iotlb`. Not a nested HWPT: ENOENT; not the mock's, an id past
+    MOCK_NESTED_DOMAIN_IOTLB_ID_MAX or another value: EINVAL."""
+    hwpt = t.ctx.get(t.id, ObjType.HWPT_NESTED)
+    domain = hwpt.domain
+    iotlb_id = t.arg.id
+    if (not isinstance(domain, MockNestedDomain) or iotlb_id > uapi.MOCK_NESTED_DOMAIN_IOTLB_ID_MAX
+            or domain.iotlb[iotlb_id] != t.arg.iotlb):
+        raise Errno(errno.EINVAL)
+    return 0
 
 
 async def op_dirty(t: SelftestCall) -> int:
@@ -1085,7 +1150,7 @@ def _mock_set_dev_pasid(dev: MockDev, pasid: int, blocked: bool) -> None:
         dev.pasid_1024_fake_error = True
 
 
-def _pasid_compat(idev: device_mod.Idev, hwpt: HwptPaging) -> None:
+def _pasid_compat(idev: device_mod.Idev, hwpt: device_mod.Hwpt) -> None:
     """iommufd_hwpt_pasid_compat for a PASID: the HWPT was allocated with
     IOMMU_HWPT_ALLOC_PASID, and so was the one the RID is attached to."""
     rid = idev.igroup.hwpt
@@ -1093,14 +1158,14 @@ def _pasid_compat(idev: device_mod.Idev, hwpt: HwptPaging) -> None:
         raise Errno(errno.EINVAL)
 
 
-def _pasid_target(ctx: Context, pt_id: int, idev: device_mod.Idev, pasid: int) -> HwptPaging:
+def _pasid_target(ctx: Context, pt_id: int, idev: device_mod.Idev, pasid: int) -> device_mod.Hwpt:
     """The HWPT a PASID goes to (iommufd_device_change_pt): another kind of object is
     EINVAL; a PASID already attached is EBUSY; an IOAS would get an automatic HWPT,
     and those are never allocated with IOMMU_HWPT_ALLOC_PASID: EINVAL too."""
     from .ioas import Ioas
 
     pt = ctx.get(pt_id)
-    if not isinstance(pt, (HwptPaging, Ioas)):
+    if not isinstance(pt, (HwptPaging, HwptNested, Ioas)):
         raise Errno(errno.EINVAL)
     if pasid in idev.igroup.pasids:
         raise Errno(errno.EBUSY)
@@ -1109,14 +1174,19 @@ def _pasid_target(ctx: Context, pt_id: int, idev: device_mod.Idev, pasid: int) -
     return pt
 
 
-def _pasid_attach(idev: device_mod.Idev, pasid: int, hwpt: HwptPaging) -> None:
+def _mock_pasid_domain(domain: object) -> bool:
+    """Domains with set_dev_pasid: the mock's paging and nested domains."""
+    return isinstance(domain, (MockDomain, MockNestedDomain))
+
+
+def _pasid_attach(idev: device_mod.Idev, pasid: int, hwpt: device_mod.Hwpt) -> None:
     dev = idev.device
     igroup = idev.igroup
     if pasid in igroup.pasids:
         raise Errno(errno.EBUSY)  # already attached (the device is in the attach's array)
     _pasid_compat(idev, hwpt)
     # iommu_attach_device_pasid
-    if not isinstance(hwpt.domain, MockDomain) or pasid >= _max_pasids(dev):
+    if not _mock_pasid_domain(hwpt.domain) or pasid >= _max_pasids(dev):
         raise Errno(errno.EINVAL)
     _mock_set_dev_pasid(dev, pasid, blocked=False)
     igroup.pasids[pasid] = hwpt
@@ -1171,11 +1241,11 @@ def op_pasid_replace(t: SelftestCall) -> int:
         old = idev.igroup.pasids.get(pasid)
         if old is None:
             raise Errno(errno.EINVAL)  # replace needs an attached PASID
-        if not isinstance(pt, HwptPaging):
+        if not isinstance(pt, (HwptPaging, HwptNested)):
             raise Errno(errno.EINVAL)
         if pt is not old:
             _pasid_compat(idev, pt)
-            if not isinstance(pt.domain, MockDomain):
+            if not _mock_pasid_domain(pt.domain):
                 raise Errno(errno.EINVAL)
             _mock_set_dev_pasid(idev.device, pasid, blocked=False)
             idev.igroup.pasids[pasid] = pt

@@ -9,6 +9,7 @@ expected value says so and docs/selftest.md explains it.
 
 from __future__ import annotations
 
+import errno
 import logging
 import shutil
 import subprocess
@@ -482,6 +483,225 @@ async def test_pasid(selftest_daemon, cbuild):
     })
     assert fields(steps, "hw_info") == {"pasid_log2": str(uapi.MOCK_PASID_WIDTH)}
     assert fields(steps, "attach") == {"same": "1"}
+
+
+# -- nested HWPTs, IOMMU_HWPT_INVALIDATE, MD_CHECK_IOTLB ---------------------------------------------
+async def test_nested(selftest_daemon, cbuild):
+    """Mainline's nested HWPTs of the mock IOMMU (tools/testing/selftests/iommu,
+    alloc_hwpt_nested): allocation errnos, the mock IOTLB, the invalidation array
+    protocol (entry_num out = entries handled), attach/replace and destroy rules."""
+    steps = await client(selftest_daemon, cbuild, "selftest_nested")
+    expected = {
+        "mock": OK,
+        "parent": OK,
+        "plain": OK,
+        # HWPT_ALLOC on a parent
+        "data_none_with_data": "EINVAL",
+        "data_none": "EOPNOTSUPP",  # a nested domain needs data
+        "data_type_unknown": "EOPNOTSUPP",
+        "data_short": "EINVAL",
+        "data_long_zero_tail": "EINVAL",  # iommu_copy_struct_from_user: longer than the struct
+        "data_long_nonzero_tail": "EINVAL",
+        "data_null": "EFAULT",
+        "paging_data_long_zero_tail": "EINVAL",
+        "paging_data_null": "EFAULT",
+        "flag_nest_parent": "EOPNOTSUPP",
+        "flag_dirty": "EOPNOTSUPP",
+        "flag_unknown": "EOPNOTSUPP",
+        "fault_id": "ENOENT",  # no fault object
+        "parent_not_nest_parent": "EINVAL",
+        "parent_auto": "EINVAL",
+        "parent_device": "EINVAL",
+        "parent_missing": "EINVAL",
+        "dev_missing": "ENOENT",
+        "nested0": OK,
+        "nested1": OK,
+        "nested2_min_len": OK,
+        # MD_CHECK_IOTLB
+        "iotlb_default": OK,
+        "iotlb_wrong_value": "EINVAL",
+        "iotlb_bad_id": "EINVAL",
+        "iotlb_parent": "ENOENT",
+        "iotlb_missing": "ENOENT",
+        "nested_on_nested": "EINVAL",
+        "destroy_parent_busy": "EBUSY",
+        "check_map_nested": "ENOENT",
+        "dirty_tracking_nested": "ENOENT",
+        # IOMMU_HWPT_INVALIDATE
+        "inv_parent": "EINVAL",
+        "inv_ioas": "EINVAL",
+        "inv_missing": "ENOENT",
+        "inv_empty": OK,
+        "inv_empty_null": OK,
+        "inv_bad_type": "EINVAL",
+        "inv_bad_type_empty": "EINVAL",
+        "inv_len_plus_1": "EINVAL",
+        "inv_len_1": "EINVAL",
+        "inv_null": "EINVAL",
+        "inv_len_0": "EINVAL",
+        "inv_bad_flags": "EOPNOTSUPP",
+        "inv_bad_id": "EINVAL",
+        "inv_reserved": "EOPNOTSUPP",
+        "inv_unreadable_entry": "EFAULT",
+        "iotlb_untouched": OK,
+        "inv_partial_flags": "EOPNOTSUPP",
+        "inv_partial_id": "EINVAL",
+        "inv_one": OK,
+        "inv_two": OK,
+        "inv_all_bad_id": "EINVAL",
+        "inv_all": OK,
+        "inv_len_4": "EINVAL",
+        "inv_readonly_cmd": "EFAULT",
+        # attach, replace, destroy
+        "replace_nested0": OK,
+        "check_rid_nested0": OK,
+        "destroy_nested0_busy": "EBUSY",
+        "replace_nested1": OK,
+        "destroy_nested1_busy": "EBUSY",
+        "destroy_nested0": OK,
+        "iotlb_destroyed": "ENOENT",
+        "mock_on_nested": OK,
+        "destroy_mock_on_nested": OK,
+        "replace_parent": OK,
+        "destroy_nested1": OK,
+        "replace_nested2": OK,
+        "replace_ioas": OK,
+        "destroy_parent_busy_n2": "EBUSY",
+        "destroy_nested2": OK,
+        "destroy_parent": OK,
+        "destroy_plain": OK,
+        # PASIDs
+        "mock_pasid": OK,
+        "parent_pasid": OK,
+        "nested_pasid": OK,
+        "nested_no_pasid": OK,
+        "replace_rid_parent_pasid": OK,
+        "pasid_attach_nested": OK,
+        "pasid_check_nested": OK,
+        "pasid_attach_not_compat": "EINVAL",
+        "pasid_replace_parent": OK,
+        "pasid_replace_nested": OK,
+        "destroy_nested_pasid_busy": "EBUSY",
+        "replace_rid_nested_pasid": OK,
+        "replace_rid_nested_no_pasid": "EINVAL",
+        "pasid_detach": OK,
+        "replace_rid_nested_no_pasid_now": OK,
+    }
+    assert_kernel(steps, expected)
+    assert set(steps) == set(expected), set(steps) ^ set(expected)
+    assert fields(steps, "iotlb_default") == {"all0": "4", "all1": "4", "all2": "4"}
+    for name in ("inv_parent", "inv_ioas", "inv_missing", "inv_empty", "inv_empty_null", "inv_bad_type",
+                 "inv_bad_type_empty", "inv_len_plus_1", "inv_len_1", "inv_null", "inv_len_0", "inv_bad_flags",
+                 "inv_bad_id", "inv_reserved", "inv_len_4"):
+        assert fields(steps, name) == {"num": "0"}, name
+    # entry_num out: the entries handled before the one that failed
+    assert fields(steps, "inv_unreadable_entry") == {"num": "1", "iotlb": "0VVV"}
+    assert fields(steps, "iotlb_untouched") == {"all": "4"}
+    assert fields(steps, "inv_partial_flags") == {"num": "1", "iotlb": "0VVV"}
+    assert fields(steps, "inv_partial_id") == {"num": "1", "iotlb": "0VVV"}
+    assert fields(steps, "inv_one") == {"num": "1", "iotlb": "00VV"}
+    assert fields(steps, "inv_two") == {"num": "2", "iotlb": "0000"}
+    assert fields(steps, "inv_all_bad_id") == {"num": "0", "iotlb": "VVVV"}
+    assert fields(steps, "inv_all") == {"num": "1", "iotlb": "0000"}
+    # the invalidation happened; only writing entry_num back failed
+    assert fields(steps, "inv_readonly_cmd") == {"num": "1", "iotlb2_cleared": "1"}
+    assert fields(steps, "replace_nested0") == {"same": "1"}
+    assert fields(steps, "replace_nested1") == {"same": "1"}
+    assert fields(steps, "mock_on_nested") == {"same": "1"}
+    # the client exited with nested HWPTs allocated and attached: its release takes all
+    mock = selftest_daemon.system.mock_iommu
+    await wait_until(lambda: not mock.dev_ids and not selftest_daemon.system.contexts, what="release")
+
+
+async def test_nested_objects(selftest_daemon):
+    """The object model behind test_nested: a nested HWPT holds a users reference on
+    its parent, attaches through the parent's IOAS, and its mock domain keeps the
+    parent's (stage-2) domain; `iommufd-cuse status` names the parent."""
+    import json
+
+    from pyclient import Iommufd
+
+    from iommufd_cuse import service
+    from iommufd_cuse.iommufd.hw_pagetable import HwptNested
+    from iommufd_cuse.iommufd.selftest import MockNestedDomain
+
+    fd = await Iommufd.open(Path(selftest_daemon.dev_dir) / "iommu")
+    try:
+        ioas = await fd.ioas_alloc()
+        r = await fd.raw(uapi.IOMMU_TEST_CMD, uapi.iommu_test_cmd, **_tc(uapi.IOMMU_TEST_OP_MOCK_DOMAIN, ioas))
+        assert r.rc == 0, r
+        md = uapi.IOMMU_TEST_OP_STRUCTS[uapi.IOMMU_TEST_OP_MOCK_DOMAIN].unpack(r.out.data)
+        r = await fd.raw(uapi.IOMMU_HWPT_ALLOC, uapi.iommu_hwpt_alloc, dev_id=md.out_idev_id, pt_id=ioas,
+                         flags=uapi.IOMMU_HWPT_ALLOC_NEST_PARENT)
+        assert r.rc == 0, r
+        parent_id = r.out.out_hwpt_id
+        import ctypes
+
+        cfg = ctypes.create_string_buffer(uapi.iommu_hwpt_selftest.pack(uapi.iommu_hwpt_selftest.new(iotlb=7)))
+        r = await fd.raw(uapi.IOMMU_HWPT_ALLOC, uapi.iommu_hwpt_alloc, dev_id=md.out_idev_id, pt_id=parent_id,
+                         data_type=uapi.IOMMU_HWPT_DATA_SELFTEST, data_len=uapi.iommu_hwpt_selftest.SIZE,
+                         data_uptr=ctypes.addressof(cfg))
+        assert r.rc == 0, r
+        nested_id = r.out.out_hwpt_id
+        ctx = next(iter(selftest_daemon.system.contexts))
+        parent, nested = ctx.get(parent_id), ctx.get(nested_id)
+        assert isinstance(nested, HwptNested) and nested.parent is parent
+        assert parent.users == 2  # the table's and the nested HWPT's
+        assert isinstance(nested.domain, MockNestedDomain) and nested.domain.parent is parent.domain
+        assert nested.domain.iotlb == [7] * uapi.MOCK_NESTED_DOMAIN_IOTLB_NUM
+        assert nested.ioas is parent.ioas
+        r = await fd.raw(uapi.IOMMU_TEST_CMD, uapi.iommu_test_cmd,
+                         **_tc(uapi.IOMMU_TEST_OP_MOCK_DOMAIN_REPLACE, md.out_stdev_id, pt_id=nested_id))
+        assert r.rc == 0, r
+        group = ctx.get(md.out_idev_id).device.group
+        assert group.domain is nested.domain
+        st = json.loads(json.dumps(service.collect_status(selftest_daemon)))
+        objs = {o["id"]: o for o in st["contexts"][0]["objects"]}
+        assert objs[nested_id]["type"] == "hwpt_nested" and objs[nested_id]["parent"] == parent_id
+        assert objs[nested_id]["ioas"] == ioas
+        await fd.destroy(md.out_stdev_id)
+        assert nested.users == 1
+        await fd.destroy(nested_id)
+        assert parent.users == 1
+    finally:
+        await fd.close()
+
+
+async def test_nested_not_on_vtd(cbuild):
+    """The emulated VT-d IOMMU does not nest: HWPT_ALLOC on a NEST_PARENT parent is
+    EOPNOTSUPP, and IOMMU_HWPT_INVALIDATE of its paging HWPT is mainline's EINVAL."""
+    import ctypes
+    import os
+
+    from clientkit import config_daemon
+    from pyclient import Iommufd, VfioDevice
+
+    from iommufd_cuse import config
+
+    toml = config.DEFAULT_TOML.replace("nest_parent = false", "nest_parent = true")
+    async with config_daemon(toml) as d:
+        fd = await Iommufd.open(os.path.join(d.dev_dir, "iommu"))
+        dev = await VfioDevice.open(os.path.join(d.dev_dir, "vfio/devices/vfio0"))
+        try:
+            devid = await dev.bind(fd.fd)
+            ioas = await fd.ioas_alloc()
+            r = await fd.raw(uapi.IOMMU_HWPT_ALLOC, uapi.iommu_hwpt_alloc, dev_id=devid, pt_id=ioas,
+                             flags=uapi.IOMMU_HWPT_ALLOC_NEST_PARENT)
+            assert r.rc == 0, r
+            parent = r.out.out_hwpt_id
+            cfg = ctypes.create_string_buffer(uapi.iommu_hwpt_selftest.SIZE)
+            for data_type in (uapi.IOMMU_HWPT_DATA_SELFTEST, uapi.IOMMU_HWPT_DATA_VTD_S1):
+                r = await fd.raw(uapi.IOMMU_HWPT_ALLOC, uapi.iommu_hwpt_alloc, dev_id=devid, pt_id=parent,
+                                 data_type=data_type, data_len=len(cfg), data_uptr=ctypes.addressof(cfg))
+                assert r.errno == errno.EOPNOTSUPP, r
+            reqs = ctypes.create_string_buffer(16)
+            r = await fd.raw(uapi.IOMMU_HWPT_INVALIDATE, uapi.iommu_hwpt_invalidate, hwpt_id=parent,
+                             data_uptr=ctypes.addressof(reqs), data_type=uapi.IOMMU_HWPT_INVALIDATE_DATA_VTD_S1,
+                             entry_len=16, entry_num=1)
+            assert r.errno == errno.EINVAL and r.out.entry_num == 0, r
+        finally:
+            await dev.close()
+            await fd.close()
 
 
 # -- accesses, through the companion library ------------------------------------------------------
