@@ -290,6 +290,21 @@ class UserPages(Pages):
         self._set_backing(first, n, lib.ICUSE_BACKING_MEM, -1, int(addr))
 
 
+TMPFS_MAGIC = 0x01021994
+HUGETLBFS_MAGIC = 0x958458F6
+
+
+def _fs_type(fd: int) -> int:
+    """f_type of the file system holding fd (fstatfs)."""
+    import ctypes
+
+    buf = ctypes.create_string_buffer(120)  # struct statfs; f_type is its first word
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.fstatfs(fd, buf) != 0:
+        return -1
+    return int.from_bytes(buf.raw[:8], "little")
+
+
 class FilePages(Pages):
     """Pages of a file (IOMMU_IOAS_MAP_FILE): a memfd or other shmem/hugetlbfs file."""
 
@@ -307,9 +322,10 @@ class FilePages(Pages):
             # Not shmem; and fstat() on a file of our own mount would wait for ourselves.
             raise Errno(errno.EINVAL, "not a memfd")
         st = os.fstat(self.file_fd)
-        # The kernel pins file folios with memfd_pin_folios(): shmem or hugetlbfs only.
-        if not stat.S_ISREG(st.st_mode):
-            raise Errno(errno.EINVAL, "not a memfd")
+        # The kernel pins file folios with memfd_pin_folios(): shmem or hugetlbfs only
+        # (a memfd, a file of a tmpfs or hugetlbfs mount), never a disk file.
+        if not stat.S_ISREG(st.st_mode) or _fs_type(self.file_fd) not in (TMPFS_MAGIC, HUGETLBFS_MAGIC):
+            raise Errno(errno.EINVAL, "not a memfd (shmem or hugetlbfs file)")
         offset = self.start + first * PAGE_SIZE
         length = n * PAGE_SIZE
         if offset + length > st.st_size:

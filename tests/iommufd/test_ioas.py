@@ -617,3 +617,29 @@ async def test_alloc_whose_answer_cannot_be_written_leaves_no_object(daemon, fd)
     assert await trio.to_thread.run_sync(alloc_into_read_only) == errno.EFAULT
     assert context(daemon).live_objects() == []
     assert await fd.ioas_alloc() == 1
+
+
+async def test_map_file_takes_shmem_not_disk_files(daemon, fd, tmp_path):
+    """As memfd_pin_folios(): a memfd or a tmpfs file maps, a file on a disk file
+    system is EINVAL (once pinned: with a domain attached)."""
+    ioas = await fd.ioas_alloc()
+    await attach_domain(daemon, ioas)
+    disk = tmp_path / "disk-file"  # pytest's tmp_path is not on a tmpfs here
+    disk.write_bytes(bytes(1 << 16))
+    dfd = os.open(disk, os.O_RDWR)
+    try:
+        import ctypes
+
+        buf = ctypes.create_string_buffer(120)
+        ctypes.CDLL(None).fstatfs(dfd, buf)
+        if int.from_bytes(buf.raw[:8], "little") == 0x01021994:
+            pytest.skip("the test's scratch directory is on a tmpfs")
+        await expect_errno(errno.EINVAL, fd.map_file(ioas, dfd, 0, 1 << 16))
+    finally:
+        os.close(dfd)
+    shm = os.open("/dev/shm", os.O_TMPFILE | os.O_RDWR, 0o600)
+    try:
+        os.ftruncate(shm, 1 << 16)
+        assert await fd.map_file(ioas, shm, 0, 1 << 16) > 0
+    finally:
+        os.close(shm)
