@@ -146,6 +146,12 @@ class Daemon:
             n = self.config.nodes["iommu"]
             node = self.tree.add(ACCESS_NODE, n.mode, n.uid, n.gid, lambda req, flags: AccessFile(self.system))
             self.system.selftest_access_ino = node.ino
+        # The node the companion opens to receive the file of a fault object
+        # (IOMMU_FAULT_QUEUE_ALLOC), see docs/selftest.md; in every mode.
+        from .iommufd.fault import FAULT_NODE, FaultFile
+
+        n = self.config.nodes["iommu"]
+        self.tree.add(FAULT_NODE, n.mode, n.uid, n.gid, lambda req, flags: FaultFile(self.system, self.server.notify_poll))
         for i, dev in enumerate(self.system.devices):
             nc = dev.cfg.node
             dev.node = self.tree.add(f"vfio/devices/vfio{i}", nc.mode, nc.uid, nc.gid, self._open_device(dev))

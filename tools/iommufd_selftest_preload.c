@@ -1,5 +1,5 @@
 /*
- * iommufd_selftest_preload.so -- the companion of `iommufd-cuse serve --selftest`.
+ * iommufd_selftest_preload.so -- the companion of `iommufd-cuse serve`.
  *
  * IOMMU_TEST_OP_CREATE_ACCESS answers with a new file descriptor, which a FUSE
  * server cannot create in its caller. Preloaded into the client, this library
@@ -8,9 +8,18 @@
  * create_access.out_access_fd, and the library opens the daemon's access node,
  * hands it the token (the node's claim ioctl) and puts the new descriptor in
  * out_access_fd. Everything else (the access, its pins, its lifetime: it ends
- * when that descriptor is closed) is the daemon's. Every other call passes
- * through untouched; against a real kernel (which ignores __reserved and
- * returns a real descriptor, never a token) the library does nothing.
+ * when that descriptor is closed) is the daemon's.
+ *
+ * IOMMU_FAULT_QUEUE_ALLOC (any mode, not only the test mode) likewise: on an
+ * iommufd that is a FUSE file (fstatfs), a call with flags 0 goes out with
+ * flags = "ICUS"; the daemon answers with a token in out_fault_fd, and the
+ * library opens the daemon's fault node, claims the token and puts the new
+ * descriptor in out_fault_fd. read/write/poll on it are served by the daemon.
+ *
+ * Every other call passes through untouched. Against a real kernel the library
+ * does nothing: it ignores __reserved in IOMMU_TEST_CMD and returns a real
+ * descriptor, never a token; and a real /dev/iommu is no FUSE file, so
+ * FAULT_QUEUE_ALLOC is not even marked.
  *
  * Build:  cc -shared -fPIC -O2 -Iinclude -o libiommufd_selftest_preload.so \
  *             tools/iommufd_selftest_preload.c -ldl
@@ -30,6 +39,7 @@
 #include <string.h>
 #include <sys/ioctl.h>
 #include <sys/uio.h>
+#include <sys/vfs.h>
 #include <unistd.h>
 
 #include <iommufd-cuse/uapi.h>
@@ -38,6 +48,9 @@
 #define ACCESS_TOKEN_BASE 0x40000000u
 #define ACCESS_CLAIM _IO(IOMMUFD_TYPE, 0xE0)
 #define ACCESS_NODE "iommufd-selftest/access"
+#define FAULT_NODE "iommufd-cuse/fault"
+#define FAULT_CLAIM _IO(IOMMUFD_TYPE, 0xE0)
+#define FUSE_SUPER_MAGIC 0x65735546
 
 typedef int (*ioctl_fn)(int, unsigned long, ...);
 
@@ -50,12 +63,12 @@ static ioctl_fn real_ioctl(void)
 	return fn;
 }
 
-/* Open the access node of the daemon that serves iommufd: it sits in the same
- * FUSE mount, ACCESS_NODE below the mount's root, which is the iommufd node's
- * directory or one of its parents (/dev/vfio/vfio is one level down). */
-static int open_access_node(int iommufd)
+/* Open a node of the daemon that serves iommufd: it sits in the same FUSE
+ * mount, `name` below the mount's root, which is the iommufd node's directory
+ * or one of its parents (/dev/vfio/vfio is one level down). */
+static int open_daemon_node(int iommufd, const char *name)
 {
-	char proc[64], path[PATH_MAX], node[PATH_MAX + sizeof(ACCESS_NODE) + 1];
+	char proc[64], path[PATH_MAX], node[2 * PATH_MAX];
 	ssize_t n;
 	char *slash;
 
@@ -66,7 +79,7 @@ static int open_access_node(int iommufd)
 	path[n] = 0;
 	while ((slash = strrchr(path, '/')) != NULL) {
 		*slash = 0;
-		snprintf(node, sizeof(node), "%s/%s", path, ACCESS_NODE);
+		snprintf(node, sizeof(node), "%s/%s", path, name);
 		int fd = open(node, O_RDWR | O_CLOEXEC);
 		if (fd >= 0 || errno != ENOENT)
 			return fd;
@@ -90,7 +103,7 @@ static int create_access(int fd, unsigned long request, struct iommu_test_cmd *c
 	token = cmd->create_access.out_access_fd;
 	if (token < ACCESS_TOKEN_BASE)
 		goto out; /* a real descriptor: not our daemon */
-	afd = open_access_node(fd);
+	afd = open_daemon_node(fd, ACCESS_NODE);
 	if (afd < 0) {
 		err = errno;
 		rc = -1;
@@ -108,6 +121,45 @@ out:
 	return rc;
 }
 
+static int fault_alloc(int fd, unsigned long request, struct iommu_fault_alloc *cmd)
+{
+	__u32 token;
+	int rc, ffd, err;
+
+	cmd->flags = COMPANION_MAGIC;
+	rc = real_ioctl()(fd, request, cmd);
+	err = errno;
+	cmd->flags = 0;
+	if (rc)
+		goto out;
+	token = cmd->out_fault_fd;
+	if (token < ACCESS_TOKEN_BASE)
+		goto out; /* a real descriptor: not our daemon */
+	ffd = open_daemon_node(fd, FAULT_NODE);
+	if (ffd < 0) {
+		err = errno;
+		rc = -1;
+		goto out;
+	}
+	if (real_ioctl()(ffd, FAULT_CLAIM, (unsigned long)token)) {
+		err = errno;
+		close(ffd);
+		rc = -1;
+		goto out;
+	}
+	cmd->out_fault_fd = ffd;
+out:
+	errno = err;
+	return rc;
+}
+
+static int on_fuse(int fd)
+{
+	struct statfs st;
+
+	return fstatfs(fd, &st) == 0 && st.f_type == FUSE_SUPER_MAGIC;
+}
+
 /* Read n bytes at p without faulting (a bad pointer is the daemon's EFAULT). */
 static int peek(const void *p, void *out, size_t n)
 {
@@ -119,6 +171,7 @@ static int peek(const void *p, void *out, size_t n)
 int ioctl(int fd, unsigned long request, ...)
 {
 	struct iommu_test_cmd head;
+	struct iommu_fault_alloc falloc;
 	va_list ap;
 	void *arg;
 
@@ -129,5 +182,9 @@ int ioctl(int fd, unsigned long request, ...)
 	    head.size >= offsetof(struct iommu_test_cmd, last) + sizeof(head.last) &&
 	    head.op == IOMMU_TEST_OP_CREATE_ACCESS)
 		return create_access(fd, request, arg);
+	/* flags 0 only: other flags are the daemon's EOPNOTSUPP, as mainline's */
+	if (request == IOMMU_FAULT_QUEUE_ALLOC && !peek(arg, &falloc, sizeof(falloc)) &&
+	    falloc.size >= sizeof(falloc) && falloc.flags == 0 && on_fuse(fd))
+		return fault_alloc(fd, request, arg);
 	return real_ioctl()(fd, request, arg);
 }

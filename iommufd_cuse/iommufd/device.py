@@ -193,6 +193,8 @@ async def _do_replace(idev: Idev, hwpt: Hwpt) -> None:
     if moved:
         for d in igroup.attached:
             old.ioas.iopt.remove_reserved(d)
+    for d in igroup.attached:
+        _drop_faults(d, old)
     n = len(igroup.attached)
     hwpt.users += n
     old.users -= n - 1
@@ -223,7 +225,16 @@ def detach_sync(idev: Idev) -> None:
         igroup.group.set_domain(igroup.group.blocking_domain)
         igroup.hwpt = None
     hwpt.ioas.iopt.remove_reserved(idev)
+    _drop_faults(idev, hwpt)
     _put_hwpt(idev.ctx, hwpt)
+
+
+def _drop_faults(idev: Idev, hwpt: Hwpt) -> None:
+    """iommufd_auto_response_faults: the groups idev queued through hwpt are
+    answered (dropped) when that attachment ends."""
+    fault = getattr(hwpt, "fault", None)
+    if fault is not None:
+        fault.auto_respond(idev=idev, hwpt=hwpt)
 
 
 def get_hw_info(ucmd: Ucmd) -> int:

@@ -47,6 +47,7 @@ class HwptPaging(Object):
         self.nest_parent = False
         self.pasid_compat = False  # allocated with IOMMU_HWPT_ALLOC_PASID
         self.in_iopt = False
+        self.fault = None  # the fault object of IOMMU_HWPT_FAULT_ID_VALID
 
     async def load(self) -> None:
         """Add the domain to the IOAS: every area is mapped (and pinned) into it."""
@@ -58,6 +59,7 @@ class HwptPaging(Object):
         self.ioas.hwpts.append(self)
 
     def destroy(self) -> None:
+        _put_fault(self)
         if self.in_iopt:
             iopt = self.ioas.iopt
             if iopt.lock.locked():
@@ -80,6 +82,7 @@ class HwptNested(Object):
         self.parent = parent
         self.domain = None  # set by the driver once allocated
         self.pasid_compat = False  # allocated with IOMMU_HWPT_ALLOC_PASID
+        self.fault = None  # the fault object of IOMMU_HWPT_FAULT_ID_VALID
         parent.users += 1  # released by destroy (and abort)
 
     @property
@@ -91,9 +94,19 @@ class HwptNested(Object):
         return {"parent": self.parent.id}
 
     def destroy(self) -> None:
+        _put_fault(self)
         if self.parent is not None:
             self.parent.users -= 1
             self.parent = None  # type: ignore[assignment]
+
+
+def _put_fault(hwpt) -> None:  # noqa: ANN001
+    """A HWPT going away lets go of its fault object; the groups it queued there
+    are answered (dropped), as iommufd_auto_response_faults at its last detach."""
+    fault, hwpt.fault = hwpt.fault, None
+    if fault is not None:
+        fault.auto_respond(hwpt=hwpt)
+        fault.users -= 1
 
 
 class UserData:
@@ -217,12 +230,14 @@ async def hwpt_alloc(ucmd: Ucmd) -> int:
         else:
             raise Errno(errno.EINVAL)  # a nested HWPT is no parent; nor is any other object
     if cmd.flags & uapi.IOMMU_HWPT_FAULT_ID_VALID:
-        # The fault object: none can exist (IOMMU_FAULT_QUEUE_ALLOC is not served).
+        # The fault object (IOMMU_FAULT_QUEUE_ALLOC): anything else is ENOENT.
         try:
-            ctx.get(cmd.fault_id, ObjType.FAULT)
+            fault = ctx.get(cmd.fault_id, ObjType.FAULT)
         except BaseException:
             ctx.abort(hwpt)
             raise
+        hwpt.fault = fault
+        fault.users += 1  # released by the HWPT's destroy
     cmd.out_hwpt_id = hwpt.id
     ucmd.respond_and_finalize(hwpt)
     return 0

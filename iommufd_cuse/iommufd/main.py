@@ -312,11 +312,12 @@ def destroy(ucmd: Ucmd) -> int:
 def build_ioctl_table(selftest: bool = False) -> IoctlTable:
     """The ioctl table; IOMMU_TEST_CMD is in it only in test mode (as in a kernel
     built with CONFIG_IOMMUFD_TEST), so without it the number is out of range."""
-    from . import device, hw_pagetable, ioas, vfio_compat
+    from . import device, fault, hw_pagetable, ioas, vfio_compat
 
     table = IoctlTable()
     implemented = {
         uapi.IOMMU_DESTROY: destroy,
+        uapi.IOMMU_FAULT_QUEUE_ALLOC: fault.fault_alloc,
         uapi.IOMMU_GET_HW_INFO: device.get_hw_info,
         uapi.IOMMU_HWPT_ALLOC: hw_pagetable.hwpt_alloc,
         uapi.IOMMU_HWPT_SET_DIRTY_TRACKING: hw_pagetable.hwpt_set_dirty_tracking,

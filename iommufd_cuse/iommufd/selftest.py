@@ -180,10 +180,6 @@ class MockIommu(Iommu):
             pagetable_type = cfg.pagetable_type
         if pagetable_type not in (uapi.MOCK_IOMMUPT_DEFAULT, uapi.MOCK_IOMMUPT_HUGE):
             raise Errno(errno.EOPNOTSUPP)
-        if fault:
-            # The fault_id must name a fault object, and none can exist here
-            # (IOMMU_FAULT_QUEUE_ALLOC hands back an fd: EOPNOTSUPP).
-            raise Errno(errno.ENOENT)
         return MockDomain(self, pagetable_type, dirty)
 
     def domain_alloc_nested(self, device: Device, parent: Domain, flags: int, user_data: object) -> Domain:
@@ -738,11 +734,17 @@ def op_dev_check_cache(t: SelftestCall) -> int:
 
 
 def op_trigger_iopf(t: SelftestCall) -> int:
-    """TRIGGER_IOPF: report a page fault for the device. No domain here can carry a
-    fault queue (IOMMU_FAULT_QUEUE_ALLOC is EOPNOTSUPP), so the report is dropped, and
-    the kernel answers 0 for a dropped report too."""
-    _get_device(t.ctx, t.arg.dev_id)
-    log.debug("TRIGGER_IOPF on device %d: no fault queue attached, dropped", t.arg.dev_id)
+    """TRIGGER_IOPF: report a page request (LAST_PAGE; PASID_VALID for a non-zero
+    pasid) for the device. It is queued on the fault object of the HWPT the device is
+    attached to (at that PASID; the mock keeps PASID tables in user space, so a PASID
+    with no attachment of its own falls back to the RID's nested HWPT); with no such
+    HWPT, or one without a fault, the report is dropped. 0 either way, as the kernel."""
+    from .fault import report_device_fault
+
+    a = t.arg
+    idev = _get_device(t.ctx, a.dev_id)
+    if not report_device_fault(idev, a.pasid, a.grpid, a.perm, a.addr):
+        log.debug("TRIGGER_IOPF on device %d: no fault queue attached, dropped", a.dev_id)
     return 0
 
 

@@ -861,3 +861,121 @@ async def test_access_protocol_and_context_close(selftest_daemon):
         await trio.to_thread.run_sync(os.close, afd)
         await trio.to_thread.run_sync(os.close, other)
     del buf
+
+
+# -- fault queues, through the companion library --------------------------------------------------
+POLLIN = 0x1
+
+
+async def test_fault_queue_with_companion(selftest_daemon, cbuild, preload):
+    import os
+
+    exe = cbuild("selftest_iopf")
+    env = dict(os.environ, LD_PRELOAD=str(preload))
+    p = await run([exe, Path(selftest_daemon.dev_dir) / "iommu"], env=env)
+    steps = parse_steps(p.stdout)
+    assert_kernel(steps, {
+        "alloc": OK,
+        "alloc_flags": "EOPNOTSUPP",
+        "ioas": OK,
+        "mock": OK,
+        "hwpt_bad_fault_id": "ENOENT",
+        "hwpt_missing_fault_id": "ENOENT",
+        "hwpt_fault_nest_parent": "EOPNOTSUPP",
+        "hwpt_fault": OK,
+        "destroy_fault_busy": "EBUSY",
+        "poll_empty": OK,
+        "read_empty": OK,
+        "trigger_not_attached": OK,
+        "read_dropped": OK,
+        "trigger_bad_dev": "ENOENT",
+        "replace": OK,
+        "trigger": OK,
+        "poll_ready": OK,
+        "read_short": "ESPIPE",
+        "read_unaligned": "ESPIPE",
+        "read": OK,
+        "poll_drained": OK,
+        "write_short": "ESPIPE",
+        "write_bad_code": "EINVAL",
+        "write_bad_cookie": "EINVAL",
+        "write": OK,
+        "write_again": "EINVAL",
+        "trigger_a": OK,
+        "trigger_b": OK,
+        "trigger_pasid_dropped": OK,
+        "read_one_of_two": OK,
+        "read_rest": OK,
+        "write_partial": OK,
+        "poll_wakeup": OK,
+        "read_woken": OK,
+        "trigger_before_replace": OK,
+        "replace_back": OK,
+        "read_after_replace": OK,
+        "respond_after_replace": "EINVAL",
+        "fault2": OK,
+        "parent": OK,
+        "nested_fault": OK,
+        "replace_nested": OK,
+        "trigger_pasid": OK,
+        "read_nested": OK,
+        "respond_nested": OK,
+        "read_other_queue": OK,
+        "destroy_hwpt": OK,
+        "destroy_fault_open": "EBUSY",
+        "destroy_fault": OK,
+        "destroy_fault_again": "ENOENT",
+        "destroy_fault2_in_use": "EBUSY",
+    })
+    assert fields(steps, "alloc") == {"id": "1", "fd_ok": "1", "cloexec": "1"}
+    assert fields(steps, "alloc_flags") == {"fd": "-1"}
+    assert fields(steps, "poll_empty") == {"revents": "0"}  # POLLOUT is always set, but not asked for
+    assert steps["read_empty"].rc == 0 and steps["read_dropped"].rc == 0
+    assert fields(steps, "poll_ready") == {"revents": str(POLLIN)}
+    # mainline's record: LAST_PAGE, the device object's id, length 0, cookies from 1
+    assert steps["read"].rc == 40
+    assert fields(steps, "read") == {
+        "flags": str(uapi.IOMMU_PGFAULT_FLAGS_LAST_PAGE), "dev_id": "1", "pasid": "0", "grpid": "2",
+        "perm": "3", "addr": "0xdeadbeaf", "length": "0", "cookie": "1", "reserved": "0"}
+    assert fields(steps, "poll_drained") == {"revents": "0"}
+    assert steps["write"].rc == 8
+    assert steps["read_one_of_two"].rc == 40 and fields(steps, "read_one_of_two") == {"cookie": "1"}
+    flags_pasid = uapi.IOMMU_PGFAULT_FLAGS_LAST_PAGE | uapi.IOMMU_PGFAULT_FLAGS_PASID_VALID
+    assert steps["read_rest"].rc == 40
+    last_page = str(uapi.IOMMU_PGFAULT_FLAGS_LAST_PAGE)
+    assert fields(steps, "read_rest") == {"cookie": "2", "pasid": "0", "flags": last_page, "grpid": "4"}
+    assert steps["write_partial"].rc == 16  # the bad third entry stops, the two before count
+    assert fields(steps, "poll_wakeup") == {"revents": str(POLLIN), "fast": "1"}
+    assert steps["read_woken"].rc == 40 and fields(steps, "read_woken") == {"grpid": "7", "cookie": "1"}
+    assert steps["read_after_replace"].rc == 0
+    assert steps["read_nested"].rc == 40
+    assert fields(steps, "read_nested") == {"pasid": "1", "flags": str(flags_pasid), "cookie": "1"}
+    assert steps["read_other_queue"].rc == 0
+    assert not getattr(selftest_daemon.system, "pending_fault_files", {})
+
+
+async def test_fault_queue_without_companion(selftest_daemon, plain_daemon, cbuild, caplog):
+    """Without the companion FAULT_QUEUE_ALLOC is EOPNOTSUPP with a logged reason."""
+    for d in (selftest_daemon, plain_daemon):
+        caplog.clear()
+        with caplog.at_level(logging.WARNING):
+            steps = await client(d, cbuild, "selftest_iopf", "plain")
+        assert_kernel(steps, {"alloc": "EOPNOTSUPP"})
+        assert "companion" in caplog.text
+
+
+async def test_fault_queue_normal_mode(plain_daemon, cbuild, preload):
+    """The companion works without the test mode too (the node is in every mount)."""
+    import os
+
+    exe = cbuild("selftest_iopf")
+    env = dict(os.environ, LD_PRELOAD=str(preload))
+    p = await run([exe, Path(plain_daemon.dev_dir) / "iommu", "plain"], env=env)
+    steps = parse_steps(p.stdout)
+    assert_kernel(steps, {
+        "alloc": OK, "poll_empty": OK, "read_empty": OK, "write_no_cookie": "EINVAL", "ioas": OK,
+        "destroy_open": "EBUSY", "destroy_closed": OK,
+    })
+    assert fields(steps, "alloc") == {"id": "1", "fd_ok": "1", "cloexec": "1"}
+    assert fields(steps, "poll_empty") == {"revents": "0"}  # POLLOUT is always set, but not asked for
+    assert steps["read_empty"].rc == 0

@@ -1,0 +1,291 @@
+"""The fault object (IOMMUFD_OBJ_FAULT) and its file: IOMMU_FAULT_QUEUE_ALLOC.
+
+Mirrors the fault half of drivers/iommu/iommufd/eventq.c. A HWPT allocated with
+IOMMU_HWPT_FAULT_ID_VALID holds a fault object; page requests reported for a
+device attached to that HWPT are queued on it as groups (one record each here:
+the only reporter is the selftest's TRIGGER_IOPF, always LAST_PAGE). read() on the
+fault's file hands out whole groups as iommu_hwpt_pgfault records, each group
+getting a cookie; write() takes iommu_hwpt_page_response entries answering them.
+
+The file is a new descriptor in the caller, which a FUSE server cannot create:
+with the companion library (tools/iommufd_selftest_preload.c) the ioctl carries
+COMPANION_MAGIC in flags, the daemon answers with a token in out_fault_fd, and the
+companion opens FAULT_NODE and claims the token (FAULT_CLAIM), putting the new fd
+in out_fault_fd. Without it: EOPNOTSUPP. See docs/selftest.md.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from .. import uapi
+from ..transport.caller import Errno
+from ..transport.nodes import FileHandle
+from .main import Context, Object, ObjType, Ucmd
+
+log = logging.getLogger(__name__)
+
+FAULT_NODE = "iommufd-cuse/fault"
+COMPANION_MAGIC = 0x49435553  # "ICUS", in iommu_fault_alloc.flags
+FAULT_TOKEN_BASE = 0x40000000  # tokens are never fd numbers
+FAULT_CLAIM = uapi._IO(uapi.IOMMUFD_TYPE, 0xE0)  # on FAULT_NODE, arg: the token
+
+POLLIN = 0x1
+POLLOUT = 0x4
+POLLRDNORM = 0x40
+
+RECORD_SIZE = uapi.iommu_hwpt_pgfault.SIZE
+RESPONSE_SIZE = uapi.iommu_hwpt_page_response.SIZE
+PAGE_RESP_SUCCESS = 0
+PAGE_RESP_INVALID = 1
+
+
+@dataclass(eq=False)
+class FaultGroup:
+    """struct iopf_group: the faults of one page request group of a device."""
+
+    idev: Any  # the device object the faults came from
+    hwpt: Any  # the HWPT it was attached to (the attach handle)
+    pasid: int  # the PASID of that attachment (0: the RID)
+    faults: list[dict[str, int]]  # flags, pasid, grpid, perm, addr of each fault
+    cookie: int = 0
+
+
+class Fault(Object):
+    """struct iommufd_fault: groups to deliver, and groups delivered awaiting a response."""
+
+    type = ObjType.FAULT
+
+    def __init__(self, ctx: Context) -> None:
+        super().__init__()
+        self.ctx = ctx
+        self.deliver: deque[FaultGroup] = deque()
+        self.response: dict[int, FaultGroup] = {}
+        self.poll_khs: set[int] = set()
+        self.notify: Callable[[int], None] | None = None  # the server's notify_poll
+        self.file: FaultFile | None = None
+        self.file_ref = False  # the file's users reference (taken at alloc, as the kernel's)
+
+    # -- the queue ------------------------------------------------------------------
+    def report(self, group: FaultGroup) -> None:
+        """iommufd_fault_iopf_handler: queue the group and wake the pollers."""
+        self.deliver.append(group)
+        khs, self.poll_khs = self.poll_khs, set()
+        if self.notify is not None:
+            for kh in khs:
+                self.notify(kh)
+
+    def read(self, count: int) -> bytes:
+        """iommufd_fault_fops_read: whole groups that fit in count bytes."""
+        if count % RECORD_SIZE:
+            raise Errno(errno.ESPIPE)
+        out = bytearray()
+        while self.deliver:
+            group = self.deliver[0]
+            if len(out) >= count or len(group.faults) * RECORD_SIZE > count - len(out):
+                break
+            self.deliver.popleft()
+            cookie = 1  # xa_alloc from 1: the lowest free index
+            while cookie in self.response:
+                cookie += 1
+            group.cookie = cookie
+            self.response[cookie] = group
+            for f in group.faults:
+                out += uapi.iommu_hwpt_pgfault.pack(uapi.iommu_hwpt_pgfault.new(
+                    flags=f["flags"], dev_id=group.idev.id, pasid=f["pasid"], grpid=f["grpid"],
+                    perm=f["perm"], reserved=0, addr=f["addr"], length=0, cookie=cookie))
+        return bytes(out)
+
+    def write(self, data: bytes) -> int:
+        """iommufd_fault_fops_write: responses, each answering the group of its cookie.
+        The first bad entry stops; the entries before it count (EINVAL only if none)."""
+        if len(data) % RESPONSE_SIZE:
+            raise Errno(errno.ESPIPE)
+        done = 0
+        err = 0
+        while done < len(data):
+            resp = uapi.iommu_hwpt_page_response.unpack(data[done : done + RESPONSE_SIZE])
+            if resp.code not in (PAGE_RESP_SUCCESS, PAGE_RESP_INVALID):
+                err = errno.EINVAL
+                break
+            group = self.response.pop(resp.cookie, None)
+            if group is None:
+                err = errno.EINVAL
+                break
+            log.debug("fault %d: group %d answered %d", self.id, resp.cookie, resp.code)
+            done += RESPONSE_SIZE
+        if done == 0 and err:
+            raise Errno(err)
+        return done
+
+    def auto_respond(self, idev: Any = None, hwpt: Any = None) -> None:
+        """iommufd_auto_response_faults: drop (answer INVALID) the groups of an
+        attachment that went away; all groups when none is named (destroy)."""
+        def gone(g: FaultGroup) -> bool:
+            return (idev is None or g.idev is idev) and (hwpt is None or g.hwpt is hwpt)
+
+        self.deliver = deque(g for g in self.deliver if not gone(g))
+        for cookie in [c for c, g in self.response.items() if gone(g)]:
+            del self.response[cookie]
+
+    def readable(self) -> bool:
+        return bool(self.deliver)
+
+    # -- lifetime -------------------------------------------------------------------
+    def drop_file_ref(self) -> None:
+        """The file's reference goes (its close, or its context's close)."""
+        if self.file_ref:
+            self.file_ref = False
+            self.users -= 1
+
+    def context_closing(self) -> None:
+        """The context is released while the file may still be open: the file lets go
+        of the object (the kernel would keep the context alive until the file closes)."""
+        self.drop_file_ref()
+        _pending_faults(self.ctx.system).pop_fault(self)
+
+    def destroy(self) -> None:
+        self.auto_respond()
+        khs, self.poll_khs = self.poll_khs, set()
+        if self.notify is not None:
+            for kh in khs:
+                self.notify(kh)
+
+
+class _Pending(dict):
+    """token -> (fault, tgid of its creator): fault files not claimed yet."""
+
+    def pop_fault(self, fault: Fault) -> None:
+        for token, (f, _tgid) in list(self.items()):
+            if f is fault:
+                del self[token]
+
+
+def _pending_faults(system: Any) -> _Pending:
+    pending = getattr(system, "pending_fault_files", None)
+    if pending is None:
+        pending = system.pending_fault_files = _Pending()
+    return pending
+
+
+class FaultFile(FileHandle):
+    """An open of FAULT_NODE: the file of one fault object once claimed."""
+
+    def __init__(self, system: Any, notify: Callable[[int], None] | None) -> None:
+        self.system = system
+        self.notify = notify
+        self.fault: Fault | None = None
+
+    def ioctl(self, req: Any, cmd: int, arg: int) -> int:
+        if cmd == FAULT_CLAIM:
+            pending = _pending_faults(self.system)
+            entry = pending.get(arg)
+            if entry is None or entry[1] != req.caller.tgid or self.fault is not None:
+                raise Errno(errno.EINVAL)
+            del pending[arg]
+            fault = entry[0]
+            self.fault, fault.file, fault.notify = fault, self, self.notify
+            return 0
+        raise Errno(errno.ENOTTY)
+
+    def _claimed(self) -> Fault:
+        if self.fault is None:
+            raise Errno(errno.EBADFD)
+        return self.fault
+
+    def read(self, req: Any, offset: int, size: int) -> bytes:
+        # The kernel's fault file never moves its position; FUSE advances it on
+        # every read of a direct-I/O file, so the offset is not checked (pread is
+        # refused by the VFS anyway: the file is nonseekable).
+        return self._claimed().read(size)
+
+    def write(self, req: Any, offset: int, data: bytes) -> int:
+        return self._claimed().write(data)
+
+    def poll(self, req: Any, events: int, kh: int | None) -> int:
+        fault = self.fault
+        if fault is None:
+            return POLLOUT
+        if kh is not None:
+            fault.poll_khs.add(kh)
+        return POLLOUT | (POLLIN | POLLRDNORM if fault.readable() else 0)
+
+    def release(self) -> None:
+        fault, self.fault = self.fault, None
+        if fault is not None:
+            fault.poll_khs.clear()
+            fault.file = None
+            fault.drop_file_ref()
+
+
+# -- IOMMU_FAULT_QUEUE_ALLOC ---------------------------------------------------------------
+def fault_alloc(ucmd: Ucmd) -> int:
+    """IOMMU_FAULT_QUEUE_ALLOC: a fault object, and its file through the companion."""
+    cmd = ucmd.cmd
+    if cmd.flags != COMPANION_MAGIC:
+        if cmd.flags:
+            raise Errno(errno.EOPNOTSUPP)
+        log.warning(
+            "IOMMU_FAULT_QUEUE_ALLOC: a fault queue is a new file descriptor in the caller, which this "
+            "daemon cannot create without the companion library (docs/selftest.md): EOPNOTSUPP"
+        )
+        raise Errno(errno.EOPNOTSUPP)
+    ctx = ucmd.ctx
+    system = ctx.system
+    fault = ctx.alloc(Fault(ctx))
+    fault.users += 1  # the file's reference (iommufd_eventq_init)
+    fault.file_ref = True
+    seq = getattr(system, "fault_file_seq", 0) + 1
+    system.fault_file_seq = seq
+    token = FAULT_TOKEN_BASE + seq % FAULT_TOKEN_BASE
+    cmd.flags = 0  # the companion restores its own copy; the answer carries none
+    cmd.out_fault_id = fault.id
+    cmd.out_fault_fd = token
+    pending = _pending_faults(system)
+    pending[token] = (fault, ucmd.caller.tgid)
+    try:
+        ucmd.respond_and_finalize(fault)
+    except BaseException:
+        pending.pop(token, None)
+        raise
+    ctx.release_hooks.append(fault.context_closing)
+    return 0
+
+
+def get_fault(ctx: Context, fault_id: int) -> Fault:
+    """iommufd_get_fault: ENOENT for anything but a fault object."""
+    return ctx.get(fault_id, ObjType.FAULT)
+
+
+# -- reporting ---------------------------------------------------------------------------
+def report_device_fault(idev: Any, pasid: int, grpid: int, perm: int, addr: int,
+                        user_pasid_table: bool = True) -> bool:
+    """iommu_report_device_fault for one LAST_PAGE page request of idev: find the
+    attachment (the PASID's when pasid is not 0; with a driver that keeps the PASID
+    table in user space, the RID's nested HWPT when the PASID has none; else the
+    RID's) and queue the group on its HWPT's fault. False when it is dropped (no
+    attachment, or a HWPT without a fault)."""
+    igroup = idev.igroup
+    flags = uapi.IOMMU_PGFAULT_FLAGS_LAST_PAGE
+    hwpt = None
+    at = 0
+    if pasid:
+        flags |= uapi.IOMMU_PGFAULT_FLAGS_PASID_VALID
+        hwpt = igroup.pasids.get(pasid)
+        at = pasid
+        if hwpt is None and user_pasid_table and idev in igroup.attached \
+                and igroup.hwpt is not None and igroup.hwpt.type is ObjType.HWPT_NESTED:
+            hwpt, at = igroup.hwpt, 0
+    elif idev in igroup.attached:
+        hwpt = igroup.hwpt
+    fault = getattr(hwpt, "fault", None)
+    if fault is None:
+        return False
+    fault.report(FaultGroup(idev, hwpt, at, [
+        {"flags": flags, "pasid": pasid, "grpid": grpid, "perm": perm, "addr": addr}]))
+    return True
