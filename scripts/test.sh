@@ -10,11 +10,12 @@ bash scripts/setup.sh
 # catches everything that can be interrupted).
 fusectl=/sys/fs/fuse/connections
 mountpoint -q "$fusectl" || mount -t fusectl fusectl "$fusectl" 2>/dev/null || true
+exec 3>&2
 (
     sleep "${ICUSE_SUITE_DEADLINE:-1500}"
-    echo "test.sh: the suite ran past its deadline: aborting FUSE connections" >&2
+    echo "test.sh: the suite ran past its deadline: aborting FUSE connections" >&3
     for c in "$fusectl"/*/abort; do [ -e "$c" ] && echo 1 >"$c"; done
-) &
+) 2>/dev/null &
 watchdog=$!
 trap 'pkill -P $watchdog 2>/dev/null; kill $watchdog 2>/dev/null || true' EXIT
 
