@@ -64,3 +64,17 @@ def test_bad_config() -> None:
         assert not (base / "dev").exists()
     finally:
         shutil.rmtree(base, ignore_errors=True)
+
+
+def test_unknown_model_option() -> None:
+    base = scratch_dir()
+    try:
+        cfg = base / "opt.toml"
+        cfg.write_text("[[iommu]]\nname='a'\n[[device]]\nbdf='0000:00:01.0'\nmodel='dma-engine'\n"
+                       "iommu='a'\ngroup=1\nwarp_speed=9\n")
+        p = subprocess.run([EXE, "serve", "--config", str(cfg), "--dev-dir", str(base / "dev"),
+                            "--mountpoint", str(base / "mnt"), "--control-socket", ""],
+                           capture_output=True, text=True, timeout=60)
+        one_line_error(p, "0000:00:01.0", "warp_speed")
+    finally:
+        shutil.rmtree(base, ignore_errors=True)

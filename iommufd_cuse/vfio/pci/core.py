@@ -313,7 +313,10 @@ class VfioPciDevice:
         model_cls = _models().get(device.cfg.model)
         if model_cls is None:
             raise ValueError(f"{device.bdf}: unknown device model {device.cfg.model!r}")
-        self.model: PciFunction = model_cls(self.dma, self.irqs, nursery_spawn, **device.cfg.options)
+        try:
+            self.model: PciFunction = model_cls(self.dma, self.irqs, nursery_spawn, **device.cfg.options)
+        except (TypeError, ValueError) as e:  # an option the model does not take, or a bad value
+            raise ValueError(f"{device.bdf}: model {device.cfg.model}: {e}") from None
         self.config: ConfigSpace = self.model.config
         # vfio-pci owns the MSI/MSI-X enables: SET_IRQS sets them, user writes are dropped.
         self.config.msix_control_writable = False
