@@ -10,13 +10,21 @@ command -v cc >/dev/null || need_apt+=(gcc libc6-dev)
 command -v systemd-analyze >/dev/null || need_apt+=(systemd)
 # tests/test_service.py checks the unit's SystemCallFilter= against what strace sees
 command -v strace >/dev/null || need_apt+=(strace)
+command -v setpriv >/dev/null || need_apt+=(util-linux)
+PY=${PYTHON:-python3}
+command -v "$PY" >/dev/null || need_apt+=(python3)
+# Debian's own python3 needs these for a venv and for compiling the C core.
+if command -v "$PY" >/dev/null; then
+    "$PY" -c 'import ensurepip' 2>/dev/null || need_apt+=(python3-venv)
+    inc=$("$PY" -c 'import sysconfig; print(sysconfig.get_paths()["include"])')
+    [ -f "$inc/Python.h" ] || need_apt+=(python3-dev)
+fi
 if [ ${#need_apt[@]} -gt 0 ]; then
     export DEBIAN_FRONTEND=noninteractive
     apt-get update -qq
     apt-get install -y -qq "${need_apt[@]}" >/dev/null
 fi
 
-PY=${PYTHON:-python3}
 if [ ! -x .venv/bin/python ]; then
     "$PY" -m venv .venv
 fi
