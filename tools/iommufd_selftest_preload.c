@@ -16,10 +16,14 @@
  * library opens the daemon's fault node, claims the token and puts the new
  * descriptor in out_fault_fd. read/write/poll on it are served by the daemon.
  *
+ * IOMMU_VEVENTQ_ALLOC the same way (flags "ICUS" on a FUSE iommufd, a token in
+ * out_veventq_fd, claimed on the daemon's vEVENT queue node); read/poll on the
+ * new descriptor are served by the daemon.
+ *
  * Every other call passes through untouched. Against a real kernel the library
  * does nothing: it ignores __reserved in IOMMU_TEST_CMD and returns a real
  * descriptor, never a token; and a real /dev/iommu is no FUSE file, so
- * FAULT_QUEUE_ALLOC is not even marked.
+ * FAULT_QUEUE_ALLOC and VEVENTQ_ALLOC are not even marked.
  *
  * Build:  cc -shared -fPIC -O2 -Iinclude -o libiommufd_selftest_preload.so \
  *             tools/iommufd_selftest_preload.c -ldl
@@ -50,6 +54,8 @@
 #define ACCESS_NODE "iommufd-selftest/access"
 #define FAULT_NODE "iommufd-cuse/fault"
 #define FAULT_CLAIM _IO(IOMMUFD_TYPE, 0xE0)
+#define VEVENTQ_NODE "iommufd-cuse/veventq"
+#define VEVENTQ_CLAIM _IO(IOMMUFD_TYPE, 0xE0)
 #define FUSE_SUPER_MAGIC 0x65735546
 
 typedef int (*ioctl_fn)(int, unsigned long, ...);
@@ -153,6 +159,39 @@ out:
 	return rc;
 }
 
+/* IOMMU_VEVENTQ_ALLOC: as fault_alloc, on the vEVENT queue node. */
+static int veventq_alloc(int fd, unsigned long request, struct iommu_veventq_alloc *cmd)
+{
+	__u32 token;
+	int rc, qfd, err;
+
+	cmd->flags = COMPANION_MAGIC;
+	rc = real_ioctl()(fd, request, cmd);
+	err = errno;
+	cmd->flags = 0;
+	if (rc)
+		goto out;
+	token = cmd->out_veventq_fd;
+	if (token < ACCESS_TOKEN_BASE)
+		goto out; /* a real descriptor: not our daemon */
+	qfd = open_daemon_node(fd, VEVENTQ_NODE);
+	if (qfd < 0) {
+		err = errno;
+		rc = -1;
+		goto out;
+	}
+	if (real_ioctl()(qfd, VEVENTQ_CLAIM, (unsigned long)token)) {
+		err = errno;
+		close(qfd);
+		rc = -1;
+		goto out;
+	}
+	cmd->out_veventq_fd = qfd;
+out:
+	errno = err;
+	return rc;
+}
+
 static int on_fuse(int fd)
 {
 	struct statfs st;
@@ -172,6 +211,7 @@ int ioctl(int fd, unsigned long request, ...)
 {
 	struct iommu_test_cmd head;
 	struct iommu_fault_alloc falloc;
+	struct iommu_veventq_alloc qalloc;
 	va_list ap;
 	void *arg;
 
@@ -186,5 +226,8 @@ int ioctl(int fd, unsigned long request, ...)
 	if (request == IOMMU_FAULT_QUEUE_ALLOC && !peek(arg, &falloc, sizeof(falloc)) &&
 	    falloc.size >= sizeof(falloc) && falloc.flags == 0 && on_fuse(fd))
 		return fault_alloc(fd, request, arg);
+	if (request == IOMMU_VEVENTQ_ALLOC && !peek(arg, &qalloc, sizeof(qalloc)) &&
+	    qalloc.size >= sizeof(qalloc) && qalloc.flags == 0 && on_fuse(fd))
+		return veventq_alloc(fd, request, arg);
 	return real_ioctl()(fd, request, arg);
 }

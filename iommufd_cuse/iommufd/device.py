@@ -145,6 +145,9 @@ def _compatible(idev: Idev, hwpt: Hwpt) -> bool:
 def _check_target(idev: Idev, hwpt: Hwpt) -> None:
     if not _compatible(idev, hwpt):
         raise Errno(errno.EINVAL)
+    check = getattr(idev.device.iommu, "attach_check", None)
+    if check is not None:
+        check(idev.device, hwpt.domain)  # the driver's own refusals (the mock's vIOMMU: ENOENT)
     if idev.igroup.pasids and not hwpt.pasid_compat:
         raise Errno(errno.EINVAL)  # PASIDs are attached: the RID domain must allow them
 
@@ -161,6 +164,7 @@ async def _do_attach(idev: Idev, hwpt: Hwpt) -> None:
     if not igroup.attached:
         igroup.group.set_domain(hwpt.domain)
         igroup.hwpt = hwpt
+        _attached(igroup, hwpt.domain)
     hwpt.users += 1
     igroup.attached.append(idev)
     log.debug("%s attached to %r", idev.device.bdf, hwpt)
@@ -190,6 +194,7 @@ async def _do_replace(idev: Idev, hwpt: Hwpt) -> None:
                 raise
     igroup.group.set_domain(hwpt.domain)
     igroup.hwpt = hwpt
+    _attached(igroup, hwpt.domain)
     if moved:
         for d in igroup.attached:
             old.ioas.iopt.remove_reserved(d)
@@ -200,6 +205,14 @@ async def _do_replace(idev: Idev, hwpt: Hwpt) -> None:
     old.users -= n - 1
     _put_hwpt(idev.ctx, old)
     log.debug("%s: group %d replaced %r by %r", idev.device.bdf, igroup.group.id, old, hwpt)
+
+
+def _attached(igroup: Igroup, domain: object) -> None:
+    """Tell the driver the group's devices are now on domain (None: blocked)."""
+    for d in igroup.group.devices:
+        hook = getattr(d.iommu, "attached", None)
+        if hook is not None:
+            hook(d, domain)
 
 
 def _put_hwpt(ctx: Context, hwpt: Hwpt) -> None:
@@ -224,6 +237,7 @@ def detach_sync(idev: Idev) -> None:
     if not igroup.attached:
         igroup.group.set_domain(igroup.group.blocking_domain)
         igroup.hwpt = None
+        _attached(igroup, None)
     hwpt.ioas.iopt.remove_reserved(idev)
     _drop_faults(idev, hwpt)
     _put_hwpt(idev.ctx, hwpt)

@@ -76,14 +76,15 @@ class HwptNested(Object):
     type = ObjType.HWPT_NESTED
     auto_domain = False
 
-    def __init__(self, ctx: Context, parent: HwptPaging) -> None:
+    def __init__(self, ctx: Context, parent: HwptPaging, viommu=None) -> None:  # noqa: ANN001
         super().__init__()
         self.ctx = ctx
         self.parent = parent
+        self.viommu = viommu  # allocated on a vIOMMU: it holds the vIOMMU, not the parent
         self.domain = None  # set by the driver once allocated
         self.pasid_compat = False  # allocated with IOMMU_HWPT_ALLOC_PASID
         self.fault = None  # the fault object of IOMMU_HWPT_FAULT_ID_VALID
-        parent.users += 1  # released by destroy (and abort)
+        (viommu if viommu is not None else parent).users += 1  # released by destroy (and abort)
 
     @property
     def ioas(self):  # noqa: ANN201
@@ -91,13 +92,18 @@ class HwptNested(Object):
         return self.parent.ioas
 
     def status(self) -> dict:
+        if self.viommu is not None:
+            return {"parent": self.parent.id, "viommu": self.viommu.id}
         return {"parent": self.parent.id}
 
     def destroy(self) -> None:
         _put_fault(self)
-        if self.parent is not None:
+        if self.viommu is not None:
+            self.viommu.users -= 1
+            self.viommu = None
+        elif self.parent is not None:
             self.parent.users -= 1
-            self.parent = None  # type: ignore[assignment]
+        self.parent = None  # type: ignore[assignment]
 
 
 def _put_fault(hwpt) -> None:  # noqa: ANN001
@@ -203,6 +209,26 @@ def hwpt_nested_alloc(ctx: Context, parent: HwptPaging, idev, flags: int,  # noq
     return hwpt
 
 
+def hwpt_viommu_nested_alloc(ctx: Context, viommu, idev, flags: int,  # noqa: ANN001
+                             user_data: UserData) -> HwptNested:
+    """iommufd_viommu_alloc_hwpt_nested: a nested domain the vIOMMU's driver builds
+    (not yet finalized). A device of another IOMMU EINVAL; flags other than
+    FAULT_ID_VALID and PASID, or no data, EOPNOTSUPP."""
+    iommu = idev.device.iommu
+    if viommu.iommu is not iommu:
+        raise Errno(errno.EINVAL)
+    if flags & ~NESTED_ALLOC_FLAGS or not user_data.len:
+        raise Errno(errno.EOPNOTSUPP)
+    hwpt = ctx.alloc(HwptNested(ctx, viommu.hwpt, viommu))
+    hwpt.pasid_compat = bool(flags & uapi.IOMMU_HWPT_ALLOC_PASID)
+    try:
+        hwpt.domain = iommu.viommu_alloc_domain_nested(viommu, flags & ~uapi.IOMMU_HWPT_FAULT_ID_VALID, user_data)
+    except BaseException:
+        ctx.abort(hwpt)
+        raise
+    return hwpt
+
+
 async def hwpt_alloc(ucmd: Ucmd) -> int:
     """IOMMU_HWPT_ALLOC."""
     from .device import get_idev
@@ -227,6 +253,8 @@ async def hwpt_alloc(ucmd: Ucmd) -> int:
             hwpt = await hwpt_paging_alloc(ctx, pt, idev, cmd.flags, user_data=user_data if cmd.data_len else None)
         elif isinstance(pt, HwptPaging):
             hwpt = hwpt_nested_alloc(ctx, pt, idev, cmd.flags, user_data)
+        elif pt.type is ObjType.VIOMMU:
+            hwpt = hwpt_viommu_nested_alloc(ctx, pt, idev, cmd.flags, user_data)
         else:
             raise Errno(errno.EINVAL)  # a nested HWPT is no parent; nor is any other object
     if cmd.flags & uapi.IOMMU_HWPT_FAULT_ID_VALID:
@@ -250,8 +278,8 @@ def hwpt_invalidate(ucmd: Ucmd) -> int:
     written back as the number of entries handled, whatever the outcome (if that
     write fails: EFAULT). A non-zero reserved is EOPNOTSUPP; entries without a
     pointer or a length EINVAL; an unknown id ENOENT; a nested domain whose driver
-    cannot invalidate EOPNOTSUPP; any object but a nested HWPT (or a vIOMMU, which
-    cannot exist here) EINVAL."""
+    cannot invalidate EOPNOTSUPP; a vIOMMU hands the array to its driver's
+    cache_invalidate; any other object EINVAL."""
     cmd = ucmd.cmd
     done = 0
     err: Errno | None = None
@@ -261,9 +289,14 @@ def hwpt_invalidate(ucmd: Ucmd) -> int:
         if cmd.entry_num and (not cmd.data_uptr or not cmd.entry_len):
             raise Errno(errno.EINVAL)
         obj = ucmd.ctx.get(cmd.hwpt_id)
-        if obj.type is not ObjType.HWPT_NESTED:
+        if obj.type is ObjType.HWPT_NESTED:
+            invalidate = getattr(obj.domain, "cache_invalidate_user", None)
+        elif obj.type is ObjType.VIOMMU:
+            invalidate = getattr(obj.iommu, "viommu_cache_invalidate", None)
+            if invalidate is not None:
+                invalidate = (lambda f, v: lambda array: f(v, array))(invalidate, obj)
+        else:
             raise Errno(errno.EINVAL)
-        invalidate = getattr(obj.domain, "cache_invalidate_user", None)
         if invalidate is None:
             raise Errno(errno.EOPNOTSUPP)
         array = UserDataArray(ucmd.caller, cmd.data_type, cmd.data_uptr, cmd.entry_len, cmd.entry_num)

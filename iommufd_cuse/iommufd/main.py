@@ -39,6 +39,7 @@ class ObjType(enum.Enum):
     FAULT = "fault"
     VIOMMU = "viommu"
     VDEVICE = "vdevice"
+    VEVENTQ = "veventq"
     SELFTEST = "selftest"
 
 
@@ -312,7 +313,7 @@ def destroy(ucmd: Ucmd) -> int:
 def build_ioctl_table(selftest: bool = False) -> IoctlTable:
     """The ioctl table; IOMMU_TEST_CMD is in it only in test mode (as in a kernel
     built with CONFIG_IOMMUFD_TEST), so without it the number is out of range."""
-    from . import device, fault, hw_pagetable, ioas, vfio_compat
+    from . import device, fault, hw_pagetable, ioas, vfio_compat, viommu
 
     table = IoctlTable()
     implemented = {
@@ -333,6 +334,9 @@ def build_ioctl_table(selftest: bool = False) -> IoctlTable:
         uapi.IOMMU_IOAS_CHANGE_PROCESS: ioas.ioas_change_process,
         uapi.IOMMU_OPTION: ioas.option,
         uapi.IOMMU_VFIO_IOAS: vfio_compat.vfio_ioas,
+        uapi.IOMMU_VIOMMU_ALLOC: viommu.viommu_alloc,
+        uapi.IOMMU_VDEVICE_ALLOC: viommu.vdevice_alloc,
+        uapi.IOMMU_VEVENTQ_ALLOC: viommu.veventq_alloc,
     }
     if selftest:
         from . import selftest as selftest_mod

@@ -103,10 +103,11 @@ class MockNestedDomain(Domain):
     table alone, and a mock device does no DMA. What it has is the mock IOTLB,
     MOCK_NESTED_DOMAIN_IOTLB_NUM entries set from iommu_hwpt_selftest.iotlb."""
 
-    def __init__(self, iommu: MockIommu, parent: MockDomain, iotlb: int) -> None:
+    def __init__(self, iommu: MockIommu, parent: MockDomain, iotlb: int, viommu: Any = None) -> None:
         super().__init__()
         self.iommu = iommu
         self.parent = parent
+        self.viommu = viommu  # the vIOMMU it was allocated on (mock_nested->mock_viommu)
         self.iotlb = [iotlb] * uapi.MOCK_NESTED_DOMAIN_IOTLB_NUM
 
     def cache_invalidate_user(self, array: UserDataArray) -> None:
@@ -196,6 +197,97 @@ class MockIommu(Iommu):
         cfg = user_data.copy_struct(uapi.IOMMU_HWPT_DATA_SELFTEST, uapi.iommu_hwpt_selftest, "iotlb")
         return MockNestedDomain(self, parent, cfg.iotlb)
 
+    # -- the mock vIOMMU (mock_viommu_ops) --------------------------------------------------
+    def viommu_supported(self, viommu_type: int) -> bool:
+        """mock_get_viommu_size: only IOMMU_VIOMMU_TYPE_SELFTEST."""
+        return viommu_type == uapi.IOMMU_VIOMMU_TYPE_SELFTEST
+
+    def viommu_init(self, viommu: Any, parent_domain: Domain, user_data: UserData | None) -> None:
+        """mock_viommu_init: with data, iommu_viommu_selftest (at least up to out_data):
+        out_data echoes in_data, and a two-page region is registered for mmap of the
+        iommufd at out_mmap_offset (not mappable here, see docs/selftest.md); the
+        struct goes back (EFAULT if it cannot)."""
+        if user_data is None:
+            return
+        data = user_data.copy_struct(uapi.IOMMU_VIOMMU_TYPE_SELFTEST, uapi.iommu_viommu_selftest, "out_data")
+        length = 2 * PAGE_SIZE
+        offset = _mmap_alloc(viommu.ctx, length)
+        viommu.mmap = (offset, length)
+        data.out_data = data.in_data
+        data.out_mmap_offset = offset
+        data.out_mmap_length = length
+        out = uapi.iommu_viommu_selftest.pack(data)
+        try:
+            user_data.caller.write(user_data.uptr, out[: min(user_data.len, len(out))])
+        except BaseException:
+            _mmap_free(viommu.ctx, offset)
+            raise
+
+    def viommu_alloc_domain_nested(self, viommu: Any, flags: int, user_data: UserData) -> Domain:
+        """mock_viommu_alloc_domain_nested: flags other than PASID EOPNOTSUPP, then the
+        data as a nested domain on a parent (__mock_domain_alloc_nested)."""
+        if flags & ~uapi.IOMMU_HWPT_ALLOC_PASID:
+            raise Errno(errno.EOPNOTSUPP)
+        if user_data.type != uapi.IOMMU_HWPT_DATA_SELFTEST:
+            raise Errno(errno.EOPNOTSUPP)
+        cfg = user_data.copy_struct(uapi.IOMMU_HWPT_DATA_SELFTEST, uapi.iommu_hwpt_selftest, "iotlb")
+        return MockNestedDomain(self, viommu.hwpt.domain, cfg.iotlb, viommu)
+
+    def viommu_cache_invalidate(self, viommu: Any, array: UserDataArray) -> None:
+        """mock_viommu_cache_invalidate: iommu_viommu_invalidate_selftest entries, all
+        copied first (another type EINVAL; an entry that is unreadable EFAULT, or longer
+        than the struct with a non-zero tail E2BIG; shorter ones are zero-extended),
+        then each: unknown flags EOPNOTSUPP, cache_id past MOCK_DEV_CACHE_ID_MAX EINVAL,
+        a vdev_id no vdevice of the vIOMMU has EINVAL; FLAG_ALL clears every cache
+        entry of the device, else entry cache_id. entry_num: the entries handled."""
+        from .main import copy_struct_from_user
+
+        if array.entry_num == 0 and array.type == uapi.IOMMU_VIOMMU_INVALIDATE_DATA_SELFTEST:
+            return
+        struct = uapi.iommu_viommu_invalidate_selftest
+        done = 0
+        try:
+            if array.entry_num * struct.SIZE > KMALLOC_MAX_SIZE:
+                raise Errno(errno.ENOMEM)
+            if array.type != uapi.IOMMU_VIOMMU_INVALIDATE_DATA_SELFTEST:
+                raise Errno(errno.EINVAL)
+            cmds = []
+            for i in range(array.entry_num):
+                addr = (array.uptr + array.entry_len * i) & ULONG_MAX
+                cmds.append(struct.unpack(copy_struct_from_user(array.caller, addr, struct.SIZE, array.entry_len)))
+            for cur in cmds:
+                if cur.flags & ~uapi.IOMMU_TEST_INVALIDATE_FLAG_ALL:
+                    raise Errno(errno.EOPNOTSUPP)
+                if cur.cache_id > uapi.MOCK_DEV_CACHE_ID_MAX:
+                    raise Errno(errno.EINVAL)
+                dev = viommu.find_dev(cur.vdev_id)
+                if not isinstance(dev, MockDev):
+                    raise Errno(errno.EINVAL)
+                if cur.flags & uapi.IOMMU_TEST_INVALIDATE_FLAG_ALL:
+                    dev.cache = [0] * uapi.MOCK_DEV_CACHE_NUM
+                else:
+                    dev.cache[cur.cache_id] = 0
+                done += 1
+        finally:
+            array.entry_num = done
+
+    def attach_check(self, device: Device, domain: object) -> None:
+        """mock_domain_nop_attach: a nested domain of a vIOMMU needs the device to have
+        a vdevice on that vIOMMU (else ENOENT)."""
+        viommu = getattr(domain, "viommu", None)
+        if isinstance(domain, MockNestedDomain) and viommu is not None and viommu.get_vdev_id(device) is None:
+            raise Errno(errno.ENOENT)
+
+    def attached(self, device: Device, domain: object) -> None:
+        """mock_domain_nop_attach: the device remembers the vIOMMU of its nested domain
+        and its virt_id there (what TRIGGER_VEVENT reports); other domains clear it."""
+        if not isinstance(device, MockDev):
+            return
+        viommu = getattr(domain, "viommu", None) if isinstance(domain, MockNestedDomain) else None
+        if viommu is not device.viommu:
+            device.viommu = viommu
+            device.vdev_id = (viommu.get_vdev_id(device) or 0) if viommu is not None else 0
+
     def attach_compatible(self, device: Device, domain: object) -> bool:
         """mock_domain_nop_attach: any mock domain, but not a dirty-tracking one
         for a device without dirty tracking (a nested domain has no dirty tracking)."""
@@ -212,6 +304,26 @@ class MockIommu(Iommu):
         return caps, (uapi.MOCK_PASID_WIDTH if flags & uapi.MOCK_FLAGS_DEVICE_PASID else 0)
 
 
+KMALLOC_MAX_SIZE = 4 << 20  # a bigger kcalloc of invalidation entries is ENOMEM
+
+
+def _mmap_alloc(ctx: Context, length: int) -> int:
+    """iommufd_viommu_alloc_mmap: the lowest free offset from PAGE_SIZE in the
+    context's mmap tree."""
+    regions = ctx.__dict__.setdefault("mmap_regions", {})
+    start = PAGE_SIZE
+    for off in sorted(regions):
+        if start + length <= off:
+            break
+        start = max(start, off + regions[off])
+    regions[start] = length
+    return start
+
+
+def _mmap_free(ctx: Context, offset: int) -> None:
+    ctx.__dict__.get("mmap_regions", {}).pop(offset, None)
+
+
 def _dev_flags(device: Device) -> int:
     return getattr(device, "mock_flags", 0)
 
@@ -224,6 +336,8 @@ class MockDev(Device):
     mock_id: int = 0
     pasid_1024_fake_error: bool = False
     cache: list[int] = field(default_factory=lambda: [uapi.IOMMU_TEST_DEV_CACHE_DEFAULT] * uapi.MOCK_DEV_CACHE_NUM)
+    viommu: Any = None  # the vIOMMU of the nested domain it is attached to
+    vdev_id: int = 0  # its virt_id there, when it attached
 
     def status(self) -> dict:
         return {"bdf": self.bdf, "model": "mock", "flags": self.mock_flags}
@@ -293,6 +407,9 @@ class SelftestObj(Object):
 
 def _unbind(idev: device_mod.Idev) -> None:
     """iommufd_device_unbind without awaiting (from a destroy)."""
+    from .viommu import remove_vdev
+
+    remove_vdev(idev)
     device_mod.detach_sync(idev)
     idev.users -= 1
     if idev.ctx.closed or idev.id not in idev.ctx.objects:
@@ -723,8 +840,9 @@ def _get_device(ctx: Context, dev_id: int) -> device_mod.Idev:
 
 
 def op_dev_check_cache(t: SelftestCall) -> int:
-    """DEV_CHECK_CACHE: a mock device's cache entry holds the value expected. Only
-    vIOMMU invalidation changes them, so they keep IOMMU_TEST_DEV_CACHE_DEFAULT."""
+    """DEV_CHECK_CACHE: a mock device's cache entry holds the value expected. The
+    caches start at IOMMU_TEST_DEV_CACHE_DEFAULT; IOMMU_HWPT_INVALIDATE on a vIOMMU
+    (mock_viommu_cache_invalidate) zeroes them."""
     idev = _get_device(t.ctx, t.id)
     dev = idev.device
     cache_id, value = t.arg.id, t.arg.cache
@@ -749,10 +867,18 @@ def op_trigger_iopf(t: SelftestCall) -> int:
 
 
 def op_trigger_vevent(t: SelftestCall) -> int:
-    """TRIGGER_VEVENT: needs the device under a vIOMMU (IOMMU_VIOMMU_ALLOC is not
-    served): ENOENT, the kernel's answer for a device without one."""
-    _get_device(t.ctx, t.arg.dev_id)
-    raise Errno(errno.ENOENT)
+    """TRIGGER_VEVENT: report an iommu_viommu_event_selftest (the device's virt_id)
+    to the vEVENT queue of type SELFTEST of the vIOMMU whose nested domain the device
+    attached to. Not so attached, or virt_id 0: ENOENT; no such queue: EOPNOTSUPP;
+    a full queue records a lost event (0)."""
+    idev = _get_device(t.ctx, t.arg.dev_id)
+    dev = idev.device
+    viommu = getattr(dev, "viommu", None)
+    if not isinstance(dev, MockDev) or viommu is None or not dev.vdev_id:
+        raise Errno(errno.ENOENT)
+    ev = uapi.iommu_viommu_event_selftest.new(virt_id=dev.vdev_id & 0xFFFFFFFF)
+    viommu.report_event(uapi.IOMMU_VEVENTQ_TYPE_SELFTEST, uapi.iommu_viommu_event_selftest.pack(ev))
+    return 0
 
 
 # -- accesses: CREATE_ACCESS, ACCESS_PAGES, ACCESS_RW, DESTROY_ACCESS_PAGES, ACCESS_REPLACE_IOAS ------

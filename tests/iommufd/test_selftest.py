@@ -979,3 +979,167 @@ async def test_fault_queue_normal_mode(plain_daemon, cbuild, preload):
     assert fields(steps, "alloc") == {"id": "1", "fd_ok": "1", "cloexec": "1"}
     assert fields(steps, "poll_empty") == {"revents": "0"}  # POLLOUT is always set, but not asked for
     assert steps["read_empty"].rc == 0
+
+
+# -- vIOMMUs, vdevices, vEVENT queues --------------------------------------------------------------
+async def test_viommu_with_companion(selftest_daemon, cbuild, preload):
+    import os
+
+    exe = cbuild("selftest_viommu")
+    env = dict(os.environ, LD_PRELOAD=str(preload))
+    p = await run([exe, Path(selftest_daemon.dev_dir) / "iommu"], env=env)
+    steps = parse_steps(p.stdout)
+    assert_kernel(steps, {
+        "ioas": OK, "mock": OK, "mock2": OK, "parent": OK, "paging": OK,
+        # IOMMU_VIOMMU_ALLOC, in mainline's order
+        "viommu_flags": "EOPNOTSUPP",
+        "viommu_type_default": "EOPNOTSUPP",
+        "viommu_bad_dev": "ENOENT",
+        "viommu_type_smmu": "EOPNOTSUPP",  # the mock has no vIOMMU of that type
+        "viommu_bad_hwpt": "ENOENT",  # not a paging HWPT
+        "viommu_not_parent": "EINVAL",
+        "viommu_data_short": "EINVAL",
+        "viommu_data_null": "EFAULT",
+        "viommu": OK,
+        "viommu2": OK,
+        "destroy_parent_busy": "EBUSY",
+        # IOMMU_VDEVICE_ALLOC
+        "vdev_bad_viommu": "ENOENT",
+        "vdev_bad_dev": "ENOENT",
+        "vdev": OK,
+        "vdev_again": "EEXIST",
+        "vdev_other_viommu": "EEXIST",  # one vdevice per device
+        "vdev_id_taken": "EEXIST",
+        "vdev2": OK,
+        "destroy_viommu_busy": "EBUSY",
+        # nested HWPTs on a vIOMMU
+        "nest_bad_flags": "EOPNOTSUPP",
+        "nest_no_data": "EOPNOTSUPP",
+        "nest": OK,
+        "replace_no_vdev": "ENOENT",  # mock_domain_nop_attach: no vdevice on that vIOMMU
+        "destroy_nest_viommu2": OK,
+        "nest_viommu": OK,
+        "replace": OK,
+        "destroy_nest_busy": "EBUSY",
+        # IOMMU_HWPT_INVALIDATE of the vIOMMU, read back with DEV_CHECK_CACHE
+        "cache_default": OK,
+        "inv_empty": OK,
+        "inv_empty_bad_type": "EINVAL",
+        "inv_bad_type": "EINVAL",
+        "inv_bad_flags": "EOPNOTSUPP",
+        "inv_bad_cache_id": "EINVAL",
+        "inv_bad_vdev_id": "EINVAL",
+        "inv_one": OK,
+        "inv_partial": "EOPNOTSUPP",
+        "inv_bad_ptr": "EFAULT",
+        "inv_all": OK,
+        # vEVENT queues
+        "trigger_no_queue": "EOPNOTSUPP",
+        "trigger_not_attached": "ENOENT",
+        "veventq_flags": "EOPNOTSUPP",
+        "veventq_reserved": "EOPNOTSUPP",
+        "veventq_type_default": "EOPNOTSUPP",
+        "veventq_depth0": "EINVAL",
+        "veventq_bad_viommu": "ENOENT",
+        "veventq": OK,
+        "veventq_same_type": "EEXIST",
+        "veventq_other_type": OK,
+        "poll_empty": OK,
+        "read_empty": OK,
+        "write": "EINVAL",
+        "trigger": OK,
+        "poll_ready": OK,
+        "read_too_short": OK,
+        "read": OK,
+        "poll_drained": OK,
+        "trigger_a": OK, "trigger_b": OK, "trigger_c": OK, "trigger_d": OK,
+        "read_overflow": OK,
+        "trigger_e": OK, "trigger_f": OK, "trigger_g": OK, "trigger_h": OK,
+        "read_one": OK,
+        "trigger_i": OK,
+        "read_rest": OK,
+        "poll_wakeup": OK,
+        "read_woken": OK,
+        "replace_back": OK,
+        "trigger_detached": "ENOENT",
+        # lifetime
+        "destroy_viommu_in_use": "EBUSY",
+        "destroy_veventq_open": "EBUSY",
+        "destroy_veventq": OK,
+        "destroy_nest": OK,
+        "destroy_vdev": OK,
+        "destroy_vdev_again": "ENOENT",
+        "destroy_veventq2": OK,
+        "destroy_stdev2": OK,
+        "destroy_vdev2_gone": "ENOENT",
+        "destroy_viommu": OK,
+        "destroy_viommu2": OK,
+        "destroy_parent": OK,
+    })
+    assert fields(steps, "viommu") == {"out_data": "0xbadbeef", "mmap_len": "8192", "mmap_off_ok": "1"}
+    assert fields(steps, "cache_default") == {"first_changed": "-1"}
+    for name in ("inv_empty", "inv_empty_bad_type", "inv_bad_type", "inv_bad_flags", "inv_bad_cache_id",
+                 "inv_bad_vdev_id", "inv_bad_ptr"):
+        assert fields(steps, name)["num"] == "0", name
+    assert fields(steps, "inv_one") == {"num": "1", "mask": "2"}  # cache 1 of the device zeroed
+    assert fields(steps, "inv_partial") == {"num": "2", "mask": "9"}  # caches 0 and 3, then the bad entry
+    assert fields(steps, "inv_all") == {"num": "1", "mask": "15"}
+    assert fields(steps, "veventq") == {"fd_ok": "1", "cloexec": "1"}
+    assert fields(steps, "poll_empty") == {"revents": "0"}  # no POLLOUT: the file has no write
+    assert steps["read_empty"].rc == 0 and steps["read_too_short"].rc == 0
+    assert fields(steps, "poll_ready") == {"revents": str(POLLIN)}
+    # iommufd_vevent_header (8 bytes) + iommu_viommu_event_selftest (4 bytes)
+    assert steps["read"].rc == 12
+    assert fields(steps, "read") == {"flags": "0", "seq": "0", "virt_id": "0x99"}
+    assert fields(steps, "poll_drained") == {"revents": "0"}
+    # depth 2: two events, then one LOST_EVENTS header (no data) carrying the newest sequence
+    assert steps["read_overflow"].rc == 12 + 12 + 8
+    assert fields(steps, "read_overflow") == {
+        "seq0": "1", "flags0": "0", "seq1": "2", "flags1": "0",
+        "lost_flags": str(uapi.IOMMU_VEVENTQ_FLAG_LOST_EVENTS), "lost_seq": "4"}
+    assert steps["read_one"].rc == 12 and fields(steps, "read_one") == {"seq": "5"}
+    # an event reported with room again replaces the header at the tail: 6, then 9
+    assert steps["read_rest"].rc == 24
+    assert fields(steps, "read_rest") == {"seq0": "6", "seq1": "9", "flags1": "0"}
+    assert fields(steps, "poll_wakeup") == {"revents": str(POLLIN), "fast": "1"}
+    assert steps["read_woken"].rc == 12 and fields(steps, "read_woken") == {"virt_id": "0x99"}
+    assert not getattr(selftest_daemon.system, "pending_veventq_files", {})
+
+
+async def test_viommu_without_companion(selftest_daemon, cbuild, caplog):
+    """Without the companion VEVENTQ_ALLOC is EOPNOTSUPP with a logged reason (after
+    mainline's own checks); the vIOMMU left behind goes with the context."""
+    with caplog.at_level(logging.WARNING):
+        steps = await client(selftest_daemon, cbuild, "selftest_viommu", "plain")
+    assert_kernel(steps, {"ioas": OK, "mock": OK, "mock2": OK, "parent": OK, "paging": OK, "viommu": OK,
+                          "veventq": "EOPNOTSUPP"})
+    assert "companion" in caplog.text
+    await wait_until(lambda: not selftest_daemon.system.contexts)
+    assert "still in use" not in caplog.text
+
+
+def test_veventq_queue_semantics():
+    """iommufd_viommu_report_event / iommufd_veventq_fops_read on the object alone."""
+    from types import SimpleNamespace
+
+    from iommufd_cuse.iommufd.viommu import Veventq
+
+    vi = SimpleNamespace(users=1, veventqs=[])
+    q = Veventq(SimpleNamespace(system=SimpleNamespace()), vi, uapi.IOMMU_VEVENTQ_TYPE_SELFTEST, 1)
+    assert vi.users == 2 and vi.veventqs == [q]
+    hdr = uapi.iommufd_vevent_header
+    q.report(b"abcd")
+    q.report(b"efgh")  # lost: seq 1
+    q.report(b"ijkl")  # lost again: the header now carries seq 2
+    out = q.read(100)
+    assert len(out) == 12 + 8
+    assert hdr.unpack(out[:8]).sequence == 0 and out[8:12] == b"abcd"
+    lost = hdr.unpack(out[12:20])
+    assert lost.flags == uapi.IOMMU_VEVENTQ_FLAG_LOST_EVENTS and lost.sequence == 2
+    assert q.read(100) == b"" and not q.readable()
+    q.report(b"mnop")
+    assert q.read(11) == b""  # the whole record must fit
+    assert q.read(12)[8:] == b"mnop"
+    q.users = 0
+    q.destroy()
+    assert vi.users == 1 and vi.veventqs == []

@@ -1,0 +1,393 @@
+"""vIOMMU objects (drivers/iommu/iommufd/viommu.c) and vEVENT queues (the veventq
+half of eventq.c): IOMMU_VIOMMU_ALLOC, IOMMU_VDEVICE_ALLOC, IOMMU_VEVENTQ_ALLOC.
+
+A vIOMMU sits on a paging HWPT allocated with IOMMU_HWPT_ALLOC_NEST_PARENT and
+holds a users reference on it. Vdevices (one per device, virt_ids unique per
+vIOMMU), vEVENT queues (one per type) and nested HWPTs allocated with the vIOMMU
+as pt_id each hold a users reference on the vIOMMU. Only an IOMMU driver with a
+vIOMMU serves these (viommu_init): here, the selftest's mock IOMMU.
+
+A vEVENT queue is a new file descriptor in the caller: as fault objects (fault.py),
+through the companion library, which sends flags = COMPANION_MAGIC on a FUSE
+iommufd; the daemon answers a token in out_veventq_fd that the companion claims on
+VEVENTQ_NODE. read() hands out iommufd_vevent_header + data records; when the queue
+holds depth events, further reports leave a LOST_EVENTS header at its tail (one,
+carrying the newest sequence). See docs/selftest.md.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+from collections import deque
+from collections.abc import Callable
+from typing import Any
+
+from .. import uapi
+from ..transport.caller import Errno
+from ..transport.nodes import FileHandle
+from .main import Context, Object, ObjType, Ucmd
+
+log = logging.getLogger(__name__)
+
+VEVENTQ_NODE = "iommufd-cuse/veventq"
+COMPANION_MAGIC = 0x49435553  # "ICUS", in iommu_veventq_alloc.flags
+TOKEN_BASE = 0x40000000  # tokens are never fd numbers
+VEVENTQ_CLAIM = uapi._IO(uapi.IOMMUFD_TYPE, 0xE0)  # on VEVENTQ_NODE, arg: the token
+INT_MAX = (1 << 31) - 1
+
+POLLIN = 0x1
+POLLRDNORM = 0x40
+HEADER_SIZE = uapi.iommufd_vevent_header.SIZE
+
+
+class Viommu(Object):
+    """struct iommufd_viommu."""
+
+    type = ObjType.VIOMMU
+
+    def __init__(self, ctx: Context, hwpt: Any, iommu: Any, viommu_type: int) -> None:
+        super().__init__()
+        self.ctx = ctx
+        self.hwpt = hwpt  # the nesting parent (HwptPaging)
+        self.iommu = iommu
+        self.viommu_type = viommu_type
+        self.vdevs: dict[int, Vdevice] = {}  # virt_id -> vdevice
+        self.veventqs: list[Veventq] = []
+        self.mmap: tuple[int, int] | None = None  # (offset, length) the driver registered
+        hwpt.users += 1  # released by destroy
+
+    def status(self) -> dict:
+        return {"hwpt": self.hwpt.id if self.hwpt else 0, "vdevs": sorted(self.vdevs)}
+
+    def find_dev(self, virt_id: int) -> Any:
+        """iommufd_viommu_find_dev: the device of the vdevice at virt_id, or None."""
+        vdev = self.vdevs.get(virt_id)
+        return vdev.idev.device if vdev is not None else None
+
+    def get_vdev_id(self, device: Any) -> int | None:
+        """iommufd_viommu_get_vdev_id: the virt_id of device's vdevice (None: ENOENT)."""
+        for virt_id, vdev in self.vdevs.items():
+            if vdev.idev.device is device:
+                return virt_id
+        return None
+
+    def find_veventq(self, veventq_type: int) -> Veventq | None:
+        for q in self.veventqs:
+            if q.veventq_type == veventq_type:
+                return q
+        return None
+
+    def report_event(self, veventq_type: int, data: bytes) -> None:
+        """iommufd_viommu_report_event: queue data on the vEVENT queue of that type
+        (none: EOPNOTSUPP); a full queue records a lost event instead."""
+        q = self.find_veventq(veventq_type)
+        if q is None:
+            raise Errno(errno.EOPNOTSUPP)
+        q.report(data)
+
+    def destroy(self) -> None:
+        if self.hwpt is not None:
+            self.hwpt.users -= 1
+            self.hwpt = None
+        if self.mmap is not None:
+            self.ctx.__dict__.get("mmap_regions", {}).pop(self.mmap[0], None)
+            self.mmap = None
+        self.vdevs.clear()
+
+
+class Vdevice(Object):
+    """struct iommufd_vdevice: a device's virtual id on a vIOMMU."""
+
+    type = ObjType.VDEVICE
+
+    def __init__(self, viommu: Viommu, idev: Any, virt_id: int) -> None:
+        super().__init__()
+        self.viommu = viommu
+        self.idev = idev
+        self.virt_id = virt_id
+        viommu.users += 1
+
+    def status(self) -> dict:
+        return {"viommu": self.viommu.id, "dev": self.idev.id, "virt_id": self.virt_id}
+
+    def destroy(self) -> None:
+        viommu = self.viommu
+        if viommu is None:
+            return
+        if viommu.vdevs.get(self.virt_id) is self:
+            del viommu.vdevs[self.virt_id]
+        viommu.users -= 1
+        if getattr(self.idev, "vdev", None) is self:
+            self.idev.vdev = None
+        self.viommu = None  # type: ignore[assignment]
+
+
+class Veventq(Object):
+    """struct iommufd_veventq: events to deliver, at most depth of them, then a
+    lost-events header."""
+
+    type = ObjType.VEVENTQ
+
+    def __init__(self, ctx: Context, viommu: Viommu, veventq_type: int, depth: int) -> None:
+        super().__init__()
+        self.ctx = ctx
+        self.viommu = viommu
+        self.veventq_type = veventq_type
+        self.depth = depth
+        # (flags, sequence, data): data None for the lost-events header
+        self.deliver: deque[list[Any]] = deque()
+        self.num_events = 0
+        self.sequence = 0
+        self.poll_khs: set[int] = set()
+        self.notify: Callable[[int], None] | None = None
+        self.file: VeventqFile | None = None
+        self.file_ref = False
+        viommu.users += 1
+        viommu.veventqs.append(self)
+
+    def status(self) -> dict:
+        return {"viommu": self.viommu.id if self.viommu else 0, "type": self.veventq_type,
+                "depth": self.depth, "queued": self.num_events}
+
+    def _wake(self) -> None:
+        khs, self.poll_khs = self.poll_khs, set()
+        if self.notify is not None:
+            for kh in khs:
+                self.notify(kh)
+
+    def report(self, data: bytes) -> None:
+        """iommufd_viommu_report_event + iommufd_vevent_handler: a lost-events header
+        at the tail is replaced by what comes next; every report takes a sequence."""
+        if self.num_events == self.depth:
+            entry = [uapi.IOMMU_VEVENTQ_FLAG_LOST_EVENTS, 0, None]
+        else:
+            entry = [0, 0, bytes(data)]
+            self.num_events += 1
+        if self.deliver and self.deliver[-1][2] is None:
+            self.deliver.pop()
+        entry[1] = self.sequence
+        self.sequence = (self.sequence + 1) & INT_MAX
+        self.deliver.append(entry)
+        self._wake()
+
+    def read(self, count: int) -> bytes:
+        """iommufd_veventq_fops_read: whole records (header, then the event data) that
+        fit in count bytes; nothing that fits reads 0."""
+        out = bytearray()
+        while self.deliver:
+            flags, seq, data = self.deliver[0]
+            room = count - len(out)
+            if room < HEADER_SIZE or (data is not None and HEADER_SIZE + len(data) > room):
+                break
+            self.deliver.popleft()
+            out += uapi.iommufd_vevent_header.pack(uapi.iommufd_vevent_header.new(flags=flags, sequence=seq))
+            if data is not None:
+                out += data
+                self.num_events -= 1
+        return bytes(out)
+
+    def readable(self) -> bool:
+        return bool(self.deliver)
+
+    def drop_file_ref(self) -> None:
+        if self.file_ref:
+            self.file_ref = False
+            self.users -= 1
+
+    def context_closing(self) -> None:
+        self.drop_file_ref()
+        _pending(self.ctx.system).pop_obj(self)
+
+    def abort(self) -> None:
+        self.destroy()
+
+    def destroy(self) -> None:
+        viommu = self.viommu
+        if viommu is not None:
+            if self in viommu.veventqs:
+                viommu.veventqs.remove(self)
+            viommu.users -= 1
+            self.viommu = None  # type: ignore[assignment]
+        self.deliver.clear()
+        self.num_events = 0
+        self._wake()
+
+
+class _Pending(dict):
+    """token -> (veventq, tgid of its creator): files not claimed yet."""
+
+    def pop_obj(self, obj: Veventq) -> None:
+        for token, (o, _tgid) in list(self.items()):
+            if o is obj:
+                del self[token]
+
+
+def _pending(system: Any) -> _Pending:
+    pending = getattr(system, "pending_veventq_files", None)
+    if pending is None:
+        pending = system.pending_veventq_files = _Pending()
+    return pending
+
+
+class VeventqFile(FileHandle):
+    """An open of VEVENTQ_NODE: the file of one vEVENT queue once claimed."""
+
+    def __init__(self, system: Any, notify: Callable[[int], None] | None) -> None:
+        self.system = system
+        self.notify = notify
+        self.veventq: Veventq | None = None
+
+    def ioctl(self, req: Any, cmd: int, arg: int) -> int:
+        if cmd == VEVENTQ_CLAIM:
+            pending = _pending(self.system)
+            entry = pending.get(arg)
+            if entry is None or entry[1] != req.caller.tgid or self.veventq is not None:
+                raise Errno(errno.EINVAL)
+            del pending[arg]
+            q = entry[0]
+            self.veventq, q.file, q.notify = q, self, self.notify
+            return 0
+        raise Errno(errno.ENOTTY)
+
+    def read(self, req: Any, offset: int, size: int) -> bytes:
+        q = self.veventq
+        if q is None:
+            raise Errno(errno.EBADFD)
+        return q.read(size)
+
+    def write(self, req: Any, offset: int, data: bytes) -> int:
+        raise Errno(errno.EINVAL)  # the kernel's file has no write: the VFS says EINVAL
+
+    def poll(self, req: Any, events: int, kh: int | None) -> int:
+        q = self.veventq
+        if q is None:
+            return 0
+        if kh is not None:
+            q.poll_khs.add(kh)
+        return POLLIN | POLLRDNORM if q.readable() else 0
+
+    def release(self) -> None:
+        q, self.veventq = self.veventq, None
+        if q is not None:
+            q.poll_khs.clear()
+            q.file = None
+            q.drop_file_ref()
+
+
+# -- IOMMU_VIOMMU_ALLOC -----------------------------------------------------------------------
+def get_viommu(ctx: Context, viommu_id: int) -> Viommu:
+    return ctx.get(viommu_id, ObjType.VIOMMU)
+
+
+def viommu_alloc(ucmd: Ucmd) -> int:
+    """IOMMU_VIOMMU_ALLOC, in mainline's order: flags or the DEFAULT type EOPNOTSUPP;
+    no device ENOENT; a driver without a vIOMMU of that type EOPNOTSUPP; hwpt_id not
+    a paging HWPT ENOENT; not NEST_PARENT EINVAL; then the driver's data."""
+    from .device import get_idev
+    from .hw_pagetable import UserData
+
+    cmd = ucmd.cmd
+    ctx = ucmd.ctx
+    if cmd.flags or cmd.type == uapi.IOMMU_VIOMMU_TYPE_DEFAULT:
+        raise Errno(errno.EOPNOTSUPP)
+    idev = get_idev(ctx, cmd.dev_id)
+    iommu = idev.device.iommu
+    init = getattr(iommu, "viommu_init", None)
+    if init is None or not iommu.viommu_supported(cmd.type):
+        log.info("IOMMU_VIOMMU_ALLOC: %s has no vIOMMU of type %#x: EOPNOTSUPP", iommu.name, cmd.type)
+        raise Errno(errno.EOPNOTSUPP)
+    hwpt = ctx.get(cmd.hwpt_id, ObjType.HWPT_PAGING)
+    if not hwpt.nest_parent:
+        raise Errno(errno.EINVAL)
+    viommu = ctx.alloc(Viommu(ctx, hwpt, iommu, cmd.type))
+    try:
+        user_data = UserData(ucmd.caller, cmd.type, cmd.data_uptr, cmd.data_len) if cmd.data_len else None
+        init(viommu, hwpt.domain, user_data)
+    except BaseException:
+        ctx.abort(viommu)
+        raise
+    cmd.out_viommu_id = viommu.id
+    ucmd.respond_and_finalize(viommu)
+    return 0
+
+
+# -- IOMMU_VDEVICE_ALLOC ----------------------------------------------------------------------
+def vdevice_alloc(ucmd: Ucmd) -> int:
+    """IOMMU_VDEVICE_ALLOC: no vIOMMU or device ENOENT; a device of another IOMMU
+    EINVAL; a device that has a vdevice already, or a virt_id taken, EEXIST."""
+    from .device import get_idev
+
+    cmd = ucmd.cmd
+    ctx = ucmd.ctx
+    if cmd.virt_id > (1 << 64) - 1:
+        raise Errno(errno.EINVAL)
+    viommu = get_viommu(ctx, cmd.viommu_id)
+    idev = get_idev(ctx, cmd.dev_id)
+    if viommu.iommu is not idev.device.iommu:
+        raise Errno(errno.EINVAL)
+    if getattr(idev, "vdev", None) is not None:
+        raise Errno(errno.EEXIST)
+    if cmd.virt_id in viommu.vdevs:
+        raise Errno(errno.EEXIST)
+    vdev = ctx.alloc(Vdevice(viommu, idev, cmd.virt_id))
+    viommu.vdevs[cmd.virt_id] = vdev
+    idev.vdev = vdev
+    cmd.out_vdevice_id = vdev.id
+    ucmd.respond_and_finalize(vdev)
+    return 0
+
+
+def remove_vdev(idev: Any) -> None:
+    """iommufd_device_remove_vdev: a device going away takes its vdevice with it."""
+    vdev = getattr(idev, "vdev", None)
+    if vdev is None:
+        return
+    ctx = vdev.viommu.ctx if vdev.viommu is not None else None
+    if ctx is not None and ctx.objects.get(vdev.id) is vdev:
+        ctx._destroy(vdev)
+    else:
+        vdev.destroy()
+    idev.vdev = None
+
+
+# -- IOMMU_VEVENTQ_ALLOC ----------------------------------------------------------------------
+def veventq_alloc(ucmd: Ucmd) -> int:
+    """IOMMU_VEVENTQ_ALLOC: flags, __reserved or the DEFAULT type EOPNOTSUPP; depth 0
+    EINVAL; no vIOMMU ENOENT; a queue of that type on the vIOMMU EEXIST. Needs the
+    companion (flags = COMPANION_MAGIC); without it EOPNOTSUPP, logged."""
+    cmd = ucmd.cmd
+    marked = cmd.flags == COMPANION_MAGIC
+    if (cmd.flags and not marked) or cmd.reserved or cmd.type == uapi.IOMMU_VEVENTQ_TYPE_DEFAULT:
+        raise Errno(errno.EOPNOTSUPP)
+    if not cmd.veventq_depth:
+        raise Errno(errno.EINVAL)
+    ctx = ucmd.ctx
+    viommu = get_viommu(ctx, cmd.viommu_id)
+    if viommu.find_veventq(cmd.type) is not None:
+        raise Errno(errno.EEXIST)
+    if not marked:
+        log.warning(
+            "IOMMU_VEVENTQ_ALLOC: a vEVENT queue is a new file descriptor in the caller, which this "
+            "daemon cannot create without the companion library (docs/selftest.md): EOPNOTSUPP"
+        )
+        raise Errno(errno.EOPNOTSUPP)
+    system = ctx.system
+    q = ctx.alloc(Veventq(ctx, viommu, cmd.type, cmd.veventq_depth))
+    q.users += 1  # the file's reference
+    q.file_ref = True
+    seq = getattr(system, "veventq_file_seq", 0) + 1
+    system.veventq_file_seq = seq
+    token = TOKEN_BASE + seq % TOKEN_BASE
+    cmd.flags = 0
+    cmd.out_veventq_id = q.id
+    cmd.out_veventq_fd = token
+    pending = _pending(system)
+    pending[token] = (q, ucmd.caller.tgid)
+    try:
+        ucmd.respond_and_finalize(q)
+    except BaseException:
+        pending.pop(token, None)
+        raise
+    ctx.release_hooks.append(q.context_closing)
+    return 0
