@@ -80,6 +80,11 @@ int icuse_pt_map_max(struct icuse_pt *pt, uint64_t iova, uint64_t pa, uint64_t l
  * mapped inside the range (0 if none), or -EINVAL/-ENOMEM (the split needs a table). */
 int64_t icuse_pt_unmap(struct icuse_pt *pt, uint64_t iova, uint64_t length);
 
+/* Set the dirty bit of the leaf holding iova, whatever its permissions (the
+ * selftest's IOMMU_TEST_OP_DIRTY, which the mock does to any present entry).
+ * 0, or -ENOENT when unmapped. */
+int icuse_pt_mark_dirty(struct icuse_pt *pt, uint64_t iova);
+
 /* Translation of one iova: 0, or -ENOENT when unmapped. Does not touch A/D bits. */
 int icuse_pt_walk(struct icuse_pt *pt, uint64_t iova, struct icuse_pte_info *out);
 

@@ -448,6 +448,19 @@ static uint64_t *next_leaf(const struct icuse_pt *pt, struct leaf_iter *it, uint
 	return it->ep;
 }
 
+int icuse_pt_mark_dirty(struct icuse_pt *pt, uint64_t iova)
+{
+	unsigned level;
+	uint64_t *ep;
+
+	pthread_rwlock_rdlock(&pt->lock);
+	ep = find_leaf(pt, iova, &level);
+	if (ep)
+		__atomic_fetch_or(ep, PTE_D, __ATOMIC_RELAXED);
+	pthread_rwlock_unlock(&pt->lock);
+	return ep ? 0 : -ENOENT;
+}
+
 int icuse_pt_walk(struct icuse_pt *pt, uint64_t iova, struct icuse_pte_info *out)
 {
 	unsigned level;

@@ -49,13 +49,11 @@
 #include <iommufd-cuse/uapi.h>
 
 #define COMPANION_MAGIC 0x49435553u		/* "ICUS" */
-#define ACCESS_TOKEN_BASE 0x40000000u
-#define ACCESS_CLAIM _IO(IOMMUFD_TYPE, 0xE0)
+#define TOKEN_BASE 0x40000000u			/* tokens are never fd numbers */
+#define CLAIM _IO(IOMMUFD_TYPE, 0xE0)		/* on a node, arg: the token */
 #define ACCESS_NODE "iommufd-selftest/access"
 #define FAULT_NODE "iommufd-cuse/fault"
-#define FAULT_CLAIM _IO(IOMMUFD_TYPE, 0xE0)
 #define VEVENTQ_NODE "iommufd-cuse/veventq"
-#define VEVENTQ_CLAIM _IO(IOMMUFD_TYPE, 0xE0)
 #define FUSE_SUPER_MAGIC 0x65735546
 
 typedef int (*ioctl_fn)(int, unsigned long, ...);
@@ -94,102 +92,71 @@ static int open_daemon_node(int iommufd, const char *name)
 	return -1;
 }
 
+/* The command on fd (marked, and its mark undone) returned rc with errno err.
+ * If it answered a token in *out_fd, open the daemon's node `name`, claim the
+ * token on it and put the new descriptor in *out_fd; failing that, the call
+ * fails with that errno. */
+static int receive_file(int fd, const char *name, __u32 *out_fd, int rc, int err)
+{
+	__u32 token;
+	int nfd;
+
+	if (rc)
+		goto out;
+	token = *out_fd;
+	if (token < TOKEN_BASE)
+		goto out; /* a real descriptor: not our daemon */
+	nfd = open_daemon_node(fd, name);
+	if (nfd < 0) {
+		err = errno;
+		rc = -1;
+		goto out;
+	}
+	if (real_ioctl()(nfd, CLAIM, (unsigned long)token)) {
+		err = errno;
+		close(nfd);
+		rc = -1;
+		goto out;
+	}
+	*out_fd = nfd;
+out:
+	errno = err;
+	return rc;
+}
+
 static int create_access(int fd, unsigned long request, struct iommu_test_cmd *cmd)
 {
 	__u32 saved = cmd->__reserved;
-	__u32 token;
-	int rc, afd, err;
+	int rc, err;
 
 	cmd->__reserved = COMPANION_MAGIC;
 	rc = real_ioctl()(fd, request, cmd);
 	err = errno;
 	cmd->__reserved = saved;
-	if (rc)
-		goto out;
-	token = cmd->create_access.out_access_fd;
-	if (token < ACCESS_TOKEN_BASE)
-		goto out; /* a real descriptor: not our daemon */
-	afd = open_daemon_node(fd, ACCESS_NODE);
-	if (afd < 0) {
-		err = errno;
-		rc = -1;
-		goto out;
-	}
-	if (real_ioctl()(afd, ACCESS_CLAIM, (unsigned long)token)) {
-		err = errno;
-		close(afd);
-		rc = -1;
-		goto out;
-	}
-	cmd->create_access.out_access_fd = afd;
-out:
-	errno = err;
-	return rc;
+	return receive_file(fd, ACCESS_NODE, &cmd->create_access.out_access_fd, rc, err);
 }
 
 static int fault_alloc(int fd, unsigned long request, struct iommu_fault_alloc *cmd)
 {
-	__u32 token;
-	int rc, ffd, err;
+	int rc, err;
 
 	cmd->flags = COMPANION_MAGIC;
 	rc = real_ioctl()(fd, request, cmd);
 	err = errno;
 	cmd->flags = 0;
-	if (rc)
-		goto out;
-	token = cmd->out_fault_fd;
-	if (token < ACCESS_TOKEN_BASE)
-		goto out; /* a real descriptor: not our daemon */
-	ffd = open_daemon_node(fd, FAULT_NODE);
-	if (ffd < 0) {
-		err = errno;
-		rc = -1;
-		goto out;
-	}
-	if (real_ioctl()(ffd, FAULT_CLAIM, (unsigned long)token)) {
-		err = errno;
-		close(ffd);
-		rc = -1;
-		goto out;
-	}
-	cmd->out_fault_fd = ffd;
-out:
-	errno = err;
-	return rc;
+	return receive_file(fd, FAULT_NODE, &cmd->out_fault_fd, rc, err);
 }
 
 /* IOMMU_VEVENTQ_ALLOC: as fault_alloc, on the vEVENT queue node. */
 static int veventq_alloc(int fd, unsigned long request, struct iommu_veventq_alloc *cmd)
 {
-	__u32 token;
-	int rc, qfd, err;
+	int rc, err;
 
 	cmd->flags = COMPANION_MAGIC;
 	rc = real_ioctl()(fd, request, cmd);
 	err = errno;
 	cmd->flags = 0;
-	if (rc)
-		goto out;
-	token = cmd->out_veventq_fd;
-	if (token < ACCESS_TOKEN_BASE)
-		goto out; /* a real descriptor: not our daemon */
-	qfd = open_daemon_node(fd, VEVENTQ_NODE);
-	if (qfd < 0) {
-		err = errno;
-		rc = -1;
-		goto out;
-	}
-	if (real_ioctl()(qfd, VEVENTQ_CLAIM, (unsigned long)token)) {
-		err = errno;
-		close(qfd);
-		rc = -1;
-		goto out;
-	}
-	cmd->out_veventq_fd = qfd;
-out:
-	errno = err;
-	return rc;
+	return receive_file(fd, VEVENTQ_NODE, &cmd->out_veventq_fd, rc, err);
 }
 
 static int on_fuse(int fd)

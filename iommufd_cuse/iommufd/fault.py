@@ -11,7 +11,7 @@ The file is a new descriptor in the caller, which a FUSE server cannot create:
 with the companion library (tools/iommufd_selftest_preload.c) the ioctl carries
 COMPANION_MAGIC in flags, the daemon answers with a token in out_fault_fd, and the
 companion opens FAULT_NODE and claims the token (FAULT_CLAIM), putting the new fd
-in out_fault_fd. Without it: EOPNOTSUPP. See docs/selftest.md.
+in out_fault_fd (companion.py). Without it: EOPNOTSUPP. See docs/selftest.md.
 """
 
 from __future__ import annotations
@@ -21,19 +21,17 @@ import logging
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 from .. import uapi
 from ..transport.caller import Errno
-from ..transport.nodes import FileHandle
+from .companion import CLAIM, COMPANION_MAGIC, HandedFile, refuse_without_companion
 from .main import Context, Object, ObjType, Ucmd
 
 log = logging.getLogger(__name__)
 
 FAULT_NODE = "iommufd-cuse/fault"
-COMPANION_MAGIC = 0x49435553  # "ICUS", in iommu_fault_alloc.flags
-FAULT_TOKEN_BASE = 0x40000000  # tokens are never fd numbers
-FAULT_CLAIM = uapi._IO(uapi.IOMMUFD_TYPE, 0xE0)  # on FAULT_NODE, arg: the token
+FAULT_CLAIM = CLAIM  # on FAULT_NODE, arg: the token
 
 POLLIN = 0x1
 POLLOUT = 0x4
@@ -56,29 +54,110 @@ class FaultGroup:
     cookie: int = 0
 
 
-class Fault(Object):
-    """struct iommufd_fault: groups to deliver, and groups delivered awaiting a response."""
+class Eventq(Object):
+    """struct iommufd_eventq: what a fault and a vEVENT queue (viommu.py) share: the
+    records to deliver, the pollers of the file, and the file's users reference
+    (taken at alloc, as the kernel's)."""
 
-    type = ObjType.FAULT
+    file_cls: ClassVar[type[HandedFile]]  # the file the companion claims
 
     def __init__(self, ctx: Context) -> None:
         super().__init__()
         self.ctx = ctx
-        self.deliver: deque[FaultGroup] = deque()
-        self.response: dict[int, FaultGroup] = {}
+        self.deliver: deque[Any] = deque()
         self.poll_khs: set[int] = set()
         self.notify: Callable[[int], None] | None = None  # the server's notify_poll
-        self.file: FaultFile | None = None
-        self.file_ref = False  # the file's users reference (taken at alloc, as the kernel's)
+        self.file: EventqFile | None = None
+        self.file_ref = False
+
+    def wake(self) -> None:
+        khs, self.poll_khs = self.poll_khs, set()
+        if self.notify is not None:
+            for kh in khs:
+                self.notify(kh)
+
+    def readable(self) -> bool:
+        return bool(self.deliver)
+
+    def drop_file_ref(self) -> None:
+        """The file's reference goes (its close, or its context's close)."""
+        if self.file_ref:
+            self.file_ref = False
+            self.users -= 1
+
+    def context_closing(self) -> None:
+        """The context is released while the file may still be open: the file lets go
+        of the object (the kernel would keep the context alive until the file closes)."""
+        self.drop_file_ref()
+        self.file_cls.forget(self.ctx.system, self)
+
+
+class EventqFile(HandedFile):
+    """The file of an event queue (a fault, or a vEVENT queue in viommu.py) once
+    claimed: its pollers are woken through the server's notify_poll, and its close
+    drops the file's users reference on the queue."""
+
+    def __init__(self, system: Any, notify: Callable[[int], None] | None) -> None:
+        super().__init__(system)
+        self.notify = notify
+
+    def claimed(self, obj: Any) -> None:
+        super().claimed(obj)
+        obj.notify = self.notify
+
+    def release(self) -> None:
+        q, self.obj = self.obj, None
+        if q is not None:
+            q.poll_khs.clear()
+            q.file = None
+            q.drop_file_ref()
+
+
+class FaultFile(EventqFile):
+    """An open of FAULT_NODE: the file of one fault object once claimed."""
+
+    pending_attr = "pending_fault_files"
+    seq_attr = "fault_file_seq"
+
+    def _claimed(self) -> Fault:
+        if self.obj is None:
+            raise Errno(errno.EBADFD)
+        return self.obj
+
+    def read(self, req: Any, offset: int, size: int) -> bytes:
+        # The kernel's fault file never moves its position; FUSE advances it on
+        # every read of a direct-I/O file, so the offset is not checked (pread is
+        # refused by the VFS anyway: the file is nonseekable).
+        return self._claimed().read(size)
+
+    def write(self, req: Any, offset: int, data: bytes) -> int:
+        return self._claimed().write(data)
+
+    def poll(self, req: Any, events: int, kh: int | None) -> int:
+        fault = self.obj
+        if fault is None:
+            return POLLOUT
+        if kh is not None:
+            fault.poll_khs.add(kh)
+        return POLLOUT | (POLLIN | POLLRDNORM if fault.readable() else 0)
+
+
+class Fault(Eventq):
+    """struct iommufd_fault: groups to deliver, and groups delivered awaiting a response."""
+
+    type = ObjType.FAULT
+    file_cls = FaultFile
+
+    def __init__(self, ctx: Context) -> None:
+        super().__init__(ctx)
+        self.deliver: deque[FaultGroup] = deque()
+        self.response: dict[int, FaultGroup] = {}
 
     # -- the queue ------------------------------------------------------------------
     def report(self, group: FaultGroup) -> None:
         """iommufd_fault_iopf_handler: queue the group and wake the pollers."""
         self.deliver.append(group)
-        khs, self.poll_khs = self.poll_khs, set()
-        if self.notify is not None:
-            for kh in khs:
-                self.notify(kh)
+        self.wake()
 
     def read(self, count: int) -> bytes:
         """iommufd_fault_fops_read: whole groups that fit in count bytes."""
@@ -133,94 +212,10 @@ class Fault(Object):
         for cookie in [c for c, g in self.response.items() if gone(g)]:
             del self.response[cookie]
 
-    def readable(self) -> bool:
-        return bool(self.deliver)
-
     # -- lifetime -------------------------------------------------------------------
-    def drop_file_ref(self) -> None:
-        """The file's reference goes (its close, or its context's close)."""
-        if self.file_ref:
-            self.file_ref = False
-            self.users -= 1
-
-    def context_closing(self) -> None:
-        """The context is released while the file may still be open: the file lets go
-        of the object (the kernel would keep the context alive until the file closes)."""
-        self.drop_file_ref()
-        _pending_faults(self.ctx.system).pop_fault(self)
-
     def destroy(self) -> None:
         self.auto_respond()
-        khs, self.poll_khs = self.poll_khs, set()
-        if self.notify is not None:
-            for kh in khs:
-                self.notify(kh)
-
-
-class _Pending(dict):
-    """token -> (fault, tgid of its creator): fault files not claimed yet."""
-
-    def pop_fault(self, fault: Fault) -> None:
-        for token, (f, _tgid) in list(self.items()):
-            if f is fault:
-                del self[token]
-
-
-def _pending_faults(system: Any) -> _Pending:
-    pending = getattr(system, "pending_fault_files", None)
-    if pending is None:
-        pending = system.pending_fault_files = _Pending()
-    return pending
-
-
-class FaultFile(FileHandle):
-    """An open of FAULT_NODE: the file of one fault object once claimed."""
-
-    def __init__(self, system: Any, notify: Callable[[int], None] | None) -> None:
-        self.system = system
-        self.notify = notify
-        self.fault: Fault | None = None
-
-    def ioctl(self, req: Any, cmd: int, arg: int) -> int:
-        if cmd == FAULT_CLAIM:
-            pending = _pending_faults(self.system)
-            entry = pending.get(arg)
-            if entry is None or entry[1] != req.caller.tgid or self.fault is not None:
-                raise Errno(errno.EINVAL)
-            del pending[arg]
-            fault = entry[0]
-            self.fault, fault.file, fault.notify = fault, self, self.notify
-            return 0
-        raise Errno(errno.ENOTTY)
-
-    def _claimed(self) -> Fault:
-        if self.fault is None:
-            raise Errno(errno.EBADFD)
-        return self.fault
-
-    def read(self, req: Any, offset: int, size: int) -> bytes:
-        # The kernel's fault file never moves its position; FUSE advances it on
-        # every read of a direct-I/O file, so the offset is not checked (pread is
-        # refused by the VFS anyway: the file is nonseekable).
-        return self._claimed().read(size)
-
-    def write(self, req: Any, offset: int, data: bytes) -> int:
-        return self._claimed().write(data)
-
-    def poll(self, req: Any, events: int, kh: int | None) -> int:
-        fault = self.fault
-        if fault is None:
-            return POLLOUT
-        if kh is not None:
-            fault.poll_khs.add(kh)
-        return POLLOUT | (POLLIN | POLLRDNORM if fault.readable() else 0)
-
-    def release(self) -> None:
-        fault, self.fault = self.fault, None
-        if fault is not None:
-            fault.poll_khs.clear()
-            fault.file = None
-            fault.drop_file_ref()
+        self.wake()
 
 
 # -- IOMMU_FAULT_QUEUE_ALLOC ---------------------------------------------------------------
@@ -230,30 +225,28 @@ def fault_alloc(ucmd: Ucmd) -> int:
     if cmd.flags != COMPANION_MAGIC:
         if cmd.flags:
             raise Errno(errno.EOPNOTSUPP)
-        log.warning(
-            "IOMMU_FAULT_QUEUE_ALLOC: a fault queue is a new file descriptor in the caller, which this "
-            "daemon cannot create without the companion library (docs/selftest.md): EOPNOTSUPP"
-        )
-        raise Errno(errno.EOPNOTSUPP)
+        refuse_without_companion(log, "IOMMU_FAULT_QUEUE_ALLOC", "a fault queue")
     ctx = ucmd.ctx
-    system = ctx.system
-    fault = ctx.alloc(Fault(ctx))
-    fault.users += 1  # the file's reference (iommufd_eventq_init)
-    fault.file_ref = True
-    seq = getattr(system, "fault_file_seq", 0) + 1
-    system.fault_file_seq = seq
-    token = FAULT_TOKEN_BASE + seq % FAULT_TOKEN_BASE
+    return respond_eventq(ucmd, ctx.alloc(Fault(ctx)), "out_fault_id", "out_fault_fd")
+
+
+def respond_eventq(ucmd: Ucmd, q: Eventq, out_id: str, out_fd: str) -> int:
+    """The end of an event queue's alloc: the file's reference (iommufd_eventq_init),
+    a token for the companion in out_fd, the answer (the token goes if it fails)."""
+    ctx = ucmd.ctx
+    cmd = ucmd.cmd
+    q.users += 1
+    q.file_ref = True
+    token = q.file_cls.issue(ctx.system, q, ucmd.caller.tgid)
     cmd.flags = 0  # the companion restores its own copy; the answer carries none
-    cmd.out_fault_id = fault.id
-    cmd.out_fault_fd = token
-    pending = _pending_faults(system)
-    pending[token] = (fault, ucmd.caller.tgid)
+    setattr(cmd, out_id, q.id)
+    setattr(cmd, out_fd, token)
     try:
-        ucmd.respond_and_finalize(fault)
+        ucmd.respond_and_finalize(q)
     except BaseException:
-        pending.pop(token, None)
+        q.file_cls.pending(ctx.system).pop(token, None)
         raise
-    ctx.release_hooks.append(fault.context_closing)
+    ctx.release_hooks.append(q.context_closing)
     return 0
 
 

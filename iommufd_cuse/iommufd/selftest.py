@@ -38,10 +38,9 @@ from ..iommu.core import Device, Group, Iommu
 from ..iommu.domain import Domain, PagingDomain
 from ..system import PAGE_SIZE
 from ..transport.caller import Errno
-from ..transport.loopback import identify
-from ..transport.mount import fd_inode, fd_on_our_mount
-from ..transport.nodes import FileHandle
+from ..transport.mount import fd_on_our_mount
 from . import device as device_mod
+from .companion import CLAIM, COMPANION_MAGIC, TOKEN_BASE, HandedFile, refuse_without_companion
 from .hw_pagetable import HwptNested, HwptPaging, UserData, UserDataArray
 from .ioas import get_ioas
 from .main import Context, Object, ObjType, Ucmd
@@ -87,10 +86,9 @@ class MockDomain(PagingDomain):
         return self.pgsize_bitmap & -self.pgsize_bitmap
 
     def set_dirty(self, iova: int) -> bool:
-        """Mark the leaf holding iova dirty, as a device write would (pt set_dirty)."""
-        segs = ffi.new("struct icuse_seg[1]")
-        fault = ffi.new("uint64_t *")
-        return lib.icuse_pt_translate(self.pt, iova, 1, lib.ICUSE_PROT_WRITE, segs, 1, fault) >= 0
+        """Mark the leaf holding iova dirty, as the mock does to any present entry
+        (read-only ones included); False when iova is not mapped."""
+        return lib.icuse_pt_mark_dirty(self.pt, iova) == 0
 
     def __repr__(self) -> str:
         kind = "huge" if self.pagetable_type == uapi.MOCK_IOMMUPT_HUGE else "default"
@@ -887,11 +885,11 @@ def op_trigger_vevent(t: SelftestCall) -> int:
 # CREATE_ACCESS carries COMPANION_MAGIC in __reserved; the daemon then answers with a
 # token in out_access_fd, and the companion opens ACCESS_NODE and claims the token on
 # that file (ACCESS_CLAIM), putting the new fd in out_access_fd. Every semantic stays
-# here; the companion only turns a token into an open file. Without it: EOPNOTSUPP.
+# here; the companion only turns a token into an open file (companion.py). Without
+# it: EOPNOTSUPP.
 ACCESS_NODE = "iommufd-selftest/access"
-COMPANION_MAGIC = 0x49435553  # "ICUS"
-ACCESS_TOKEN_BASE = 0x40000000  # tokens are never fd numbers
-ACCESS_CLAIM = uapi._IO(uapi.IOMMUFD_TYPE, 0xE0)  # on ACCESS_NODE, arg: the token
+ACCESS_TOKEN_BASE = TOKEN_BASE
+ACCESS_CLAIM = CLAIM  # on ACCESS_NODE, arg: the token
 
 
 @dataclass
@@ -963,7 +961,7 @@ class SelftestAccess(Object):
         self.closed = True
         self.detach()
         if self.file is not None:
-            self.file.access = None
+            self.file.obj = None
             self.file = None
         self.users -= 1  # the driver's reference (the file's)
         ctx = self.ctx
@@ -972,23 +970,12 @@ class SelftestAccess(Object):
                 ctx.remove(self.id)
             except Errno:
                 log.warning("access %d still in use at close", self.id)
-        pending = _pending_accesses(ctx.system)
-        for token, (acc, _tgid) in list(pending.items()):
-            if acc is self:
-                del pending[token]
+        AccessFile.forget(ctx.system, self)
         if self.close in ctx.release_hooks:
             ctx.release_hooks.remove(self.close)
 
     def destroy(self) -> None:
         self.detach()
-
-
-def _pending_accesses(system: Any) -> dict[int, tuple[SelftestAccess, int]]:
-    """token -> (access, tgid of its creator): accesses whose file is not claimed yet."""
-    pending = getattr(system, "selftest_pending_accesses", None)
-    if pending is None:
-        pending = system.selftest_pending_accesses = {}
-    return pending
 
 
 def _access_pin(access: SelftestAccess, iova: int, length: int, write: bool) -> list[tuple[Any, int, int]]:
@@ -1039,48 +1026,23 @@ def _access_unpin(pins: list[tuple[Any, int, int]]) -> None:
         area.num_accesses -= 1
 
 
-class AccessFile(FileHandle):
+class AccessFile(HandedFile):
     """An open of ACCESS_NODE: the file of one access once claimed (its close
     destroys the access, as the kernel's staccess release)."""
 
-    def __init__(self, system: Any) -> None:
-        self.system = system
-        self.access: SelftestAccess | None = None
-
-    def ioctl(self, req: Any, cmd: int, arg: int) -> int:
-        if cmd == ACCESS_CLAIM:
-            pending = _pending_accesses(self.system)
-            entry = pending.get(arg)
-            if entry is None or entry[1] != req.caller.tgid or self.access is not None:
-                raise Errno(errno.EINVAL)
-            del pending[arg]
-            access = entry[0]
-            self.access, access.file = access, self
-            return 0
-        raise Errno(errno.ENOTTY)
+    pending_attr = "selftest_pending_accesses"
+    seq_attr = "selftest_access_seq"
+    ino_attr = "selftest_access_ino"
 
     def release(self) -> None:
-        if self.access is not None:
-            self.access.close()
+        if self.obj is not None:
+            self.obj.close()
 
 
 async def _get_access(t: SelftestCall, fd: int) -> SelftestAccess:
     """iommufd_access_get: the access whose file the caller has as fd; EBADFD for
     no fd or a file that is not an access."""
-    try:
-        dup = t.ucmd.caller.fetch_fd(fd)
-    except Errno:
-        raise Errno(errno.EBADFD) from None
-    try:
-        ino = getattr(t.system, "selftest_access_ino", None)
-        if ino is None or not fd_on_our_mount(dup) or fd_inode(dup) != ino:
-            raise Errno(errno.EBADFD)
-        fh = await identify(dup)
-    finally:
-        os.close(dup)  # closing a file of our own mount never waits for us (no FLUSH)
-    if not isinstance(fh, AccessFile) or fh.access is None:
-        raise Errno(errno.EBADFD)
-    return fh.access
+    return await AccessFile.lookup(t.system, t.ucmd.caller, fd)
 
 
 def _syz_iova(ioas: Any, iova: int) -> int:
@@ -1101,11 +1063,7 @@ async def op_create_access(t: SelftestCall) -> int:
     ctx = t.ctx
     if t.ucmd.cmd.reserved != COMPANION_MAGIC:
         get_ioas(ctx, t.id)
-        log.warning(
-            "IOMMU_TEST_OP_CREATE_ACCESS: an access is a new file descriptor in the caller, which this "
-            "daemon cannot create without the companion library (docs/selftest.md): EOPNOTSUPP"
-        )
-        raise Errno(errno.EOPNOTSUPP)
+        refuse_without_companion(log, "IOMMU_TEST_OP_CREATE_ACCESS", "an access")
     # iommufd_access_create makes the object visible at once, then attaches it.
     access = ctx.alloc(SelftestAccess(ctx, bool(t.arg.flags & uapi.MOCK_FLAGS_ACCESS_CREATE_NEEDS_PIN_PAGES)))
     ctx.finalize(access)
@@ -1115,11 +1073,7 @@ async def op_create_access(t: SelftestCall) -> int:
         with ctx.hold(ioas):
             async with ioas.iopt.lock:
                 access.attach(ioas)
-        pending = _pending_accesses(t.system)
-        seq = getattr(t.system, "selftest_access_seq", 0) + 1
-        t.system.selftest_access_seq = seq
-        token = ACCESS_TOKEN_BASE + seq % ACCESS_TOKEN_BASE
-        pending[token] = (access, t.ucmd.caller.tgid)
+        token = AccessFile.issue(t.system, access, t.ucmd.caller.tgid)
         ctx.release_hooks.append(access.close)
         t.arg.out_access_fd = token
         t.respond()

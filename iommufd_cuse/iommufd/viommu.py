@@ -10,9 +10,9 @@ vIOMMU serves these (viommu_init): here, the selftest's mock IOMMU.
 A vEVENT queue is a new file descriptor in the caller: as fault objects (fault.py),
 through the companion library, which sends flags = COMPANION_MAGIC on a FUSE
 iommufd; the daemon answers a token in out_veventq_fd that the companion claims on
-VEVENTQ_NODE. read() hands out iommufd_vevent_header + data records; when the queue
-holds depth events, further reports leave a LOST_EVENTS header at its tail (one,
-carrying the newest sequence). See docs/selftest.md.
+VEVENTQ_NODE (companion.py). read() hands out iommufd_vevent_header + data records;
+when the queue holds depth events, further reports leave a LOST_EVENTS header at its
+tail (one, carrying the newest sequence). See docs/selftest.md.
 """
 
 from __future__ import annotations
@@ -20,20 +20,18 @@ from __future__ import annotations
 import errno
 import logging
 from collections import deque
-from collections.abc import Callable
 from typing import Any
 
 from .. import uapi
 from ..transport.caller import Errno
-from ..transport.nodes import FileHandle
+from .companion import CLAIM, COMPANION_MAGIC, refuse_without_companion
+from .fault import Eventq, EventqFile, respond_eventq
 from .main import Context, Object, ObjType, Ucmd
 
 log = logging.getLogger(__name__)
 
 VEVENTQ_NODE = "iommufd-cuse/veventq"
-COMPANION_MAGIC = 0x49435553  # "ICUS", in iommu_veventq_alloc.flags
-TOKEN_BASE = 0x40000000  # tokens are never fd numbers
-VEVENTQ_CLAIM = uapi._IO(uapi.IOMMUFD_TYPE, 0xE0)  # on VEVENTQ_NODE, arg: the token
+VEVENTQ_CLAIM = CLAIM  # on VEVENTQ_NODE, arg: the token
 INT_MAX = (1 << 31) - 1
 
 POLLIN = 0x1
@@ -123,15 +121,39 @@ class Vdevice(Object):
         self.viommu = None  # type: ignore[assignment]
 
 
-class Veventq(Object):
+class VeventqFile(EventqFile):
+    """An open of VEVENTQ_NODE: the file of one vEVENT queue once claimed."""
+
+    pending_attr = "pending_veventq_files"
+    seq_attr = "veventq_file_seq"
+
+    def read(self, req: Any, offset: int, size: int) -> bytes:
+        q = self.obj
+        if q is None:
+            raise Errno(errno.EBADFD)
+        return q.read(size)
+
+    def write(self, req: Any, offset: int, data: bytes) -> int:
+        raise Errno(errno.EINVAL)  # the kernel's file has no write: the VFS says EINVAL
+
+    def poll(self, req: Any, events: int, kh: int | None) -> int:
+        q = self.obj
+        if q is None:
+            return 0
+        if kh is not None:
+            q.poll_khs.add(kh)
+        return POLLIN | POLLRDNORM if q.readable() else 0
+
+
+class Veventq(Eventq):
     """struct iommufd_veventq: events to deliver, at most depth of them, then a
     lost-events header."""
 
     type = ObjType.VEVENTQ
+    file_cls = VeventqFile
 
     def __init__(self, ctx: Context, viommu: Viommu, veventq_type: int, depth: int) -> None:
-        super().__init__()
-        self.ctx = ctx
+        super().__init__(ctx)
         self.viommu = viommu
         self.veventq_type = veventq_type
         self.depth = depth
@@ -139,22 +161,12 @@ class Veventq(Object):
         self.deliver: deque[list[Any]] = deque()
         self.num_events = 0
         self.sequence = 0
-        self.poll_khs: set[int] = set()
-        self.notify: Callable[[int], None] | None = None
-        self.file: VeventqFile | None = None
-        self.file_ref = False
         viommu.users += 1
         viommu.veventqs.append(self)
 
     def status(self) -> dict:
         return {"viommu": self.viommu.id if self.viommu else 0, "type": self.veventq_type,
                 "depth": self.depth, "queued": self.num_events}
-
-    def _wake(self) -> None:
-        khs, self.poll_khs = self.poll_khs, set()
-        if self.notify is not None:
-            for kh in khs:
-                self.notify(kh)
 
     def report(self, data: bytes) -> None:
         """iommufd_viommu_report_event + iommufd_vevent_handler: a lost-events header
@@ -169,7 +181,7 @@ class Veventq(Object):
         entry[1] = self.sequence
         self.sequence = (self.sequence + 1) & INT_MAX
         self.deliver.append(entry)
-        self._wake()
+        self.wake()
 
     def read(self, count: int) -> bytes:
         """iommufd_veventq_fops_read: whole records (header, then the event data) that
@@ -187,18 +199,6 @@ class Veventq(Object):
                 self.num_events -= 1
         return bytes(out)
 
-    def readable(self) -> bool:
-        return bool(self.deliver)
-
-    def drop_file_ref(self) -> None:
-        if self.file_ref:
-            self.file_ref = False
-            self.users -= 1
-
-    def context_closing(self) -> None:
-        self.drop_file_ref()
-        _pending(self.ctx.system).pop_obj(self)
-
     def abort(self) -> None:
         self.destroy()
 
@@ -211,68 +211,7 @@ class Veventq(Object):
             self.viommu = None  # type: ignore[assignment]
         self.deliver.clear()
         self.num_events = 0
-        self._wake()
-
-
-class _Pending(dict):
-    """token -> (veventq, tgid of its creator): files not claimed yet."""
-
-    def pop_obj(self, obj: Veventq) -> None:
-        for token, (o, _tgid) in list(self.items()):
-            if o is obj:
-                del self[token]
-
-
-def _pending(system: Any) -> _Pending:
-    pending = getattr(system, "pending_veventq_files", None)
-    if pending is None:
-        pending = system.pending_veventq_files = _Pending()
-    return pending
-
-
-class VeventqFile(FileHandle):
-    """An open of VEVENTQ_NODE: the file of one vEVENT queue once claimed."""
-
-    def __init__(self, system: Any, notify: Callable[[int], None] | None) -> None:
-        self.system = system
-        self.notify = notify
-        self.veventq: Veventq | None = None
-
-    def ioctl(self, req: Any, cmd: int, arg: int) -> int:
-        if cmd == VEVENTQ_CLAIM:
-            pending = _pending(self.system)
-            entry = pending.get(arg)
-            if entry is None or entry[1] != req.caller.tgid or self.veventq is not None:
-                raise Errno(errno.EINVAL)
-            del pending[arg]
-            q = entry[0]
-            self.veventq, q.file, q.notify = q, self, self.notify
-            return 0
-        raise Errno(errno.ENOTTY)
-
-    def read(self, req: Any, offset: int, size: int) -> bytes:
-        q = self.veventq
-        if q is None:
-            raise Errno(errno.EBADFD)
-        return q.read(size)
-
-    def write(self, req: Any, offset: int, data: bytes) -> int:
-        raise Errno(errno.EINVAL)  # the kernel's file has no write: the VFS says EINVAL
-
-    def poll(self, req: Any, events: int, kh: int | None) -> int:
-        q = self.veventq
-        if q is None:
-            return 0
-        if kh is not None:
-            q.poll_khs.add(kh)
-        return POLLIN | POLLRDNORM if q.readable() else 0
-
-    def release(self) -> None:
-        q, self.veventq = self.veventq, None
-        if q is not None:
-            q.poll_khs.clear()
-            q.file = None
-            q.drop_file_ref()
+        self.wake()
 
 
 # -- IOMMU_VIOMMU_ALLOC -----------------------------------------------------------------------
@@ -367,27 +306,6 @@ def veventq_alloc(ucmd: Ucmd) -> int:
     if viommu.find_veventq(cmd.type) is not None:
         raise Errno(errno.EEXIST)
     if not marked:
-        log.warning(
-            "IOMMU_VEVENTQ_ALLOC: a vEVENT queue is a new file descriptor in the caller, which this "
-            "daemon cannot create without the companion library (docs/selftest.md): EOPNOTSUPP"
-        )
-        raise Errno(errno.EOPNOTSUPP)
-    system = ctx.system
+        refuse_without_companion(log, "IOMMU_VEVENTQ_ALLOC", "a vEVENT queue")
     q = ctx.alloc(Veventq(ctx, viommu, cmd.type, cmd.veventq_depth))
-    q.users += 1  # the file's reference
-    q.file_ref = True
-    seq = getattr(system, "veventq_file_seq", 0) + 1
-    system.veventq_file_seq = seq
-    token = TOKEN_BASE + seq % TOKEN_BASE
-    cmd.flags = 0
-    cmd.out_veventq_id = q.id
-    cmd.out_veventq_fd = token
-    pending = _pending(system)
-    pending[token] = (q, ucmd.caller.tgid)
-    try:
-        ucmd.respond_and_finalize(q)
-    except BaseException:
-        pending.pop(token, None)
-        raise
-    ctx.release_hooks.append(q.context_closing)
-    return 0
+    return respond_eventq(ucmd, q, "out_veventq_id", "out_veventq_fd")

@@ -515,3 +515,18 @@ def test_concurrent_translate_while_mapping(make_pt):
         t.join()
     assert not errors
     assert stats(pt) == (2, 1, M2)
+
+
+def test_mark_dirty_marks_read_only_leaves_too():
+    """icuse_pt_mark_dirty (the selftest's DIRTY op) sets D on any present leaf, as the
+    kernel's mock does; translate for a write would refuse a read-only one."""
+    pt = lib.icuse_pt_alloc(12, 0x1000, 39)
+    try:
+        assert lib.icuse_pt_map(pt, 0x10000, 0x100000, 0x2000, lib.ICUSE_PROT_READ) == 0
+        info = ffi.new("struct icuse_pte_info *")
+        assert lib.icuse_pt_mark_dirty(pt, 0x11000) == 0
+        assert lib.icuse_pt_walk(pt, 0x11000, info) == 0 and info.flags & lib.ICUSE_PTE_DIRTY
+        assert lib.icuse_pt_walk(pt, 0x10000, info) == 0 and not info.flags & lib.ICUSE_PTE_DIRTY
+        assert lib.icuse_pt_mark_dirty(pt, 0x20000) == -errno.ENOENT
+    finally:
+        lib.icuse_pt_free(pt)

@@ -1,0 +1,124 @@
+"""Files a FUSE server hands back through the companion library.
+
+Some commands answer with a new file descriptor in the caller (IOMMU_TEST_OP_CREATE_ACCESS,
+IOMMU_FAULT_QUEUE_ALLOC, IOMMU_VEVENTQ_ALLOC), which a FUSE server cannot create.
+With the companion (tools/iommufd_selftest_preload.c, LD_PRELOAD) in the caller, the
+command carries COMPANION_MAGIC; the daemon then answers with a token (never an fd
+number) instead of the descriptor, and the companion opens the object's node in the
+same mount and claims the token on that file (CLAIM), putting the new fd in the
+answer. A token is claimed once, by the process that created the object, and a file
+holds one object (else EINVAL). Every semantic stays in the daemon. Without the
+companion: EOPNOTSUPP. See docs/selftest.md, "Files handed back".
+
+This module holds what the three have in common: the per-System registry of
+unclaimed tokens, token issue, the claim ioctl (HandedFile) and the lookup of the
+object behind a descriptor the daemon fetched from its caller.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+from typing import Any, ClassVar, NoReturn
+
+from .. import uapi
+from ..transport.caller import Errno
+from ..transport.loopback import identify
+from ..transport.mount import fd_inode, fd_on_our_mount
+from ..transport.nodes import FileHandle
+
+COMPANION_MAGIC = 0x49435553  # "ICUS"
+TOKEN_BASE = 0x40000000  # tokens are never fd numbers
+CLAIM = uapi._IO(uapi.IOMMUFD_TYPE, 0xE0)  # on an object's node, arg: the token
+
+
+def refuse_without_companion(log: logging.Logger, command: str, what: str) -> NoReturn:
+    """A command whose answer is a new file, called without the companion: EOPNOTSUPP, logged."""
+    log.warning(
+        "%s: %s is a new file descriptor in the caller, which this daemon cannot create "
+        "without the companion library (docs/selftest.md): EOPNOTSUPP", command, what
+    )
+    raise Errno(errno.EOPNOTSUPP)
+
+
+class Pending(dict):
+    """token -> (object, tgid of its creator): objects whose file is not claimed yet."""
+
+    def pop_obj(self, obj: Any) -> None:
+        for token, (o, _tgid) in list(self.items()):
+            if o is obj:
+                del self[token]
+
+
+class HandedFile(FileHandle):
+    """An open of an object's node: the file of one object once claimed. Subclasses
+    name the System attributes of their registry (pending_attr), token sequence
+    (seq_attr) and, for lookup, their node's inode (ino_attr)."""
+
+    pending_attr: ClassVar[str]
+    seq_attr: ClassVar[str]
+    ino_attr: ClassVar[str] = ""
+
+    def __init__(self, system: Any) -> None:
+        self.system = system
+        self.obj: Any = None
+
+    # -- the registry (per System) ----------------------------------------------------
+    @classmethod
+    def pending(cls, system: Any) -> Pending:
+        pending = getattr(system, cls.pending_attr, None)
+        if pending is None:
+            pending = Pending()
+            setattr(system, cls.pending_attr, pending)
+        return pending
+
+    @classmethod
+    def issue(cls, system: Any, obj: Any, tgid: int) -> int:
+        """A new token for obj, claimable by the process tgid."""
+        seq = getattr(system, cls.seq_attr, 0) + 1
+        setattr(system, cls.seq_attr, seq)
+        token = TOKEN_BASE + seq % TOKEN_BASE
+        cls.pending(system)[token] = (obj, tgid)
+        return token
+
+    @classmethod
+    def forget(cls, system: Any, obj: Any) -> None:
+        """obj's tokens go unclaimed (its context closes, or it ends)."""
+        cls.pending(system).pop_obj(obj)
+
+    # -- the claim ----------------------------------------------------------------------
+    def ioctl(self, req: Any, cmd: int, arg: int) -> int:
+        if cmd == CLAIM:
+            pending = self.pending(self.system)
+            entry = pending.get(arg)
+            if entry is None or entry[1] != req.caller.tgid or self.obj is not None:
+                raise Errno(errno.EINVAL)
+            del pending[arg]
+            self.claimed(entry[0])
+            return 0
+        raise Errno(errno.ENOTTY)
+
+    def claimed(self, obj: Any) -> None:
+        """The file now holds obj."""
+        self.obj, obj.file = obj, self
+
+    # -- the object behind a caller's descriptor -----------------------------------------
+    @classmethod
+    async def lookup(cls, system: Any, caller: Any, fd: int) -> Any:
+        """The object whose file the caller has as fd; EBADFD for no fd, a file that
+        is not of this node, or one that holds no object."""
+        try:
+            dup = caller.fetch_fd(fd)
+        except Errno:
+            raise Errno(errno.EBADFD) from None
+        try:
+            ino = getattr(system, cls.ino_attr, None)
+            if ino is None or not fd_on_our_mount(dup) or fd_inode(dup) != ino:
+                raise Errno(errno.EBADFD)
+            fh = await identify(dup)
+        finally:
+            os.close(dup)  # closing a file of our own mount never waits for us (no FLUSH)
+        if not isinstance(fh, cls) or fh.obj is None:
+            raise Errno(errno.EBADFD)
+        return fh.obj
