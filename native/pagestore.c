@@ -438,6 +438,19 @@ static int index_range_ok(const struct pages *pg, uint64_t first, uint64_t npage
 	return first <= pg->npages && npages <= pg->npages - first;
 }
 
+/* The pages entry for a range operation, with the write lock held: 1 and *pg
+ * to go on, 0 for an empty range (nothing to do), -ENOENT or -EINVAL. */
+static int range_target(struct icuse_store *st, int64_t id, uint64_t first, uint64_t npages,
+			struct pages **pg)
+{
+	*pg = get_pages(st, id);
+	if (!*pg)
+		return -ENOENT;
+	if (!index_range_ok(*pg, first, npages))
+		return -EINVAL;
+	return npages ? 1 : 0;
+}
+
 int icuse_pages_set_backing(struct icuse_store *st, int64_t id, uint64_t first, uint64_t npages,
 			    int kind, int fd, uint64_t addr)
 {
@@ -458,14 +471,8 @@ int icuse_pages_set_backing(struct icuse_store *st, int64_t id, uint64_t first, 
 		return -EINVAL;
 
 	pthread_rwlock_wrlock(&st->lock);
-	pg = get_pages(st, id);
-	if (!pg)
-		ret = -ENOENT;
-	else if (!index_range_ok(pg, first, npages))
-		ret = -EINVAL;
-	else if (!npages)
-		ret = 0;
-	else
+	ret = range_target(st, id, first, npages, &pg);
+	if (ret > 0)
 		ret = back_set(pg, first, first + npages, kind, fd, addr);
 	pthread_rwlock_unlock(&st->lock);
 	return ret;
@@ -478,14 +485,8 @@ static int64_t pin_common(struct icuse_store *st, int64_t id, uint64_t first, ui
 	int64_t ret;
 
 	pthread_rwlock_wrlock(&st->lock);
-	pg = get_pages(st, id);
-	if (!pg)
-		ret = -ENOENT;
-	else if (!index_range_ok(pg, first, npages))
-		ret = -EINVAL;
-	else if (!npages)
-		ret = 0;
-	else
+	ret = range_target(st, id, first, npages, &pg);
+	if (ret > 0)
 		ret = pin_update(pg, first, first + npages, pin);
 	if (ret > 0) {
 		if (pin)

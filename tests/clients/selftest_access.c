@@ -64,21 +64,6 @@ static struct res replace_ioas(int afd, __u32 ioas)
 	return test_cmd(fd, &c);
 }
 
-/* IOMMU_DESTROY once the daemon has seen a close (its release is asynchronous). */
-static struct res destroy_eventually(__u32 id)
-{
-	struct timespec ts = { 0, 5 * 1000 * 1000 };
-	struct res r;
-
-	for (int i = 0; i < 400; i++) {
-		r = destroy(fd, id);
-		if (r.rc == 0 || r.err != EBUSY)
-			break;
-		nanosleep(&ts, NULL);
-	}
-	return r;
-}
-
 int main(int argc, char **argv)
 {
 	__u64 len = 16 * PAGE, iova = 0x100000, ro_iova = 0x400000;
@@ -175,7 +160,7 @@ int main(int argc, char **argv)
 	close(afd);
 	close(afd2);
 	close(afd3);
-	step0("destroy_ioas2_after_close", destroy_eventually(ioas2));
+	step0("destroy_ioas2_after_close", destroy_eventually(fd, ioas2));
 	step0("refs_closed", check_refs(fd, buf, len, 0));
 	step0("pages_closed_fd", access_pages(afd, iova, PAGE, buf, 0, &id));
 	return 0;

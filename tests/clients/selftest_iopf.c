@@ -75,20 +75,6 @@ static struct res respond(int ffd, __u32 cookie, __u32 code)
 	return xres(write(ffd, &r, sizeof(r)));
 }
 
-static struct res destroy_eventually(__u32 id)
-{
-	struct timespec ts = { 0, 5 * 1000 * 1000 };
-	struct res r;
-
-	for (int i = 0; i < 400; i++) {
-		r = destroy(fd, id);
-		if (r.rc == 0 || r.err != EBUSY)
-			break;
-		nanosleep(&ts, NULL);
-	}
-	return r;
-}
-
 struct later {
 	__u32 idev;
 };
@@ -127,7 +113,7 @@ static void plain(void)
 	step0("ioas", ioas_alloc(fd, &ioas));
 	step0("destroy_open", destroy(fd, fault_id));
 	close(ffd);
-	step0("destroy_closed", destroy_eventually(fault_id));
+	step0("destroy_closed", destroy_eventually(fd, fault_id));
 }
 
 int main(int argc, char **argv)
@@ -240,7 +226,7 @@ int main(int argc, char **argv)
 	step0("destroy_hwpt", destroy(fd, hwpt));
 	step0("destroy_fault_open", destroy(fd, fault_id));
 	close(ffd);
-	step0("destroy_fault", destroy_eventually(fault_id));
+	step0("destroy_fault", destroy_eventually(fd, fault_id));
 	step0("destroy_fault_again", destroy(fd, fault_id));
 	step0("destroy_fault2_in_use", destroy(fd, fault2_id));
 	return 0;

@@ -14,6 +14,7 @@
 #include <stdint.h>
 #include <string.h>
 #include <sys/mman.h>
+#include <time.h>
 #include <unistd.h>
 
 #include <iommufd-cuse/uapi.h>
@@ -60,6 +61,22 @@ static inline struct res destroy(int fd, __u32 id)
 	struct iommu_destroy d = { .size = sizeof(d), .id = id };
 
 	return xioctl(fd, IOMMU_DESTROY, &d);
+}
+
+/* IOMMU_DESTROY once the daemon has seen a close (FUSE delivers releases
+ * asynchronously, after close() has returned): retry EBUSY for up to 2 s. */
+static inline struct res destroy_eventually(int fd, __u32 id)
+{
+	struct timespec ts = { 0, 5 * 1000 * 1000 };
+	struct res r;
+
+	for (int i = 0; i < 400; i++) {
+		r = destroy(fd, id);
+		if (r.rc == 0 || r.err != EBUSY)
+			break;
+		nanosleep(&ts, NULL);
+	}
+	return r;
 }
 
 static inline struct res ioas_map(int fd, __u32 ioas, void *va, __u64 len, __u64 iova)

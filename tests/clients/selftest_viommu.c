@@ -148,20 +148,6 @@ static double now(void)
 	return ts.tv_sec + ts.tv_nsec / 1e9;
 }
 
-static struct res destroy_eventually(__u32 id)
-{
-	struct timespec ts = { 0, 5 * 1000 * 1000 };
-	struct res r;
-
-	for (int i = 0; i < 400; i++) {
-		r = destroy(fd, id);
-		if (r.rc == 0 || r.err != EBUSY)
-			break;
-		nanosleep(&ts, NULL);
-	}
-	return r;
-}
-
 int main(int argc, char **argv)
 {
 	__u32 ioas, stdev, stdev2, hwpt_mock, hwpt_mock2, idev, idev2, parent, paging, viommu, viommu2, vdev, vdev2,
@@ -328,12 +314,12 @@ int main(int argc, char **argv)
 	step0("destroy_viommu_in_use", destroy(fd, viommu));
 	step0("destroy_veventq_open", destroy(fd, qid));
 	close(qfd);
-	step0("destroy_veventq", destroy_eventually(qid));
+	step0("destroy_veventq", destroy_eventually(fd, qid));
 	step0("destroy_nest", destroy(fd, nest));
 	step0("destroy_vdev", destroy(fd, vdev));
 	step0("destroy_vdev_again", destroy(fd, vdev));
 	close(qfd2);
-	step0("destroy_veventq2", destroy_eventually(qid2));
+	step0("destroy_veventq2", destroy_eventually(fd, qid2));
 	step0("destroy_stdev2", destroy(fd, stdev2)); /* its vdevice goes with the device */
 	step0("destroy_vdev2_gone", destroy(fd, vdev2));
 	step0("destroy_viommu", destroy(fd, viommu));
