@@ -100,8 +100,19 @@ class HandedFile(FileHandle):
         raise Errno(errno.ENOTTY)
 
     def claimed(self, obj: Any) -> None:
-        """The file now holds obj."""
+        """The file now holds obj, and obj's context (iommufd_ctx_get)."""
         self.obj, obj.file = obj, self
+        self.ctx = obj.ctx
+        self.ctx.hold_file()
+
+    def release(self) -> None:
+        ctx, self.ctx = getattr(self, "ctx", None), None
+        self.on_release()
+        if ctx is not None:
+            ctx.drop_file()
+
+    def on_release(self) -> None:
+        """What closing the file does to its object (subclasses)."""
 
     # -- the object behind a caller's descriptor -----------------------------------------
     @classmethod

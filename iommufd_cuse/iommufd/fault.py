@@ -105,7 +105,7 @@ class EventqFile(HandedFile):
         super().claimed(obj)
         obj.notify = self.notify
 
-    def release(self) -> None:
+    def on_release(self) -> None:
         q, self.obj = self.obj, None
         if q is not None:
             q.poll_khs.clear()

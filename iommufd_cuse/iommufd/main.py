@@ -105,6 +105,11 @@ class Context:
         # Called first at release: holders from outside the context (selftest
         # accesses, files of their own) let go of their objects.
         self.release_hooks: list[Callable[[], None]] = []
+        # Files handed back for objects of this context (access, fault and vEVENT
+        # queue files) keep it alive after its own file is released, as the
+        # kernel's iommufd_ctx_get() does: it goes with the last of them.
+        self.file_holders = 0
+        self.file_released = False
         # Who opened it, for `iommufd-cuse status` (read now: the thread may be gone later).
         self.opener_pid, self.opener_comm, self.opener_cmdline = _opener_process(opener)
         self.opened_at = time.time()
@@ -164,6 +169,26 @@ class Context:
 
     def live_objects(self) -> list[Object]:
         return [o for o in self.objects.values() if o is not _RESERVED]
+
+    def hold_file(self) -> None:
+        self.file_holders += 1
+
+    def drop_file(self) -> None:
+        self.file_holders -= 1
+        if self.file_released and self.file_holders == 0:
+            self.finish_release()
+
+    def release_file(self) -> None:
+        """The context's own file is released; it ends now unless files hold it."""
+        self.file_released = True
+        if self.file_holders == 0:
+            self.finish_release()
+        else:
+            log.debug("context kept alive by %d handed-back files", self.file_holders)
+
+    def finish_release(self) -> None:
+        self.destroy_all()
+        self.system.contexts.discard(self)
 
     def destroy_all(self) -> None:
         """Release: destroy leaves first (users 1) until nothing is left."""
@@ -380,5 +405,4 @@ class IommufdFile(FileHandle):
         return vfio_ioctl(self.ctx, req.caller, cmd, arg)
 
     def release(self) -> None:
-        self.ctx.destroy_all()
-        self.ctx.system.contexts.discard(self.ctx)
+        self.ctx.release_file()

@@ -1034,7 +1034,7 @@ class AccessFile(HandedFile):
     seq_attr = "selftest_access_seq"
     ino_attr = "selftest_access_ino"
 
-    def release(self) -> None:
+    def on_release(self) -> None:
         if self.obj is not None:
             self.obj.close()
 

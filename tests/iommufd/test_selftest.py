@@ -798,8 +798,8 @@ async def test_access_with_companion(selftest_daemon, cbuild, preload):
 async def test_access_protocol_and_context_close(selftest_daemon):
     """The companion's protocol done by hand: a token for CREATE_ACCESS marked by the
     companion, claimed once on the access node by the process that asked. Closing the
-    iommufd with the access file still open ends the access (its pins go): the
-    kernel would keep the context alive until the access file is closed."""
+    iommufd with the access file still open keeps the context alive until the access
+    file is closed, as the kernel does."""
     import ctypes
     import fcntl
     import mmap
@@ -849,17 +849,22 @@ async def test_access_protocol_and_context_close(selftest_daemon):
                          **_tc(uapi.IOMMU_TEST_OP_ACCESS_PAGES, other, iova=0x100000, length=4096, uptr=va))
         assert r.errno == 77, r  # EBADFD: an access node file that holds no access
         assert system.pinned_pages() == 2
+        (ctx,) = system.contexts
         await fd.close()
-        await wait_until(lambda: not system.contexts and system.pinned_pages() == 0, what="context released")
-        assert not getattr(system, "selftest_pending_accesses", {})  # the unclaimed one went too
+        await wait_until(lambda: ctx.file_released, what="the iommufd released")
+        # The access file keeps the context alive (iommufd_ctx_get), as in the kernel.
+        assert system.contexts == {ctx} and system.pinned_pages() == 2
         fd2 = await Iommufd.open(Path(selftest_daemon.dev_dir) / "iommu")
         r = await fd2.raw(uapi.IOMMU_TEST_CMD, uapi.iommu_test_cmd,
                           **_tc(uapi.IOMMU_TEST_OP_ACCESS_RW, afd, iova=0x100000, length=4, uptr=va))
-        assert r.errno == 77, r  # the access ended with its context
+        assert r.rc == 0, r  # the access still works
         await fd2.close()
     finally:
         await trio.to_thread.run_sync(os.close, afd)
         await trio.to_thread.run_sync(os.close, other)
+    # With the last file the context goes, its pins and its unclaimed token with it.
+    await wait_until(lambda: not system.contexts and system.pinned_pages() == 0, what="context released")
+    assert not getattr(system, "selftest_pending_accesses", {})
     del buf
 
 
