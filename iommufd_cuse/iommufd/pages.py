@@ -275,6 +275,11 @@ class UserPages(Pages):
             # Not reachable as a file (e.g. a special mapping): use it in place.
             self._set_backing(first, n, lib.ICUSE_BACKING_PROC, self.mem_fd, pos)
             return
+        if self.writable and _fs_type(fd) not in (TMPFS_MAGIC, HUGETLBFS_MAGIC):
+            # A writable long-term pin of a shared mapping of a file that needs
+            # dirty tracking (a disk file) is refused by the kernel's GUP.
+            os.close(fd)
+            raise Errno(errno.EFAULT, f"{vma.path}: writable long-term pin of a shared file mapping")
         try:
             m = mmap.mmap(
                 fd,

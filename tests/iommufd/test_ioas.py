@@ -643,3 +643,23 @@ async def test_map_file_takes_shmem_not_disk_files(daemon, fd, tmp_path):
         assert await fd.map_file(ioas, shm, 0, 1 << 16) > 0
     finally:
         os.close(shm)
+
+
+async def test_writable_shared_mapping_of_a_disk_file_cannot_be_pinned(daemon, fd, tmp_path):
+    """As the kernel's long-term GUP: a writable pin of a MAP_SHARED disk file mapping
+    is EFAULT; read-only is fine, and shmem (a memfd) is fine either way."""
+    ioas = await fd.ioas_alloc()
+    await attach_domain(daemon, ioas)
+    disk = tmp_path / "disk-file"
+    disk.write_bytes(bytes(1 << 16))
+    with open(disk, "r+b") as f:
+        m = mmap.mmap(f.fileno(), 1 << 16, flags=mmap.MAP_SHARED)
+    import ctypes
+
+    buf = ctypes.create_string_buffer(120)
+    ctypes.CDLL(None).statfs(str(disk).encode(), buf)
+    if int.from_bytes(buf.raw[:8], "little") == 0x01021994:
+        pytest.skip("the test's scratch directory is on a tmpfs")
+    await expect_errno(errno.EFAULT, fd.map(ioas, m))
+    assert await fd.map(ioas, m, flags=uapi.IOMMU_IOAS_MAP_READABLE) > 0
+    assert daemon.system.pinned_pages() == 16
