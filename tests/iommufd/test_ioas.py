@@ -663,3 +663,44 @@ async def test_writable_shared_mapping_of_a_disk_file_cannot_be_pinned(daemon, f
     await expect_errno(errno.EFAULT, fd.map(ioas, m))
     assert await fd.map(ioas, m, flags=uapi.IOMMU_IOAS_MAP_READABLE) > 0
     assert daemon.system.pinned_pages() == 16
+
+
+async def test_a_long_map_does_not_stall_other_clients(daemon, scripted, monkeypatch):
+    """While one client's IOAS_MAP is being loaded (held here until released), other
+    clients are served: long work runs as a task of its own, never in the reader."""
+    from iommufd_cuse.iommufd.io_pagetable import IoPagetable
+
+    loading, release = trio.Event(), trio.Event()
+    original = IoPagetable._map_into
+
+    async def held_map_into(self, area, domain):  # noqa: ANN001, ANN202
+        loading.set()
+        await release.wait()
+        await original(self, area, domain)
+
+    a = await scripted()
+    await a.ok("open", path=os.path.join(daemon.dev_dir, "iommu"))
+    ioas = await a.call("ioas_alloc")
+    await attach_domain(daemon, ioas)
+    await a.ok("mmap", name="m", size=1 << 20)
+    monkeypatch.setattr(IoPagetable, "_map_into", held_map_into)
+    async with trio.open_nursery() as nursery:
+        result: dict = {}
+
+        async def long_map() -> None:
+            result.update(await a.do("call", method="map", ioas=ioas, buf="m", length=1 << 20))
+
+        nursery.start_soon(long_map)
+        with trio.fail_after(10):
+            await loading.wait()
+        # another process is served meanwhile, through a whole context's life
+        b = await scripted()
+        await b.ok("open", path=os.path.join(daemon.dev_dir, "iommu"))
+        other = await b.call("ioas_alloc")
+        r = await b.call("option", option_id=uapi.IOMMU_OPTION_HUGE_PAGES, op=uapi.IOMMU_OPTION_OP_GET,
+                         object_id=other)
+        assert r == {"rc": 0, "errno_": 0}
+        await b.exit()
+        assert not result  # the first map is still being loaded
+        release.set()
+    assert result.get("ok"), result
