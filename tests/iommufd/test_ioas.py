@@ -6,6 +6,7 @@ import errno
 import mmap
 import os
 import signal
+from contextlib import asynccontextmanager
 
 import pytest
 import trio
@@ -557,43 +558,53 @@ async def test_map_file_of_our_own_node_is_refused_without_hanging(daemon, fd):
         await expect_errno(errno.EINVAL, fd.map_file(ioas, fd.fd, 0, 0x1000))
 
 
-async def test_interrupted_map_returns_eintr_and_leaves_nothing(daemon, scripted, monkeypatch):
-    """A client signalled while its IOAS_MAP is being loaded into the domains gets
-    EINTR (FUSE_INTERRUPT cancels the work), and the half-made mapping is undone."""
+@asynccontextmanager
+async def held_map(daemon, scripted, monkeypatch, *, catch_sigusr1: bool = False):  # noqa: ANN001, ANN201
+    """A client process whose IOAS_MAP (1 MiB, a domain attached) is held while being
+    loaded into the domain, until `release` is set or the map is interrupted. Yields
+    (client, ioas, result dict filled when the map returns, release event)."""
     from iommufd_cuse.iommufd.io_pagetable import IoPagetable
 
-    gate_reached = trio.Event()
+    loading, release = trio.Event(), trio.Event()
     original = IoPagetable._map_into
 
-    async def slow_map_into(self, area, domain):  # noqa: ANN001, ANN202
-        gate_reached.set()
-        await trio.sleep_forever()  # a long load, cut short only by the interrupt
+    async def held_map_into(self, area, domain):  # noqa: ANN001, ANN202
+        loading.set()
+        await release.wait()
         await original(self, area, domain)
 
     c = await scripted()
-    await c.ok("catch_sigusr1")
+    if catch_sigusr1:
+        await c.ok("catch_sigusr1")
     await c.ok("open", path=os.path.join(daemon.dev_dir, "iommu"))
     ioas = await c.call("ioas_alloc")
     await attach_domain(daemon, ioas)
-    await c.ok("mmap", name="a", size=1 << 20)
-    monkeypatch.setattr(IoPagetable, "_map_into", slow_map_into)
+    await c.ok("mmap", name="m", size=1 << 20)
+    monkeypatch.setattr(IoPagetable, "_map_into", held_map_into)
+    result: dict = {}
     async with trio.open_nursery() as nursery:
-        result: dict = {}
 
         async def do_map() -> None:
-            result.update(await c.do("call", method="map", ioas=ioas, buf="a", length=1 << 20))
+            result.update(await c.do("call", method="map", ioas=ioas, buf="m", length=1 << 20))
 
         nursery.start_soon(do_map)
         with trio.fail_after(10):
-            await gate_reached.wait()
+            await loading.wait()
+        yield c, ioas, result, release
+    monkeypatch.undo()
+
+
+async def test_interrupted_map_returns_eintr_and_leaves_nothing(daemon, scripted, monkeypatch):
+    """A client signalled while its IOAS_MAP is being loaded into the domains gets
+    EINTR (FUSE_INTERRUPT cancels the work), and the half-made mapping is undone."""
+    async with held_map(daemon, scripted, monkeypatch, catch_sigusr1=True) as (c, ioas, result, _):
         assert daemon.system.pinned_pages() == 256  # pinned, loading
         os.kill(c.proc.pid, signal.SIGUSR1)
     assert result == {"errno": errno.EINTR}
     io = context(daemon).get(ioas).iopt
     assert io.areas == [] and daemon.system.pinned_pages() == 0
     assert not io.lock.locked()
-    monkeypatch.undo()
-    assert await c.call("map", ioas=ioas, buf="a", length=1 << 20) > 0  # the IOAS still works
+    assert await c.call("map", ioas=ioas, buf="m", length=1 << 20) > 0  # the IOAS still works
 
 
 async def test_alloc_whose_answer_cannot_be_written_leaves_no_object(daemon, fd):
@@ -668,31 +679,7 @@ async def test_writable_shared_mapping_of_a_disk_file_cannot_be_pinned(daemon, f
 async def test_a_long_map_does_not_stall_other_clients(daemon, scripted, monkeypatch):
     """While one client's IOAS_MAP is being loaded (held here until released), other
     clients are served: long work runs as a task of its own, never in the reader."""
-    from iommufd_cuse.iommufd.io_pagetable import IoPagetable
-
-    loading, release = trio.Event(), trio.Event()
-    original = IoPagetable._map_into
-
-    async def held_map_into(self, area, domain):  # noqa: ANN001, ANN202
-        loading.set()
-        await release.wait()
-        await original(self, area, domain)
-
-    a = await scripted()
-    await a.ok("open", path=os.path.join(daemon.dev_dir, "iommu"))
-    ioas = await a.call("ioas_alloc")
-    await attach_domain(daemon, ioas)
-    await a.ok("mmap", name="m", size=1 << 20)
-    monkeypatch.setattr(IoPagetable, "_map_into", held_map_into)
-    async with trio.open_nursery() as nursery:
-        result: dict = {}
-
-        async def long_map() -> None:
-            result.update(await a.do("call", method="map", ioas=ioas, buf="m", length=1 << 20))
-
-        nursery.start_soon(long_map)
-        with trio.fail_after(10):
-            await loading.wait()
+    async with held_map(daemon, scripted, monkeypatch) as (_, _ioas, result, release):
         # another process is served meanwhile, through a whole context's life
         b = await scripted()
         await b.ok("open", path=os.path.join(daemon.dev_dir, "iommu"))
