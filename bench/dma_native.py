@@ -4,7 +4,7 @@ icuse_dma_copy of 64 MiB through two I/O page tables (translate, pin checks,
 locks, chunking), from
   MEM:  a memfd mapped in this process (what IOAS_MAP_FILE / shared mappings give)
   PROC: private anonymous memory of another process, via its /proc/<pid>/mem
-into MEM, compared with ffi.memmove of the same 64 MiB between two buffers of
+into MEM (and PROC into PROC of the same process), compared with ffi.memmove of the same 64 MiB between two buffers of
 this process. Ratio = memcpy time / dma time (1.0: as fast as memcpy).
 
 Run: .venv/bin/python bench/dma_native.py
@@ -25,13 +25,13 @@ PAGE = 4096
 K4, M2, G1 = 1 << 12, 1 << 21, 1 << 30
 RW = lib.ICUSE_PROT_READ | lib.ICUSE_PROT_WRITE
 RUNS = 9
-SRC_IOVA, DST_IOVA, PROC_IOVA = G1, 2 * G1, 4 * G1
+SRC_IOVA, DST_IOVA, PROC_IOVA, PROC2_IOVA = G1, 2 * G1, 4 * G1, 8 * G1
 
 CHILD = r"""
 import mmap, sys, ctypes
 size = int(sys.argv[1])
-m = mmap.mmap(-1, size, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-m[:] = bytes([0x5a]) * size
+m = mmap.mmap(-1, 2 * size, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+m[:] = bytes([0x5a]) * (2 * size)
 print(ctypes.addressof(ctypes.c_char.from_buffer(m)), flush=True)
 sys.stdin.read()
 """
@@ -88,7 +88,8 @@ def measure(st, spt, dpt, src_m, dst_m, child_fd, child_addr):
     raw = timed(pread)
     proc = timed(lambda: copy(spt, PROC_IOVA, dpt, DST_IOVA))
     to_proc = timed(lambda: copy(dpt, DST_IOVA, spt, PROC_IOVA))
-    return min(base, base2), mem, raw, proc, to_proc
+    proc_proc = timed(lambda: copy(spt, PROC_IOVA, dpt, PROC2_IOVA))
+    return min(base, base2), mem, raw, proc, to_proc, proc_proc
 
 
 def main():
@@ -114,6 +115,7 @@ def main():
                 (spt, SRC_IOVA, lib.ICUSE_BACKING_MEM, -1, addr_of(src_m)),
                 (spt, PROC_IOVA, lib.ICUSE_BACKING_PROC, child_fd, child_addr),
                 (dpt, DST_IOVA, lib.ICUSE_BACKING_MEM, -1, addr_of(dst_m)),
+                (dpt, PROC2_IOVA, lib.ICUSE_BACKING_PROC, child_fd, child_addr + SIZE),
             ):
                 pid = lib.icuse_pages_new(st, npages, iova, pa)
                 assert lib.icuse_pages_set_backing(st, pid, 0, npages, kind, fd, addr) == 0
@@ -141,13 +143,14 @@ def main():
     )
     print("| leaves | copy | median ms | GB/s | ratio vs memcpy (median) | ratio (best) |")
     print("|---|---|---|---|---|---|")
-    for leaf, base, mem, raw, proc, to_proc in results:
+    for leaf, base, mem, raw, proc, to_proc, proc_proc in results:
         for name, (med, mn) in (
             ("memcpy", base),
             ("MEM->MEM", mem),
             ("pread of /proc/<pid>/mem (raw, no DMA)", raw),
             ("PROC->MEM", proc),
             ("MEM->PROC", to_proc),
+            ("PROC->PROC (same process)", proc_proc),
         ):
             print(
                 f"| {leaf} | {name} | {med * 1e3:.2f} | {gbs(med):.2f} | {base[0] / med:.2f} | {base[1] / mn:.2f} |"

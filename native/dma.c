@@ -14,8 +14,9 @@
  */
 #define _GNU_SOURCE
 #include <errno.h>
-
 #include <pthread.h>
+#include <signal.h>
+#include <unistd.h>
 
 #include "icuse_internal.h"
 
@@ -278,26 +279,120 @@ static int64_t copy_range(struct icuse_store *st, struct icuse_pt *src_pt, uint6
 	return 0;
 }
 
-/* A long copy whose whole range translates is done by two threads, each half
- * on its own: transfers through another process's memory (two kernel copies
- * each) then use both CPUs. */
-#define PAR_MIN (8ull << 20)
+/*
+ * A long copy whose whole range translates is shared out, DMA_CHUNK by
+ * DMA_CHUNK in address order, between the calling thread and the helper
+ * threads of a small pool (one per further CPU, at most POOL_MAX): copies
+ * through another process's memory (two kernel copies each) then use every
+ * CPU, and a helper that is held up delays the copy by one chunk at most.
+ * A fault stops the handing out: every chunk before it was already taken and
+ * completes; after it, only a chunk another thread had already started may
+ * move (which needs the range to change under the copy: it translated).
+ */
+#define PAR_MIN (2 * DMA_CHUNK)
+#define POOL_MAX 3
 
-struct half {
+struct par_copy {
 	struct icuse_store *st;
 	struct icuse_pt *src_pt, *dst_pt;
-	uint64_t src_iova, dst_iova, len, fault_off;
+	uint64_t src_iova, dst_iova, len;
+	uint64_t first;  /* length of chunk 0: up to the first DMA_CHUNK boundary of src */
+	uint64_t next;   /* index of the next chunk to hand out (atomic) */
+	int stop;        /* a fault was met: hand out nothing more (atomic) */
+	int helpers;     /* helpers working on it (pool_lock) */
+	int64_t err;     /* the fault at the lowest offset (pool_lock) */
+	uint64_t fault_off;
 	int is_dst;
-	int64_t ret;
+	struct par_copy *queued_next;
 };
 
-static void *half_main(void *arg)
-{
-	struct half *h = arg;
+static pthread_mutex_t pool_lock = PTHREAD_MUTEX_INITIALIZER;
+static pthread_cond_t pool_work = PTHREAD_COND_INITIALIZER; /* a copy was queued */
+static pthread_cond_t pool_left = PTHREAD_COND_INITIALIZER; /* a helper left a copy */
+static struct par_copy *pool_queue;
+static int pool_threads = -1; /* helpers started; -1: not yet tried */
 
-	h->ret = copy_range(h->st, h->src_pt, h->src_iova, h->dst_pt, h->dst_iova, h->len, &h->fault_off,
-			    &h->is_dst);
+static void par_run(struct par_copy *p)
+{
+	for (;;) {
+		uint64_t k, start, end, off;
+		int64_t ret;
+		int is_dst;
+
+		if (__atomic_load_n(&p->stop, __ATOMIC_ACQUIRE))
+			return;
+		k = __atomic_fetch_add(&p->next, 1, __ATOMIC_ACQ_REL);
+		start = k ? p->first + (k - 1) * DMA_CHUNK : 0;
+		if (start >= p->len)
+			return;
+		end = min_u64(p->len, p->first + k * DMA_CHUNK);
+		ret = copy_range(p->st, p->src_pt, p->src_iova + start, p->dst_pt, p->dst_iova + start,
+				 end - start, &off, &is_dst);
+		if (ret) {
+			pthread_mutex_lock(&pool_lock);
+			if (!p->err || start + off < p->fault_off) {
+				p->err = ret;
+				p->fault_off = start + off;
+				p->is_dst = is_dst;
+			}
+			pthread_mutex_unlock(&pool_lock);
+			__atomic_store_n(&p->stop, 1, __ATOMIC_RELEASE);
+			return;
+		}
+	}
+}
+
+/* Take p off the queue (pool_lock held): nothing of it is left to hand out. */
+static void par_unqueue(struct par_copy *p)
+{
+	struct par_copy **pp = &pool_queue;
+
+	while (*pp && *pp != p)
+		pp = &(*pp)->queued_next;
+	if (*pp)
+		*pp = p->queued_next;
+}
+
+static void *pool_main(void *arg)
+{
+	pthread_mutex_lock(&pool_lock);
+	for (;;) {
+		struct par_copy *p = pool_queue;
+
+		if (!p) {
+			pthread_cond_wait(&pool_work, &pool_lock);
+			continue;
+		}
+		p->helpers++;
+		pthread_mutex_unlock(&pool_lock);
+		par_run(p);
+		pthread_mutex_lock(&pool_lock);
+		par_unqueue(p);
+		if (--p->helpers == 0)
+			pthread_cond_broadcast(&pool_left);
+	}
 	return NULL;
+}
+
+/* Start the helpers once (pool_lock held); signals stay with the caller's threads. */
+static void pool_start(void)
+{
+	long cpus = sysconf(_SC_NPROCESSORS_ONLN);
+	int want = cpus > 1 ? (int)min_u64((uint64_t)cpus - 1, POOL_MAX) : 0;
+	sigset_t all, old;
+	pthread_attr_t attr;
+	pthread_t t;
+
+	pool_threads = 0;
+	if (pthread_attr_init(&attr))
+		return;
+	pthread_attr_setdetachstate(&attr, PTHREAD_CREATE_DETACHED);
+	sigfillset(&all);
+	pthread_sigmask(SIG_SETMASK, &all, &old);
+	while (pool_threads < want && !pthread_create(&t, &attr, pool_main, NULL))
+		pool_threads++;
+	pthread_sigmask(SIG_SETMASK, &old, NULL);
+	pthread_attr_destroy(&attr);
 }
 
 static int range_ok(struct icuse_pt *pt, uint64_t iova, uint64_t len, uint32_t access)
@@ -311,40 +406,49 @@ int64_t icuse_dma_copy(struct icuse_store *st, struct icuse_pt *src_pt, uint64_t
 		       struct icuse_pt *dst_pt, uint64_t dst_iova, size_t len, uint64_t *fault_iova,
 		       int *fault_is_dst)
 {
-	struct half a, b;
-	pthread_t t;
-	uint64_t split;
-	int64_t ret;
+	struct par_copy p = {
+		.st = st, .src_pt = src_pt, .dst_pt = dst_pt, .src_iova = src_iova,
+		.dst_iova = dst_iova, .len = len,
+		.first = DMA_CHUNK - (src_iova & (DMA_CHUNK - 1)),
+	};
+	int shared = 0;
 
 	if (!len)
 		return 0;
 	if (!src_pt || !dst_pt || src_iova + len - 1 < src_iova || dst_iova + len - 1 < dst_iova)
 		return -EINVAL;
-	split = (len / 2) & ~(uint64_t)(DMA_CHUNK - 1);
-	a = (struct half){ st, src_pt, dst_pt, src_iova, dst_iova, split, 0, 0, 0 };
-	b = (struct half){ st, src_pt, dst_pt, src_iova + split, dst_iova + split, len - split, 0, 0, 0 };
 	/* Only when nothing can fault: a fault must stop the copy at that point. */
 	if (len >= PAR_MIN && range_ok(src_pt, src_iova, len, ICUSE_PROT_READ) &&
-	    range_ok(dst_pt, dst_iova, len, ICUSE_PROT_WRITE) && !pthread_create(&t, NULL, half_main, &b)) {
-		half_main(&a);
-		pthread_join(t, NULL);
-		if (a.ret || !b.ret) {
-			ret = a.ret;
-		} else {
-			ret = b.ret;
-			a = b;
-			a.fault_off += split;
+	    range_ok(dst_pt, dst_iova, len, ICUSE_PROT_WRITE)) {
+		pthread_mutex_lock(&pool_lock);
+		if (pool_threads < 0)
+			pool_start();
+		if (pool_threads > 0) {
+			struct par_copy **pp = &pool_queue;
+
+			while (*pp)
+				pp = &(*pp)->queued_next;
+			*pp = &p;
+			pthread_cond_broadcast(&pool_work);
+			shared = 1;
 		}
+		pthread_mutex_unlock(&pool_lock);
+	}
+	if (shared) {
+		par_run(&p);
+		pthread_mutex_lock(&pool_lock);
+		par_unqueue(&p);
+		while (p.helpers)
+			pthread_cond_wait(&pool_left, &pool_lock);
+		pthread_mutex_unlock(&pool_lock);
 	} else {
-		a.len = len;
-		half_main(&a);
-		ret = a.ret;
+		p.err = copy_range(st, src_pt, src_iova, dst_pt, dst_iova, len, &p.fault_off, &p.is_dst);
 	}
-	if (ret) {
+	if (p.err) {
 		if (fault_iova)
-			*fault_iova = (a.is_dst ? dst_iova : src_iova) + a.fault_off;
+			*fault_iova = (p.is_dst ? dst_iova : src_iova) + p.fault_off;
 		if (fault_is_dst)
-			*fault_is_dst = a.is_dst;
+			*fault_is_dst = p.is_dst;
 	}
-	return ret;
+	return p.err;
 }

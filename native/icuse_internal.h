@@ -12,6 +12,9 @@ int icuse_alloc_fails(void);
 void *icuse_malloc(size_t size);
 void *icuse_realloc(void *p, size_t size);
 
+/* memcpy for a device's writes to memory: large copies bypass the caches. */
+void icuse_dma_memcpy(void *dst, const void *src, size_t n);
+
 /* Page table: lock held by the caller (dma.c holds it across a chunk). */
 void icuse_pt_rdlock(struct icuse_pt *pt);
 void icuse_pt_unlock(struct icuse_pt *pt);

@@ -708,7 +708,7 @@ int icuse_span_copy(const struct icuse_span *d, const struct icuse_span *s, uint
 	int ret;
 
 	if (s->kind == ICUSE_BACKING_MEM && d->kind == ICUSE_BACKING_MEM) {
-		memcpy(dp, sp, n);
+		icuse_dma_memcpy(dp, sp, n);
 		return 0;
 	}
 	*dst_failed = 0;

@@ -249,6 +249,90 @@ def test_copy_large_crosses_chunks(w):
     assert dst[:length] == src[3 * PAGE :]
 
 
+@pytest.mark.parametrize("src_kind,dst_kind", [(MEM, MEM), (PROC, MEM), (MEM, PROC), (PROC, PROC)])
+def test_copy_shared_out_between_threads(w, src_kind, dst_kind):
+    """A long copy is handed out chunk by chunk to the pool's helpers: every
+    byte arrives where it belongs, whatever the backings and offsets."""
+    spt, dpt = w.pt(), w.pt()
+    n = 2560  # 10 MiB: several chunks, more than the copy shared out needs
+    _, _, src = w.mapped(spt, G1, n, src_kind)
+    _, _, dst = w.mapped(dpt, 2 * G1 + M2 // 2, n, dst_kind)
+    data = pattern(n * PAGE, 11)
+    if src_kind == MEM:
+        src[:] = data
+    else:
+        src.set(0, data)
+    length = n * PAGE - 3 * PAGE - 77
+    assert w.copy(spt, G1 + 3 * PAGE + 7, dpt, 2 * G1 + M2 // 2 + 70, length) == (0, None, None)
+    got = dst[70 : 70 + length] if dst_kind == MEM else dst.get(70, length)
+    assert got == data[3 * PAGE + 7 : 3 * PAGE + 7 + length]
+
+
+def test_copy_shared_out_stops_at_the_first_fault(w):
+    """Two unpinned pages far apart inside a copy that is shared out: the
+    lower one is reported, and everything before it has arrived."""
+    spt, dpt = w.pt(), w.pt()
+    n = 3072  # 12 MiB
+    _, _, src = w.mapped(spt, G1, n)
+    dpid, _, dst = w.mapped(dpt, 2 * G1, n)
+    src[:] = pattern(n * PAGE, 12)
+    lib.icuse_pages_unpin(w.st, dpid, 2900, 1)
+    lib.icuse_pages_unpin(w.st, dpid, 1500, 1)
+    assert w.copy(spt, G1, dpt, 2 * G1, n * PAGE) == (-errno.EFAULT, 2 * G1 + 1500 * PAGE, 1)
+    assert dst[: 1500 * PAGE] == src[: 1500 * PAGE]
+    assert dst[2900 * PAGE : 2901 * PAGE] == bytes(PAGE)  # never written: unpinned
+
+
+@pytest.mark.parametrize("length", [(256 << 10) - 1, 256 << 10, (256 << 10) + 63, (1 << 20) + 1])
+@pytest.mark.parametrize("src_off,dst_off", [(0, 0), (1, 0), (0, 1), (13, 61), (64, 3)])
+def test_copy_streaming_edges(w, length, src_off, dst_off):
+    """Large copies into memory the daemon maps stream past the caches: the
+    unaligned head and tail around the streamed middle arrive exactly, and
+    the bytes around the destination stay as they were."""
+    pt = w.pt()
+    _, _, src = w.mapped(pt, G1, 260)
+    _, _, dst = w.mapped(pt, 2 * G1, 260)
+    src[:] = pattern(260 * PAGE, 13)
+    dst[:] = b"\xcc" * (260 * PAGE)
+    assert w.copy(pt, G1 + src_off, pt, 2 * G1 + dst_off, length) == (0, None, None)
+    assert dst[dst_off : dst_off + length] == src[src_off : src_off + length]
+    assert dst[:dst_off] == b"\xcc" * dst_off
+    assert dst[dst_off + length : dst_off + length + 4096] == b"\xcc" * 4096
+
+
+def test_concurrent_long_copies():
+    """Several threads with copies long enough to be shared out at once: the
+    pool serves them all, each arrives whole."""
+    w = World()
+    try:
+        spt, dpt = w.pt(), w.pt()
+        n = 1280  # 5 MiB each
+        jobs = []
+        for i in range(4):
+            _, _, src = w.mapped(spt, (i + 1) * G1, n)
+            _, _, dst = w.mapped(dpt, (i + 1) * G1, n)
+            src[:] = pattern(n * PAGE, 20 + i)
+            jobs.append((i, src, dst))
+        bad = []
+
+        def copier(i, src, dst):
+            for _ in range(5):
+                dst[:] = bytes(n * PAGE)
+                r = w.copy(spt, (i + 1) * G1, dpt, (i + 1) * G1, n * PAGE)
+                if r != (0, None, None) or dst[:] != src[:]:
+                    bad.append((i, r))
+
+        threads = [threading.Thread(target=copier, args=j) for j in jobs]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=60)
+            assert not t.is_alive(), "deadlock"
+        assert not bad
+    finally:
+        w.close()
+
+
 def test_copy_faults(w):
     spt, dpt = w.pt(PAGE), w.pt(PAGE)
     s, d = 0x100000, 0x900000
