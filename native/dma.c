@@ -98,6 +98,7 @@ static int cursor_span(struct icuse_store *st, const struct cursor *c, uint64_t 
 	if (!c->x->pt) {
 		sp->kind = ICUSE_BACKING_MEM;
 		sp->fd = -1;
+		sp->pid = -1;
 		sp->addr = (uintptr_t)(c->x->buf + c->off);
 		sp->len = max;
 		return 0;
@@ -280,24 +281,25 @@ static int64_t copy_range(struct icuse_store *st, struct icuse_pt *src_pt, uint6
 }
 
 /*
- * A long copy whose whole range translates is shared out, DMA_CHUNK by
- * DMA_CHUNK in address order, between the calling thread and the helper
+ * A long copy whose whole range translates is shared out, PAR_UNIT by
+ * PAR_UNIT in address order, between the calling thread and the helper
  * threads of a small pool (one per further CPU, at most POOL_MAX): copies
  * through another process's memory (two kernel copies each) then use every
- * CPU, and a helper that is held up delays the copy by one chunk at most.
- * A fault stops the handing out: every chunk before it was already taken and
- * completes; after it, only a chunk another thread had already started may
+ * CPU, and a helper that is held up delays the copy by one unit at most.
+ * A fault stops the handing out: every unit before it was already taken and
+ * completes; after it, only a unit another thread had already started may
  * move (which needs the range to change under the copy: it translated).
  */
-#define PAR_MIN (2 * DMA_CHUNK)
+#define PAR_UNIT (512ull << 10)
+#define PAR_MIN (4 * PAR_UNIT)
 #define POOL_MAX 3
 
 struct par_copy {
 	struct icuse_store *st;
 	struct icuse_pt *src_pt, *dst_pt;
 	uint64_t src_iova, dst_iova, len;
-	uint64_t first;  /* length of chunk 0: up to the first DMA_CHUNK boundary of src */
-	uint64_t next;   /* index of the next chunk to hand out (atomic) */
+	uint64_t first;  /* length of unit 0: up to the first PAR_UNIT boundary of src */
+	uint64_t next;   /* index of the next unit to hand out (atomic) */
 	int stop;        /* a fault was met: hand out nothing more (atomic) */
 	int helpers;     /* helpers working on it (pool_lock) */
 	int64_t err;     /* the fault at the lowest offset (pool_lock) */
@@ -322,10 +324,10 @@ static void par_run(struct par_copy *p)
 		if (__atomic_load_n(&p->stop, __ATOMIC_ACQUIRE))
 			return;
 		k = __atomic_fetch_add(&p->next, 1, __ATOMIC_ACQ_REL);
-		start = k ? p->first + (k - 1) * DMA_CHUNK : 0;
+		start = k ? p->first + (k - 1) * PAR_UNIT : 0;
 		if (start >= p->len)
 			return;
-		end = min_u64(p->len, p->first + k * DMA_CHUNK);
+		end = min_u64(p->len, p->first + k * PAR_UNIT);
 		ret = copy_range(p->st, p->src_pt, p->src_iova + start, p->dst_pt, p->dst_iova + start,
 				 end - start, &off, &is_dst);
 		if (ret) {
@@ -409,7 +411,7 @@ int64_t icuse_dma_copy(struct icuse_store *st, struct icuse_pt *src_pt, uint64_t
 	struct par_copy p = {
 		.st = st, .src_pt = src_pt, .dst_pt = dst_pt, .src_iova = src_iova,
 		.dst_iova = dst_iova, .len = len,
-		.first = DMA_CHUNK - (src_iova & (DMA_CHUNK - 1)),
+		.first = PAR_UNIT - (src_iova & (PAR_UNIT - 1)),
 	};
 	int shared = 0;
 

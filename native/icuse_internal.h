@@ -31,6 +31,7 @@ void icuse_store_unlock(struct icuse_store *st);
 struct icuse_span {
 	int kind;      /* ICUSE_BACKING_MEM or ICUSE_BACKING_PROC */
 	int fd;        /* PROC: the /proc/<pid>/mem fd */
+	int pid;       /* PROC: its process, for process_vm_readv/writev (-1: unknown) */
 	uint64_t addr; /* MEM: daemon address; PROC: address in the owner */
 	uint64_t len;
 };

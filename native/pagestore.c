@@ -45,6 +45,7 @@ struct backrun {
 	struct run r;
 	uint64_t addr; /* address of page r.start */
 	int kind, fd;
+	int pid; /* PROC: the process fd is the mem file of (-1: unknown) */
 };
 
 struct runvec {
@@ -228,13 +229,38 @@ static int64_t pin_update(struct pages *pg, uint64_t a, uint64_t b, int pin)
 	return (int64_t)changed;
 }
 
+/* Memory of another process. The backing's fd is an open /proc/<pid>/mem,
+ * bound to that process's mm: a reused pid can never alias it, and once the
+ * process is gone every transfer stops short (ESRCH). Bulk transfers use
+ * process_vm_readv/writev on the pid (one copy instead of two through the
+ * mem file's page-sized bounce), checked against the mem file: a read counts
+ * only if the mm is still alive after it, a write is issued only while it is
+ * alive. (A pid is only reused after the process has died and the whole pid
+ * space has been cycled through; no transfer is that long.) */
+static pid_t mem_fd_pid(int fd)
+{
+	char link[64], path[32];
+	ssize_t n;
+	long pid;
+
+	snprintf(path, sizeof(path), "/proc/self/fd/%d", fd);
+	n = readlink(path, link, sizeof(link) - 1);
+	if (n <= 0)
+		return -1;
+	link[n] = 0;
+	if (sscanf(link, "/proc/%ld/mem", &pid) != 1)
+		return -1;
+	return (pid_t)pid;
+}
+
 static int back_mergeable(const struct backrun *x, const struct backrun *y)
 {
 	return x->r.end == y->r.start && x->kind == y->kind && x->fd == y->fd &&
 	       x->addr + (x->r.end - x->r.start) * PG == y->addr;
 }
 
-static int back_set(struct pages *pg, uint64_t a, uint64_t b, int kind, int fd, uint64_t addr)
+static int back_set(struct pages *pg, uint64_t a, uint64_t b, int kind, int fd, int pid,
+		    uint64_t addr)
 {
 	const size_t esz = sizeof(struct backrun);
 	struct backrun *r = pg->backs.v, *tmp;
@@ -256,7 +282,7 @@ static int back_set(struct pages *pg, uint64_t a, uint64_t b, int kind, int fd, 
 		tmp[tn++].r.end = a;
 	}
 	if (kind != ICUSE_BACKING_NONE)
-		tmp[tn++] = (struct backrun){ { a, b }, addr, kind, fd };
+		tmp[tn++] = (struct backrun){ { a, b }, addr, kind, fd, pid };
 	if (lo < hi && r[hi - 1].r.end > b) {
 		tmp[tn] = r[hi - 1];
 		tmp[tn].r.start = b;
@@ -455,7 +481,7 @@ int icuse_pages_set_backing(struct icuse_store *st, int64_t id, uint64_t first, 
 			    int kind, int fd, uint64_t addr)
 {
 	struct pages *pg;
-	int ret;
+	int ret, pid = -1;
 
 	if (kind != ICUSE_BACKING_NONE && kind != ICUSE_BACKING_MEM && kind != ICUSE_BACKING_PROC)
 		return -EINVAL;
@@ -466,6 +492,8 @@ int icuse_pages_set_backing(struct icuse_store *st, int64_t id, uint64_t first, 
 		addr = 0;
 	} else if (kind == ICUSE_BACKING_MEM) {
 		fd = -1;
+	} else {
+		pid = mem_fd_pid(fd);
 	}
 	if (kind != ICUSE_BACKING_NONE && addr + npages * PG < addr)
 		return -EINVAL;
@@ -473,7 +501,7 @@ int icuse_pages_set_backing(struct icuse_store *st, int64_t id, uint64_t first, 
 	pthread_rwlock_wrlock(&st->lock);
 	ret = range_target(st, id, first, npages, &pg);
 	if (ret > 0)
-		ret = back_set(pg, first, first + npages, kind, fd, addr);
+		ret = back_set(pg, first, first + npages, kind, fd, pid, addr);
 	pthread_rwlock_unlock(&st->lock);
 	return ret;
 }
@@ -586,6 +614,7 @@ int icuse_store_span_locked(struct icuse_store *st, uint64_t pa, uint64_t len,
 
 	sp->kind = br->kind;
 	sp->fd = br->fd;
+	sp->pid = br->pid;
 	sp->addr = br->addr + (idx - br->r.start) * PG + off;
 	sp->len = min_u64(len, (min_u64(pend, br->r.end) - idx) * PG - off);
 	return 0;
@@ -617,30 +646,6 @@ static void *bounce_get(void)
 	return p;
 }
 
-/* Memory of another process. The backing's fd is an open /proc/<pid>/mem,
- * bound to that process's mm: a reused pid can never alias it, and once the
- * process is gone every transfer stops short (ESRCH). Bulk transfers use
- * process_vm_readv/writev on the pid (one copy instead of two through the
- * mem file's page-sized bounce), checked against the mem file: a read counts
- * only if the mm is still alive after it, a write is issued only while it is
- * alive. (A pid is only reused after the process has died and the whole pid
- * space has been cycled through; no transfer is that long.) */
-static pid_t mem_fd_pid(int fd)
-{
-	char link[64], path[32];
-	ssize_t n;
-	long pid;
-
-	snprintf(path, sizeof(path), "/proc/self/fd/%d", fd);
-	n = readlink(path, link, sizeof(link) - 1);
-	if (n <= 0)
-		return -1;
-	link[n] = 0;
-	if (sscanf(link, "/proc/%ld/mem", &pid) != 1)
-		return -1;
-	return (pid_t)pid;
-}
-
 static int mm_alive(int fd, uint64_t addr)
 {
 	char c;
@@ -648,35 +653,40 @@ static int mm_alive(int fd, uint64_t addr)
 	return pread(fd, &c, 1, (off_t)addr) == 1;
 }
 
-static int proc_rw_vm(int fd, void *buf, uint64_t n, uint64_t addr, int write)
+/* n bytes between buf and the process of span x at x->addr + off. A write
+ * checks first that the mm is alive unless the caller just did (alive). */
+static int proc_rw_vm(const struct icuse_span *x, uint64_t off, void *buf, uint64_t n, int write,
+		      int alive)
 {
+	uint64_t addr = x->addr + off;
 	struct iovec local = { .iov_base = buf, .iov_len = n };
 	struct iovec remote = { .iov_base = (void *)(uintptr_t)addr, .iov_len = n };
-	pid_t pid = mem_fd_pid(fd);
 	ssize_t r;
 
-	if (pid <= 0 || n > SSIZE_MAX)
+	if (x->pid <= 0 || n > SSIZE_MAX)
 		return -1;
-	if (write && !mm_alive(fd, addr))
+	if (write && !alive && !mm_alive(x->fd, addr))
 		return -ESRCH;
-	r = write ? process_vm_writev(pid, &local, 1, &remote, 1, 0)
-		  : process_vm_readv(pid, &local, 1, &remote, 1, 0);
+	r = write ? process_vm_writev(x->pid, &local, 1, &remote, 1, 0)
+		  : process_vm_readv(x->pid, &local, 1, &remote, 1, 0);
 	if (r != (ssize_t)n)
 		return -1; /* partly or not reachable this way: let the mem file say */
-	if (!write && !mm_alive(fd, addr))
+	if (!write && !mm_alive(x->fd, addr))
 		return -ESRCH;
 	return 0;
 }
 
-static int proc_rw(int fd, void *buf, uint64_t n, uint64_t addr, int write)
+static int proc_rw(const struct icuse_span *x, uint64_t off, void *buf, uint64_t n, int write,
+		   int alive)
 {
 	char *p = buf;
-	int ret = proc_rw_vm(fd, buf, n, addr, write);
+	uint64_t addr = x->addr + off;
+	int ret = proc_rw_vm(x, off, buf, n, write, alive);
 
 	if (ret >= 0 || ret == -ESRCH)
 		return ret;
 	while (n) {
-		ssize_t r = write ? pwrite(fd, p, n, (off_t)addr) : pread(fd, p, n, (off_t)addr);
+		ssize_t r = write ? pwrite(x->fd, p, n, (off_t)addr) : pread(x->fd, p, n, (off_t)addr);
 
 		if (r < 0 && errno == EINTR)
 			continue;
@@ -687,16 +697,6 @@ static int proc_rw(int fd, void *buf, uint64_t n, uint64_t addr, int write)
 		addr += r;
 	}
 	return 0;
-}
-
-static int proc_read(int fd, void *buf, uint64_t n, uint64_t addr)
-{
-	return proc_rw(fd, buf, n, addr, 0);
-}
-
-static int proc_write(int fd, const void *buf, uint64_t n, uint64_t addr)
-{
-	return proc_rw(fd, (void *)buf, n, addr, 1);
 }
 
 int icuse_span_copy(const struct icuse_span *d, const struct icuse_span *s, uint64_t n,
@@ -713,10 +713,10 @@ int icuse_span_copy(const struct icuse_span *d, const struct icuse_span *s, uint
 	}
 	*dst_failed = 0;
 	if (s->kind == ICUSE_BACKING_PROC && d->kind == ICUSE_BACKING_MEM)
-		return proc_read(s->fd, dp, n, s->addr);
+		return proc_rw(s, 0, dp, n, 0, 0);
 	*dst_failed = 1;
 	if (s->kind == ICUSE_BACKING_MEM && d->kind == ICUSE_BACKING_PROC)
-		return proc_write(d->fd, sp, n, d->addr);
+		return proc_rw(d, 0, (void *)sp, n, 1, 0);
 
 	bounce = bounce_get();
 	if (!bounce)
@@ -725,11 +725,13 @@ int icuse_span_copy(const struct icuse_span *d, const struct icuse_span *s, uint
 		uint64_t k = min_u64(n - done, BOUNCE_SIZE);
 
 		*dst_failed = 0;
-		ret = proc_read(s->fd, bounce, k, s->addr + done);
+		ret = proc_rw(s, done, bounce, k, 0, 0);
 		if (ret)
 			return ret;
+		/* The read just found the source's mm alive: the same mm needs no
+		 * second look before the write. */
 		*dst_failed = 1;
-		ret = proc_write(d->fd, bounce, k, d->addr + done);
+		ret = proc_rw(d, done, bounce, k, 1, d->fd == s->fd);
 		if (ret)
 			return ret;
 		done += k;
