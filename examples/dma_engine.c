@@ -26,14 +26,16 @@
  * engine, which finishes the copy.
  *
  *   cc -O2 -Iinclude -o dma_engine examples/dma_engine.c
- *   ./dma_engine [-s SIZE] [-c CHUNK] [-x XFER] [-m anon|memfd] [-r RUNS] [-u]
+ *   ./dma_engine [-s SIZE] [-c CHUNK] [-x XFER] [-m anon|thp|memfd] [-r RUNS] [-u]
  *                [IOMMU [DEVICE]]
  *
  *   IOMMU, DEVICE  /dev/iommu and /dev/vfio/devices/vfio1 by default
  *   -s SIZE        bytes to copy (default 64M; K, M and G suffixes)
  *   -c CHUNK       bytes per descriptor (default 1M)
  *   -x XFER        bytes per transfer, a multiple of CHUNK (default 16M)
- *   -m KIND        the memory: anonymous (MAP_PRIVATE|MAP_ANONYMOUS, default)
+ *   -m KIND        the memory: anon (MAP_PRIVATE|MAP_ANONYMOUS, default),
+ *                  thp (the same, 2 MiB aligned and madvise(MADV_HUGEPAGE):
+ *                  transparent huge pages where the kernel has them to give)
  *                  or memfd (MAP_SHARED of a memfd)
  *   -r RUNS        copy RUNS times; the throughput printed is the median
  *   -u             unmap a queued destination (see above); with -r, in the first run
@@ -170,12 +172,24 @@ static uint64_t parse_size(const char *s)
 	return v;
 }
 
-/* Memory for the device: anonymous, or a MAP_SHARED mapping of a memfd. */
-static void *alloc_mem(int memfd_kind, size_t size)
+/* Memory for the device: anonymous, anonymous on huge pages, or a
+ * MAP_SHARED mapping of a memfd. */
+enum mem_kind { MEM_ANON, MEM_THP, MEM_MEMFD };
+static enum mem_kind mem_kind = MEM_ANON;
+#define HPAGE (2ull << 20)
+
+/* Bytes a buffer of size takes: huge page buffers are whole huge pages. */
+static size_t mem_len(size_t size)
 {
+	return mem_kind == MEM_THP ? (size + HPAGE - 1) & ~(HPAGE - 1) : size;
+}
+
+static void *alloc_mem(size_t size)
+{
+	size_t len = mem_len(size);
 	void *p;
 
-	if (memfd_kind) {
+	if (mem_kind == MEM_MEMFD) {
 		int fd = memfd_create("dma_engine", MFD_CLOEXEC);
 		if (fd < 0)
 			die("memfd_create");
@@ -183,6 +197,20 @@ static void *alloc_mem(int memfd_kind, size_t size)
 			die("ftruncate");
 		p = mmap(NULL, size, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
 		close(fd); /* the mapping keeps the file */
+	} else if (mem_kind == MEM_THP) {
+		/* Over-allocate, keep the 2 MiB aligned middle: huge pages need
+		 * aligned virtual addresses, and the IOMMU then maps 2 MiB leaves. */
+		uint8_t *raw = mmap(NULL, len + HPAGE, PROT_READ | PROT_WRITE,
+				    MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+		if (raw == MAP_FAILED)
+			die("mmap");
+		uint8_t *aligned = (uint8_t *)(((uintptr_t)raw + HPAGE - 1) & ~(uintptr_t)(HPAGE - 1));
+		if (aligned > raw)
+			munmap(raw, aligned - raw);
+		munmap(aligned + len, raw + HPAGE - aligned);
+		if (madvise(aligned, len, MADV_HUGEPAGE))
+			die("madvise(MADV_HUGEPAGE)");
+		p = aligned;
 	} else {
 		p = mmap(NULL, size, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
 	}
@@ -393,7 +421,7 @@ static int cmp_double(const void *a, const void *b)
 int main(int argc, char **argv)
 {
 	struct copy c = { .size = 64ull << 20, .chunk = 1u << 20, .xfer = 16u << 20 };
-	int memfd_kind = 0, runs = 1, opt;
+	int runs = 1, opt;
 
 	while ((opt = getopt(argc, argv, "s:c:x:m:r:u")) != -1) {
 		switch (opt) {
@@ -402,14 +430,16 @@ int main(int argc, char **argv)
 		case 'x': c.xfer = parse_size(optarg); break;
 		case 'm':
 			if (!strcmp(optarg, "memfd"))
-				memfd_kind = 1;
+				mem_kind = MEM_MEMFD;
+			else if (!strcmp(optarg, "thp"))
+				mem_kind = MEM_THP;
 			else if (strcmp(optarg, "anon"))
-				fail("-m takes anon or memfd");
+				fail("-m takes anon, thp or memfd");
 			break;
 		case 'r': runs = atoi(optarg); break;
 		case 'u': c.unmap_last = 1; break;
 		default:
-			fprintf(stderr, "usage: %s [-s SIZE] [-c CHUNK] [-x XFER] [-m anon|memfd] "
+			fprintf(stderr, "usage: %s [-s SIZE] [-c CHUNK] [-x XFER] [-m anon|thp|memfd] "
 				"[-r RUNS] [-u] [IOMMU [DEVICE]]\n", argv[0]);
 			return 2;
 		}
@@ -421,7 +451,8 @@ int main(int argc, char **argv)
 	if (c.xfer > c.size)
 		c.xfer = (c.size + c.chunk - 1) / c.chunk * c.chunk;
 	printf("copy %llu bytes of %s memory: %llu-byte descriptors, %llu per transfer\n",
-	       (unsigned long long)c.size, memfd_kind ? "memfd" : "anonymous",
+	       (unsigned long long)c.size,
+	       (const char *[]){ "anonymous", "anonymous huge page", "memfd" }[mem_kind],
 	       (unsigned long long)c.chunk, (unsigned long long)(c.xfer / c.chunk));
 
 	/* Open, bind, find the registers. */
@@ -448,9 +479,9 @@ int main(int argc, char **argv)
 
 	/* Memory: the ring, the source and the destination. */
 	size_t ring_bytes = RING_ENTRIES * sizeof(struct dmae_desc);
-	ring = alloc_mem(memfd_kind, ring_bytes);
-	uint8_t *src = alloc_mem(memfd_kind, c.size);
-	uint8_t *dst = alloc_mem(memfd_kind, c.size);
+	ring = alloc_mem(ring_bytes);
+	uint8_t *src = alloc_mem(c.size);
+	uint8_t *dst = alloc_mem(c.size);
 	c.dst = dst;
 	uint64_t x = 0x9e3779b97f4a7c15ull; /* xorshift: data that shows any misplaced byte */
 	for (uint64_t i = 0; i < c.size; i += 8) {
@@ -560,9 +591,9 @@ int main(int argc, char **argv)
 	close(irq_fault);
 	close(dev_fd);
 	close(iommufd);
-	munmap(ring, ring_bytes);
-	munmap(src, c.size);
-	munmap(dst, c.size);
+	munmap(ring, mem_len(ring_bytes));
+	munmap(src, mem_len(c.size));
+	munmap(dst, mem_len(c.size));
 	free(times);
 	printf("done\n");
 	return 0;
