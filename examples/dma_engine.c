@@ -209,7 +209,7 @@ static void *alloc_mem(size_t size)
 			munmap(raw, aligned - raw);
 		munmap(aligned + len, raw + HPAGE - aligned);
 		if (madvise(aligned, len, MADV_HUGEPAGE))
-			die("madvise(MADV_HUGEPAGE)");
+			perror("madvise(MADV_HUGEPAGE): going on with small pages");
 		p = aligned;
 	} else {
 		p = mmap(NULL, size, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);

@@ -164,7 +164,7 @@ async def test_edu_example(daemon, examples, monkeypatch) -> None:
 # -- 2. dma_engine.c ------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("kind", ["anon", "memfd"])
+@pytest.mark.parametrize("kind", ["anon", "thp", "memfd"])
 async def test_engine_example_copies_64mib(daemon, examples, monkeypatch, kind: str) -> None:
     vdev = daemon.system.devices[1].vfio
     signals = record_signals(monkeypatch, vdev)
@@ -174,7 +174,7 @@ async def test_engine_example_copies_64mib(daemon, examples, monkeypatch, kind: 
     p = await run([examples["dma_engine"], "-m", kind, *nodes(daemon, 1)])
     out = p.stdout.decode()
 
-    memory = "memfd" if kind == "memfd" else "anonymous"
+    memory = {"anon": "anonymous", "thp": "anonymous huge page", "memfd": "memfd"}[kind]
     assert f"copy 67108864 bytes of {memory} memory: 1048576-byte descriptors, 16 per transfer" in out
     assert re.search(r"^run 1: 64 MiB in [0-9.]+ ms: [0-9.]+ GB/s, verified byte for byte$", out, re.M), out
     assert "completed 4 transfers, fault log 0 record(s)" in out
