@@ -15,8 +15,8 @@
 #define _GNU_SOURCE
 #include <errno.h>
 #include <pthread.h>
+#include <sched.h>
 #include <signal.h>
-#include <unistd.h>
 
 #include "icuse_internal.h"
 
@@ -376,11 +376,13 @@ static void *pool_main(void *arg)
 	return NULL;
 }
 
-/* Start the helpers once (pool_lock held); signals stay with the caller's threads. */
+/* Start the helpers once (pool_lock held): one per further CPU this process
+ * may run on; signals stay with the caller's threads. */
 static void pool_start(void)
 {
-	long cpus = sysconf(_SC_NPROCESSORS_ONLN);
-	int want = cpus > 1 ? (int)min_u64((uint64_t)cpus - 1, POOL_MAX) : 0;
+	cpu_set_t cpus;
+	int n = sched_getaffinity(0, sizeof(cpus), &cpus) ? 1 : CPU_COUNT(&cpus);
+	int want = n > 1 ? (int)min_u64((uint64_t)n - 1, POOL_MAX) : 0;
 	sigset_t all, old;
 	pthread_attr_t attr;
 	pthread_t t;
