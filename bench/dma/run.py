@@ -65,7 +65,7 @@ def times(argv: list[str]) -> list[float]:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--size", type=int, default=64 << 20, help="bytes per copy (default 64 MiB)")
-    ap.add_argument("--rounds", type=int, default=3, help="interleaved rounds (default 3)")
+    ap.add_argument("--rounds", type=int, default=5, help="interleaved rounds (default 5)")
     ap.add_argument("--runs", type=int, default=9, help="copies per client process (default 9)")
     ap.add_argument("--profile", metavar="FILE", help="run the daemon under cProfile, stats to FILE")
     args = ap.parse_args()
