@@ -359,6 +359,7 @@ def build_ioctl_table(selftest: bool = False) -> IoctlTable:
         uapi.IOMMU_IOAS_CHANGE_PROCESS: ioas.ioas_change_process,
         uapi.IOMMU_OPTION: ioas.option,
         uapi.IOMMU_VFIO_IOAS: vfio_compat.vfio_ioas,
+        uapi.IOMMU_HW_QUEUE_ALLOC: viommu.hw_queue_alloc,
         uapi.IOMMU_VIOMMU_ALLOC: viommu.viommu_alloc,
         uapi.IOMMU_VDEVICE_ALLOC: viommu.vdevice_alloc,
         uapi.IOMMU_VEVENTQ_ALLOC: viommu.veventq_alloc,

@@ -251,6 +251,24 @@ def viommu_alloc(ucmd: Ucmd) -> int:
     return 0
 
 
+# -- IOMMU_HW_QUEUE_ALLOC ---------------------------------------------------------------------
+def hw_queue_alloc(ucmd: Ucmd) -> int:
+    """IOMMU_HW_QUEUE_ALLOC with mainline's checks up to the vIOMMU: flags or the
+    DEFAULT type EOPNOTSUPP; length 0 EINVAL; an IOVA range that wraps EOVERFLOW;
+    no vIOMMU ENOENT. No vIOMMU here has HW queues (mainline's mock has): then
+    EOPNOTSUPP, logged, as from a driver without them."""
+    cmd = ucmd.cmd
+    if cmd.flags or cmd.type == uapi.IOMMU_HW_QUEUE_TYPE_DEFAULT:
+        raise Errno(errno.EOPNOTSUPP)
+    if not cmd.length:
+        raise Errno(errno.EINVAL)
+    if cmd.nesting_parent_iova + cmd.length - 1 > (1 << 64) - 1:
+        raise Errno(errno.EOVERFLOW)
+    viommu = get_viommu(ucmd.ctx, cmd.viommu_id)
+    log.info("IOMMU_HW_QUEUE_ALLOC: the vIOMMU of %s has no HW queues: EOPNOTSUPP", viommu.iommu.name)
+    raise Errno(errno.EOPNOTSUPP)
+
+
 # -- IOMMU_VDEVICE_ALLOC ----------------------------------------------------------------------
 def vdevice_alloc(ucmd: Ucmd) -> int:
     """IOMMU_VDEVICE_ALLOC: no vIOMMU or device ENOENT; a device of another IOMMU

@@ -56,6 +56,16 @@ static struct res veventq_alloc(__u32 viommu, __u32 flags, __u32 type, __u32 dep
 	return r;
 }
 
+static struct res hw_queue_alloc(__u32 viommu, __u32 flags, __u32 type, __u64 iova, __u64 length)
+{
+	struct iommu_hw_queue_alloc a = {
+		.size = sizeof(a), .flags = flags, .viommu_id = viommu, .type = type,
+		.nesting_parent_iova = iova, .length = length,
+	};
+
+	return xioctl(fd, IOMMU_HW_QUEUE_ALLOC, &a);
+}
+
 static struct res nested(__u32 dev, __u32 pt, __u32 flags, __u32 *out)
 {
 	struct iommu_hwpt_selftest data = { .iotlb = IOMMU_TEST_IOTLB_DEFAULT };
@@ -245,7 +255,15 @@ int main(int argc, char **argv)
 	stepv("inv_all", inv1(viommu, IOMMU_TEST_INVALIDATE_FLAG_ALL, 0x99, MOCK_DEV_CACHE_ID_MAX, &num),
 	      "num=%u mask=%d", num, cache_mask(idev));
 
-	/* vEVENT queues */
+	/* HW queues: mainline's checks up to the vIOMMU */
+	step0("hwq_flags", hw_queue_alloc(viommu, 1, IOMMU_HW_QUEUE_TYPE_SELFTEST, 0, 4096));
+	step0("hwq_type_default", hw_queue_alloc(viommu, 0, IOMMU_HW_QUEUE_TYPE_DEFAULT, 0, 4096));
+	step0("hwq_length0", hw_queue_alloc(viommu, 0, IOMMU_HW_QUEUE_TYPE_SELFTEST, 0, 0));
+	step0("hwq_wraps", hw_queue_alloc(viommu, 0, IOMMU_HW_QUEUE_TYPE_SELFTEST, ~0ull - 4095, 8192));
+	step0("hwq_bad_viommu", hw_queue_alloc(ioas, 0, IOMMU_HW_QUEUE_TYPE_SELFTEST, 0, 4096));
+	step0("hwq", hw_queue_alloc(viommu, 0, IOMMU_HW_QUEUE_TYPE_SELFTEST, 0, 4096));
+
+		/* vEVENT queues */
 	step0("trigger_no_queue", trigger(idev));
 	step0("trigger_not_attached", trigger(idev2));
 	step0("veventq_flags", veventq_alloc(viommu, 1, IOMMU_VEVENTQ_TYPE_SELFTEST, 2, 0, &id, &qfd));

@@ -1038,6 +1038,13 @@ async def test_viommu_with_companion(selftest_daemon, cbuild, preload):
         "inv_partial": "EOPNOTSUPP",
         "inv_bad_ptr": "EFAULT",
         "inv_all": OK,
+        # HW queues
+        "hwq_flags": "EOPNOTSUPP",
+        "hwq_type_default": "EOPNOTSUPP",
+        "hwq_length0": "EINVAL",
+        "hwq_wraps": "EOVERFLOW",
+        "hwq_bad_viommu": "ENOENT",
+        "hwq": "EOPNOTSUPP",  # mainline's mock vIOMMU has HW queues: a new object
         # vEVENT queues
         "trigger_no_queue": "EOPNOTSUPP",
         "trigger_not_attached": "ENOENT",
