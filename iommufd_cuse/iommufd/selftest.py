@@ -95,6 +95,23 @@ class MockDomain(PagingDomain):
         return f"<MockDomain {self.serial} {kind}>"
 
 
+def check_invalidation(flags: int, index: int, max_index: int) -> None:
+    """One selftest invalidation entry: unknown flags EOPNOTSUPP, an index past
+    max_index EINVAL (checked even with FLAG_ALL, as the mock does)."""
+    if flags & ~uapi.IOMMU_TEST_INVALIDATE_FLAG_ALL:
+        raise Errno(errno.EOPNOTSUPP)
+    if index > max_index:
+        raise Errno(errno.EINVAL)
+
+
+def invalidate(cache: list[int], flags: int, index: int) -> None:
+    """Clear entry index of a mock cache, or every entry with FLAG_ALL."""
+    if flags & uapi.IOMMU_TEST_INVALIDATE_FLAG_ALL:
+        cache[:] = [0] * len(cache)
+    else:
+        cache[index] = 0
+
+
 class MockNestedDomain(Domain):
     """struct mock_iommu_domain_nested: a nested domain of the mock IOMMU. There is
     no stage-1 table: DMA through it would be translated by the parent (stage-2)
@@ -121,14 +138,8 @@ class MockNestedDomain(Domain):
             for i in range(array.entry_num):
                 inv = array.copy_entry(i, uapi.IOMMU_HWPT_INVALIDATE_DATA_SELFTEST,
                                        uapi.iommu_hwpt_invalidate_selftest, "iotlb_id")
-                if inv.flags & ~uapi.IOMMU_TEST_INVALIDATE_FLAG_ALL:
-                    raise Errno(errno.EOPNOTSUPP)
-                if inv.iotlb_id > uapi.MOCK_NESTED_DOMAIN_IOTLB_ID_MAX:
-                    raise Errno(errno.EINVAL)
-                if inv.flags & uapi.IOMMU_TEST_INVALIDATE_FLAG_ALL:
-                    self.iotlb = [0] * uapi.MOCK_NESTED_DOMAIN_IOTLB_NUM
-                else:
-                    self.iotlb[inv.iotlb_id] = 0
+                check_invalidation(inv.flags, inv.iotlb_id, uapi.MOCK_NESTED_DOMAIN_IOTLB_ID_MAX)
+                invalidate(self.iotlb, inv.flags, inv.iotlb_id)
                 processed += 1
         finally:
             array.entry_num = processed
@@ -254,17 +265,11 @@ class MockIommu(Iommu):
                 addr = (array.uptr + array.entry_len * i) & ULONG_MAX
                 cmds.append(struct.unpack(copy_struct_from_user(array.caller, addr, struct.SIZE, array.entry_len)))
             for cur in cmds:
-                if cur.flags & ~uapi.IOMMU_TEST_INVALIDATE_FLAG_ALL:
-                    raise Errno(errno.EOPNOTSUPP)
-                if cur.cache_id > uapi.MOCK_DEV_CACHE_ID_MAX:
-                    raise Errno(errno.EINVAL)
+                check_invalidation(cur.flags, cur.cache_id, uapi.MOCK_DEV_CACHE_ID_MAX)
                 dev = viommu.find_dev(cur.vdev_id)
                 if not isinstance(dev, MockDev):
                     raise Errno(errno.EINVAL)
-                if cur.flags & uapi.IOMMU_TEST_INVALIDATE_FLAG_ALL:
-                    dev.cache = [0] * uapi.MOCK_DEV_CACHE_NUM
-                else:
-                    dev.cache[cur.cache_id] = 0
+                invalidate(dev.cache, cur.flags, cur.cache_id)
                 done += 1
         finally:
             array.entry_num = done
