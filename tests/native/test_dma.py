@@ -5,6 +5,8 @@ import random
 import threading
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as hs
 from nativehelp import PAGE, RW, Child, R, W, addr_of, ffi, lib, memfd_map, pattern
 
 M2, G1 = 1 << 21, 1 << 30
@@ -331,6 +333,54 @@ def test_concurrent_long_copies():
         assert not bad
     finally:
         w.close()
+
+
+_SPAN = 1600  # pages of each region in the model test: 6.25 MiB
+_MODEL_SRC = pattern(_SPAN * PAGE, 30)
+
+
+@pytest.fixture(scope="module")
+def model_world():
+    w = World()
+    spt, dpt = w.pt(), w.pt()
+    _, spa, src = w.mapped(spt, G1, _SPAN)
+    _, dpa, dst = w.mapped(dpt, 2 * G1, _SPAN)
+    src[:] = _MODEL_SRC
+    yield w, (spt, spa, src), (dpt, dpa, dst)
+    w.close()
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    length=hs.integers(1, (_SPAN - 3) * PAGE),
+    src_off=hs.integers(0, 2 * PAGE),
+    dst_off=hs.integers(0, 2 * PAGE),
+    hole=hs.none() | hs.tuples(hs.sampled_from(["src", "dst"]), hs.integers(0, _SPAN - 1)),
+)
+def test_copy_matches_a_model(model_world, length, src_off, dst_off, hole):
+    """Any copy, short or long enough to be shared out, with at most one unmapped
+    page on either side: the bytes before the first faulting address arrive, none
+    after it, and the fault names that address and its side (the source when
+    both fault at the same offset)."""
+    w, (spt, spa, src), (dpt, dpa, dst) = model_world
+    dst[:] = bytes(_SPAN * PAGE)
+    sides = {"src": (spt, G1, spa, src_off), "dst": (dpt, 2 * G1, dpa, dst_off)}
+    end, expect = length, (0, None, None)
+    if hole is not None:
+        pt, base, pa, off = sides[hole[0]]
+        assert lib.icuse_pt_unmap(pt, base + hole[1] * PAGE, PAGE) == PAGE
+        first = max(0, hole[1] * PAGE - off)
+        if (hole[1] + 1) * PAGE > off and first < length:
+            end = first
+            expect = (-errno.ENOENT, base + off + first, int(hole[0] == "dst"))
+    try:
+        got = w.copy(spt, G1 + src_off, dpt, 2 * G1 + dst_off, length)
+    finally:
+        if hole is not None:
+            assert lib.icuse_pt_map(pt, base + hole[1] * PAGE, pa + hole[1] * PAGE, PAGE, RW) == 0
+    assert got == expect
+    assert dst[dst_off : dst_off + end] == _MODEL_SRC[src_off : src_off + end]
+    assert dst[dst_off + end : dst_off + length] == bytes(length - end)
 
 
 def test_copy_faults(w):
