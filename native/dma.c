@@ -287,9 +287,9 @@ static int64_t copy_range(struct icuse_store *st, struct icuse_pt *src_pt, uint6
  * through another process's memory (two kernel copies each) then use every
  * CPU, and a helper that is held up delays the copy by one unit at most.
  * A fault stops the handing out: every unit before it was already taken and
- * completes; after it, only a unit another thread had already started may
- * move. That needs the range to change under the copy: it translated when the
- * copy began, and the daemon keeps what its domains translate pinned.
+ * completes; units past it that other threads took before the fault was found
+ * may still move. That needs the range to change under the copy: it translated
+ * when the copy began, and the daemon keeps what its domains translate pinned.
  */
 #define PAR_UNIT (512ull << 10)
 #define PAR_MIN (4 * PAR_UNIT)
