@@ -4,8 +4,8 @@ icuse_dma_copy of 64 MiB through two I/O page tables (translate, pin checks,
 locks, chunking), from
   MEM:  a memfd mapped in this process (what IOAS_MAP_FILE / shared mappings give)
   PROC: private anonymous memory of another process, via its /proc/<pid>/mem
-into MEM (and PROC into PROC of the same process), compared with ffi.memmove of the same 64 MiB between two buffers of
-this process. Ratio = memcpy time / dma time (1.0: as fast as memcpy).
+into MEM (and PROC into PROC of the same process), compared with ffi.memmove of
+the same 64 MiB between two buffers of this process. Ratio = memcpy time / dma time (1.0: as fast as memcpy).
 
 Run: .venv/bin/python bench/dma_native.py
 """

@@ -345,6 +345,17 @@ static void par_run(struct par_copy *p)
 	}
 }
 
+/* Put p at the end of the queue (pool_lock held), for helpers to join. */
+static void par_queue(struct par_copy *p)
+{
+	struct par_copy **pp = &pool_queue;
+
+	while (*pp)
+		pp = &(*pp)->queued_next;
+	*pp = p;
+	pthread_cond_broadcast(&pool_work);
+}
+
 /* Take p off the queue (pool_lock held): nothing of it is left to hand out. */
 static void par_unqueue(struct par_copy *p)
 {
@@ -429,12 +440,7 @@ int64_t icuse_dma_copy(struct icuse_store *st, struct icuse_pt *src_pt, uint64_t
 		if (pool_threads < 0)
 			pool_start();
 		if (pool_threads > 0) {
-			struct par_copy **pp = &pool_queue;
-
-			while (*pp)
-				pp = &(*pp)->queued_next;
-			*pp = &p;
-			pthread_cond_broadcast(&pool_work);
+			par_queue(&p);
 			shared = 1;
 		}
 		pthread_mutex_unlock(&pool_lock);

@@ -229,14 +229,8 @@ static int64_t pin_update(struct pages *pg, uint64_t a, uint64_t b, int pin)
 	return (int64_t)changed;
 }
 
-/* Memory of another process. The backing's fd is an open /proc/<pid>/mem,
- * bound to that process's mm: a reused pid can never alias it, and once the
- * process is gone every transfer stops short (ESRCH). Bulk transfers use
- * process_vm_readv/writev on the pid (one copy instead of two through the
- * mem file's page-sized bounce), checked against the mem file: a read counts
- * only if the mm is still alive after it, a write is issued only while it is
- * alive. (A pid is only reused after the process has died and the whole pid
- * space has been cycled through; no transfer is that long.) */
+/* The pid of the process whose /proc/<pid>/mem fd is, or -1: read once per
+ * backing, for process_vm_readv/writev. */
 static pid_t mem_fd_pid(int fd)
 {
 	char link[64], path[32];
@@ -649,6 +643,14 @@ static void *bounce_get(void)
 	return p;
 }
 
+/* Memory of another process. The backing's fd is an open /proc/<pid>/mem,
+ * bound to that process's mm: a reused pid can never alias it, and once the
+ * process is gone every transfer stops short (ESRCH). Bulk transfers use
+ * process_vm_readv/writev on the pid (one copy instead of two through the
+ * mem file's page-sized bounce), checked against the mem file: a read counts
+ * only if the mm is still alive after it, a write is issued only while it is
+ * alive. (A pid is only reused after the process has died and the whole pid
+ * space has been cycled through; no transfer is that long.) */
 static int mm_alive(int fd, uint64_t addr)
 {
 	char c;

@@ -263,7 +263,7 @@ int main(int argc, char **argv)
 	step0("hwq_bad_viommu", hw_queue_alloc(ioas, 0, IOMMU_HW_QUEUE_TYPE_SELFTEST, 0, 4096));
 	step0("hwq", hw_queue_alloc(viommu, 0, IOMMU_HW_QUEUE_TYPE_SELFTEST, 0, 4096));
 
-		/* vEVENT queues */
+	/* vEVENT queues */
 	step0("trigger_no_queue", trigger(idev));
 	step0("trigger_not_attached", trigger(idev2));
 	step0("veventq_flags", veventq_alloc(viommu, 1, IOMMU_VEVENTQ_TYPE_SELFTEST, 2, 0, &id, &qfd));

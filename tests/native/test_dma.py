@@ -253,7 +253,7 @@ def test_copy_large_crosses_chunks(w):
 
 @pytest.mark.parametrize("src_kind,dst_kind", [(MEM, MEM), (PROC, MEM), (MEM, PROC), (PROC, PROC)])
 def test_copy_shared_out_between_threads(w, src_kind, dst_kind):
-    """A long copy is handed out chunk by chunk to the pool's helpers: every
+    """A long copy is handed out unit by unit to the pool's helpers: every
     byte arrives where it belongs, whatever the backings and offsets."""
     spt, dpt = w.pt(), w.pt()
     n = 2560  # 10 MiB: several chunks, more than the copy shared out needs
