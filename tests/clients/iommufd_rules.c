@@ -38,20 +38,6 @@ static int open_node(int flags)
 
 /* ---- small wrappers: each returns the result, the caller prints ---------- */
 
-static struct res ioas_alloc(int fd, __u32 *id)
-{
-	struct iommu_ioas_alloc a = { .size = sizeof(a) };
-	struct res r = xioctl(fd, IOMMU_IOAS_ALLOC, &a);
-	*id = r.rc == 0 ? a.out_ioas_id : 0;
-	return r;
-}
-
-static struct res destroy(int fd, __u32 id)
-{
-	struct iommu_destroy d = { .size = sizeof(d), .id = id };
-	return xioctl(fd, IOMMU_DESTROY, &d);
-}
-
 static struct res option(int fd, __u32 option_id, __u16 op, __u32 object_id, __u64 *val)
 {
 	struct iommu_option o = {

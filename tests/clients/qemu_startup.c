@@ -60,20 +60,6 @@ static int xopen(const char *path)
 
 /* ---- iommufd ------------------------------------------------------------- */
 
-static struct res ioas_alloc(int fd, __u32 *id)
-{
-	struct iommu_ioas_alloc a = { .size = sizeof(a) };
-	struct res r = xioctl(fd, IOMMU_IOAS_ALLOC, &a);
-	*id = r.rc == 0 ? a.out_ioas_id : 0;
-	return r;
-}
-
-static struct res destroy(int fd, __u32 id)
-{
-	struct iommu_destroy d = { .size = sizeof(d), .id = id };
-	return xioctl(fd, IOMMU_DESTROY, &d);
-}
-
 static struct res hwpt_alloc(int fd, __u32 size, __u32 flags, __u32 dev_id, __u32 pt_id, __u32 *out)
 {
 	struct iommu_hwpt_alloc a = { .size = size, .flags = flags, .dev_id = dev_id, .pt_id = pt_id };

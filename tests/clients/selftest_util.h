@@ -47,22 +47,6 @@ static inline struct res test_cmd(int fd, struct iommu_test_cmd *c)
 	return xioctl(fd, IOMMU_TEST_CMD, c);
 }
 
-static inline struct res ioas_alloc(int fd, __u32 *id)
-{
-	struct iommu_ioas_alloc a = { .size = sizeof(a) };
-	struct res r = xioctl(fd, IOMMU_IOAS_ALLOC, &a);
-
-	*id = r.rc == 0 ? a.out_ioas_id : 0;
-	return r;
-}
-
-static inline struct res destroy(int fd, __u32 id)
-{
-	struct iommu_destroy d = { .size = sizeof(d), .id = id };
-
-	return xioctl(fd, IOMMU_DESTROY, &d);
-}
-
 /* IOMMU_DESTROY once the daemon has seen a close (FUSE delivers releases
  * asynchronously, after close() has returned): retry EBUSY for up to 2 s. */
 static inline struct res destroy_eventually(int fd, __u32 id)

@@ -12,6 +12,8 @@
 #include <stdlib.h>
 #include <sys/ioctl.h>
 
+#include <iommufd-cuse/uapi.h>
+
 struct res {
 	long rc;
 	int err;
@@ -25,6 +27,23 @@ static inline struct res xioctl(int fd, unsigned long cmd, void *arg)
 	r.rc = ioctl(fd, cmd, arg);
 	r.err = r.rc < 0 ? errno : 0;
 	return r;
+}
+
+/* The two iommufd calls every client makes. */
+static inline struct res ioas_alloc(int fd, __u32 *id)
+{
+	struct iommu_ioas_alloc a = { .size = sizeof(a) };
+	struct res r = xioctl(fd, IOMMU_IOAS_ALLOC, &a);
+
+	*id = r.rc == 0 ? a.out_ioas_id : 0;
+	return r;
+}
+
+static inline struct res destroy(int fd, __u32 id)
+{
+	struct iommu_destroy d = { .size = sizeof(d), .id = id };
+
+	return xioctl(fd, IOMMU_DESTROY, &d);
 }
 
 /* A result from a libc call that returns -1/errno. */
