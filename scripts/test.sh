@@ -9,7 +9,10 @@ bash scripts/setup.sh
 # ends it. Only after the suite's time is long past (pytest's own per-test timeout
 # catches everything that can be interrupted).
 fusectl=/sys/fs/fuse/connections
-mountpoint -q "$fusectl" || mount -t fusectl fusectl "$fusectl" 2>/dev/null || true
+mounted_fusectl=
+if ! mountpoint -q "$fusectl" && mount -t fusectl fusectl "$fusectl" 2>/dev/null; then
+    mounted_fusectl=1  # ours: unmounted again at the end
+fi
 exec 3>&2
 (
     sleep "${ICUSE_SUITE_DEADLINE:-1500}"
@@ -17,6 +20,7 @@ exec 3>&2
     for c in "$fusectl"/*/abort; do [ -e "$c" ] && echo 1 >"$c"; done
 ) 2>/dev/null &
 watchdog=$!
-trap 'pkill -P $watchdog 2>/dev/null; kill $watchdog 2>/dev/null || true' EXIT
+trap 'pkill -P $watchdog 2>/dev/null; kill $watchdog 2>/dev/null || true
+      [ -z "$mounted_fusectl" ] || umount "$fusectl" 2>/dev/null || true' EXIT
 
 .venv/bin/python -m pytest -q -p no:cacheprovider "$@"
