@@ -25,8 +25,10 @@ BIN = ROOT / "bench" / "bin"
 def compile_c(exe: Path, *sources: Path) -> Path:
     """cc -O2 with warnings as errors and the project's include/; returns exe."""
     exe.parent.mkdir(parents=True, exist_ok=True)
-    subprocess.run(["cc", "-O2", "-Wall", "-Wextra", "-Werror", f"-I{ROOT / 'include'}",
-                    "-o", str(exe), *map(str, sources)], check=True)
+    subprocess.run(
+        ["cc", "-O2", "-Wall", "-Wextra", "-Werror", f"-I{ROOT / 'include'}", "-o", str(exe), *map(str, sources)],
+        check=True,
+    )
     return exe
 
 
@@ -55,8 +57,9 @@ def pin(pid: int, cpu: int) -> None:
 
 
 @contextmanager
-def fuse_server(cmd: Sequence[str], node: Path, mountpoint: Path, *, name: str | None = None,
-                stop_timeout: float = 30, **popen) -> Iterator[subprocess.Popen]:
+def fuse_server(
+    cmd: Sequence[str], node: Path, mountpoint: Path, *, name: str | None = None, stop_timeout: float = 30, **popen
+) -> Iterator[subprocess.Popen]:
     """Start a FUSE server, wait until `node` opens, yield it; at the end SIGTERM it
     (killed if it has not exited after `stop_timeout` s) and lazily unmount `mountpoint`."""
     proc = subprocess.Popen(list(cmd), **popen)
@@ -76,8 +79,9 @@ def fuse_server(cmd: Sequence[str], node: Path, mountpoint: Path, *, name: str |
 
 
 @contextmanager
-def serve_daemon(prefix: str, *, profile: str | None = None,
-                 stop_timeout: float = 30) -> Iterator[tuple[subprocess.Popen, Path]]:
+def serve_daemon(
+    prefix: str, *, profile: str | None = None, stop_timeout: float = 30
+) -> Iterator[tuple[subprocess.Popen, Path]]:
     """`iommufd-cuse serve` on a new scratch directory /tmp/<prefix>*: yields the
     process, once <dev>/iommu opens, and the dev dir; stops it and removes the
     scratch directory at the end. With `profile`, under cProfile writing to it."""
@@ -86,8 +90,16 @@ def serve_daemon(prefix: str, *, profile: str | None = None,
         scratch.chmod(0o755)
         dev, mnt = scratch / "dev", scratch / "mnt"
         dev.mkdir()
-        cmd = [str(Path(sys.executable).parent / "iommufd-cuse"), "serve", "--dev-dir", str(dev),
-               "--mountpoint", str(mnt), "--log-level", "warning"]
+        cmd = [
+            str(Path(sys.executable).parent / "iommufd-cuse"),
+            "serve",
+            "--dev-dir",
+            str(dev),
+            "--mountpoint",
+            str(mnt),
+            "--log-level",
+            "warning",
+        ]
         if profile:
             cmd = [sys.executable, "-m", "cProfile", "-o", profile, "-m", "iommufd_cuse.cli", *cmd[1:]]
         with fuse_server(cmd, dev / "iommu", mnt, name="the daemon", stop_timeout=stop_timeout) as proc:

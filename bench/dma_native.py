@@ -138,9 +138,7 @@ def main():
         lib.icuse_store_free(st)
 
     gbs = lambda t: SIZE / t / 1e9  # noqa: E731
-    print(
-        f"icuse_dma_copy of {SIZE >> 20} MiB vs memcpy (ffi.memmove) of the same size; median of {RUNS}"
-    )
+    print(f"icuse_dma_copy of {SIZE >> 20} MiB vs memcpy (ffi.memmove) of the same size; median of {RUNS}")
     print("| leaves | copy | median ms | GB/s | ratio vs memcpy (median) | ratio (best) |")
     print("|---|---|---|---|---|---|")
     for leaf, base, mem, raw, proc, to_proc, proc_proc in results:
@@ -152,9 +150,7 @@ def main():
             ("MEM->PROC", to_proc),
             ("PROC->PROC (same process)", proc_proc),
         ):
-            print(
-                f"| {leaf} | {name} | {med * 1e3:.2f} | {gbs(med):.2f} | {base[0] / med:.2f} | {base[1] / mn:.2f} |"
-            )
+            print(f"| {leaf} | {name} | {med * 1e3:.2f} | {gbs(med):.2f} | {base[0] / med:.2f} | {base[1] / mn:.2f} |")
 
 
 if __name__ == "__main__":

@@ -160,8 +160,10 @@ def daemon_rss_per_gib() -> None:
             await iopt.map_pages([PagesSlice(pages, 0, G1)], G1, iova, 3)
             pages.put()
             after = _rss_kib()
-            print(f"daemon resident memory per GiB mapped ({leaf}, pinned, in a domain): "
-                  f"{(after - before) / 1024:.2f} MiB")
+            print(
+                f"daemon resident memory per GiB mapped ({leaf}, pinned, in a domain): "
+                f"{(after - before) / 1024:.2f} MiB"
+            )
             iopt.unmap_all()
 
     trio.run(run)

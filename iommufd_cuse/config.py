@@ -141,7 +141,7 @@ def node_config(d: dict[str, Any], default_mode: int = 0o660) -> NodeConfig:
         try:
             mode = int(mode, 8)
         except ValueError:
-            raise ConfigError(f"bad mode {mode!r}: an octal string like \"0660\"") from None
+            raise ConfigError(f'bad mode {mode!r}: an octal string like "0660"') from None
     if not 0 <= mode <= 0o777:
         raise ConfigError(f"bad mode {oct(mode)}")
     return NodeConfig(mode, _uid(d.get("owner", 0)), _gid(d.get("group", 0)))

@@ -151,12 +151,15 @@ class Daemon:
         from .iommufd.fault import FAULT_NODE, FaultFile
 
         n = self.config.nodes["iommu"]
-        self.tree.add(FAULT_NODE, n.mode, n.uid, n.gid, lambda req, flags: FaultFile(self.system, self.server.notify_poll))
+        self.tree.add(
+            FAULT_NODE, n.mode, n.uid, n.gid, lambda req, flags: FaultFile(self.system, self.server.notify_poll)
+        )
         # Likewise the node of vEVENT queues (IOMMU_VEVENTQ_ALLOC).
         from .iommufd.viommu import VEVENTQ_NODE, VeventqFile
 
-        self.tree.add(VEVENTQ_NODE, n.mode, n.uid, n.gid,
-                      lambda req, flags: VeventqFile(self.system, self.server.notify_poll))
+        self.tree.add(
+            VEVENTQ_NODE, n.mode, n.uid, n.gid, lambda req, flags: VeventqFile(self.system, self.server.notify_poll)
+        )
         for i, dev in enumerate(self.system.devices):
             nc = dev.cfg.node
             dev.node = self.tree.add(f"vfio/devices/vfio{i}", nc.mode, nc.uid, nc.gid, self._open_device(dev))

@@ -334,10 +334,7 @@ def summary(daemon: Daemon) -> str:
     n = len(system.contexts)
     d = len(_members(system, "devices"))
     mib = system.pinned_pages() * PAGE_SIZE / MIB
-    return (
-        f"{n} context{'s' * (n != 1)}, {d} device{'s' * (d != 1)}, "
-        f"{mib:.1f} MiB pinned"
-    )
+    return f"{n} context{'s' * (n != 1)}, {d} device{'s' * (d != 1)}, {mib:.1f} MiB pinned"
 
 
 def _fmt_value(v: Any) -> str:
@@ -595,7 +592,10 @@ async def _control_connection(daemon: Daemon, conn: trio.socket.SocketType) -> N
             if uid != 0:
                 # (its request was read, unparsed, so that it gets this answer)
                 log.warning("control socket: refused a connection from pid %d (uid %d): root only", pid, uid)
-                reply: dict[str, Any] | None = {"ok": False, "error": "permission denied: the control socket is for root only"}
+                reply: dict[str, Any] | None = {
+                    "ok": False,
+                    "error": "permission denied: the control socket is for root only",
+                }
             else:
                 reply = await _answer(daemon, line)
             if reply is None:
@@ -695,7 +695,9 @@ async def probe_node(path: str, expect: int | None = None) -> None:
     st = uapi.iommu_option
     arg = st.pack(st.new(size=st.SIZE, option_id=uapi.IOMMU_OPTION_RLIMIT_MODE, op=uapi.IOMMU_OPTION_OP_GET))
     argv = [sys.executable, "-I", "-S", "-c", _PROBE_CHILD, path, str(uapi.IOMMU_OPTION), arg.hex()]
-    proc = await trio.lowlevel.open_process(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc = await trio.lowlevel.open_process(
+        argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
     try:
         with trio.fail_after(READY_TIMEOUT):
             out = await _read_all(proc.stdout)
@@ -743,7 +745,9 @@ async def wait_ready(daemon: Daemon) -> None:
 
 
 # -- the service -----------------------------------------------------------------------
-async def _stop_on_signals(scope: trio.CancelScope, notifier: Notifier, *, task_status=trio.TASK_STATUS_IGNORED) -> None:  # noqa: ANN001
+async def _stop_on_signals(
+    scope: trio.CancelScope, notifier: Notifier, *, task_status=trio.TASK_STATUS_IGNORED
+) -> None:  # noqa: ANN001
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
         task_status.started()
         async for signum in signals:
@@ -785,4 +789,3 @@ async def serve(daemon: Daemon, control_socket: str | None, env: MutableMapping[
         if listener is not None:
             listener.close()
         notifier.close()
-

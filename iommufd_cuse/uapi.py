@@ -176,9 +176,7 @@ class CStruct:
                     raise ValueError(f"{name}: field {n} declared twice")
             if code.endswith("[]"):
                 elem_code = code[:-2]
-                elem: CStruct | str = (
-                    elem_code if _SCALAR.fullmatch(elem_code) else STRUCTS[elem_code]
-                )
+                elem: CStruct | str = elem_code if _SCALAR.fullmatch(elem_code) else STRUCTS[elem_code]
                 flex = (names[0], elem)
                 fields[names[0]] = (-1, 0)  # offset is SIZE, filled in below
                 continue
@@ -464,18 +462,12 @@ iommu_ioas_iova_ranges = CStruct(
     "iommu_ioas_iova_ranges",
     "size:I ioas_id:I num_iovas:I reserved:I allowed_iovas:Q out_iova_alignment:Q",
 )
-iommu_ioas_allow_iovas = CStruct(
-    "iommu_ioas_allow_iovas", "size:I ioas_id:I num_iovas:I reserved:I allowed_iovas:Q"
-)
-iommu_ioas_map = CStruct(
-    "iommu_ioas_map", "size:I flags:I ioas_id:I reserved:I user_va:Q length:Q iova:Q"
-)
+iommu_ioas_allow_iovas = CStruct("iommu_ioas_allow_iovas", "size:I ioas_id:I num_iovas:I reserved:I allowed_iovas:Q")
+iommu_ioas_map = CStruct("iommu_ioas_map", "size:I flags:I ioas_id:I reserved:I user_va:Q length:Q iova:Q")
 iommu_ioas_noiommu_get_pa = CStruct(
     "iommu_ioas_noiommu_get_pa", "size:I flags:I ioas_id:I reserved:I iova:Q length:Q out_phys:Q"
 )
-iommu_ioas_map_file = CStruct(
-    "iommu_ioas_map_file", "size:I flags:I ioas_id:I fd:i start:Q length:Q iova:Q"
-)
+iommu_ioas_map_file = CStruct("iommu_ioas_map_file", "size:I flags:I ioas_id:I fd:i start:Q length:Q iova:Q")
 iommu_ioas_copy = CStruct(
     "iommu_ioas_copy",
     "size:I flags:I dst_ioas_id:I src_ioas_id:I length:Q dst_iova:Q src_iova:Q",
@@ -492,9 +484,7 @@ iommu_hwpt_alloc = CStruct(
     " data_type:I data_len:I data_uptr:Q fault_id:I reserved2:I",
 )
 iommu_hw_info_vtd = CStruct("iommu_hw_info_vtd", "flags:I reserved:I cap_reg:Q ecap_reg:Q")
-iommu_hw_info_arm_smmuv3 = CStruct(
-    "iommu_hw_info_arm_smmuv3", "flags:I reserved:I idr:6I iidr:I aidr:I"
-)
+iommu_hw_info_arm_smmuv3 = CStruct("iommu_hw_info_arm_smmuv3", "flags:I reserved:I idr:6I iidr:I aidr:I")
 iommu_hw_info_tegra241_cmdqv = CStruct(
     "iommu_hw_info_tegra241_cmdqv", "flags:I version:B log2vcmdqs:B log2vsids:B reserved:B"
 )
@@ -504,16 +494,12 @@ iommu_hw_info = CStruct(
     "size:I flags:I dev_id:I data_len:I data_uptr:Q"
     " in_data_type|out_data_type:I out_max_pasid_log2:B reserved:3s out_capabilities:Q",
 )
-iommu_hwpt_set_dirty_tracking = CStruct(
-    "iommu_hwpt_set_dirty_tracking", "size:I flags:I hwpt_id:I reserved:I"
-)
+iommu_hwpt_set_dirty_tracking = CStruct("iommu_hwpt_set_dirty_tracking", "size:I flags:I hwpt_id:I reserved:I")
 iommu_hwpt_get_dirty_bitmap = CStruct(
     "iommu_hwpt_get_dirty_bitmap",
     "size:I hwpt_id:I flags:I reserved:I iova:Q length:Q page_size:Q data:Q",
 )
-iommu_hwpt_vtd_s1_invalidate = CStruct(
-    "iommu_hwpt_vtd_s1_invalidate", "addr:Q npages:Q flags:I reserved:I"
-)
+iommu_hwpt_vtd_s1_invalidate = CStruct("iommu_hwpt_vtd_s1_invalidate", "addr:Q npages:Q flags:I reserved:I")
 iommu_viommu_arm_smmuv3_invalidate = CStruct("iommu_viommu_arm_smmuv3_invalidate", "cmd:2Q")
 iommu_hwpt_invalidate = CStruct(
     "iommu_hwpt_invalidate",
@@ -525,24 +511,19 @@ iommu_hwpt_pgfault = CStruct(
 )
 iommu_hwpt_page_response = CStruct("iommu_hwpt_page_response", "cookie:I code:I")
 iommu_fault_alloc = CStruct("iommu_fault_alloc", "size:I flags:I out_fault_id:I out_fault_fd:I")
-iommu_viommu_tegra241_cmdqv = CStruct(
-    "iommu_viommu_tegra241_cmdqv", "out_vintf_mmap_offset:Q out_vintf_mmap_length:Q"
-)
+iommu_viommu_tegra241_cmdqv = CStruct("iommu_viommu_tegra241_cmdqv", "out_vintf_mmap_offset:Q out_vintf_mmap_length:Q")
 iommu_viommu_alloc = CStruct(
     "iommu_viommu_alloc",
     "size:I flags:I type:I dev_id:I hwpt_id:I out_viommu_id:I data_len:I reserved:I data_uptr:Q",
 )
-iommu_vdevice_alloc = CStruct(
-    "iommu_vdevice_alloc", "size:I viommu_id:I dev_id:I out_vdevice_id:I virt_id:Q"
-)
+iommu_vdevice_alloc = CStruct("iommu_vdevice_alloc", "size:I viommu_id:I dev_id:I out_vdevice_id:I virt_id:Q")
 iommu_ioas_change_process = CStruct("iommu_ioas_change_process", "size:I reserved:I")
 iommufd_vevent_header = CStruct("iommufd_vevent_header", "flags:I sequence:I")
 iommu_vevent_arm_smmuv3 = CStruct("iommu_vevent_arm_smmuv3", "evt:4Q")
 iommu_vevent_tegra241_cmdqv = CStruct("iommu_vevent_tegra241_cmdqv", "lvcmdq_err_map:2Q")
 iommu_veventq_alloc = CStruct(
     "iommu_veventq_alloc",
-    "size:I flags:I viommu_id:I type:I veventq_depth:I out_veventq_id:I out_veventq_fd:I"
-    " reserved:I",
+    "size:I flags:I viommu_id:I type:I veventq_depth:I out_veventq_id:I out_veventq_fd:I reserved:I",
 )
 iommu_hw_queue_alloc = CStruct(
     "iommu_hw_queue_alloc",
@@ -665,9 +646,7 @@ VFIO_DEVICE_STATE_V1_STOP = 0
 VFIO_DEVICE_STATE_V1_RUNNING = 1 << 0
 VFIO_DEVICE_STATE_V1_SAVING = 1 << 1
 VFIO_DEVICE_STATE_V1_RESUMING = 1 << 2
-VFIO_DEVICE_STATE_MASK = (
-    VFIO_DEVICE_STATE_V1_RUNNING | VFIO_DEVICE_STATE_V1_SAVING | VFIO_DEVICE_STATE_V1_RESUMING
-)
+VFIO_DEVICE_STATE_MASK = VFIO_DEVICE_STATE_V1_RUNNING | VFIO_DEVICE_STATE_V1_SAVING | VFIO_DEVICE_STATE_V1_RESUMING
 
 # vfio_irq_info.flags
 VFIO_IRQ_INFO_EVENTFD = 1 << 0
@@ -682,12 +661,8 @@ VFIO_IRQ_SET_DATA_EVENTFD = 1 << 2
 VFIO_IRQ_SET_ACTION_MASK = 1 << 3
 VFIO_IRQ_SET_ACTION_UNMASK = 1 << 4
 VFIO_IRQ_SET_ACTION_TRIGGER = 1 << 5
-VFIO_IRQ_SET_DATA_TYPE_MASK = (
-    VFIO_IRQ_SET_DATA_NONE | VFIO_IRQ_SET_DATA_BOOL | VFIO_IRQ_SET_DATA_EVENTFD
-)
-VFIO_IRQ_SET_ACTION_TYPE_MASK = (
-    VFIO_IRQ_SET_ACTION_MASK | VFIO_IRQ_SET_ACTION_UNMASK | VFIO_IRQ_SET_ACTION_TRIGGER
-)
+VFIO_IRQ_SET_DATA_TYPE_MASK = VFIO_IRQ_SET_DATA_NONE | VFIO_IRQ_SET_DATA_BOOL | VFIO_IRQ_SET_DATA_EVENTFD
+VFIO_IRQ_SET_ACTION_TYPE_MASK = VFIO_IRQ_SET_ACTION_MASK | VFIO_IRQ_SET_ACTION_UNMASK | VFIO_IRQ_SET_ACTION_TRIGGER
 
 # vfio-pci region and irq indexes
 VFIO_PCI_BAR0_REGION_INDEX = 0
@@ -824,23 +799,17 @@ VFIO_EEH_PE_INJECT_ERR = 9
 
 vfio_info_cap_header = CStruct("vfio_info_cap_header", "id:H version:H next:I")
 vfio_group_status = CStruct("vfio_group_status", "argsz:I flags:I")
-vfio_device_info = CStruct(
-    "vfio_device_info", "argsz:I flags:I num_regions:I num_irqs:I cap_offset:I pad:I"
-)
+vfio_device_info = CStruct("vfio_device_info", "argsz:I flags:I num_regions:I num_irqs:I cap_offset:I pad:I")
 vfio_device_info_cap_pci_atomic_comp = CStruct(
     "vfio_device_info_cap_pci_atomic_comp", "header:vfio_info_cap_header flags:I reserved:I"
 )
-vfio_region_info = CStruct(
-    "vfio_region_info", "argsz:I flags:I index:I cap_offset:I size:Q offset:Q"
-)
+vfio_region_info = CStruct("vfio_region_info", "argsz:I flags:I index:I cap_offset:I size:Q offset:Q")
 vfio_region_sparse_mmap_area = CStruct("vfio_region_sparse_mmap_area", "offset:Q size:Q")
 vfio_region_info_cap_sparse_mmap = CStruct(
     "vfio_region_info_cap_sparse_mmap",
     "header:vfio_info_cap_header nr_areas:I reserved:I areas:vfio_region_sparse_mmap_area[]",
 )
-vfio_region_info_cap_type = CStruct(
-    "vfio_region_info_cap_type", "header:vfio_info_cap_header type:I subtype:I"
-)
+vfio_region_info_cap_type = CStruct("vfio_region_info_cap_type", "header:vfio_info_cap_header type:I subtype:I")
 vfio_region_gfx_edid = CStruct(
     "vfio_region_gfx_edid",
     "edid_offset:I edid_max_size:I edid_size:I max_xres:I max_yres:I link_state:I",
@@ -857,9 +826,7 @@ vfio_region_info_cap_nvlink2_lnkspd = CStruct(
 )
 vfio_irq_info = CStruct("vfio_irq_info", "argsz:I flags:I index:I count:I")
 vfio_irq_set = CStruct("vfio_irq_set", "argsz:I flags:I index:I start:I count:I data:B[]")
-vfio_pci_dependent_device = CStruct(
-    "vfio_pci_dependent_device", "group_id|devid:I segment:H bus:B devfn:B"
-)
+vfio_pci_dependent_device = CStruct("vfio_pci_dependent_device", "group_id|devid:I segment:H bus:B devfn:B")
 vfio_pci_hot_reset_info = CStruct(
     "vfio_pci_hot_reset_info", "argsz:I flags:I count:I devices:vfio_pci_dependent_device[]"
 )
@@ -869,16 +836,10 @@ vfio_device_gfx_plane_info = CStruct(
     "argsz:I flags:I drm_plane_type:I drm_format:I drm_format_mod:Q width:I height:I"
     " stride:I size:I x_pos:I y_pos:I x_hot:I y_hot:I region_index|dmabuf_id:I reserved:I",
 )
-vfio_device_ioeventfd = CStruct(
-    "vfio_device_ioeventfd", "argsz:I flags:I offset:Q data:Q fd:i reserved:I"
-)
+vfio_device_ioeventfd = CStruct("vfio_device_ioeventfd", "argsz:I flags:I offset:Q data:Q fd:i reserved:I")
 vfio_device_feature = CStruct("vfio_device_feature", "argsz:I flags:I data:B[]")
-vfio_device_bind_iommufd = CStruct(
-    "vfio_device_bind_iommufd", "argsz:I flags:I iommufd:i out_devid:I token_uuid_ptr:Q"
-)
-vfio_device_attach_iommufd_pt = CStruct(
-    "vfio_device_attach_iommufd_pt", "argsz:I flags:I pt_id:I pasid:I"
-)
+vfio_device_bind_iommufd = CStruct("vfio_device_bind_iommufd", "argsz:I flags:I iommufd:i out_devid:I token_uuid_ptr:Q")
+vfio_device_attach_iommufd_pt = CStruct("vfio_device_attach_iommufd_pt", "argsz:I flags:I pt_id:I pasid:I")
 vfio_device_detach_iommufd_pt = CStruct("vfio_device_detach_iommufd_pt", "argsz:I flags:I pasid:I")
 vfio_device_feature_migration = CStruct("vfio_device_feature_migration", "flags:Q")
 vfio_device_feature_mig_state = CStruct("vfio_device_feature_mig_state", "device_state:I data_fd:i")
@@ -889,15 +850,11 @@ vfio_device_low_power_entry_with_wakeup = CStruct(
 vfio_device_feature_dma_logging_control = CStruct(
     "vfio_device_feature_dma_logging_control", "page_size:Q num_ranges:I reserved:I ranges:Q"
 )
-vfio_device_feature_dma_logging_range = CStruct(
-    "vfio_device_feature_dma_logging_range", "iova:Q length:Q"
-)
+vfio_device_feature_dma_logging_range = CStruct("vfio_device_feature_dma_logging_range", "iova:Q length:Q")
 vfio_device_feature_dma_logging_report = CStruct(
     "vfio_device_feature_dma_logging_report", "iova:Q length:Q page_size:Q bitmap:Q"
 )
-vfio_device_feature_mig_data_size = CStruct(
-    "vfio_device_feature_mig_data_size", "stop_copy_length:Q"
-)
+vfio_device_feature_mig_data_size = CStruct("vfio_device_feature_mig_data_size", "stop_copy_length:Q")
 vfio_device_feature_bus_master = CStruct("vfio_device_feature_bus_master", "op:I")
 vfio_region_dma_range = CStruct("vfio_region_dma_range", "offset:Q length:Q")
 vfio_device_feature_dma_buf = CStruct(
@@ -905,9 +862,7 @@ vfio_device_feature_dma_buf = CStruct(
     "region_index:I open_flags:I flags:I nr_ranges:I dma_ranges:vfio_region_dma_range[]",
 )
 vfio_device_feature_zpci_err = CStruct("vfio_device_feature_zpci_err", "data:Q")
-vfio_iommu_type1_info = CStruct(
-    "vfio_iommu_type1_info", "argsz:I flags:I iova_pgsizes:Q cap_offset:I pad:I"
-)
+vfio_iommu_type1_info = CStruct("vfio_iommu_type1_info", "argsz:I flags:I iova_pgsizes:Q cap_offset:I pad:I")
 vfio_iova_range = CStruct("vfio_iova_range", "start:Q end:Q")
 vfio_iommu_type1_info_cap_iova_range = CStruct(
     "vfio_iommu_type1_info_cap_iova_range",
@@ -917,20 +872,12 @@ vfio_iommu_type1_info_cap_migration = CStruct(
     "vfio_iommu_type1_info_cap_migration",
     "header:vfio_info_cap_header flags:I 4x pgsize_bitmap:Q max_dirty_bitmap_size:Q",
 )
-vfio_iommu_type1_info_dma_avail = CStruct(
-    "vfio_iommu_type1_info_dma_avail", "header:vfio_info_cap_header avail:I"
-)
-vfio_iommu_type1_dma_map = CStruct(
-    "vfio_iommu_type1_dma_map", "argsz:I flags:I vaddr:Q iova:Q size:Q"
-)
+vfio_iommu_type1_info_dma_avail = CStruct("vfio_iommu_type1_info_dma_avail", "header:vfio_info_cap_header avail:I")
+vfio_iommu_type1_dma_map = CStruct("vfio_iommu_type1_dma_map", "argsz:I flags:I vaddr:Q iova:Q size:Q")
 vfio_bitmap = CStruct("vfio_bitmap", "pgsize:Q size:Q data:Q")
-vfio_iommu_type1_dma_unmap = CStruct(
-    "vfio_iommu_type1_dma_unmap", "argsz:I flags:I iova:Q size:Q data:B[]"
-)
+vfio_iommu_type1_dma_unmap = CStruct("vfio_iommu_type1_dma_unmap", "argsz:I flags:I iova:Q size:Q data:B[]")
 vfio_iommu_type1_dirty_bitmap = CStruct("vfio_iommu_type1_dirty_bitmap", "argsz:I flags:I data:B[]")
-vfio_iommu_type1_dirty_bitmap_get = CStruct(
-    "vfio_iommu_type1_dirty_bitmap_get", "iova:Q size:Q bitmap:vfio_bitmap"
-)
+vfio_iommu_type1_dirty_bitmap_get = CStruct("vfio_iommu_type1_dirty_bitmap_get", "iova:Q size:Q bitmap:vfio_bitmap")
 vfio_iommu_spapr_tce_ddw_info = CStruct(
     "vfio_iommu_spapr_tce_ddw_info", "pgsizes:Q max_dynamic_windows_supported:I levels:I"
 )
@@ -940,9 +887,7 @@ vfio_iommu_spapr_tce_info = CStruct(
 )
 vfio_eeh_pe_err = CStruct("vfio_eeh_pe_err", "type:I func:I addr:Q mask:Q")
 vfio_eeh_pe_op = CStruct("vfio_eeh_pe_op", "argsz:I flags:I op:I 4x err:vfio_eeh_pe_err")
-vfio_iommu_spapr_register_memory = CStruct(
-    "vfio_iommu_spapr_register_memory", "argsz:I flags:I vaddr:Q size:Q"
-)
+vfio_iommu_spapr_register_memory = CStruct("vfio_iommu_spapr_register_memory", "argsz:I flags:I vaddr:Q size:Q")
 vfio_iommu_spapr_tce_create = CStruct(
     "vfio_iommu_spapr_tce_create",
     "argsz:I flags:I page_shift:I resv1:I window_size:Q levels:I resv2:I start_addr:Q",
@@ -1087,12 +1032,8 @@ IOMMU_TEST_OP_STRUCTS: dict[int, CStruct] = {
 iommu_test_hw_info = CStruct("iommu_test_hw_info", "flags:I test_reg:I")
 iommu_hwpt_selftest = CStruct("iommu_hwpt_selftest", "iotlb:I pagetable_type:I")
 iommu_hwpt_invalidate_selftest = CStruct("iommu_hwpt_invalidate_selftest", "flags:I iotlb_id:I")
-iommu_viommu_selftest = CStruct(
-    "iommu_viommu_selftest", "in_data:I out_data:I out_mmap_offset:Q out_mmap_length:Q"
-)
-iommu_viommu_invalidate_selftest = CStruct(
-    "iommu_viommu_invalidate_selftest", "flags:I vdev_id:I cache_id:I"
-)
+iommu_viommu_selftest = CStruct("iommu_viommu_selftest", "in_data:I out_data:I out_mmap_offset:Q out_mmap_length:Q")
+iommu_viommu_invalidate_selftest = CStruct("iommu_viommu_invalidate_selftest", "flags:I vdev_id:I cache_id:I")
 iommu_viommu_event_selftest = CStruct("iommu_viommu_event_selftest", "virt_id:I")
 
 # ---------------------------------------------------------------------------------------

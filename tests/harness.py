@@ -47,8 +47,20 @@ def cbuild(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., Path]:
             exe = out / name
             srcs = [str(CLIENTS / f"{name}.c")] + [str(CLIENTS / e) for e in extra]
             subprocess.run(
-                ["cc", "-O2", "-g", "-Wall", "-Werror", "-pthread", f"-I{INCLUDE}", f"-I{CLIENTS}",
-                 *cflags, "-o", str(exe), *srcs],
+                [
+                    "cc",
+                    "-O2",
+                    "-g",
+                    "-Wall",
+                    "-Werror",
+                    "-pthread",
+                    f"-I{INCLUDE}",
+                    f"-I{CLIENTS}",
+                    *cflags,
+                    "-o",
+                    str(exe),
+                    *srcs,
+                ],
                 check=True,
             )
             built[key] = exe
@@ -75,8 +87,9 @@ async def daemon() -> AsyncIterator[Daemon]:
         shutil.rmtree(base, ignore_errors=True)
 
 
-async def run(argv: list[str | os.PathLike], *, user: int | None = None, check: bool = True,
-              timeout: float = 60, **kw) -> subprocess.CompletedProcess:
+async def run(
+    argv: list[str | os.PathLike], *, user: int | None = None, check: bool = True, timeout: float = 60, **kw
+) -> subprocess.CompletedProcess:
     """Run a client process to completion while the daemon keeps serving."""
     argv = [str(a) for a in argv]
     if user is not None:

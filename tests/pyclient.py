@@ -63,8 +63,9 @@ class IoctlFd:
     def raw(self, cmd: int, struct: uapi.CStruct, *args: Any, **fields: Any) -> Result:
         raise NotImplementedError
 
-    def _raw(self, cmd: int, struct: uapi.CStruct, fields: dict[str, Any], word: str | None,
-             size: int | None, extra: bytes) -> Result:
+    def _raw(
+        self, cmd: int, struct: uapi.CStruct, fields: dict[str, Any], word: str | None, size: int | None, extra: bytes
+    ) -> Result:
         """Issue cmd with struct filled from fields, and its size word (the field `word`,
         None: none) set to size, by default sizeof + the extra bytes appended."""
         obj = struct.new(**fields)
@@ -107,36 +108,58 @@ class IommufdSync(IoctlFd):
     def destroy(self, obj_id: int) -> None:
         self.call(uapi.IOMMU_DESTROY, uapi.iommu_destroy, id=obj_id)
 
-    def map(self, ioas: int, buf: Any, length: int | None = None, iova: int | None = None,
-                  flags: int = RW, offset: int = 0) -> int:
+    def map(
+        self, ioas: int, buf: Any, length: int | None = None, iova: int | None = None, flags: int = RW, offset: int = 0
+    ) -> int:
         """IOAS_MAP of a Python buffer (or an address as int); returns the iova."""
         va = buf if isinstance(buf, int) else addr_of(buf)
         if length is None:
             length = len(buf) - offset
         if iova is not None:
             flags |= FIXED
-        out = self.call(uapi.IOMMU_IOAS_MAP, uapi.iommu_ioas_map, flags=flags, ioas_id=ioas,
-                              user_va=va + offset, length=length, iova=iova or 0)
+        out = self.call(
+            uapi.IOMMU_IOAS_MAP,
+            uapi.iommu_ioas_map,
+            flags=flags,
+            ioas_id=ioas,
+            user_va=va + offset,
+            length=length,
+            iova=iova or 0,
+        )
         return out.iova
 
-    def map_file(self, ioas: int, fd: int, start: int, length: int, iova: int | None = None,
-                       flags: int = RW) -> int:
+    def map_file(self, ioas: int, fd: int, start: int, length: int, iova: int | None = None, flags: int = RW) -> int:
         if iova is not None:
             flags |= FIXED
-        out = self.call(uapi.IOMMU_IOAS_MAP_FILE, uapi.iommu_ioas_map_file, flags=flags,
-                              ioas_id=ioas, fd=fd, start=start, length=length, iova=iova or 0)
+        out = self.call(
+            uapi.IOMMU_IOAS_MAP_FILE,
+            uapi.iommu_ioas_map_file,
+            flags=flags,
+            ioas_id=ioas,
+            fd=fd,
+            start=start,
+            length=length,
+            iova=iova or 0,
+        )
         return out.iova
 
     def unmap(self, ioas: int, iova: int, length: int) -> int:
         out = self.call(uapi.IOMMU_IOAS_UNMAP, uapi.iommu_ioas_unmap, ioas_id=ioas, iova=iova, length=length)
         return out.length
 
-    def copy(self, dst: int, src: int, src_iova: int, length: int, dst_iova: int | None = None,
-                   flags: int = RW) -> int:
+    def copy(self, dst: int, src: int, src_iova: int, length: int, dst_iova: int | None = None, flags: int = RW) -> int:
         if dst_iova is not None:
             flags |= FIXED
-        out = self.call(uapi.IOMMU_IOAS_COPY, uapi.iommu_ioas_copy, flags=flags, dst_ioas_id=dst,
-                              src_ioas_id=src, length=length, dst_iova=dst_iova or 0, src_iova=src_iova)
+        out = self.call(
+            uapi.IOMMU_IOAS_COPY,
+            uapi.iommu_ioas_copy,
+            flags=flags,
+            dst_ioas_id=dst,
+            src_ioas_id=src,
+            length=length,
+            dst_iova=dst_iova or 0,
+            src_iova=src_iova,
+        )
         return out.dst_iova
 
     def iova_ranges(self, ioas: int) -> tuple[list[tuple[int, int]], int]:
@@ -146,18 +169,29 @@ class IommufdSync(IoctlFd):
         assert r.errno == errno.EMSGSIZE, r
         n = r.out.num_iovas
         arr = (ctypes.c_uint64 * (2 * n))()
-        out = self.call(uapi.IOMMU_IOAS_IOVA_RANGES, uapi.iommu_ioas_iova_ranges, ioas_id=ioas,
-                              num_iovas=n, allowed_iovas=ctypes.addressof(arr))
+        out = self.call(
+            uapi.IOMMU_IOAS_IOVA_RANGES,
+            uapi.iommu_ioas_iova_ranges,
+            ioas_id=ioas,
+            num_iovas=n,
+            allowed_iovas=ctypes.addressof(arr),
+        )
         return [(arr[2 * i], arr[2 * i + 1]) for i in range(out.num_iovas)], out.out_iova_alignment
 
     def allow_iovas(self, ioas: int, ranges: list[tuple[int, int]]) -> Result:
         arr = (ctypes.c_uint64 * max(1, 2 * len(ranges)))(*[x for r in ranges for x in r])
-        return self.raw(uapi.IOMMU_IOAS_ALLOW_IOVAS, uapi.iommu_ioas_allow_iovas, ioas_id=ioas,
-                              num_iovas=len(ranges), allowed_iovas=ctypes.addressof(arr))
+        return self.raw(
+            uapi.IOMMU_IOAS_ALLOW_IOVAS,
+            uapi.iommu_ioas_allow_iovas,
+            ioas_id=ioas,
+            num_iovas=len(ranges),
+            allowed_iovas=ctypes.addressof(arr),
+        )
 
     def option(self, option_id: int, op: int, object_id: int = 0, val64: int = 0) -> Result:
-        return self.raw(uapi.IOMMU_OPTION, uapi.iommu_option, option_id=option_id, op=op,
-                              object_id=object_id, val64=val64)
+        return self.raw(
+            uapi.IOMMU_OPTION, uapi.iommu_option, option_id=option_id, op=op, object_id=object_id, val64=val64
+        )
 
 
 class Iommufd:
@@ -186,7 +220,9 @@ class Iommufd:
 class VfioDeviceSync(IoctlFd):
     """One open of a VFIO device cdev."""
 
-    def raw(self, cmd: int, struct: uapi.CStruct, argsz: int | None = None, extra: bytes = b"", **fields: Any) -> Result:
+    def raw(
+        self, cmd: int, struct: uapi.CStruct, argsz: int | None = None, extra: bytes = b"", **fields: Any
+    ) -> Result:
         """Issue cmd with struct filled from fields (`size` among them, an ordinary
         field); argsz defaults to sizeof + extra."""
         return self._raw(cmd, struct, fields, "argsz", argsz, extra)
@@ -210,13 +246,16 @@ class VfioDeviceSync(IoctlFd):
         n = os.pwrite(self.fd, value.to_bytes(size, "little"), (index << 40) + offset)
         assert n == size
 
-    def set_irqs(self, index: int, flags: int, start: int = 0, fds: list[int] | None = None, count: int | None = None) -> Result:
+    def set_irqs(
+        self, index: int, flags: int, start: int = 0, fds: list[int] | None = None, count: int | None = None
+    ) -> Result:
         import struct as st
 
         extra = b"".join(st.pack("<i", f) for f in fds or [])
         n = len(fds or []) if count is None else count
-        return self.raw(uapi.VFIO_DEVICE_SET_IRQS, uapi.vfio_irq_set, extra=extra, flags=flags, index=index,
-                        start=start, count=n)
+        return self.raw(
+            uapi.VFIO_DEVICE_SET_IRQS, uapi.vfio_irq_set, extra=extra, flags=flags, index=index, start=start, count=n
+        )
 
 
 class VfioDevice(Iommufd):

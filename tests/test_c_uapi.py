@@ -125,9 +125,7 @@ def check_header(include_dir: Path, workdir: Path) -> list[str]:
             continue
         off, size, type_ok = got
         if (off, size) != (m.offset, m.size):
-            problems.append(
-                f"{m.struct}.{m.field}: offset {off} size {size}, table offset {m.offset} size {m.size}"
-            )
+            problems.append(f"{m.struct}.{m.field}: offset {off} size {size}, table offset {m.offset} size {m.size}")
         if not type_ok:
             problems.append(f"{m.struct}.{m.field}: type is not {m.type}")
     for name, value in CONSTANTS.items():
@@ -163,14 +161,23 @@ def _mutated(tmp_path: Path, old: str, new: str) -> Path:
     "old, new, expect",
     [
         # a member's size (and with it the next offsets and the sizeof)
-        ("\t__u32 flags;\n\t__u32 out_ioas_id;", "\t__u64 flags;\n\t__u32 out_ioas_id;",
-         "iommu_ioas_alloc.flags: offset 8 size 8"),
+        (
+            "\t__u32 flags;\n\t__u32 out_ioas_id;",
+            "\t__u64 flags;\n\t__u32 out_ioas_id;",
+            "iommu_ioas_alloc.flags: offset 8 size 8",
+        ),
         # a member's type only (same size, other signedness)
-        ("\t__s32 fd;\n\t__aligned_u64 start;", "\t__u32 fd;\n\t__aligned_u64 start;",
-         "iommu_ioas_map_file.fd: type is not __s32"),
+        (
+            "\t__s32 fd;\n\t__aligned_u64 start;",
+            "\t__u32 fd;\n\t__aligned_u64 start;",
+            "iommu_ioas_map_file.fd: type is not __s32",
+        ),
         # two members swapped: same sizes, other offsets
-        ("\t__u32 dst_ioas_id;\n\t__u32 src_ioas_id;", "\t__u32 src_ioas_id;\n\t__u32 dst_ioas_id;",
-         "iommu_ioas_copy.dst_ioas_id: offset 12"),
+        (
+            "\t__u32 dst_ioas_id;\n\t__u32 src_ioas_id;",
+            "\t__u32 src_ioas_id;\n\t__u32 dst_ioas_id;",
+            "iommu_ioas_copy.dst_ioas_id: offset 12",
+        ),
         # a constant's value
         ("#define VFIO_EEH 5", "#define VFIO_EEH 6", "VFIO_EEH = 0x6, table 0x5"),
         ("IOMMUFD_CMD_OPTION = 0x87", "IOMMUFD_CMD_OPTION = 0x88", "IOMMU_OPTION = 0x3b88"),

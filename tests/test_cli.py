@@ -14,8 +14,17 @@ EXE = str(Path(sys.executable).parent / "iommufd-cuse")
 
 
 def serve(base: Path, *prefix: str) -> subprocess.CompletedProcess:
-    argv = [*prefix, EXE, "serve", "--dev-dir", str(base / "dev"), "--mountpoint", str(base / "mnt"),
-            "--control-socket", ""]
+    argv = [
+        *prefix,
+        EXE,
+        "serve",
+        "--dev-dir",
+        str(base / "dev"),
+        "--mountpoint",
+        str(base / "mnt"),
+        "--control-socket",
+        "",
+    ]
     return subprocess.run(argv, capture_output=True, text=True, timeout=60)
 
 
@@ -57,9 +66,23 @@ def test_bad_config() -> None:
     try:
         cfg = base / "bad.toml"
         cfg.write_text("[[device]]\nbdf = 1\n")
-        p = subprocess.run([EXE, "serve", "--config", str(cfg), "--dev-dir", str(base / "dev"),
-                            "--mountpoint", str(base / "mnt"), "--control-socket", ""],
-                           capture_output=True, text=True, timeout=60)
+        p = subprocess.run(
+            [
+                EXE,
+                "serve",
+                "--config",
+                str(cfg),
+                "--dev-dir",
+                str(base / "dev"),
+                "--mountpoint",
+                str(base / "mnt"),
+                "--control-socket",
+                "",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
         one_line_error(p)
         assert not (base / "dev").exists()
     finally:
@@ -70,11 +93,27 @@ def test_unknown_model_option() -> None:
     base = scratch_dir()
     try:
         cfg = base / "opt.toml"
-        cfg.write_text("[[iommu]]\nname='a'\n[[device]]\nbdf='0000:00:01.0'\nmodel='dma-engine'\n"
-                       "iommu='a'\ngroup=1\nwarp_speed=9\n")
-        p = subprocess.run([EXE, "serve", "--config", str(cfg), "--dev-dir", str(base / "dev"),
-                            "--mountpoint", str(base / "mnt"), "--control-socket", ""],
-                           capture_output=True, text=True, timeout=60)
+        cfg.write_text(
+            "[[iommu]]\nname='a'\n[[device]]\nbdf='0000:00:01.0'\nmodel='dma-engine'\n"
+            "iommu='a'\ngroup=1\nwarp_speed=9\n"
+        )
+        p = subprocess.run(
+            [
+                EXE,
+                "serve",
+                "--config",
+                str(cfg),
+                "--dev-dir",
+                str(base / "dev"),
+                "--mountpoint",
+                str(base / "mnt"),
+                "--control-socket",
+                "",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
         one_line_error(p, "0000:00:01.0", "warp_speed")
     finally:
         shutil.rmtree(base, ignore_errors=True)

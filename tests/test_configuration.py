@@ -37,8 +37,11 @@ def test_default_topology_has_every_ownership_case():
         ("[[iommu]]\nname='a'\nhw_info_type='sparc'\n", "hw_info_type"),
         ("[nodes.iommu]\nmode='0999'\n", "bad mode"),
         ("[nodes.iommu]\nowner='no-such-user-here'\n", "unknown user"),
-        ("[[iommu]]\nname='a'\n[[device]]\nbdf='x'\nmodel='edu'\niommu='a'\ngroup=1\n"
-         "[[device]]\nbdf='x'\nmodel='edu'\niommu='a'\ngroup=2\n", "duplicate"),
+        (
+            "[[iommu]]\nname='a'\n[[device]]\nbdf='x'\nmodel='edu'\niommu='a'\ngroup=1\n"
+            "[[device]]\nbdf='x'\nmodel='edu'\niommu='a'\ngroup=2\n",
+            "duplicate",
+        ),
         ("[[iommu]]\nname='a'\n[[device]]\nmodel='edu'\niommu='a'\ngroup=1\n", "needs bdf"),
         ("this is = = not toml", ""),
     ],

@@ -40,11 +40,29 @@ AS_NOBODY = ["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-group
 # A unit's options that would give the service its own mount namespace, in which
 # the FUSE mount and the /dev links would be invisible to the host.
 MOUNT_NAMESPACE_OPTIONS = {
-    "ProtectSystem", "ProtectHome", "PrivateTmp", "PrivateDevices", "PrivateNetwork",
-    "ProtectKernelTunables", "ProtectKernelModules", "ProtectKernelLogs",
-    "ProtectControlGroups", "ProtectProc", "ProcSubset", "ReadOnlyPaths", "ReadWritePaths",
-    "InaccessiblePaths", "TemporaryFileSystem", "BindPaths", "BindReadOnlyPaths",
-    "RootDirectory", "RootImage", "PrivateUsers", "PrivateIPC", "MountAPIVFS", "LogNamespace",
+    "ProtectSystem",
+    "ProtectHome",
+    "PrivateTmp",
+    "PrivateDevices",
+    "PrivateNetwork",
+    "ProtectKernelTunables",
+    "ProtectKernelModules",
+    "ProtectKernelLogs",
+    "ProtectControlGroups",
+    "ProtectProc",
+    "ProcSubset",
+    "ReadOnlyPaths",
+    "ReadWritePaths",
+    "InaccessiblePaths",
+    "TemporaryFileSystem",
+    "BindPaths",
+    "BindReadOnlyPaths",
+    "RootDirectory",
+    "RootImage",
+    "PrivateUsers",
+    "PrivateIPC",
+    "MountAPIVFS",
+    "LogNamespace",
 }
 
 
@@ -72,7 +90,8 @@ def test_unit_passes_systemd_analyze_verify(tmp_path: Path) -> None:
     install.install(str(root), command=exe())
     unit = root / install.UNIT_DIR / install.UNIT_NAME
     assert unit.read_text() == UNIT.read_text().replace(
-        "ExecStart=/usr/local/bin/iommufd-cuse serve", f"ExecStart={EXE} serve")
+        "ExecStart=/usr/local/bin/iommufd-cuse serve", f"ExecStart={EXE} serve"
+    )
     p = subprocess.run([analyze, "verify", str(unit)], capture_output=True, text=True, timeout=60)
     about_unit = [ln for ln in p.stderr.splitlines() if "iommufd-cuse" in ln]
     assert p.returncode == 0, p.stderr
@@ -168,21 +187,32 @@ class ServedDaemon:
 
 
 @asynccontextmanager
-async def served(wrapper: list[str] | None = None, env: dict[str, str] | None = None,
-                 config_text: str | None = None) -> AsyncIterator[ServedDaemon]:
+async def served(
+    wrapper: list[str] | None = None, env: dict[str, str] | None = None, config_text: str | None = None
+) -> AsyncIterator[ServedDaemon]:
     """`iommufd-cuse serve` as a subprocess, its NOTIFY_SOCKET ours."""
     base = scratch_dir()
     notify = await NotifyListener.bind(base / "notify")
-    argv = [*(wrapper or []), exe(), "serve", "--dev-dir", str(base / "dev"), "--mountpoint",
-            str(base / "mnt"), "--control-socket", str(base / "control.sock"), "--log-level", "debug"]
+    argv = [
+        *(wrapper or []),
+        exe(),
+        "serve",
+        "--dev-dir",
+        str(base / "dev"),
+        "--mountpoint",
+        str(base / "mnt"),
+        "--control-socket",
+        str(base / "control.sock"),
+        "--log-level",
+        "debug",
+    ]
     if config_text is not None:
         (base / "config.toml").write_text(config_text)
         argv += ["--config", str(base / "config.toml")]
     full_env = {**os.environ, "NOTIFY_SOCKET": str(base / "notify"), **(env or {})}
     log = base / "daemon.log"
     with open(log, "wb") as logf:
-        proc = await trio.lowlevel.open_process(argv, env=full_env, stdout=logf, stderr=logf,
-                                                stdin=subprocess.DEVNULL)
+        proc = await trio.lowlevel.open_process(argv, env=full_env, stdout=logf, stderr=logf, stdin=subprocess.DEVNULL)
     d = ServedDaemon(base, proc, notify, log, full_env)
     try:
         yield d
@@ -273,9 +303,20 @@ async def test_startup_failure_sends_no_ready() -> None:
         (base / "dev" / "iommu").write_text("taken\n")
         listener = await NotifyListener.bind(base / "notify")
         p = await trio.run_process(
-            [exe(), "serve", "--dev-dir", str(base / "dev"), "--mountpoint", str(base / "mnt"),
-             "--control-socket", str(base / "control.sock")],
-            env={**os.environ, "NOTIFY_SOCKET": str(base / "notify")}, capture_stderr=True, check=False)
+            [
+                exe(),
+                "serve",
+                "--dev-dir",
+                str(base / "dev"),
+                "--mountpoint",
+                str(base / "mnt"),
+                "--control-socket",
+                str(base / "control.sock"),
+            ],
+            env={**os.environ, "NOTIFY_SOCKET": str(base / "notify")},
+            capture_stderr=True,
+            check=False,
+        )
         assert p.returncode == 1
         assert p.stderr.decode().splitlines()[-1].startswith("iommufd-cuse: error:"), p.stderr
         got = []
@@ -305,8 +346,16 @@ def unit_sandbox() -> list[str]:
     s = unit_settings(UNIT.read_text())
     assert s["NoNewPrivileges"] == ["yes"] and s["MemoryDenyWriteExecute"] == ["yes"]
     caps = ",".join("+" + c.lower().removeprefix("cap_") for c in s["CapabilityBoundingSet"][0].split())
-    return [sys.executable, "-c", MDWE_EXEC, "setpriv", "--no-new-privs",
-            f"--bounding-set=-all,{caps}", "--inh-caps=-all", "--"]
+    return [
+        sys.executable,
+        "-c",
+        MDWE_EXEC,
+        "setpriv",
+        "--no-new-privs",
+        f"--bounding-set=-all,{caps}",
+        "--inh-caps=-all",
+        "--",
+    ]
 
 
 NOBODY_CAN_OPEN = '[nodes.iommu]\nmode = "0666"\n'
@@ -333,8 +382,9 @@ def check_sandboxed(pid: int) -> None:
     assert st["NoNewPrivs"] == "1"
 
 
-async def start_client(cbuild, node: Path, as_nobody: bool = False, nodump: bool = False,
-                       device: Path | None = None) -> tuple[trio.Process, dict[str, str]]:
+async def start_client(
+    cbuild, node: Path, as_nobody: bool = False, nodump: bool = False, device: Path | None = None
+) -> tuple[trio.Process, dict[str, str]]:
     """tests/clients/status_client.c, once it holds its mappings: (process, its "ready" fields)."""
     client = cbuild("status_client")
     argv = [str(client), str(node), *(["nodump"] if nodump else []), *([f"device={device}"] if device else [])]
@@ -406,11 +456,23 @@ async def test_status_shows_client_context_areas_and_pins(cbuild) -> None:
             (ioas,) = ctx["objects"]
             assert (ioas["type"], ioas["id"], ioas["domains"], ioas["pinned_pages"]) == ("ioas", 1, 0, 0)
             anon, memfd = ioas["areas"] if ioas["areas"][0]["iova"] == 0x100000 else ioas["areas"][::-1]
-            assert anon == {"iova": 0x100000, "length": 0x10000, "last": 0x10FFFF, "prot": "rw",
-                            "backing": {"kind": "user", "pid": pid, "uptr": anon["backing"]["uptr"]},
-                            "pages": 16, "pinned_pages": 0, "accesses": 0}
-            assert (memfd["iova"], memfd["length"], memfd["prot"], memfd["backing"], memfd["pages"]) == \
-                (file_iova, 0x2000, "r-", {"kind": "file", "offset": 0}, 2)
+            assert anon == {
+                "iova": 0x100000,
+                "length": 0x10000,
+                "last": 0x10FFFF,
+                "prot": "rw",
+                "backing": {"kind": "user", "pid": pid, "uptr": anon["backing"]["uptr"]},
+                "pages": 16,
+                "pinned_pages": 0,
+                "accesses": 0,
+            }
+            assert (memfd["iova"], memfd["length"], memfd["prot"], memfd["backing"], memfd["pages"]) == (
+                file_iova,
+                0x2000,
+                "r-",
+                {"kind": "file", "offset": 0},
+                2,
+            )
             # Pins are taken when a domain is attached: none without a device.
             assert (ctx["pinned_pages"], js["pinned_pages"], js["pinned_mib"]) == (0, 0, 0.0)
             assert js["accounting"] == {"user": [], "mm": []}
@@ -546,12 +608,12 @@ async def test_unit_syscall_filter_allows_what_the_daemon_calls(cbuild) -> None:
     trace = base / "strace.txt"
     try:
         # strace inside the sandbox: systemd's own set-up (setpriv's here) is not traced
-        async with served(wrapper=[*unit_sandbox(), "strace", "-f", "-c", "-o", str(trace)],
-                          env={"WATCHDOG_USEC": "200000"}) as d:
+        async with served(
+            wrapper=[*unit_sandbox(), "strace", "-f", "-c", "-o", str(trace)], env={"WATCHDOG_USEC": "200000"}
+        ) as d:
             await d.notify.wait_for("READY=1", timeout=60)
             device = d.base / "dev" / "vfio" / "devices" / "vfio0"
-            client, info = await start_client(cbuild, d.node, nodump=True,
-                                              device=device if device.exists() else None)
+            client, info = await start_client(cbuild, d.node, nodump=True, device=device if device.exists() else None)
             try:
                 st = await status_json(d)
                 if device.exists():  # attached to a device, every mapped page is pinned
@@ -697,8 +759,12 @@ def test_logging_is_journal_friendly(tmp_path: Path) -> None:
     assert lines[2].startswith("<3>ERROR iommufd_cuse.test: boom | Traceback") and "ZeroDivisionError" in lines[2]
     assert len(lines) == 3
     # at a terminal or in a file: timestamps, no priority prefix
-    p = subprocess.run([sys.executable, "-c", LOG_SCRIPT], capture_output=True, text=True,
-                       env={k: v for k, v in os.environ.items() if k not in ("JOURNAL_STREAM", "INVOCATION_ID")})
+    p = subprocess.run(
+        [sys.executable, "-c", LOG_SCRIPT],
+        capture_output=True,
+        text=True,
+        env={k: v for k, v in os.environ.items() if k not in ("JOURNAL_STREAM", "INVOCATION_ID")},
+    )
     first = p.stderr.splitlines()[0]
     assert re.match(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d+ DEBUG iommufd_cuse.test: dbg$", first), first
 
@@ -735,7 +801,11 @@ def test_install_and_uninstall_in_a_scratch_root(tmp_path: Path) -> None:
     p = cli("uninstall", "--root", str(root))
     assert p.returncode == 0, p.stderr
     assert not unit.exists() and not cfg.parent.exists() and unit.parent.is_dir()
-    assert sorted(p.relative_to(root).as_posix() for p in root.rglob("*")) == ["etc", "etc/systemd", "etc/systemd/system"]
+    assert sorted(p.relative_to(root).as_posix() for p in root.rglob("*")) == [
+        "etc",
+        "etc/systemd",
+        "etc/systemd/system",
+    ]
 
 
 def test_uninstall_refuses_an_enabled_unit_and_keeps_a_foreign_one(tmp_path: Path) -> None:
@@ -777,7 +847,6 @@ def test_status_without_a_daemon_is_a_clear_error(tmp_path: Path) -> None:
     assert p.stderr.startswith("iommufd-cuse: error:") and "is the daemon running" in p.stderr
 
 
-
 async def test_set_driver_over_the_control_socket() -> None:
     """The runtime driver change: a DMA driver on a member of a group makes the group
     not viable for userspace, and is refused while the group is user-owned."""
@@ -801,7 +870,8 @@ async def test_set_driver_over_the_control_socket() -> None:
         dev = await trio.to_thread.run_sync(VfioDeviceSync.open, d.base / "dev" / "vfio" / "devices" / "vfio2")
         try:
             r = await trio.to_thread.run_sync(
-                lambda: dev.raw(uapi.VFIO_DEVICE_BIND_IOMMUFD, uapi.vfio_device_bind_iommufd, iommufd=fd.fd))
+                lambda: dev.raw(uapi.VFIO_DEVICE_BIND_IOMMUFD, uapi.vfio_device_bind_iommufd, iommufd=fd.fd)
+            )
             assert r.errno == errno.EPERM
             # back to no driver: the group is viable again and the bind works
             assert (await set_driver("0000:00:06.1", "none")).returncode == 0

@@ -79,9 +79,7 @@ def _layout_mismatches(
     actual = {k: v for k, v in s.FIELDS.items() if k != raw}
     for field in sorted(expected.keys() | actual.keys()):
         if expected.get(field) != actual.get(field):
-            problems.append(
-                f"{field}: uapi (offset, size) {actual.get(field)}, table {expected.get(field)}"
-            )
+            problems.append(f"{field}: uapi (offset, size) {actual.get(field)}, table {expected.get(field)}")
     return problems
 
 
@@ -282,10 +280,7 @@ def test_arrays_bytes_and_nested():
     again = uapi.vfio_region_info_cap_type.unpack(raw)
     assert again.header == uapi.vfio_info_cap_header.new(id=2, version=1)
     # nested defaults are fresh per record
-    assert (
-        uapi.vfio_region_info_cap_type.new().header
-        is not uapi.vfio_region_info_cap_type.new().header
-    )
+    assert uapi.vfio_region_info_cap_type.new().header is not uapi.vfio_region_info_cap_type.new().header
 
 
 def test_flexible_array_members():

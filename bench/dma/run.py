@@ -43,14 +43,19 @@ from benchlib import BIN, ROOT, compile_c, serve_daemon  # noqa: E402
 HERE = Path(__file__).resolve().parent
 TARGETS = {"anon": 0.3, "memfd": 0.8}
 # (dma_engine -m KIND, label): the targets are for plain anonymous and memfd memory
-KINDS = (("memfd", "engine, memfd (MAP_SHARED)"), ("anon", "engine, anonymous"),
-         ("thp", "engine, anonymous on huge pages"))
+KINDS = (
+    ("memfd", "engine, memfd (MAP_SHARED)"),
+    ("anon", "engine, anonymous"),
+    ("thp", "engine, anonymous on huge pages"),
+)
 RUN_RE = re.compile(r"^run (\d+): .* in ([0-9.]+) ms", re.M)
 
 
 def build() -> tuple[Path, Path]:
-    return (compile_c(BIN / "dma_memcpy", HERE / "memcpy.c"),
-            compile_c(BIN / "dma_engine", ROOT / "examples" / "dma_engine.c"))
+    return (
+        compile_c(BIN / "dma_memcpy", HERE / "memcpy.c"),
+        compile_c(BIN / "dma_engine", ROOT / "examples" / "dma_engine.c"),
+    )
 
 
 def times(argv: list[str]) -> list[float]:
@@ -91,9 +96,11 @@ def main() -> int:
     size_mib = args.size >> 20
     m = statistics.median(base)
     gbs = lambda ms: args.size / ms / 1e6  # noqa: E731
-    print(f"copy of {size_mib} MiB: dma-engine (1 MiB descriptors, 16 per transfer, MSI-X per transfer) "
-          f"vs memcpy; {args.rounds} rounds x {args.runs} runs, medians; load average "
-          f"{os.getloadavg()[0]:.2f}")
+    print(
+        f"copy of {size_mib} MiB: dma-engine (1 MiB descriptors, 16 per transfer, MSI-X per transfer) "
+        f"vs memcpy; {args.rounds} rounds x {args.runs} runs, medians; load average "
+        f"{os.getloadavg()[0]:.2f}"
+    )
     print(f"{'copy':<34} {'median ms':>10} {'GB/s':>7} {'ratio':>7} {'target':>7}  {'cold ms':>8}")
     print(f"{'memcpy':<34} {m:>10.2f} {gbs(m):>7.2f} {1.0:>7.2f} {'':>7}  {'':>8}")
     for kind, label in KINDS:
@@ -102,8 +109,10 @@ def main() -> int:
         target = TARGETS.get(kind)
         verdict = "" if target is None else "met" if ratio >= target else "MISSED"
         shown = "" if target is None else f">={target}"
-        print(f"{label:<34} {e:>10.2f} {gbs(e):>7.2f} {ratio:>7.2f} {shown:>7}  "
-              f"{statistics.median(cold[kind]):>8.2f}  {verdict}")
+        print(
+            f"{label:<34} {e:>10.2f} {gbs(e):>7.2f} {ratio:>7.2f} {shown:>7}  "
+            f"{statistics.median(cold[kind]):>8.2f}  {verdict}"
+        )
     return 0
 
 

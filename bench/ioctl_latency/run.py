@@ -34,8 +34,7 @@ PLACEMENTS = [("same CPU", 0, 0), ("different CPUs", 0, 1)]  # (name, server CPU
 
 
 def build() -> tuple[Path, Path]:
-    client, echo = (compile_c(BIN / f"ioctl_latency_{name}", HERE / f"{name}.c")
-                    for name in ("client", "echo_server"))
+    client, echo = (compile_c(BIN / f"ioctl_latency_{name}", HERE / f"{name}.c") for name in ("client", "echo_server"))
     return client, echo
 
 
@@ -43,8 +42,9 @@ def measure(client: Path, path: Path, cpu: int, calls: int, repeat: int) -> int:
     """The best of `repeat` runs' medians (each run: median of batch means)."""
     medians = []
     for _ in range(repeat):
-        p = subprocess.run(["taskset", "-c", str(cpu), str(client), str(path), str(calls)],
-                           capture_output=True, text=True, check=True)
+        p = subprocess.run(
+            ["taskset", "-c", str(cpu), str(client), str(path), str(calls)], capture_output=True, text=True, check=True
+        )
         fields = dict(kv.split("=") for kv in p.stdout.split())
         medians.append(int(fields["median_ns"]))
     return min(medians)
@@ -65,8 +65,9 @@ def main() -> int:
     with serve_daemon("icuse-bench-", profile=args.profile, stop_timeout=15) as (daemon_proc, dev):
         echo_mnt = dev.parent / "echo"
         echo_mnt.mkdir()
-        with fuse_server([str(echo), str(echo_mnt)], echo_mnt / "iommu", echo_mnt, stop_timeout=15,
-                         stdout=subprocess.PIPE, text=True) as echo_proc:
+        with fuse_server(
+            [str(echo), str(echo_mnt)], echo_mnt / "iommu", echo_mnt, stop_timeout=15, stdout=subprocess.PIPE, text=True
+        ) as echo_proc:
             rows = []
             for name, server_cpu, client_cpu in PLACEMENTS:
                 pin(echo_proc.pid, server_cpu)
@@ -75,8 +76,7 @@ def main() -> int:
                 d = measure(client, dev / "iommu", client_cpu, args.calls, args.repeat)
                 rows.append((f"{name} (server {server_cpu}, client {client_cpu})", e, d))
 
-    print(f"IOMMU_OPTION(GET RLIMIT_MODE) round trip, median of batch means, "
-          f"{args.calls} calls, best of {args.repeat}")
+    print(f"IOMMU_OPTION(GET RLIMIT_MODE) round trip, median of batch means, {args.calls} calls, best of {args.repeat}")
     print(f"{'placement':<36} {'echo (ns)':>10} {'daemon (ns)':>12} {'daemon/echo':>12}")
     for label, e, d in rows:
         print(f"{label:<36} {e:>10} {d:>12} {d / e:>12.2f}")

@@ -66,19 +66,25 @@ def main() -> int:
     exe = build()
     with serve_daemon("icuse-bench-map-") as (_, dev):
         rows = [
-            ("device attached (vfio0)", measure(exe, dev / "iommu", str(dev / "vfio" / "devices" / "vfio0"),
-                                                args.size, args.runs)),
+            (
+                "device attached (vfio0)",
+                measure(exe, dev / "iommu", str(dev / "vfio" / "devices" / "vfio0"), args.size, args.runs),
+            ),
             ("no device", measure(exe, dev / "iommu", "none", args.size, args.runs)),
         ]
 
-    print(f"IOAS_MAP + IOAS_UNMAP of {args.size >> 20} MiB of populated anonymous 4 KiB pages vs "
-          f"mlock + munlock of the same range; medians of {args.runs}")
+    print(
+        f"IOAS_MAP + IOAS_UNMAP of {args.size >> 20} MiB of populated anonymous 4 KiB pages vs "
+        f"mlock + munlock of the same range; medians of {args.runs}"
+    )
     print(f"{'IOAS':<26} {'map ms':>8} {'unmap ms':>9} {'mlock ms':>9} {'munlock ms':>11} {'ratio':>7}")
     for label, r in rows:
         ratio = (r["map_ms"] + r["unmap_ms"]) / (r["mlock_ms"] + r["munlock_ms"])
         verdict = ("met" if ratio <= 1.0 else "MISSED") + " (target <= 1.0)" if label.startswith("device") else ""
-        print(f"{label:<26} {r['map_ms']:>8.2f} {r['unmap_ms']:>9.2f} {r['mlock_ms']:>9.2f} "
-              f"{r['munlock_ms']:>11.2f} {ratio:>7.3f}  {verdict}")
+        print(
+            f"{label:<26} {r['map_ms']:>8.2f} {r['unmap_ms']:>9.2f} {r['mlock_ms']:>9.2f} "
+            f"{r['munlock_ms']:>11.2f} {ratio:>7.3f}  {verdict}"
+        )
     return 0
 
 

@@ -119,7 +119,10 @@ class Group:
         """iommu_device_claim_dma_owner."""
         if self.owner_cnt:
             if self.owner is not owner:
-                raise Errno(errno.EPERM, f"group {self.id} is owned by {'the kernel' if self.owner is None else 'another context'}")
+                raise Errno(
+                    errno.EPERM,
+                    f"group {self.id} is owned by {'the kernel' if self.owner is None else 'another context'}",
+                )
             self.owner_cnt += 1
             return
         if self.domain is not self.default_domain:

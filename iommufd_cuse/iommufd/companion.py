@@ -37,7 +37,9 @@ def refuse_without_companion(log: logging.Logger, command: str, what: str) -> No
     """A command whose answer is a new file, called without the companion: EOPNOTSUPP, logged."""
     log.warning(
         "%s: %s is a new file descriptor in the caller, which this daemon cannot create "
-        "without the companion library (docs/selftest.md): EOPNOTSUPP", command, what
+        "without the companion library (docs/selftest.md): EOPNOTSUPP",
+        command,
+        what,
     )
     raise Errno(errno.EOPNOTSUPP)
 

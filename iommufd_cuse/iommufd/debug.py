@@ -33,4 +33,3 @@ def read(iopt: IoPagetable, iova: int, length: int) -> bytes:
 
 def write(iopt: IoPagetable, iova: int, data: bytes) -> None:
     iopt.access_rw(iova, bytearray(data), write=True)
-

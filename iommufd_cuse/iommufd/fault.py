@@ -175,9 +175,19 @@ class Fault(Eventq):
             group.cookie = cookie
             self.response[cookie] = group
             for f in group.faults:
-                out += uapi.iommu_hwpt_pgfault.pack(uapi.iommu_hwpt_pgfault.new(
-                    flags=f["flags"], dev_id=group.idev.id, pasid=f["pasid"], grpid=f["grpid"],
-                    perm=f["perm"], reserved=0, addr=f["addr"], length=0, cookie=cookie))
+                out += uapi.iommu_hwpt_pgfault.pack(
+                    uapi.iommu_hwpt_pgfault.new(
+                        flags=f["flags"],
+                        dev_id=group.idev.id,
+                        pasid=f["pasid"],
+                        grpid=f["grpid"],
+                        perm=f["perm"],
+                        reserved=0,
+                        addr=f["addr"],
+                        length=0,
+                        cookie=cookie,
+                    )
+                )
         return bytes(out)
 
     def write(self, data: bytes) -> int:
@@ -205,6 +215,7 @@ class Fault(Eventq):
     def auto_respond(self, idev: Any = None, hwpt: Any = None) -> None:
         """iommufd_auto_response_faults: drop (answer INVALID) the groups of an
         attachment that went away; all groups when none is named (destroy)."""
+
         def gone(g: FaultGroup) -> bool:
             return (idev is None or g.idev is idev) and (hwpt is None or g.hwpt is hwpt)
 
@@ -256,8 +267,7 @@ def get_fault(ctx: Context, fault_id: int) -> Fault:
 
 
 # -- reporting ---------------------------------------------------------------------------
-def report_device_fault(idev: Any, pasid: int, grpid: int, perm: int, addr: int,
-                        user_pasid_table: bool = True) -> bool:
+def report_device_fault(idev: Any, pasid: int, grpid: int, perm: int, addr: int, user_pasid_table: bool = True) -> bool:
     """iommu_report_device_fault for one LAST_PAGE page request of idev: find the
     attachment (the PASID's when pasid is not 0; with a driver that keeps the PASID
     table in user space, the RID's nested HWPT when the PASID has none; else the
@@ -271,14 +281,20 @@ def report_device_fault(idev: Any, pasid: int, grpid: int, perm: int, addr: int,
         flags |= uapi.IOMMU_PGFAULT_FLAGS_PASID_VALID
         hwpt = igroup.pasids.get(pasid)
         at = pasid
-        if hwpt is None and user_pasid_table and idev in igroup.attached \
-                and igroup.hwpt is not None and igroup.hwpt.type is ObjType.HWPT_NESTED:
+        if (
+            hwpt is None
+            and user_pasid_table
+            and idev in igroup.attached
+            and igroup.hwpt is not None
+            and igroup.hwpt.type is ObjType.HWPT_NESTED
+        ):
             hwpt, at = igroup.hwpt, 0
     elif idev in igroup.attached:
         hwpt = igroup.hwpt
     fault = getattr(hwpt, "fault", None)
     if fault is None:
         return False
-    fault.report(FaultGroup(idev, hwpt, at, [
-        {"flags": flags, "pasid": pasid, "grpid": grpid, "perm": perm, "addr": addr}]))
+    fault.report(
+        FaultGroup(idev, hwpt, at, [{"flags": flags, "pasid": pasid, "grpid": grpid, "perm": perm, "addr": addr}])
+    )
     return True

@@ -133,8 +133,15 @@ class UserData:
         return _copy_user_struct(self.caller, self.type, self.uptr, self.len, data_type, struct, last)
 
 
-def _copy_user_struct(caller, src_type: int, uptr: int, length: int, data_type: int,  # noqa: ANN001, ANN202
-                      struct, last: str):  # noqa: ANN001
+def _copy_user_struct(
+    caller,
+    src_type: int,
+    uptr: int,
+    length: int,
+    data_type: int,  # noqa: ANN001, ANN202
+    struct,
+    last: str,
+):  # noqa: ANN001
     if src_type != data_type:
         raise Errno(errno.EINVAL)
     if length < uapi.offsetofend(struct, last) or length > struct.SIZE:
@@ -163,8 +170,14 @@ class UserDataArray:
         return _copy_user_struct(self.caller, self.type, addr, self.entry_len, data_type, struct, last)
 
 
-async def hwpt_paging_alloc(ctx: Context, ioas, idev, flags: int, auto: bool = False,  # noqa: ANN001
-                            user_data: UserData | None = None) -> HwptPaging:
+async def hwpt_paging_alloc(
+    ctx: Context,
+    ioas,
+    idev,
+    flags: int,
+    auto: bool = False,  # noqa: ANN001
+    user_data: UserData | None = None,
+) -> HwptPaging:
     """iommufd_hwpt_paging_alloc: a new domain of idev's IOMMU for ioas (not yet finalized)."""
     iommu = idev.device.iommu
     if flags & ~HWPT_ALLOC_FLAGS:
@@ -185,8 +198,13 @@ async def hwpt_paging_alloc(ctx: Context, ioas, idev, flags: int, auto: bool = F
 NESTED_ALLOC_FLAGS = uapi.IOMMU_HWPT_FAULT_ID_VALID | uapi.IOMMU_HWPT_ALLOC_PASID
 
 
-def hwpt_nested_alloc(ctx: Context, parent: HwptPaging, idev, flags: int,  # noqa: ANN001
-                      user_data: UserData) -> HwptNested:
+def hwpt_nested_alloc(
+    ctx: Context,
+    parent: HwptPaging,
+    idev,
+    flags: int,  # noqa: ANN001
+    user_data: UserData,
+) -> HwptNested:
     """iommufd_hwpt_nested_alloc: a nested domain of idev's IOMMU on parent (not yet
     finalized). Flags other than FAULT_ID_VALID and PASID, no data, or a driver
     without nesting: EOPNOTSUPP; a parent that is automatic, not allocated with
@@ -201,16 +219,22 @@ def hwpt_nested_alloc(ctx: Context, parent: HwptPaging, idev, flags: int,  # noq
     hwpt = ctx.alloc(HwptNested(ctx, parent))
     hwpt.pasid_compat = bool(flags & uapi.IOMMU_HWPT_ALLOC_PASID)
     try:
-        hwpt.domain = iommu.domain_alloc_nested(idev.device, parent.domain,
-                                                flags & ~uapi.IOMMU_HWPT_FAULT_ID_VALID, user_data)
+        hwpt.domain = iommu.domain_alloc_nested(
+            idev.device, parent.domain, flags & ~uapi.IOMMU_HWPT_FAULT_ID_VALID, user_data
+        )
     except BaseException:
         ctx.abort(hwpt)
         raise
     return hwpt
 
 
-def hwpt_viommu_nested_alloc(ctx: Context, viommu, idev, flags: int,  # noqa: ANN001
-                             user_data: UserData) -> HwptNested:
+def hwpt_viommu_nested_alloc(
+    ctx: Context,
+    viommu,
+    idev,
+    flags: int,  # noqa: ANN001
+    user_data: UserData,
+) -> HwptNested:
     """iommufd_viommu_alloc_hwpt_nested: a nested domain the vIOMMU's driver builds
     (not yet finalized). A device of another IOMMU EINVAL; flags other than
     FAULT_ID_VALID and PASID, or no data, EOPNOTSUPP."""

@@ -185,7 +185,9 @@ class IoPagetable:
             raise Errno(errno.EINVAL)
 
         lo, hi = PAGE_SIZE, ULONG_MAX - PAGE_SIZE
-        windows = [(max(s, lo), min(e, hi)) for s, e in self.allowed if e >= lo and s <= hi] if self.allowed else [(lo, hi)]
+        windows = (
+            [(max(s, lo), min(e, hi)) for s, e in self.allowed if e >= lo and s <= hi] if self.allowed else [(lo, hi)]
+        )
         used = self._merge([(r.start, r.last) for r in self.reserved] + [(a.start, a.last) for a in self.areas])
         for ws, we in windows:
             fit = self._fit(ws, we, length, align, page_offset)

@@ -119,14 +119,22 @@ async def ioas_map(ucmd: Ucmd) -> int:
     ioas = get_ioas(ctx, cmd.ioas_id)
     with ctx.hold(ioas):
         fixed = cmd.flags & uapi.IOMMU_IOAS_MAP_FIXED_IOVA
-        cmd.iova = await ioas_map_user(ctx, ucmd.caller, ioas, cmd.user_va, cmd.length,
-                                       cmd.iova if fixed else None, conv_prot(cmd.flags))
+        cmd.iova = await ioas_map_user(
+            ctx, ucmd.caller, ioas, cmd.user_va, cmd.length, cmd.iova if fixed else None, conv_prot(cmd.flags)
+        )
         ucmd.respond()  # a faulting copy-out leaves the mapping, as in the kernel
     return 0
 
 
-async def ioas_map_user(ctx: Context, caller, ioas: Ioas, user_va: int, length: int,  # noqa: ANN001
-                        iova: int | None, prot: int) -> int:
+async def ioas_map_user(
+    ctx: Context,
+    caller,
+    ioas: Ioas,
+    user_va: int,
+    length: int,  # noqa: ANN001
+    iova: int | None,
+    prot: int,
+) -> int:
     """iopt_map_user_pages: the caller's memory at user_va, at iova (None: allocate)."""
     if user_va + length > ULONG_MAX:
         raise Errno(errno.EOVERFLOW)

@@ -54,7 +54,9 @@ def read_maps(proc_dir: int) -> list[Vma]:
         for line in f:
             parts = line.split(maxsplit=5)
             start, end = (int(x, 16) for x in parts[0].split("-"))
-            out.append(Vma(start, end, parts[1], int(parts[2], 16), int(parts[4]), parts[5].strip() if len(parts) > 5 else ""))
+            out.append(
+                Vma(start, end, parts[1], int(parts[2], 16), int(parts[4]), parts[5].strip() if len(parts) > 5 else "")
+            )
         return out
 
 
@@ -214,7 +216,9 @@ class Pages:
 class UserPages(Pages):
     """Pages of a process's address space (IOMMU_IOAS_MAP)."""
 
-    def __init__(self, system: System, caller: Caller, account_mode: AccountMode, uptr: int, length: int, writable: bool) -> None:
+    def __init__(
+        self, system: System, caller: Caller, account_mode: AccountMode, uptr: int, length: int, writable: bool
+    ) -> None:
         self.uptr = uptr - uptr % PAGE_SIZE
         self.address = self.uptr  # what IOVA allocation keeps the alignment of
         self.start_byte = uptr - self.uptr
@@ -313,7 +317,16 @@ def _fs_type(fd: int) -> int:
 class FilePages(Pages):
     """Pages of a file (IOMMU_IOAS_MAP_FILE): a memfd or other shmem/hugetlbfs file."""
 
-    def __init__(self, system: System, caller: Caller, account_mode: AccountMode, file_fd: int, start: int, length: int, writable: bool) -> None:
+    def __init__(
+        self,
+        system: System,
+        caller: Caller,
+        account_mode: AccountMode,
+        file_fd: int,
+        start: int,
+        length: int,
+        writable: bool,
+    ) -> None:
         self.file_fd = file_fd  # owned: a duplicate fetched from the caller
         self.start = start - start % PAGE_SIZE
         self.address = self.start

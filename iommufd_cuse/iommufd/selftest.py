@@ -136,8 +136,9 @@ class MockNestedDomain(Domain):
             if array.type != uapi.IOMMU_HWPT_INVALIDATE_DATA_SELFTEST:
                 raise Errno(errno.EINVAL)
             for i in range(array.entry_num):
-                inv = array.copy_entry(i, uapi.IOMMU_HWPT_INVALIDATE_DATA_SELFTEST,
-                                       uapi.iommu_hwpt_invalidate_selftest, "iotlb_id")
+                inv = array.copy_entry(
+                    i, uapi.IOMMU_HWPT_INVALIDATE_DATA_SELFTEST, uapi.iommu_hwpt_invalidate_selftest, "iotlb_id"
+                )
                 check_invalidation(inv.flags, inv.iotlb_id, uapi.MOCK_NESTED_DOMAIN_IOTLB_ID_MAX)
                 invalidate(self.iotlb, inv.flags, inv.iotlb_id)
                 processed += 1
@@ -780,8 +781,11 @@ def op_md_check_iotlb(t: SelftestCall) -> int:
     hwpt = t.ctx.get(t.id, ObjType.HWPT_NESTED)
     domain = hwpt.domain
     iotlb_id = t.arg.id
-    if (not isinstance(domain, MockNestedDomain) or iotlb_id > uapi.MOCK_NESTED_DOMAIN_IOTLB_ID_MAX
-            or domain.iotlb[iotlb_id] != t.arg.iotlb):
+    if (
+        not isinstance(domain, MockNestedDomain)
+        or iotlb_id > uapi.MOCK_NESTED_DOMAIN_IOTLB_ID_MAX
+        or domain.iotlb[iotlb_id] != t.arg.iotlb
+    ):
         raise Errno(errno.EINVAL)
     return 0
 
@@ -1199,8 +1203,10 @@ def op_dmabuf_get(t: SelftestCall) -> int:
     length = (t.arg.length + PAGE_SIZE - 1) & ~(PAGE_SIZE - 1)
     if length == 0 or length > DMABUF_MAX_LENGTH:
         raise Errno(errno.EINVAL)
-    log.warning("IOMMU_TEST_OP_DMABUF_GET: a dma-buf is a new file descriptor in the caller, "
-                "which this daemon cannot create: EOPNOTSUPP")
+    log.warning(
+        "IOMMU_TEST_OP_DMABUF_GET: a dma-buf is a new file descriptor in the caller, "
+        "which this daemon cannot create: EOPNOTSUPP"
+    )
     raise Errno(errno.EOPNOTSUPP)
 
 

@@ -165,8 +165,12 @@ class Veventq(Eventq):
         viommu.veventqs.append(self)
 
     def status(self) -> dict:
-        return {"viommu": self.viommu.id if self.viommu else 0, "type": self.veventq_type,
-                "depth": self.depth, "queued": self.num_events}
+        return {
+            "viommu": self.viommu.id if self.viommu else 0,
+            "type": self.veventq_type,
+            "depth": self.depth,
+            "queued": self.num_events,
+        }
 
     def report(self, data: bytes) -> None:
         """iommufd_viommu_report_event + iommufd_vevent_handler: a lost-events header

@@ -70,9 +70,7 @@ class Caller:
         if self._status is None:
             try:
                 with open(f"/proc/{self.tid}/status") as f:
-                    self._status = dict(
-                        line.rstrip("\n").split(":\t", 1) for line in f if ":\t" in line
-                    )
+                    self._status = dict(line.rstrip("\n").split(":\t", 1) for line in f if ":\t" in line)
             except FileNotFoundError:
                 raise Errno(errno.ESRCH) from None
         return self._status

@@ -34,8 +34,13 @@ async def prime_no_flush(path: str) -> None:
     system has no FLUSH before the daemon itself ever closes one of its files."""
     code = "import os,sys; os.close(os.open(sys.argv[1], os.O_RDONLY))"
     with trio.move_on_after(10):
-        await trio.run_process([sys.executable, "-I", "-S", "-c", code, path], stdin=subprocess.DEVNULL,
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, check=False)
+        await trio.run_process(
+            [sys.executable, "-I", "-S", "-c", code, path],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            check=False,
+        )
 
 
 # "Which open of ours is this file?" A client hands the daemon a descriptor of a

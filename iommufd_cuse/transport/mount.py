@@ -26,10 +26,7 @@ def _check(rc: int, what: str) -> None:
 def fuse_mount(mountpoint: str, max_read: int) -> int:
     """Open /dev/fuse and mount it at mountpoint; returns the fuse device fd."""
     fd = os.open("/dev/fuse", os.O_RDWR | os.O_CLOEXEC | os.O_NONBLOCK)
-    opts = (
-        f"fd={fd},rootmode=40755,user_id=0,group_id=0,"
-        f"allow_other,default_permissions,max_read={max_read}"
-    )
+    opts = f"fd={fd},rootmode=40755,user_id=0,group_id=0,allow_other,default_permissions,max_read={max_read}"
     try:
         _check(
             _libc.mount(

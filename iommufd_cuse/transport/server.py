@@ -254,9 +254,7 @@ class FuseServer:
         _fh, offset, size, *_ = P.READ_IN.unpack_from(body)
         node = self._node(req.nodeid)
         entries = [(node.ino, b".", P.DT_DIR), ((node.parent or node).ino, b"..", P.DT_DIR)]
-        entries += [
-            (c.ino, c.name.encode(), P.DT_DIR if c.is_dir else P.DT_REG) for c in node.children.values()
-        ]
+        entries += [(c.ino, c.name.encode(), P.DT_DIR if c.is_dir else P.DT_REG) for c in node.children.values()]
         out = bytearray()
         for i, (ino, name, kind) in enumerate(entries[offset:], start=offset + 1):
             rec = P.dirent(ino, i, name, kind)

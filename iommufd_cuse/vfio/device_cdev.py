@@ -43,7 +43,9 @@ DEVICE_IOCTLS = {
     u.VFIO_DEVICE_IOEVENTFD,
 }
 U32_MAX = (1 << 32) - 1
-FEATURE_FLAGS = u.VFIO_DEVICE_FEATURE_MASK | u.VFIO_DEVICE_FEATURE_SET | u.VFIO_DEVICE_FEATURE_GET | u.VFIO_DEVICE_FEATURE_PROBE
+FEATURE_FLAGS = (
+    u.VFIO_DEVICE_FEATURE_MASK | u.VFIO_DEVICE_FEATURE_SET | u.VFIO_DEVICE_FEATURE_GET | u.VFIO_DEVICE_FEATURE_PROBE
+)
 
 
 def _end(s: uapi.CStruct, field: str) -> int:
@@ -199,7 +201,9 @@ class VfioDeviceFile(FileHandle):
         if f.argsz < s.SIZE or f.flags & ~FEATURE_FLAGS:
             raise Errno(errno.EINVAL)
         get_set = f.flags & (u.VFIO_DEVICE_FEATURE_GET | u.VFIO_DEVICE_FEATURE_SET)
-        if not f.flags & u.VFIO_DEVICE_FEATURE_PROBE and get_set == (u.VFIO_DEVICE_FEATURE_GET | u.VFIO_DEVICE_FEATURE_SET):
+        if not f.flags & u.VFIO_DEVICE_FEATURE_PROBE and get_set == (
+            u.VFIO_DEVICE_FEATURE_GET | u.VFIO_DEVICE_FEATURE_SET
+        ):
             raise Errno(errno.EINVAL)
         feature = f.flags & u.VFIO_DEVICE_FEATURE_MASK
         # No migration, no dirty logging, no VF token, no DMA-buf export here:

@@ -47,8 +47,16 @@ async def _edu_write(dev, iova: int) -> None:  # noqa: ANN001
 async def _bitmap(fd, hwpt: int, iova: int, length: int, flags: int = 0, page: int = 4096):  # noqa: ANN001, ANN202
     nbits = length // (page or 4096)
     arr = (ctypes.c_uint64 * ((nbits + 63) // 64))()
-    r = await fd.raw(uapi.IOMMU_HWPT_GET_DIRTY_BITMAP, uapi.iommu_hwpt_get_dirty_bitmap, hwpt_id=hwpt, flags=flags,
-                     iova=iova, length=length, page_size=page, data=ctypes.addressof(arr))
+    r = await fd.raw(
+        uapi.IOMMU_HWPT_GET_DIRTY_BITMAP,
+        uapi.iommu_hwpt_get_dirty_bitmap,
+        hwpt_id=hwpt,
+        flags=flags,
+        iova=iova,
+        length=length,
+        page_size=page,
+        data=ctypes.addressof(arr),
+    )
     bits = {i for i in range(nbits) if arr[i // 64] >> (i % 64) & 1}
     return r, bits
 

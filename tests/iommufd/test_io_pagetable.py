@@ -34,8 +34,9 @@ def _disjoint(rs: list[tuple[int, int]]) -> list[tuple[int, int]]:
     return out
 
 
-def model_alloc(used: list[tuple[int, int]], allowed: list[tuple[int, int]], addr: int, length: int,
-                iova_alignment: int) -> int | None | str:
+def model_alloc(
+    used: list[tuple[int, int]], allowed: list[tuple[int, int]], addr: int, length: int, iova_alignment: int
+) -> int | None | str:
     """The kernel's rule, computed cell by cell: the first hole (of the reserved and
     mapped ranges, inside the allowed windows or [PAGE, ULONG_MAX - PAGE]) in which
     ALIGN(hole start, align) | page offset fits."""

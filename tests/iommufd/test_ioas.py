@@ -72,8 +72,9 @@ async def test_iova_ranges_protocol(daemon, fd):
     ranges, align = await fd.iova_ranges(ioas)
     assert ranges == [(0, 0xFEDFFFFF), (0xFEF00000, (1 << 48) - 1)]  # as the reference VT-d kernel
     assert align == 0x1000
-    r = await fd.raw(uapi.IOMMU_IOAS_IOVA_RANGES, uapi.iommu_ioas_iova_ranges, ioas_id=ioas, num_iovas=1,
-                     allowed_iovas=0)
+    r = await fd.raw(
+        uapi.IOMMU_IOAS_IOVA_RANGES, uapi.iommu_ioas_iova_ranges, ioas_id=ioas, num_iovas=1, allowed_iovas=0
+    )
     assert r.errno == errno.EFAULT  # a bad array pointer faults
 
 
@@ -101,8 +102,9 @@ async def test_allow_iovas(daemon, fd):
     # the empty list clears the restriction
     assert (await fd.allow_iovas(ioas, [])).rc == 0
     assert iopt(daemon, ioas).allowed == []
-    r = await fd.raw(uapi.IOMMU_IOAS_ALLOW_IOVAS, uapi.iommu_ioas_allow_iovas, ioas_id=ioas, num_iovas=1,
-                     allowed_iovas=8)
+    r = await fd.raw(
+        uapi.IOMMU_IOAS_ALLOW_IOVAS, uapi.iommu_ioas_allow_iovas, ioas_id=ioas, num_iovas=1, allowed_iovas=8
+    )
     assert r.errno == errno.EFAULT
     r = await fd.raw(uapi.IOMMU_IOAS_ALLOW_IOVAS, uapi.iommu_ioas_allow_iovas, ioas_id=ioas, reserved=1)
     assert r.errno == errno.EOPNOTSUPP
@@ -135,8 +137,9 @@ async def test_map_bad_input(daemon, fd):
     await expect_errno(errno.ENOENT, fd.map(ioas + 7, buf))
     await expect_errno(errno.EOPNOTSUPP, fd.map(ioas, buf, flags=RW | 0x8))
     await expect_errno(errno.EINVAL, fd.map(ioas, buf, flags=0))  # neither readable nor writeable
-    r = await fd.raw(uapi.IOMMU_IOAS_MAP, uapi.iommu_ioas_map, flags=RW, ioas_id=ioas, reserved=1,
-                     user_va=0x10000, length=0x1000)
+    r = await fd.raw(
+        uapi.IOMMU_IOAS_MAP, uapi.iommu_ioas_map, flags=RW, ioas_id=ioas, reserved=1, user_va=0x10000, length=0x1000
+    )
     assert r.errno == errno.EOPNOTSUPP
     await expect_errno(errno.EFAULT, fd.map(ioas, 0x1000, length=0x1000))  # no memory there: pinning faults
     # nothing was left behind by the failures
@@ -314,8 +317,9 @@ async def test_copy_bad_input(daemon, fd):
     await expect_errno(errno.EOPNOTSUPP, fd.copy(dst, src, iova, 0x1000, flags=0x10 | RW))
     d = await fd.copy(dst, src, iova, 0x1000, dst_iova=0x7000, flags=uapi.IOMMU_IOAS_MAP_READABLE)
     assert d == 0x7000
-    await expect_errno(errno.EEXIST, fd.copy(dst, src, iova, 0x1000, dst_iova=0x7000,
-                                             flags=uapi.IOMMU_IOAS_MAP_READABLE))
+    await expect_errno(
+        errno.EEXIST, fd.copy(dst, src, iova, 0x1000, dst_iova=0x7000, flags=uapi.IOMMU_IOAS_MAP_READABLE)
+    )
 
 
 # -- options -----------------------------------------------------------------------------------
@@ -486,14 +490,22 @@ async def test_map_fixed_unmap_property_against_model(daemon, fd):
         n = rnd.randrange(1, 8)
         overl = [s for s, k in model.items() if s < start + n and start < s + k]
         if rnd.random() < 0.6:
-            r = await fd.raw(uapi.IOMMU_IOAS_MAP, uapi.iommu_ioas_map, flags=RW | FIXED, ioas_id=ioas,
-                             user_va=debug_addr(buf), length=n << 12, iova=start << 12)
+            r = await fd.raw(
+                uapi.IOMMU_IOAS_MAP,
+                uapi.iommu_ioas_map,
+                flags=RW | FIXED,
+                ioas_id=ioas,
+                user_va=debug_addr(buf),
+                length=n << 12,
+                iova=start << 12,
+            )
             assert (r.errno == errno.EEXIST) == bool(overl)
             if not overl:
                 model[start] = n
         else:
-            r = await fd.raw(uapi.IOMMU_IOAS_UNMAP, uapi.iommu_ioas_unmap, ioas_id=ioas, iova=start << 12,
-                             length=n << 12)
+            r = await fd.raw(
+                uapi.IOMMU_IOAS_UNMAP, uapi.iommu_ioas_unmap, ioas_id=ioas, iova=start << 12, length=n << 12
+            )
             inside = [s for s in overl if s >= start and s + model[s] <= start + n]
             sticking = [s for s in overl if s not in inside]
             if not overl:
@@ -684,8 +696,7 @@ async def test_a_long_map_does_not_stall_other_clients(daemon, scripted, monkeyp
         b = await scripted()
         await b.ok("open", path=os.path.join(daemon.dev_dir, "iommu"))
         other = await b.call("ioas_alloc")
-        r = await b.call("option", option_id=uapi.IOMMU_OPTION_HUGE_PAGES, op=uapi.IOMMU_OPTION_OP_GET,
-                         object_id=other)
+        r = await b.call("option", option_id=uapi.IOMMU_OPTION_HUGE_PAGES, op=uapi.IOMMU_OPTION_OP_GET, object_id=other)
         assert r == {"rc": 0, "errno_": 0}
         await b.exit()
         assert not result  # the first map is still being loaded

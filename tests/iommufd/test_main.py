@@ -38,8 +38,9 @@ def node(daemon, name: str = "iommu") -> Path:
     return Path(daemon.dev_dir) / name
 
 
-async def rules(daemon, cbuild, scenario: str, *, user: int | None = None, name: str = "iommu",
-                prefix: tuple[str, ...] = ()) -> dict[str, Step]:
+async def rules(
+    daemon, cbuild, scenario: str, *, user: int | None = None, name: str = "iommu", prefix: tuple[str, ...] = ()
+) -> dict[str, Step]:
     exe = cbuild("iommufd_rules")
     p = await run([*prefix, exe, node(daemon, name), scenario], user=user)
     return parse_steps(p.stdout)
@@ -80,15 +81,18 @@ async def test_size_checks_of_every_ioctl(daemon, cbuild) -> None:
 
 async def test_size_above_the_struct(daemon, cbuild) -> None:
     steps = await rules(daemon, cbuild, "validation")
-    assert_kernel(steps, {
-        "zero_tail:IOMMU_IOAS_ALLOC": "OK",
-        "zero_tail_pages:IOMMU_OPTION": "OK",  # a 3-page struct whose tail is zero
-        "tail_nonzero_far:IOMMU_OPTION": "E2BIG",  # its last byte set
-        "tail_nonzero:destroy_existing": "E2BIG",
-        "tail_unmapped:IOMMU_DESTROY": "EFAULT",  # the tail runs into a PROT_NONE page
-        "struct_unmapped:IOMMU_IOAS_ALLOC": "EFAULT",  # size word readable, struct not
-        "destroy_after_e2big": "OK",  # E2BIG came before the handler: the object was there
-    })
+    assert_kernel(
+        steps,
+        {
+            "zero_tail:IOMMU_IOAS_ALLOC": "OK",
+            "zero_tail_pages:IOMMU_OPTION": "OK",  # a 3-page struct whose tail is zero
+            "tail_nonzero_far:IOMMU_OPTION": "E2BIG",  # its last byte set
+            "tail_nonzero:destroy_existing": "E2BIG",
+            "tail_unmapped:IOMMU_DESTROY": "EFAULT",  # the tail runs into a PROT_NONE page
+            "struct_unmapped:IOMMU_IOAS_ALLOC": "EFAULT",  # size word readable, struct not
+            "destroy_after_e2big": "OK",  # E2BIG came before the handler: the object was there
+        },
+    )
     assert steps["zero_tail:IOMMU_IOAS_ALLOC"]["id"] == "1"
     assert steps["zero_tail_pages:IOMMU_OPTION"]["val64"] == "1"
 
@@ -106,26 +110,32 @@ async def test_bad_pointers(daemon, cbuild) -> None:
     the VFIO compatibility layer, which answers ENOTTY without reading anything; a
     number inside the range is looked up only after the size word was read."""
     steps = await rules(daemon, cbuild, "validation")
-    assert_kernel(steps, {
-        "efault:IOMMU_IOAS_ALLOC(NULL)": "EFAULT",
-        "efault:IOMMU_IOAS_ALLOC(1)": "EFAULT",
-        "efault:IOMMU_DESTROY(unmapped)": "EFAULT",
-        "efault:IOMMU_OPTION(kernel)": "EFAULT",
-        "efault:_IO('Z',0x81)(NULL)": "EFAULT",
-        "enotty:_IO(';',0x7f)(NULL)": "ENOTTY",
-        "enotty:_IO(';',0xff)(NULL)": "ENOTTY",
-        "enotty:_IO('Z',1)(NULL)": "ENOTTY",
-        "enotty:_IO(';',0x7f)(unmapped)": "ENOTTY",
-    })
+    assert_kernel(
+        steps,
+        {
+            "efault:IOMMU_IOAS_ALLOC(NULL)": "EFAULT",
+            "efault:IOMMU_IOAS_ALLOC(1)": "EFAULT",
+            "efault:IOMMU_DESTROY(unmapped)": "EFAULT",
+            "efault:IOMMU_OPTION(kernel)": "EFAULT",
+            "efault:_IO('Z',0x81)(NULL)": "EFAULT",
+            "enotty:_IO(';',0x7f)(NULL)": "ENOTTY",
+            "enotty:_IO(';',0xff)(NULL)": "ENOTTY",
+            "enotty:_IO('Z',1)(NULL)": "ENOTTY",
+            "enotty:_IO(';',0x7f)(unmapped)": "ENOTTY",
+        },
+    )
 
 
 async def test_unknown_flags(daemon, cbuild) -> None:
     steps = await rules(daemon, cbuild, "validation")
-    assert_kernel(steps, {
-        "flags:IOMMU_IOAS_ALLOC(1)": "EOPNOTSUPP",  # as the reference kernel
-        "flags:IOMMU_IOAS_ALLOC(1<<31)": "EOPNOTSUPP",
-        "alloc_after_failures": "OK",
-    })
+    assert_kernel(
+        steps,
+        {
+            "flags:IOMMU_IOAS_ALLOC(1)": "EOPNOTSUPP",  # as the reference kernel
+            "flags:IOMMU_IOAS_ALLOC(1<<31)": "EOPNOTSUPP",
+            "alloc_after_failures": "OK",
+        },
+    )
     assert steps["flags:IOMMU_IOAS_ALLOC(1)"]["out_ioas_id"] == "0xdead"  # nothing written back
     # no failed call of the run left an object behind: the first id is still free
     assert steps["alloc_after_failures"]["id"] == "1"
@@ -135,15 +145,18 @@ async def test_copy_out_is_bounded(daemon, cbuild) -> None:
     """Copy-out writes min(size, struct) bytes and nothing on failure; IOVA_RANGES writes
     only as many ranges as the caller made room for."""
     steps = await rules(daemon, cbuild, "copyout")
-    assert_kernel(steps, {
-        "alloc_size16": "OK",
-        "ranges_none": "EMSGSIZE",
-        "ranges_room": "OK",
-        "ranges_reserved": "EOPNOTSUPP",
-        "ranges_unknown_id": "ENOENT",
-        "alloc_failed_no_copyout": "EOPNOTSUPP",
-        "option_failed_no_copyout": "EOPNOTSUPP",
-    })
+    assert_kernel(
+        steps,
+        {
+            "alloc_size16": "OK",
+            "ranges_none": "EMSGSIZE",
+            "ranges_room": "OK",
+            "ranges_reserved": "EOPNOTSUPP",
+            "ranges_unknown_id": "ENOENT",
+            "alloc_failed_no_copyout": "EOPNOTSUPP",
+            "option_failed_no_copyout": "EOPNOTSUPP",
+        },
+    )
     s = steps["alloc_size16"]
     assert (s["id"], s["size"], s["canary_intact"], s["tail_zero"]) == ("1", "16", "1", "1")
     # EMSGSIZE still reports the count and the alignment (as the reference kernel)
@@ -178,38 +191,41 @@ def root_capable(monkeypatch: pytest.MonkeyPatch) -> None:
 
 async def test_option_rlimit_mode_and_huge_pages(daemon, cbuild, root_capable) -> None:
     steps = await rules(daemon, cbuild, "options")
-    assert_kernel(steps, {
-        "rlimit_get": "OK",
-        "rlimit_get_object_id": "EOPNOTSUPP",  # a context-wide option takes no object
-        "rlimit_set_1": "OK",  # root, no objects yet
-        "rlimit_get_after_set_1": "OK",
-        "rlimit_set_0": "OK",
-        "rlimit_get_after_set_0": "OK",
-        "rlimit_set_2": "EINVAL",
-        "rlimit_bad_op": "EOPNOTSUPP",
-        "unknown_option_2": "EOPNOTSUPP",
-        "unknown_option_99": "EOPNOTSUPP",
-        "rlimit_reserved": "EOPNOTSUPP",
-        "alloc": "OK",
-        "rlimit_set_1_with_object": "EBUSY",
-        "rlimit_set_0_with_object": "EBUSY",
-        "rlimit_set_2_with_object": "EBUSY",  # busy is decided before the value
-        "rlimit_get_with_object": "OK",
-        "huge_get": "OK",
-        "huge_set_0": "OK",
-        "huge_get_after_0": "OK",
-        "huge_set_1": "OK",
-        "huge_get_after_1": "OK",
-        "huge_set_2": "EINVAL",
-        "huge_bad_op": "EOPNOTSUPP",
-        "huge_get_unknown_id": "ENOENT",
-        "huge_set_unknown_id": "ENOENT",
-        "huge_get_id_0": "ENOENT",
-        "huge_reserved_unknown_id": "EOPNOTSUPP",  # __reserved before the lookup
-        "destroy": "OK",
-        "rlimit_set_1_after_destroy": "OK",
-        "rlimit_get_final": "OK",
-    })
+    assert_kernel(
+        steps,
+        {
+            "rlimit_get": "OK",
+            "rlimit_get_object_id": "EOPNOTSUPP",  # a context-wide option takes no object
+            "rlimit_set_1": "OK",  # root, no objects yet
+            "rlimit_get_after_set_1": "OK",
+            "rlimit_set_0": "OK",
+            "rlimit_get_after_set_0": "OK",
+            "rlimit_set_2": "EINVAL",
+            "rlimit_bad_op": "EOPNOTSUPP",
+            "unknown_option_2": "EOPNOTSUPP",
+            "unknown_option_99": "EOPNOTSUPP",
+            "rlimit_reserved": "EOPNOTSUPP",
+            "alloc": "OK",
+            "rlimit_set_1_with_object": "EBUSY",
+            "rlimit_set_0_with_object": "EBUSY",
+            "rlimit_set_2_with_object": "EBUSY",  # busy is decided before the value
+            "rlimit_get_with_object": "OK",
+            "huge_get": "OK",
+            "huge_set_0": "OK",
+            "huge_get_after_0": "OK",
+            "huge_set_1": "OK",
+            "huge_get_after_1": "OK",
+            "huge_set_2": "EINVAL",
+            "huge_bad_op": "EOPNOTSUPP",
+            "huge_get_unknown_id": "ENOENT",
+            "huge_set_unknown_id": "ENOENT",
+            "huge_get_id_0": "ENOENT",
+            "huge_reserved_unknown_id": "EOPNOTSUPP",  # __reserved before the lookup
+            "destroy": "OK",
+            "rlimit_set_1_after_destroy": "OK",
+            "rlimit_get_final": "OK",
+        },
+    )
     values = {n: s["val64"] for n, s in steps.items() if s.outcome == "OK" and "get" in n}
     assert values == {
         "rlimit_get": "0",  # /dev/iommu accounts per user
@@ -231,17 +247,20 @@ async def test_option_rlimit_mode_without_cap_sys_resource(cbuild) -> None:
     async with config_daemon(OPEN_TO_ALL) as d:
         steps = await rules(d, cbuild, "nonroot", user=NOBODY)
     assert steps["uid"]["euid"] == str(NOBODY)
-    assert_kernel(steps, {
-        "rlimit_get": "OK",
-        "rlimit_set_1": "EPERM",
-        "rlimit_set_0": "EPERM",
-        "rlimit_set_2": "EPERM",
-        "alloc": "OK",
-        "rlimit_set_1_with_object": "EPERM",
-        "huge_get": "OK",
-        "huge_set_0": "OK",  # HUGE_PAGES needs no privilege
-        "destroy": "OK",
-    })
+    assert_kernel(
+        steps,
+        {
+            "rlimit_get": "OK",
+            "rlimit_set_1": "EPERM",
+            "rlimit_set_0": "EPERM",
+            "rlimit_set_2": "EPERM",
+            "alloc": "OK",
+            "rlimit_set_1_with_object": "EPERM",
+            "huge_get": "OK",
+            "huge_set_0": "OK",  # HUGE_PAGES needs no privilege
+            "destroy": "OK",
+        },
+    )
 
 
 async def test_option_rlimit_mode_from_a_user_namespace(cbuild) -> None:
@@ -254,11 +273,14 @@ async def test_option_rlimit_mode_from_a_user_namespace(cbuild) -> None:
     async with config_daemon(OPEN_TO_ALL) as d:
         steps = await rules(d, cbuild, "nonroot", user=NOBODY, prefix=("unshare", "-Ur"))
     assert steps["uid"]["euid"] == "0"  # root inside its namespace, nobody outside
-    problems = mismatches(steps, {
-        "rlimit_set_1": "EPERM",
-        "rlimit_set_0": "EPERM",
-        "rlimit_set_1_with_object": "EPERM",
-    })
+    problems = mismatches(
+        steps,
+        {
+            "rlimit_set_1": "EPERM",
+            "rlimit_set_0": "EPERM",
+            "rlimit_set_1_with_object": "EPERM",
+        },
+    )
     assert not problems, (
         "DAEMON BUG: Caller.capable() trusts CapEff of /proc/<tid>/status, which shows the "
         "capabilities a process holds in its own user namespace; the kernel's capable() "
@@ -279,14 +301,17 @@ async def test_rlimit_mode_default_per_node(daemon, cbuild, name: str, mode: str
 
 async def test_ids_start_at_1_lowest_free_reused(daemon, cbuild) -> None:
     steps = await rules(daemon, cbuild, "ids")
-    assert_kernel(steps, {
-        "destroy_0": "ENOENT",
-        "destroy_99": "ENOENT",
-        "destroy_max": "ENOENT",
-        "destroy_4": "OK",
-        "destroy_4_again": "ENOENT",
-        "destroy_3_again": "ENOENT",
-    })
+    assert_kernel(
+        steps,
+        {
+            "destroy_0": "ENOENT",
+            "destroy_99": "ENOENT",
+            "destroy_max": "ENOENT",
+            "destroy_4": "OK",
+            "destroy_4_again": "ENOENT",
+            "destroy_3_again": "ENOENT",
+        },
+    )
     ids = {n: s["id"] for n, s in steps.items() if n.startswith("alloc")}
     assert ids == {
         "alloc_a": "1",
@@ -297,8 +322,11 @@ async def test_ids_start_at_1_lowest_free_reused(daemon, cbuild) -> None:
         "alloc_reuses_1": "1",
         "alloc_empty_again": "1",
     }
-    assert all(s.outcome == "OK" for n, s in steps.items() if "again" not in n and n not in
-               ("destroy_0", "destroy_99", "destroy_max"))
+    assert all(
+        s.outcome == "OK"
+        for n, s in steps.items()
+        if "again" not in n and n not in ("destroy_0", "destroy_99", "destroy_max")
+    )
 
 
 # -- contexts: one per open file ---------------------------------------------------------------
@@ -308,19 +336,22 @@ async def test_two_processes_have_independent_contexts(daemon, cbuild) -> None:
     """Each open is its own context: ids start at 1 in both, neither sees the other's
     objects. A child that inherited the fd works in its parent's context."""
     steps = await rules(daemon, cbuild, "procs")
-    assert_kernel(steps, {
-        "A_destroy_other_2": "ENOENT",
-        "A_get_other_2": "ENOENT",
-        "P_destroy_1": "OK",
-        "A_own_1_survives": "OK",
-        "P_own_2_survives": "OK",
-        "B_destroy_shared_1": "OK",
-        "B_alloc_shared": "OK",
-        "P_sees_B_object_1": "OK",
-        "P_destroy_1_end": "OK",
-        "P_destroy_2_end": "OK",
-        "P_destroy_2_again": "ENOENT",
-    })
+    assert_kernel(
+        steps,
+        {
+            "A_destroy_other_2": "ENOENT",
+            "A_get_other_2": "ENOENT",
+            "P_destroy_1": "OK",
+            "A_own_1_survives": "OK",
+            "P_own_2_survives": "OK",
+            "B_destroy_shared_1": "OK",
+            "B_alloc_shared": "OK",
+            "P_sees_B_object_1": "OK",
+            "P_destroy_1_end": "OK",
+            "P_destroy_2_end": "OK",
+            "P_destroy_2_again": "ENOENT",
+        },
+    )
     ids = {n: s["id"] for n, s in steps.items() if "alloc" in n}
     assert ids == {
         "P_alloc_1": "1",

@@ -97,36 +97,40 @@ def test_test_mode_warns(caplog):
 
 
 def test_cli_flag():
-    out = subprocess.run([sys.executable, "-m", "iommufd_cuse.cli", "serve", "--help"], capture_output=True,
-                         text=True, check=True).stdout
+    out = subprocess.run(
+        [sys.executable, "-m", "iommufd_cuse.cli", "serve", "--help"], capture_output=True, text=True, check=True
+    ).stdout
     assert "--selftest" in out
 
 
 # -- the generic ops --------------------------------------------------------------------------
 async def test_generic(selftest_daemon, cbuild):
     steps = await client(selftest_daemon, cbuild, "selftest_ops", "generic")
-    assert_kernel(steps, {
-        "size_short": "EINVAL",
-        "size_exact": OK,
-        "size_long_zero": OK,
-        "size_long_nonzero": "E2BIG",
-        "bad_pointer": "EFAULT",
-        "op_zero": "EOPNOTSUPP",
-        "op_unknown": "EOPNOTSUPP",
-        "reserved_zero_length": "EINVAL",
-        "reserved_overflow": "EOVERFLOW",
-        "reserved_bad_ioas": "ENOENT",
-        "reserved_ok": OK,
-        "map_auto": OK,
-        "map_fixed_in_reserved": "EINVAL",
-        "reserved_over_area": "EADDRINUSE",
-        "allow_iovas": OK,
-        "reserved_over_allowed": "EADDRINUSE",
-        "reserved_id_zero": "ENOENT",
-        "limit_11": "EINVAL",
-        "limit_12": OK,
-        "limit_default": OK,
-    })
+    assert_kernel(
+        steps,
+        {
+            "size_short": "EINVAL",
+            "size_exact": OK,
+            "size_long_zero": OK,
+            "size_long_nonzero": "E2BIG",
+            "bad_pointer": "EFAULT",
+            "op_zero": "EOPNOTSUPP",
+            "op_unknown": "EOPNOTSUPP",
+            "reserved_zero_length": "EINVAL",
+            "reserved_overflow": "EOVERFLOW",
+            "reserved_bad_ioas": "ENOENT",
+            "reserved_ok": OK,
+            "map_auto": OK,
+            "map_fixed_in_reserved": "EINVAL",
+            "reserved_over_area": "EADDRINUSE",
+            "allow_iovas": OK,
+            "reserved_over_allowed": "EADDRINUSE",
+            "reserved_id_zero": "ENOENT",
+            "limit_11": "EINVAL",
+            "limit_12": OK,
+            "limit_default": OK,
+        },
+    )
     assert fields(steps, "map_auto") == {"above": "1"}
     assert selftest_daemon.system.selftest_memory_limit == 65536
 
@@ -206,12 +210,19 @@ async def test_mock_domain(selftest_daemon, cbuild):
     assert fields(steps, "mock2") == {"stdev": "5", "idev": "6", "hwpt": "4", "same_hwpt": "1"}
     assert fields(steps, "mock_on_hwpt") == {"hwpt": "4"}
     assert fields(steps, "hw_info") == {
-        "type": hex(uapi.IOMMU_HW_INFO_TYPE_SELFTEST), "reg": hex(uapi.IOMMU_HW_INFO_SELFTEST_REGVAL),
-        "flags": "0", "len": "8", "caps": hex(uapi.IOMMU_HW_CAP_DIRTY_TRACKING), "pasid": "0",
+        "type": hex(uapi.IOMMU_HW_INFO_TYPE_SELFTEST),
+        "reg": hex(uapi.IOMMU_HW_INFO_SELFTEST_REGVAL),
+        "flags": "0",
+        "len": "8",
+        "caps": hex(uapi.IOMMU_HW_CAP_DIRTY_TRACKING),
+        "pasid": "0",
     }
     assert fields(steps, "hw_info_no_dirty") == {"caps": "0"}
     assert fields(steps, "iova_ranges") == {
-        "n": "1", "start": hex(uapi.MOCK_APERTURE_START), "last": hex(uapi.MOCK_APERTURE_LAST), "align": "2048",
+        "n": "1",
+        "start": hex(uapi.MOCK_APERTURE_START),
+        "last": hex(uapi.MOCK_APERTURE_LAST),
+        "align": "2048",
     }
     assert fields(steps, "replace_same") == {"pt": "4"}
     assert fields(steps, "replace_ioas2") == {"pt": "8"}
@@ -229,24 +240,27 @@ async def test_access_and_dmabuf(selftest_daemon, cbuild, caplog):
     an access fd find none, as mainline for an fd that is not an access."""
     with caplog.at_level(logging.WARNING, logger="iommufd_cuse.iommufd.selftest"):
         steps = await client(selftest_daemon, cbuild, "selftest_ops", "files")
-    assert_kernel(steps, {
-        "access_bad_flags": "EOPNOTSUPP",
-        "access_bad_ioas": "ENOENT",
-        "access_create": "EOPNOTSUPP",  # mainline: OK, out_access_fd = a new fd
-        "access_pages_too_long": "ENOMEM",
-        "access_pages_bad_flags": "EOPNOTSUPP",
-        "access_pages_not_access": "EBADFD",
-        "access_rw_too_long": "ENOMEM",
-        "access_rw_bad_flags": "EOPNOTSUPP",
-        "access_rw_not_access": "EBADFD",
-        "access_destroy_not_access": "EBADFD",
-        "access_replace_no_fd": "EBADFD",
-        "dmabuf_zero": "EINVAL",
-        "dmabuf_too_long": "EINVAL",
-        "dmabuf_get": "EOPNOTSUPP",  # mainline: a new dma-buf fd
-        "dmabuf_revoke_no_fd": "EBADF",
-        "dmabuf_revoke_not_dmabuf": "EINVAL",
-    })
+    assert_kernel(
+        steps,
+        {
+            "access_bad_flags": "EOPNOTSUPP",
+            "access_bad_ioas": "ENOENT",
+            "access_create": "EOPNOTSUPP",  # mainline: OK, out_access_fd = a new fd
+            "access_pages_too_long": "ENOMEM",
+            "access_pages_bad_flags": "EOPNOTSUPP",
+            "access_pages_not_access": "EBADFD",
+            "access_rw_too_long": "ENOMEM",
+            "access_rw_bad_flags": "EOPNOTSUPP",
+            "access_rw_not_access": "EBADFD",
+            "access_destroy_not_access": "EBADFD",
+            "access_replace_no_fd": "EBADFD",
+            "dmabuf_zero": "EINVAL",
+            "dmabuf_too_long": "EINVAL",
+            "dmabuf_get": "EOPNOTSUPP",  # mainline: a new dma-buf fd
+            "dmabuf_revoke_no_fd": "EBADF",
+            "dmabuf_revoke_not_dmabuf": "EINVAL",
+        },
+    )
     assert fields(steps, "access_create") == {"fd": "12345"}  # nothing written back
     msgs = [r.getMessage() for r in caplog.records]
     assert any("CREATE_ACCESS" in m and "EOPNOTSUPP" in m for m in msgs)
@@ -312,11 +326,16 @@ async def test_check_map_and_refs(selftest_daemon, cbuild, memory, domain):
     # a 2 KiB step: one mock page of the default domain; half a page of the huge one
     expected["check_map_2k"] = OK if domain == "default" else "EINVAL"
     if memory == "memfd":
-        expected |= {"check_map_alias": OK, "refs_alias": OK, "map_file": OK, "check_map_file": OK,
-                     "refs_file": OK, "unmap_file": OK}
+        expected |= {
+            "check_map_alias": OK,
+            "refs_alias": OK,
+            "map_file": OK,
+            "check_map_file": OK,
+            "refs_file": OK,
+            "unmap_file": OK,
+        }
     if domain == "huge":
-        expected |= {"hwpt_huge": OK, "hwpt_huge2": OK, "replace_huge": OK, "replace_huge2": OK,
-                     "destroy_manual": OK}
+        expected |= {"hwpt_huge": OK, "hwpt_huge2": OK, "replace_huge": OK, "replace_huge2": OK, "destroy_manual": OK}
     assert_kernel(steps, expected)
     assert set(steps) == set(expected), set(steps) ^ set(expected)
     if domain == "default":
@@ -355,8 +374,7 @@ async def test_check_map_sees_the_domain(selftest_daemon, cbuild):
     buf[:] = b"\1" * len(buf)
     va = ctypes.addressof(ctypes.c_char.from_buffer(buf))
     await fd.map(ioas, va, 1 << 16, iova=uapi.MOCK_APERTURE_START)
-    check = _tc(uapi.IOMMU_TEST_OP_MD_CHECK_MAP, md.out_hwpt_id, iova=uapi.MOCK_APERTURE_START, length=1 << 16,
-                uptr=va)
+    check = _tc(uapi.IOMMU_TEST_OP_MD_CHECK_MAP, md.out_hwpt_id, iova=uapi.MOCK_APERTURE_START, length=1 << 16, uptr=va)
     assert (await fd.raw(uapi.IOMMU_TEST_CMD, uapi.iommu_test_cmd, **check)).rc == 0
     ctx = next(iter(selftest_daemon.system.contexts))
     domain = ctx.get(md.out_hwpt_id).domain
@@ -387,32 +405,35 @@ def _tc(op: int, obj_id: int = 0, **kw: int) -> dict:
 @pytest.mark.parametrize("domain", ["default", "huge"])
 async def test_dirty(selftest_daemon, cbuild, domain):
     steps = await client(selftest_daemon, cbuild, "selftest_dirty", domain)
-    assert_kernel(steps, {
-        "mock": OK,
-        "map": OK,
-        "dirty_auto": "EINVAL",
-        "hwpt_dirty": OK,
-        "replace": OK,
-        "dirty_tracking_off": "EINVAL",
-        "tracking_on": OK,
-        "dirty_page_size_0": "EINVAL",
-        "dirty_length_0": "EINVAL",
-        "dirty_iova_unaligned": "EINVAL",
-        "dirty_length_unaligned": "EINVAL",
-        "dirty_no_bitmap": "EINVAL",
-        "dirty_bad_bitmap": "EFAULT",
-        "dirty_on_ioas": "ENOENT",
-        "dirty_missing": "ENOENT",
-        "dirty": OK,
-        "bitmap": OK,
-        "bitmap_cleared": OK,
-        "dirty_again": OK,
-        "bitmap_no_clear": OK,
-        "bitmap_kept": OK,
-        "dirty_unmapped": OK,
-        "tracking_off": OK,
-        "dirty_after_off": "EINVAL",
-    })
+    assert_kernel(
+        steps,
+        {
+            "mock": OK,
+            "map": OK,
+            "dirty_auto": "EINVAL",
+            "hwpt_dirty": OK,
+            "replace": OK,
+            "dirty_tracking_off": "EINVAL",
+            "tracking_on": OK,
+            "dirty_page_size_0": "EINVAL",
+            "dirty_length_0": "EINVAL",
+            "dirty_iova_unaligned": "EINVAL",
+            "dirty_length_unaligned": "EINVAL",
+            "dirty_no_bitmap": "EINVAL",
+            "dirty_bad_bitmap": "EFAULT",
+            "dirty_on_ioas": "ENOENT",
+            "dirty_missing": "ENOENT",
+            "dirty": OK,
+            "bitmap": OK,
+            "bitmap_cleared": OK,
+            "dirty_again": OK,
+            "bitmap_no_clear": OK,
+            "bitmap_kept": OK,
+            "dirty_unmapped": OK,
+            "tracking_off": OK,
+            "dirty_after_off": "EINVAL",
+        },
+    )
     nbits = (4 << 20) // (uapi.MOCK_HUGE_PAGE_SIZE if domain == "huge" else uapi.MOCK_PAGE_SIZE)
     want = len(range(0, nbits, 3))
     assert fields(steps, "dirty") == {"nr": str(want), "expected": str(want)}
@@ -426,61 +447,64 @@ async def test_dirty(selftest_daemon, cbuild, domain):
 # -- PASID -----------------------------------------------------------------------------------------
 async def test_pasid(selftest_daemon, cbuild):
     steps = await client(selftest_daemon, cbuild, "selftest_pasid")
-    assert_kernel(steps, {
-        "mock": OK,
-        "hw_info": OK,
-        "hwpt_pasid": OK,
-        "hwpt_pasid2": OK,
-        "hwpt_plain": OK,
-        "attach_rid_not_compat": "EINVAL",
-        "replace_rid": OK,
-        "attach_plain": "EINVAL",
-        "attach": OK,
-        "check": OK,
-        "check_detached": "EINVAL",
-        "check_other": "EINVAL",
-        "check_free_pasid": OK,
-        "check_missing_hwpt": "ENOENT",
-        "check_ioas": "EINVAL",
-        "check_rid": OK,
-        "check_bad_stdev": "ENOENT",
-        "attach_again": "EBUSY",
-        "attach_again_ioas": "EBUSY",
-        "attach_ioas": "EINVAL",
-        "attach_device": "EINVAL",
-        "attach_missing": "ENOENT",
-        "attach_bad_stdev": "ENOENT",
-        "attach_idev_not_stdev": "ENOENT",
-        "attach_pasid_too_big": "EINVAL",
-        "replace_rid_plain": "EINVAL",
-        "destroy_in_use": "EBUSY",
-        "replace": OK,
-        "check_replaced": OK,
-        "replace_plain": "EINVAL",
-        "replace_not_attached": "EINVAL",
-        "replace_same": OK,
-        "replace_ioas": "EINVAL",
-        "attach_1024": OK,
-        "replace_1024_fails": "ENOMEM",
-        "check_1024_unchanged": OK,
-        "replace_1024": OK,
-        "check_1024": OK,
-        "detach_1024": OK,
-        "check_1024_detached": OK,
-        "detach": OK,
-        "detach_again": OK,
-        "check_after_detach": OK,
-        "replace_rid_plain_now": OK,
-        "mock_no_pasid": OK,
-        "attach_no_pasid_dev": "EINVAL",
-        "destroy_no_pasid": OK,
-        "replace_rid_back": OK,
-        "attach_last": OK,
-        "destroy_hp2_in_use": "EBUSY",
-        "destroy_stdev": OK,
-        "destroy_hp2": OK,
-        "destroy_hp": OK,
-    })
+    assert_kernel(
+        steps,
+        {
+            "mock": OK,
+            "hw_info": OK,
+            "hwpt_pasid": OK,
+            "hwpt_pasid2": OK,
+            "hwpt_plain": OK,
+            "attach_rid_not_compat": "EINVAL",
+            "replace_rid": OK,
+            "attach_plain": "EINVAL",
+            "attach": OK,
+            "check": OK,
+            "check_detached": "EINVAL",
+            "check_other": "EINVAL",
+            "check_free_pasid": OK,
+            "check_missing_hwpt": "ENOENT",
+            "check_ioas": "EINVAL",
+            "check_rid": OK,
+            "check_bad_stdev": "ENOENT",
+            "attach_again": "EBUSY",
+            "attach_again_ioas": "EBUSY",
+            "attach_ioas": "EINVAL",
+            "attach_device": "EINVAL",
+            "attach_missing": "ENOENT",
+            "attach_bad_stdev": "ENOENT",
+            "attach_idev_not_stdev": "ENOENT",
+            "attach_pasid_too_big": "EINVAL",
+            "replace_rid_plain": "EINVAL",
+            "destroy_in_use": "EBUSY",
+            "replace": OK,
+            "check_replaced": OK,
+            "replace_plain": "EINVAL",
+            "replace_not_attached": "EINVAL",
+            "replace_same": OK,
+            "replace_ioas": "EINVAL",
+            "attach_1024": OK,
+            "replace_1024_fails": "ENOMEM",
+            "check_1024_unchanged": OK,
+            "replace_1024": OK,
+            "check_1024": OK,
+            "detach_1024": OK,
+            "check_1024_detached": OK,
+            "detach": OK,
+            "detach_again": OK,
+            "check_after_detach": OK,
+            "replace_rid_plain_now": OK,
+            "mock_no_pasid": OK,
+            "attach_no_pasid_dev": "EINVAL",
+            "destroy_no_pasid": OK,
+            "replace_rid_back": OK,
+            "attach_last": OK,
+            "destroy_hp2_in_use": "EBUSY",
+            "destroy_stdev": OK,
+            "destroy_hp2": OK,
+            "destroy_hp": OK,
+        },
+    )
     assert fields(steps, "hw_info") == {"pasid_log2": str(uapi.MOCK_PASID_WIDTH)}
     assert fields(steps, "attach") == {"same": "1"}
 
@@ -590,9 +614,23 @@ async def test_nested(selftest_daemon, cbuild):
     assert_kernel(steps, expected)
     assert set(steps) == set(expected), set(steps) ^ set(expected)
     assert fields(steps, "iotlb_default") == {"all0": "4", "all1": "4", "all2": "4"}
-    for name in ("inv_parent", "inv_ioas", "inv_missing", "inv_empty", "inv_empty_null", "inv_bad_type",
-                 "inv_bad_type_empty", "inv_len_plus_1", "inv_len_1", "inv_null", "inv_len_0", "inv_bad_flags",
-                 "inv_bad_id", "inv_reserved", "inv_len_4"):
+    for name in (
+        "inv_parent",
+        "inv_ioas",
+        "inv_missing",
+        "inv_empty",
+        "inv_empty_null",
+        "inv_bad_type",
+        "inv_bad_type_empty",
+        "inv_len_plus_1",
+        "inv_len_1",
+        "inv_null",
+        "inv_len_0",
+        "inv_bad_flags",
+        "inv_bad_id",
+        "inv_reserved",
+        "inv_len_4",
+    ):
         assert fields(steps, name) == {"num": "0"}, name
     # entry_num out: the entries handled before the one that failed
     assert fields(steps, "inv_unreadable_entry") == {"num": "1", "iotlb": "0VVV"}
@@ -631,16 +669,27 @@ async def test_nested_objects(selftest_daemon):
         r = await fd.raw(uapi.IOMMU_TEST_CMD, uapi.iommu_test_cmd, **_tc(uapi.IOMMU_TEST_OP_MOCK_DOMAIN, ioas))
         assert r.rc == 0, r
         md = uapi.IOMMU_TEST_OP_STRUCTS[uapi.IOMMU_TEST_OP_MOCK_DOMAIN].unpack(r.out.data)
-        r = await fd.raw(uapi.IOMMU_HWPT_ALLOC, uapi.iommu_hwpt_alloc, dev_id=md.out_idev_id, pt_id=ioas,
-                         flags=uapi.IOMMU_HWPT_ALLOC_NEST_PARENT)
+        r = await fd.raw(
+            uapi.IOMMU_HWPT_ALLOC,
+            uapi.iommu_hwpt_alloc,
+            dev_id=md.out_idev_id,
+            pt_id=ioas,
+            flags=uapi.IOMMU_HWPT_ALLOC_NEST_PARENT,
+        )
         assert r.rc == 0, r
         parent_id = r.out.out_hwpt_id
         import ctypes
 
         cfg = ctypes.create_string_buffer(uapi.iommu_hwpt_selftest.pack(uapi.iommu_hwpt_selftest.new(iotlb=7)))
-        r = await fd.raw(uapi.IOMMU_HWPT_ALLOC, uapi.iommu_hwpt_alloc, dev_id=md.out_idev_id, pt_id=parent_id,
-                         data_type=uapi.IOMMU_HWPT_DATA_SELFTEST, data_len=uapi.iommu_hwpt_selftest.SIZE,
-                         data_uptr=ctypes.addressof(cfg))
+        r = await fd.raw(
+            uapi.IOMMU_HWPT_ALLOC,
+            uapi.iommu_hwpt_alloc,
+            dev_id=md.out_idev_id,
+            pt_id=parent_id,
+            data_type=uapi.IOMMU_HWPT_DATA_SELFTEST,
+            data_len=uapi.iommu_hwpt_selftest.SIZE,
+            data_uptr=ctypes.addressof(cfg),
+        )
         assert r.rc == 0, r
         nested_id = r.out.out_hwpt_id
         ctx = next(iter(selftest_daemon.system.contexts))
@@ -650,8 +699,11 @@ async def test_nested_objects(selftest_daemon):
         assert isinstance(nested.domain, MockNestedDomain) and nested.domain.parent is parent.domain
         assert nested.domain.iotlb == [7] * uapi.MOCK_NESTED_DOMAIN_IOTLB_NUM
         assert nested.ioas is parent.ioas
-        r = await fd.raw(uapi.IOMMU_TEST_CMD, uapi.iommu_test_cmd,
-                         **_tc(uapi.IOMMU_TEST_OP_MOCK_DOMAIN_REPLACE, md.out_stdev_id, pt_id=nested_id))
+        r = await fd.raw(
+            uapi.IOMMU_TEST_CMD,
+            uapi.iommu_test_cmd,
+            **_tc(uapi.IOMMU_TEST_OP_MOCK_DOMAIN_REPLACE, md.out_stdev_id, pt_id=nested_id),
+        )
         assert r.rc == 0, r
         group = ctx.get(md.out_idev_id).device.group
         assert group.domain is nested.domain
@@ -685,19 +737,37 @@ async def test_nested_not_on_vtd(cbuild):
         try:
             devid = await dev.bind(fd.fd)
             ioas = await fd.ioas_alloc()
-            r = await fd.raw(uapi.IOMMU_HWPT_ALLOC, uapi.iommu_hwpt_alloc, dev_id=devid, pt_id=ioas,
-                             flags=uapi.IOMMU_HWPT_ALLOC_NEST_PARENT)
+            r = await fd.raw(
+                uapi.IOMMU_HWPT_ALLOC,
+                uapi.iommu_hwpt_alloc,
+                dev_id=devid,
+                pt_id=ioas,
+                flags=uapi.IOMMU_HWPT_ALLOC_NEST_PARENT,
+            )
             assert r.rc == 0, r
             parent = r.out.out_hwpt_id
             cfg = ctypes.create_string_buffer(uapi.iommu_hwpt_selftest.SIZE)
             for data_type in (uapi.IOMMU_HWPT_DATA_SELFTEST, uapi.IOMMU_HWPT_DATA_VTD_S1):
-                r = await fd.raw(uapi.IOMMU_HWPT_ALLOC, uapi.iommu_hwpt_alloc, dev_id=devid, pt_id=parent,
-                                 data_type=data_type, data_len=len(cfg), data_uptr=ctypes.addressof(cfg))
+                r = await fd.raw(
+                    uapi.IOMMU_HWPT_ALLOC,
+                    uapi.iommu_hwpt_alloc,
+                    dev_id=devid,
+                    pt_id=parent,
+                    data_type=data_type,
+                    data_len=len(cfg),
+                    data_uptr=ctypes.addressof(cfg),
+                )
                 assert r.errno == errno.EOPNOTSUPP, r
             reqs = ctypes.create_string_buffer(16)
-            r = await fd.raw(uapi.IOMMU_HWPT_INVALIDATE, uapi.iommu_hwpt_invalidate, hwpt_id=parent,
-                             data_uptr=ctypes.addressof(reqs), data_type=uapi.IOMMU_HWPT_INVALIDATE_DATA_VTD_S1,
-                             entry_len=16, entry_num=1)
+            r = await fd.raw(
+                uapi.IOMMU_HWPT_INVALIDATE,
+                uapi.iommu_hwpt_invalidate,
+                hwpt_id=parent,
+                data_uptr=ctypes.addressof(reqs),
+                data_type=uapi.IOMMU_HWPT_INVALIDATE_DATA_VTD_S1,
+                entry_len=16,
+                entry_num=1,
+            )
             assert r.errno == errno.EINVAL and r.out.entry_num == 0, r
         finally:
             await dev.close()
@@ -727,61 +797,64 @@ async def test_access_with_companion(selftest_daemon, cbuild, preload):
     env = dict(os.environ, LD_PRELOAD=str(preload))
     p = await run([exe, Path(selftest_daemon.dev_dir) / "iommu"], env=env)
     steps = parse_steps(p.stdout)
-    assert_kernel(steps, {
-        "map": OK,
-        "map_ro": OK,
-        "create": OK,
-        "ioas2": OK,
-        "destroy_access_obj": "EBUSY",
-        "destroy_ioas_with_access": "EBUSY",
-        "access_pages_iommufd": "EBADFD",
-        "refs_none": OK,
-        "pages": OK,
-        "refs_pinned": OK,
-        "refs_rest": OK,
-        "pages_wrong_uptr": "EBADE",
-        "pages_no_uptr": OK,
-        "pages_unaligned": "EINVAL",
-        "pages_beyond": "ENOENT",
-        "pages_zero": "EINVAL",
-        "pages_ro_write": "EPERM",
-        "pages_ro_read": OK,
-        "destroy_pages_missing": "ENOENT",
-        "destroy_pages": OK,
-        "destroy_pages_again": "ENOENT",
-        "destroy_pages_no_uptr": OK,
-        "refs_unpinned": OK,
-        "rw_read": OK,
-        "rw_write": OK,
-        "rw_slow": OK,
-        "rw_zero": "EINVAL",
-        "rw_beyond": "ENOENT",
-        "rw_ro_write": "EPERM",
-        "rw_ro_read": OK,
-        "rw_bad_uptr": "EFAULT",
-        "pages_again": OK,
-        "unmap_pinned": OK,
-        "refs_after_unmap": OK,
-        "destroy_pages_unmapped": "ENOENT",
-        "replace_missing": "ENOENT",
-        "replace": OK,
-        "rw_empty_ioas": "ENOENT",
-        "map2": OK,
-        "rw_ioas2": OK,
-        "destroy_old_ioas": OK,
-        "replace_same": OK,
-        "create_nopin": OK,
-        "pages_nopin": "EOPNOTSUPP",
-        "rw_nopin": OK,
-        "map_2k": OK,
-        "create_unaligned_ioas": "EADDRINUSE",
-        "create_nopin_unaligned": OK,
-        "map_2k_with_pin_access": "EINVAL",
-        "pages_before_close": OK,
-        "destroy_ioas2_after_close": OK,
-        "refs_closed": OK,
-        "pages_closed_fd": "EBADFD",
-    })
+    assert_kernel(
+        steps,
+        {
+            "map": OK,
+            "map_ro": OK,
+            "create": OK,
+            "ioas2": OK,
+            "destroy_access_obj": "EBUSY",
+            "destroy_ioas_with_access": "EBUSY",
+            "access_pages_iommufd": "EBADFD",
+            "refs_none": OK,
+            "pages": OK,
+            "refs_pinned": OK,
+            "refs_rest": OK,
+            "pages_wrong_uptr": "EBADE",
+            "pages_no_uptr": OK,
+            "pages_unaligned": "EINVAL",
+            "pages_beyond": "ENOENT",
+            "pages_zero": "EINVAL",
+            "pages_ro_write": "EPERM",
+            "pages_ro_read": OK,
+            "destroy_pages_missing": "ENOENT",
+            "destroy_pages": OK,
+            "destroy_pages_again": "ENOENT",
+            "destroy_pages_no_uptr": OK,
+            "refs_unpinned": OK,
+            "rw_read": OK,
+            "rw_write": OK,
+            "rw_slow": OK,
+            "rw_zero": "EINVAL",
+            "rw_beyond": "ENOENT",
+            "rw_ro_write": "EPERM",
+            "rw_ro_read": OK,
+            "rw_bad_uptr": "EFAULT",
+            "pages_again": OK,
+            "unmap_pinned": OK,
+            "refs_after_unmap": OK,
+            "destroy_pages_unmapped": "ENOENT",
+            "replace_missing": "ENOENT",
+            "replace": OK,
+            "rw_empty_ioas": "ENOENT",
+            "map2": OK,
+            "rw_ioas2": OK,
+            "destroy_old_ioas": OK,
+            "replace_same": OK,
+            "create_nopin": OK,
+            "pages_nopin": "EOPNOTSUPP",
+            "rw_nopin": OK,
+            "map_2k": OK,
+            "create_unaligned_ioas": "EADDRINUSE",
+            "create_nopin_unaligned": OK,
+            "map_2k_with_pin_access": "EINVAL",
+            "pages_before_close": OK,
+            "destroy_ioas2_after_close": OK,
+            "refs_closed": OK,
+            "pages_closed_fd": "EBADFD",
+        },
+    )
     # a real, close-on-exec descriptor; the access object took id 2 (so the next IOAS is 3)
     assert fields(steps, "create") == {"fd_ok": "1", "cloexec": "1"}
     assert fields(steps, "ioas2") == {"id": "3"}
@@ -818,8 +891,12 @@ async def test_access_protocol_and_context_close(selftest_daemon):
     await fd.map(ioas, va, 1 << 16, iova=0x100000)
 
     async def create() -> int:
-        r = await fd.raw(uapi.IOMMU_TEST_CMD, uapi.iommu_test_cmd, reserved=st.COMPANION_MAGIC,
-                         **_tc(uapi.IOMMU_TEST_OP_CREATE_ACCESS, ioas, flags=1))
+        r = await fd.raw(
+            uapi.IOMMU_TEST_CMD,
+            uapi.iommu_test_cmd,
+            reserved=st.COMPANION_MAGIC,
+            **_tc(uapi.IOMMU_TEST_OP_CREATE_ACCESS, ioas, flags=1),
+        )
         assert r.rc == 0, r
         token = uapi.IOMMU_TEST_OP_STRUCTS[uapi.IOMMU_TEST_OP_CREATE_ACCESS].unpack(r.out.data).out_access_fd
         assert token >= st.ACCESS_TOKEN_BASE  # never a descriptor number
@@ -842,11 +919,17 @@ async def test_access_protocol_and_context_close(selftest_daemon):
         assert await trio.to_thread.run_sync(claim, afd, token) == 0
         assert await trio.to_thread.run_sync(claim, other, token) == 22  # claimed once only
         assert await trio.to_thread.run_sync(claim, afd, unclaimed) == 22  # one access per file
-        r = await fd.raw(uapi.IOMMU_TEST_CMD, uapi.iommu_test_cmd,
-                         **_tc(uapi.IOMMU_TEST_OP_ACCESS_PAGES, afd, iova=0x100000, length=8192, uptr=va))
+        r = await fd.raw(
+            uapi.IOMMU_TEST_CMD,
+            uapi.iommu_test_cmd,
+            **_tc(uapi.IOMMU_TEST_OP_ACCESS_PAGES, afd, iova=0x100000, length=8192, uptr=va),
+        )
         assert r.rc == 0, r
-        r = await fd.raw(uapi.IOMMU_TEST_CMD, uapi.iommu_test_cmd,
-                         **_tc(uapi.IOMMU_TEST_OP_ACCESS_PAGES, other, iova=0x100000, length=4096, uptr=va))
+        r = await fd.raw(
+            uapi.IOMMU_TEST_CMD,
+            uapi.iommu_test_cmd,
+            **_tc(uapi.IOMMU_TEST_OP_ACCESS_PAGES, other, iova=0x100000, length=4096, uptr=va),
+        )
         assert r.errno == 77, r  # EBADFD: an access node file that holds no access
         assert system.pinned_pages() == 2
         (ctx,) = system.contexts
@@ -855,8 +938,11 @@ async def test_access_protocol_and_context_close(selftest_daemon):
         # The access file keeps the context alive (iommufd_ctx_get), as in the kernel.
         assert system.contexts == {ctx} and system.pinned_pages() == 2
         fd2 = await Iommufd.open(Path(selftest_daemon.dev_dir) / "iommu")
-        r = await fd2.raw(uapi.IOMMU_TEST_CMD, uapi.iommu_test_cmd,
-                          **_tc(uapi.IOMMU_TEST_OP_ACCESS_RW, afd, iova=0x100000, length=4, uptr=va))
+        r = await fd2.raw(
+            uapi.IOMMU_TEST_CMD,
+            uapi.iommu_test_cmd,
+            **_tc(uapi.IOMMU_TEST_OP_ACCESS_RW, afd, iova=0x100000, length=4, uptr=va),
+        )
         assert r.rc == 0, r  # the access still works
         await fd2.close()
     finally:
@@ -879,59 +965,62 @@ async def test_fault_queue_with_companion(selftest_daemon, cbuild, preload):
     env = dict(os.environ, LD_PRELOAD=str(preload))
     p = await run([exe, Path(selftest_daemon.dev_dir) / "iommu"], env=env)
     steps = parse_steps(p.stdout)
-    assert_kernel(steps, {
-        "alloc": OK,
-        "alloc_flags": "EOPNOTSUPP",
-        "ioas": OK,
-        "mock": OK,
-        "hwpt_bad_fault_id": "ENOENT",
-        "hwpt_missing_fault_id": "ENOENT",
-        "hwpt_fault_nest_parent": "EOPNOTSUPP",
-        "hwpt_fault": OK,
-        "destroy_fault_busy": "EBUSY",
-        "poll_empty": OK,
-        "read_empty": OK,
-        "trigger_not_attached": OK,
-        "read_dropped": OK,
-        "trigger_bad_dev": "ENOENT",
-        "replace": OK,
-        "trigger": OK,
-        "poll_ready": OK,
-        "read_short": "ESPIPE",
-        "read_unaligned": "ESPIPE",
-        "read": OK,
-        "poll_drained": OK,
-        "write_short": "ESPIPE",
-        "write_bad_code": "EINVAL",
-        "write_bad_cookie": "EINVAL",
-        "write": OK,
-        "write_again": "EINVAL",
-        "trigger_a": OK,
-        "trigger_b": OK,
-        "trigger_pasid_dropped": OK,
-        "read_one_of_two": OK,
-        "read_rest": OK,
-        "write_partial": OK,
-        "poll_wakeup": OK,
-        "read_woken": OK,
-        "trigger_before_replace": OK,
-        "replace_back": OK,
-        "read_after_replace": OK,
-        "respond_after_replace": "EINVAL",
-        "fault2": OK,
-        "parent": OK,
-        "nested_fault": OK,
-        "replace_nested": OK,
-        "trigger_pasid": OK,
-        "read_nested": OK,
-        "respond_nested": OK,
-        "read_other_queue": OK,
-        "destroy_hwpt": OK,
-        "destroy_fault_open": "EBUSY",
-        "destroy_fault": OK,
-        "destroy_fault_again": "ENOENT",
-        "destroy_fault2_in_use": "EBUSY",
-    })
+    assert_kernel(
+        steps,
+        {
+            "alloc": OK,
+            "alloc_flags": "EOPNOTSUPP",
+            "ioas": OK,
+            "mock": OK,
+            "hwpt_bad_fault_id": "ENOENT",
+            "hwpt_missing_fault_id": "ENOENT",
+            "hwpt_fault_nest_parent": "EOPNOTSUPP",
+            "hwpt_fault": OK,
+            "destroy_fault_busy": "EBUSY",
+            "poll_empty": OK,
+            "read_empty": OK,
+            "trigger_not_attached": OK,
+            "read_dropped": OK,
+            "trigger_bad_dev": "ENOENT",
+            "replace": OK,
+            "trigger": OK,
+            "poll_ready": OK,
+            "read_short": "ESPIPE",
+            "read_unaligned": "ESPIPE",
+            "read": OK,
+            "poll_drained": OK,
+            "write_short": "ESPIPE",
+            "write_bad_code": "EINVAL",
+            "write_bad_cookie": "EINVAL",
+            "write": OK,
+            "write_again": "EINVAL",
+            "trigger_a": OK,
+            "trigger_b": OK,
+            "trigger_pasid_dropped": OK,
+            "read_one_of_two": OK,
+            "read_rest": OK,
+            "write_partial": OK,
+            "poll_wakeup": OK,
+            "read_woken": OK,
+            "trigger_before_replace": OK,
+            "replace_back": OK,
+            "read_after_replace": OK,
+            "respond_after_replace": "EINVAL",
+            "fault2": OK,
+            "parent": OK,
+            "nested_fault": OK,
+            "replace_nested": OK,
+            "trigger_pasid": OK,
+            "read_nested": OK,
+            "respond_nested": OK,
+            "read_other_queue": OK,
+            "destroy_hwpt": OK,
+            "destroy_fault_open": "EBUSY",
+            "destroy_fault": OK,
+            "destroy_fault_again": "ENOENT",
+            "destroy_fault2_in_use": "EBUSY",
+        },
+    )
     assert fields(steps, "alloc") == {"id": "1", "fd_ok": "1", "cloexec": "1"}
     assert fields(steps, "alloc_flags") == {"fd": "-1"}
     assert fields(steps, "poll_empty") == {"revents": "0"}  # POLLOUT is always set, but not asked for
@@ -940,8 +1029,16 @@ async def test_fault_queue_with_companion(selftest_daemon, cbuild, preload):
     # mainline's record: LAST_PAGE, the device object's id, length 0, cookies from 1
     assert steps["read"].rc == 40
     assert fields(steps, "read") == {
-        "flags": str(uapi.IOMMU_PGFAULT_FLAGS_LAST_PAGE), "dev_id": "1", "pasid": "0", "grpid": "2",
-        "perm": "3", "addr": "0xdeadbeaf", "length": "0", "cookie": "1", "reserved": "0"}
+        "flags": str(uapi.IOMMU_PGFAULT_FLAGS_LAST_PAGE),
+        "dev_id": "1",
+        "pasid": "0",
+        "grpid": "2",
+        "perm": "3",
+        "addr": "0xdeadbeaf",
+        "length": "0",
+        "cookie": "1",
+        "reserved": "0",
+    }
     assert fields(steps, "poll_drained") == {"revents": "0"}
     assert steps["write"].rc == 8
     assert steps["read_one_of_two"].rc == 40 and fields(steps, "read_one_of_two") == {"cookie": "1"}
@@ -977,10 +1074,18 @@ async def test_fault_queue_normal_mode(plain_daemon, cbuild, preload):
     env = dict(os.environ, LD_PRELOAD=str(preload))
     p = await run([exe, Path(plain_daemon.dev_dir) / "iommu", "plain"], env=env)
     steps = parse_steps(p.stdout)
-    assert_kernel(steps, {
-        "alloc": OK, "poll_empty": OK, "read_empty": OK, "write_no_cookie": "EINVAL", "ioas": OK,
-        "destroy_open": "EBUSY", "destroy_closed": OK,
-    })
+    assert_kernel(
+        steps,
+        {
+            "alloc": OK,
+            "poll_empty": OK,
+            "read_empty": OK,
+            "write_no_cookie": "EINVAL",
+            "ioas": OK,
+            "destroy_open": "EBUSY",
+            "destroy_closed": OK,
+        },
+    )
     assert fields(steps, "alloc") == {"id": "1", "fd_ok": "1", "cloexec": "1"}
     assert fields(steps, "poll_empty") == {"revents": "0"}  # POLLOUT is always set, but not asked for
     assert steps["read_empty"].rc == 0
@@ -994,104 +1099,124 @@ async def test_viommu_with_companion(selftest_daemon, cbuild, preload):
     env = dict(os.environ, LD_PRELOAD=str(preload))
     p = await run([exe, Path(selftest_daemon.dev_dir) / "iommu"], env=env)
     steps = parse_steps(p.stdout)
-    assert_kernel(steps, {
-        "ioas": OK, "mock": OK, "mock2": OK, "parent": OK, "paging": OK,
-        # IOMMU_VIOMMU_ALLOC, in mainline's order
-        "viommu_flags": "EOPNOTSUPP",
-        "viommu_type_default": "EOPNOTSUPP",
-        "viommu_bad_dev": "ENOENT",
-        "viommu_type_smmu": "EOPNOTSUPP",  # the mock has no vIOMMU of that type
-        "viommu_bad_hwpt": "ENOENT",  # not a paging HWPT
-        "viommu_not_parent": "EINVAL",
-        "viommu_data_short": "EINVAL",
-        "viommu_data_null": "EFAULT",
-        "viommu": OK,
-        "viommu2": OK,
-        "destroy_parent_busy": "EBUSY",
-        # IOMMU_VDEVICE_ALLOC
-        "vdev_bad_viommu": "ENOENT",
-        "vdev_bad_dev": "ENOENT",
-        "vdev": OK,
-        "vdev_again": "EEXIST",
-        "vdev_other_viommu": "EEXIST",  # one vdevice per device
-        "vdev_id_taken": "EEXIST",
-        "vdev2": OK,
-        "destroy_viommu_busy": "EBUSY",
-        # nested HWPTs on a vIOMMU
-        "nest_bad_flags": "EOPNOTSUPP",
-        "nest_no_data": "EOPNOTSUPP",
-        "nest": OK,
-        "replace_no_vdev": "ENOENT",  # mock_domain_nop_attach: no vdevice on that vIOMMU
-        "destroy_nest_viommu2": OK,
-        "nest_viommu": OK,
-        "replace": OK,
-        "destroy_nest_busy": "EBUSY",
-        # IOMMU_HWPT_INVALIDATE of the vIOMMU, read back with DEV_CHECK_CACHE
-        "cache_default": OK,
-        "inv_empty": OK,
-        "inv_empty_bad_type": "EINVAL",
-        "inv_bad_type": "EINVAL",
-        "inv_bad_flags": "EOPNOTSUPP",
-        "inv_bad_cache_id": "EINVAL",
-        "inv_bad_vdev_id": "EINVAL",
-        "inv_one": OK,
-        "inv_partial": "EOPNOTSUPP",
-        "inv_bad_ptr": "EFAULT",
-        "inv_all": OK,
-        # HW queues
-        "hwq_flags": "EOPNOTSUPP",
-        "hwq_type_default": "EOPNOTSUPP",
-        "hwq_length0": "EINVAL",
-        "hwq_wraps": "EOVERFLOW",
-        "hwq_bad_viommu": "ENOENT",
-        "hwq": "EOPNOTSUPP",  # mainline's mock vIOMMU has HW queues: a new object
-        # vEVENT queues
-        "trigger_no_queue": "EOPNOTSUPP",
-        "trigger_not_attached": "ENOENT",
-        "veventq_flags": "EOPNOTSUPP",
-        "veventq_reserved": "EOPNOTSUPP",
-        "veventq_type_default": "EOPNOTSUPP",
-        "veventq_depth0": "EINVAL",
-        "veventq_bad_viommu": "ENOENT",
-        "veventq": OK,
-        "veventq_same_type": "EEXIST",
-        "veventq_other_type": OK,
-        "poll_empty": OK,
-        "read_empty": OK,
-        "write": "EINVAL",
-        "trigger": OK,
-        "poll_ready": OK,
-        "read_too_short": OK,
-        "read": OK,
-        "poll_drained": OK,
-        "trigger_a": OK, "trigger_b": OK, "trigger_c": OK, "trigger_d": OK,
-        "read_overflow": OK,
-        "trigger_e": OK, "trigger_f": OK, "trigger_g": OK, "trigger_h": OK,
-        "read_one": OK,
-        "trigger_i": OK,
-        "read_rest": OK,
-        "poll_wakeup": OK,
-        "read_woken": OK,
-        "replace_back": OK,
-        "trigger_detached": "ENOENT",
-        # lifetime
-        "destroy_viommu_in_use": "EBUSY",
-        "destroy_veventq_open": "EBUSY",
-        "destroy_veventq": OK,
-        "destroy_nest": OK,
-        "destroy_vdev": OK,
-        "destroy_vdev_again": "ENOENT",
-        "destroy_veventq2": OK,
-        "destroy_stdev2": OK,
-        "destroy_vdev2_gone": "ENOENT",
-        "destroy_viommu": OK,
-        "destroy_viommu2": OK,
-        "destroy_parent": OK,
-    })
+    assert_kernel(
+        steps,
+        {
+            "ioas": OK,
+            "mock": OK,
+            "mock2": OK,
+            "parent": OK,
+            "paging": OK,
+            # IOMMU_VIOMMU_ALLOC, in mainline's order
+            "viommu_flags": "EOPNOTSUPP",
+            "viommu_type_default": "EOPNOTSUPP",
+            "viommu_bad_dev": "ENOENT",
+            "viommu_type_smmu": "EOPNOTSUPP",  # the mock has no vIOMMU of that type
+            "viommu_bad_hwpt": "ENOENT",  # not a paging HWPT
+            "viommu_not_parent": "EINVAL",
+            "viommu_data_short": "EINVAL",
+            "viommu_data_null": "EFAULT",
+            "viommu": OK,
+            "viommu2": OK,
+            "destroy_parent_busy": "EBUSY",
+            # IOMMU_VDEVICE_ALLOC
+            "vdev_bad_viommu": "ENOENT",
+            "vdev_bad_dev": "ENOENT",
+            "vdev": OK,
+            "vdev_again": "EEXIST",
+            "vdev_other_viommu": "EEXIST",  # one vdevice per device
+            "vdev_id_taken": "EEXIST",
+            "vdev2": OK,
+            "destroy_viommu_busy": "EBUSY",
+            # nested HWPTs on a vIOMMU
+            "nest_bad_flags": "EOPNOTSUPP",
+            "nest_no_data": "EOPNOTSUPP",
+            "nest": OK,
+            "replace_no_vdev": "ENOENT",  # mock_domain_nop_attach: no vdevice on that vIOMMU
+            "destroy_nest_viommu2": OK,
+            "nest_viommu": OK,
+            "replace": OK,
+            "destroy_nest_busy": "EBUSY",
+            # IOMMU_HWPT_INVALIDATE of the vIOMMU, read back with DEV_CHECK_CACHE
+            "cache_default": OK,
+            "inv_empty": OK,
+            "inv_empty_bad_type": "EINVAL",
+            "inv_bad_type": "EINVAL",
+            "inv_bad_flags": "EOPNOTSUPP",
+            "inv_bad_cache_id": "EINVAL",
+            "inv_bad_vdev_id": "EINVAL",
+            "inv_one": OK,
+            "inv_partial": "EOPNOTSUPP",
+            "inv_bad_ptr": "EFAULT",
+            "inv_all": OK,
+            # HW queues
+            "hwq_flags": "EOPNOTSUPP",
+            "hwq_type_default": "EOPNOTSUPP",
+            "hwq_length0": "EINVAL",
+            "hwq_wraps": "EOVERFLOW",
+            "hwq_bad_viommu": "ENOENT",
+            "hwq": "EOPNOTSUPP",  # mainline's mock vIOMMU has HW queues: a new object
+            # vEVENT queues
+            "trigger_no_queue": "EOPNOTSUPP",
+            "trigger_not_attached": "ENOENT",
+            "veventq_flags": "EOPNOTSUPP",
+            "veventq_reserved": "EOPNOTSUPP",
+            "veventq_type_default": "EOPNOTSUPP",
+            "veventq_depth0": "EINVAL",
+            "veventq_bad_viommu": "ENOENT",
+            "veventq": OK,
+            "veventq_same_type": "EEXIST",
+            "veventq_other_type": OK,
+            "poll_empty": OK,
+            "read_empty": OK,
+            "write": "EINVAL",
+            "trigger": OK,
+            "poll_ready": OK,
+            "read_too_short": OK,
+            "read": OK,
+            "poll_drained": OK,
+            "trigger_a": OK,
+            "trigger_b": OK,
+            "trigger_c": OK,
+            "trigger_d": OK,
+            "read_overflow": OK,
+            "trigger_e": OK,
+            "trigger_f": OK,
+            "trigger_g": OK,
+            "trigger_h": OK,
+            "read_one": OK,
+            "trigger_i": OK,
+            "read_rest": OK,
+            "poll_wakeup": OK,
+            "read_woken": OK,
+            "replace_back": OK,
+            "trigger_detached": "ENOENT",
+            # lifetime
+            "destroy_viommu_in_use": "EBUSY",
+            "destroy_veventq_open": "EBUSY",
+            "destroy_veventq": OK,
+            "destroy_nest": OK,
+            "destroy_vdev": OK,
+            "destroy_vdev_again": "ENOENT",
+            "destroy_veventq2": OK,
+            "destroy_stdev2": OK,
+            "destroy_vdev2_gone": "ENOENT",
+            "destroy_viommu": OK,
+            "destroy_viommu2": OK,
+            "destroy_parent": OK,
+        },
+    )
     assert fields(steps, "viommu") == {"out_data": "0xbadbeef", "mmap_len": "8192", "mmap_off_ok": "1"}
     assert fields(steps, "cache_default") == {"first_changed": "-1"}
-    for name in ("inv_empty", "inv_empty_bad_type", "inv_bad_type", "inv_bad_flags", "inv_bad_cache_id",
-                 "inv_bad_vdev_id", "inv_bad_ptr"):
+    for name in (
+        "inv_empty",
+        "inv_empty_bad_type",
+        "inv_bad_type",
+        "inv_bad_flags",
+        "inv_bad_cache_id",
+        "inv_bad_vdev_id",
+        "inv_bad_ptr",
+    ):
         assert fields(steps, name)["num"] == "0", name
     assert fields(steps, "inv_one") == {"num": "1", "mask": "2"}  # cache 1 of the device zeroed
     assert fields(steps, "inv_partial") == {"num": "2", "mask": "9"}  # caches 0 and 3, then the bad entry
@@ -1107,8 +1232,13 @@ async def test_viommu_with_companion(selftest_daemon, cbuild, preload):
     # depth 2: two events, then one LOST_EVENTS header (no data) carrying the newest sequence
     assert steps["read_overflow"].rc == 12 + 12 + 8
     assert fields(steps, "read_overflow") == {
-        "seq0": "1", "flags0": "0", "seq1": "2", "flags1": "0",
-        "lost_flags": str(uapi.IOMMU_VEVENTQ_FLAG_LOST_EVENTS), "lost_seq": "4"}
+        "seq0": "1",
+        "flags0": "0",
+        "seq1": "2",
+        "flags1": "0",
+        "lost_flags": str(uapi.IOMMU_VEVENTQ_FLAG_LOST_EVENTS),
+        "lost_seq": "4",
+    }
     assert steps["read_one"].rc == 12 and fields(steps, "read_one") == {"seq": "5"}
     # an event reported with room again replaces the header at the tail: 6, then 9
     assert steps["read_rest"].rc == 24
@@ -1123,8 +1253,9 @@ async def test_viommu_without_companion(selftest_daemon, cbuild, caplog):
     mainline's own checks); the vIOMMU left behind goes with the context."""
     with caplog.at_level(logging.WARNING):
         steps = await client(selftest_daemon, cbuild, "selftest_viommu", "plain")
-    assert_kernel(steps, {"ioas": OK, "mock": OK, "mock2": OK, "parent": OK, "paging": OK, "viommu": OK,
-                          "veventq": "EOPNOTSUPP"})
+    assert_kernel(
+        steps, {"ioas": OK, "mock": OK, "mock2": OK, "parent": OK, "paging": OK, "viommu": OK, "veventq": "EOPNOTSUPP"}
+    )
     assert "companion" in caplog.text
     await wait_until(lambda: not selftest_daemon.system.contexts)
     assert "still in use" not in caplog.text

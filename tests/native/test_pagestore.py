@@ -293,9 +293,7 @@ def test_backing_runs_model(ops):
             if off < 0:
                 rc = lib.icuse_pages_set_backing(store, pid, first, n, NONE, -1, 0)
             else:
-                rc = lib.icuse_pages_set_backing(
-                    store, pid, first, n, MEM, -1, addr_of(src) + off * PAGE
-                )
+                rc = lib.icuse_pages_set_backing(store, pid, first, n, MEM, -1, addr_of(src) + off * PAGE)
             assert rc == 0
             for i in range(n):
                 model[first + i] = None if off < 0 else off + i

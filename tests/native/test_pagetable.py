@@ -230,9 +230,7 @@ def test_model(gs, bitmap, bits, data):
 
     try:
         for _ in range(data.draw(st.integers(1, 30), label="nops")):
-            op = data.draw(
-                st.sampled_from(["map", "map", "unmap", "translate", "translate", "dirty"])
-            )
+            op = data.draw(st.sampled_from(["map", "map", "unmap", "translate", "translate", "dirty"]))
             iova = addr()
             if iova >= base + region:
                 continue

@@ -123,13 +123,16 @@ async def test_read_write_are_einval(daemon, cbuild) -> None:
     """iommufd has no read or write: the kernel answers EINVAL."""
     p = await run([cbuild("iommufd_rules"), node(daemon), "fileops"])
     steps = parse_steps(p.stdout)
-    problems = mismatches(steps, {
-        "read": "EINVAL",
-        "write": "EINVAL",
-        "lseek": "ESPIPE",  # no llseek either
-        "mmap_shared": "ENODEV",
-        "alloc_after_fileops": "OK",
-    })
+    problems = mismatches(
+        steps,
+        {
+            "read": "EINVAL",
+            "write": "EINVAL",
+            "lseek": "ESPIPE",  # no llseek either
+            "mmap_shared": "ENODEV",
+            "alloc_after_fileops": "OK",
+        },
+    )
     assert not problems, "\n".join(problems)
     # Known divergences of FUSE itself, which the daemon never sees and cannot change:
     # read() of 0 bytes returns 0 (kernel: EINVAL), pread/pwrite are ESPIPE on a
@@ -155,8 +158,7 @@ async def test_poll_on_iommu_is_always_ready(daemon, cbuild) -> None:
 def _daemon_cmd(base: Path) -> list[str]:
     exe = Path(sys.executable).parent / "iommufd-cuse"
     prog = [str(exe)] if exe.exists() else [sys.executable, "-m", "iommufd_cuse.cli"]
-    return [*prog, "serve", "--dev-dir", str(base / "dev"), "--mountpoint", str(base / "mnt"),
-            "--log-level", "warning"]
+    return [*prog, "serve", "--dev-dir", str(base / "dev"), "--mountpoint", str(base / "mnt"), "--log-level", "warning"]
 
 
 STARTED: list[subprocess.Popen] = []  # daemons of the running test, reaped by the `base` fixture
@@ -246,8 +248,9 @@ def _wait_serving(base: Path, proc: subprocess.Popen, timeout: float = 20) -> No
 
 
 def _client(cbuild, base: Path, scenario: str = "ids") -> dict:
-    p = subprocess.run([str(cbuild("iommufd_rules")), str(base / "dev" / "iommu"), scenario],
-                       capture_output=True, timeout=20)
+    p = subprocess.run(
+        [str(cbuild("iommufd_rules")), str(base / "dev" / "iommu"), scenario], capture_output=True, timeout=20
+    )
     assert p.returncode == 0, p.stderr
     return parse_steps(p.stdout)
 
@@ -291,8 +294,9 @@ def test_sigterm_with_a_client_in_the_middle(cbuild, base: Path) -> None:
     client = None
     try:
         _wait_ready(base, proc)
-        client = subprocess.Popen([str(cbuild("iommufd_rules")), str(base / "dev" / "iommu"), "loop"],
-                                  stdout=subprocess.PIPE, text=True)
+        client = subprocess.Popen(
+            [str(cbuild("iommufd_rules")), str(base / "dev" / "iommu"), "loop"], stdout=subprocess.PIPE, text=True
+        )
         for line in client.stdout:
             if line.startswith("STEP looping"):
                 break

@@ -111,8 +111,9 @@ async def expect_errno(err: int, coro) -> None:
 
 
 async def hwpt_alloc(fd: Iommufd, dev_id: int, pt_id: int, flags: int = 0) -> int:
-    return (await fd.call(uapi.IOMMU_HWPT_ALLOC, uapi.iommu_hwpt_alloc, flags=flags, dev_id=dev_id,
-                          pt_id=pt_id)).out_hwpt_id
+    return (
+        await fd.call(uapi.IOMMU_HWPT_ALLOC, uapi.iommu_hwpt_alloc, flags=flags, dev_id=dev_id, pt_id=pt_id)
+    ).out_hwpt_id
 
 
 class Edu:
@@ -170,23 +171,51 @@ ENGINE_REGIONS = {0: (0x3, 0x4000), 2: (0x3, 0x1000), CONFIG: (0x3, 0x1000)}
 
 
 def _expect_common(steps: dict[str, Step], daemon) -> None:
-    assert_outcomes(steps, {
-        "open_cdev": "OK", "BIND_IOMMUFD": "OK", "IOAS_ALLOC": "OK", "GET_HW_INFO": "OK",
-        "HWPT_ALLOC": "OK", "ATTACH_IOMMUFD_PT": "OK", "IOVA_RANGES_0": "EMSGSIZE",
-        "IOVA_RANGES_N": "OK", "MAP_A": "OK", "MAP_B": "OK", "MAP_C_RO": "OK", "MAP_D": "OK",
-        "MAP_E_AUTO": "OK", "GET_INFO": "OK", "CONFIG_READ_ALL": "OK", "CONFIG_IDS": "OK",
-        "SET_IRQS_EVENTFD": "OK", "SET_IRQS_DISABLE": "OK", "UNMAP_ALL": "OK",
-        "DETACH_IOMMUFD_PT": "OK", "DESTROY_HWPT": "OK", "DESTROY_IOAS": "OK",
-        "CLOSE_DEVICE": "OK", "CLOSE_IOMMUFD": "OK",
-    })
+    assert_outcomes(
+        steps,
+        {
+            "open_cdev": "OK",
+            "BIND_IOMMUFD": "OK",
+            "IOAS_ALLOC": "OK",
+            "GET_HW_INFO": "OK",
+            "HWPT_ALLOC": "OK",
+            "ATTACH_IOMMUFD_PT": "OK",
+            "IOVA_RANGES_0": "EMSGSIZE",
+            "IOVA_RANGES_N": "OK",
+            "MAP_A": "OK",
+            "MAP_B": "OK",
+            "MAP_C_RO": "OK",
+            "MAP_D": "OK",
+            "MAP_E_AUTO": "OK",
+            "GET_INFO": "OK",
+            "CONFIG_READ_ALL": "OK",
+            "CONFIG_IDS": "OK",
+            "SET_IRQS_EVENTFD": "OK",
+            "SET_IRQS_DISABLE": "OK",
+            "UNMAP_ALL": "OK",
+            "DETACH_IOMMUFD_PT": "OK",
+            "DESTROY_HWPT": "OK",
+            "DESTROY_IOAS": "OK",
+            "CLOSE_DEVICE": "OK",
+            "CLOSE_IOMMUFD": "OK",
+        },
+    )
     # ids from 1, lowest free, in the order the objects were made
-    assert (steps["BIND_IOMMUFD"].int("out_devid"), steps["IOAS_ALLOC"].int("out_ioas_id"),
-            steps["HWPT_ALLOC"].int("out_hwpt_id"), steps["ATTACH_IOMMUFD_PT"].int("pt_id")) == (1, 2, 3, 3)
+    assert (
+        steps["BIND_IOMMUFD"].int("out_devid"),
+        steps["IOAS_ALLOC"].int("out_ioas_id"),
+        steps["HWPT_ALLOC"].int("out_hwpt_id"),
+        steps["ATTACH_IOMMUFD_PT"].int("pt_id"),
+    ) == (1, 2, 3, 3)
     # VT-d hw info as the reference and the configuration say; the rest of the buffer zeroed
     vtd = daemon.config.iommus[0]
     hw = steps["GET_HW_INFO"]
-    assert (hw.int("out_data_type"), hw.int("data_len"), hw.int("out_capabilities"),
-            hw.int("out_max_pasid_log2")) == (1, 24, 0x8, 0)
+    assert (hw.int("out_data_type"), hw.int("data_len"), hw.int("out_capabilities"), hw.int("out_max_pasid_log2")) == (
+        1,
+        24,
+        0x8,
+        0,
+    )
     assert (hw.int("vtd_flags"), hw.int("cap_reg"), hw.int("ecap_reg")) == (0x1, vtd.cap_reg, vtd.ecap_reg)
     assert (vtd.cap_reg, vtd.ecap_reg) == (0xD2008C222F0606, 0xF00F4A)
     assert hw["tail_zero"] == "1"
@@ -198,8 +227,10 @@ def _expect_common(steps: dict[str, Step], daemon) -> None:
     assert [steps[f"MAP_{x}"].int("iova") for x in ("A", "B", "C_RO", "D")] == [0x400000, 0x600000, 0x800000, 1 << 32]
     auto = steps["MAP_E_AUTO"].int("iova")
     assert auto % 0x1000 == 0 and not (MSI_WINDOW[0] <= auto + 0xFFFF and auto <= MSI_WINDOW[1])
-    assert not any(lo <= auto < hi or lo < auto + 0x10000 <= hi
-                   for lo, hi in ((0x400000, 0x700000), (0x800000, 0x801000), (1 << 32, (1 << 32) + 0x10000)))
+    assert not any(
+        lo <= auto < hi or lo < auto + 0x10000 <= hi
+        for lo, hi in ((0x400000, 0x700000), (0x800000, 0x801000), (1 << 32, (1 << 32) + 0x10000))
+    )
     info = steps["GET_INFO"]
     assert (info.int("num_regions"), info.int("num_irqs"), info.int("cap_offset")) == (9, 5, 0)
     assert steps["CONFIG_READ_ALL"].int("n") == 256
@@ -213,7 +244,12 @@ def _expect_regions(steps: dict[str, Step], regions: dict[int, tuple[int, int]])
         flags, size = regions.get(i, (0, 0))
         # MMIO is trapped, never mapped: no VFIO_REGION_INFO_FLAG_MMAP (0x4), unlike the reference
         assert (s.outcome, s.int("flags"), s.int("size"), s.int("offset"), s.int("cap_offset")) == (
-            "OK", flags, size, i << 40, 0), s
+            "OK",
+            flags,
+            size,
+            i << 40,
+            0,
+        ), s
 
 
 @pytest.mark.parametrize("n", [0, 2], ids=["vfio0", "vfio2-group-of-two"])
@@ -280,9 +316,22 @@ async def test_qemu_startup_dma_engine(daemon, cbuild):
 # -- 4. bad input -------------------------------------------------------------------------------------
 ERRORS = {
     # no access before bind: ioctls, read and write (vfio_main.c, device_cdev.c)
-    **{f"unbound:{x}": "EINVAL" for x in (
-        "GET_INFO", "GET_REGION_INFO", "GET_IRQ_INFO", "SET_IRQS", "RESET", "ATTACH", "DETACH",
-        "pread_config", "pwrite_bar0", "pread_bar0", "still_GET_INFO")},
+    **{
+        f"unbound:{x}": "EINVAL"
+        for x in (
+            "GET_INFO",
+            "GET_REGION_INFO",
+            "GET_IRQ_INFO",
+            "SET_IRQS",
+            "RESET",
+            "ATTACH",
+            "DETACH",
+            "pread_config",
+            "pwrite_bar0",
+            "pread_bar0",
+            "still_GET_INFO",
+        )
+    },
     # VFIO_DEVICE_BIND_IOMMUFD
     "bind:argsz_below_min": "EINVAL",
     "bind:argsz_0": "EINVAL",
@@ -669,7 +718,8 @@ async def test_killed_c_client_with_everything_set_up(daemon, cbuild, n):
     exe = cbuild("qemu_startup")
     proc = await trio.lowlevel.open_process(
         [str(exe), node(daemon, "iommu"), vfio(daemon, n), "hold"],
-        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
     )
     try:
         out = b""

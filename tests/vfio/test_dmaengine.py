@@ -604,7 +604,11 @@ async def test_fault_inside_a_contiguous_chain(rig: Rig, mem: Memory, irq: IrqLo
     assert rig.rd(D.REG_HEAD) == 2 and rig.rd(D.REG_COMPLETED) == 0
     assert rig.fault_record(0) == (dst + 2 * PAGE, 2, D.SRC_WRITE << 4 | D.ERR_NO_TRANSLATION << 8 | 1, 1)
     assert [rig.desc_status(i) for i in range(4)] == [
-        0, 0, D.DESC_ST_ERROR | D.ERR_NO_TRANSLATION << 8 | D.SRC_WRITE << 16, 0]
+        0,
+        0,
+        D.DESC_ST_ERROR | D.ERR_NO_TRANSLATION << 8 | D.SRC_WRITE << 16,
+        0,
+    ]
     assert mem.get(48, 2 * PAGE) == data[: 2 * PAGE]  # everything before the fault landed
     assert irq.msis() == [1]
     # map the rest, clear the halt: descriptor 2 is retried, the transfer completes

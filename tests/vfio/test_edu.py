@@ -176,7 +176,13 @@ def test_dma_to_the_end_of_the_buffer_is_valid(edu: Edu, mem: Memory) -> None:
 
 @pytest.mark.parametrize(
     "dev,count",
-    [(BUF_START + BUF_SIZE - 0xFF, 0x100), (BUF_START - 1, 0x10), (0, 0x10), (BUF_START, BUF_SIZE + 1), (BUF_START, 1 << 63)],
+    [
+        (BUF_START + BUF_SIZE - 0xFF, 0x100),
+        (BUF_START - 1, 0x10),
+        (0, 0x10),
+        (BUF_START, BUF_SIZE + 1),
+        (BUF_START, 1 << 63),
+    ],
 )
 def test_dma_outside_the_buffer_is_refused(edu: Edu, mem: Memory, irq: IrqLog, dev: int, count: int) -> None:
     mem.map(IOVA, 0, 2)

@@ -77,8 +77,10 @@ def examples() -> Iterator[dict[str, Path]]:
     bins = {}
     for name in ("edu", "dma_engine"):
         exe = out / name
-        subprocess.run(["cc", "-O2", "-Wall", "-Wextra", "-Werror", f"-I{INCLUDE}", "-o", str(exe),
-                        str(EXAMPLES / f"{name}.c")], check=True)
+        subprocess.run(
+            ["cc", "-O2", "-Wall", "-Wextra", "-Werror", f"-I{INCLUDE}", "-o", str(exe), str(EXAMPLES / f"{name}.c")],
+            check=True,
+        )
         bins[name] = exe
     yield bins
     shutil.rmtree(out, ignore_errors=True)
@@ -123,9 +125,11 @@ def record_copies(monkeypatch: pytest.MonkeyPatch, vdev) -> list[tuple[int, int,
 async def released(daemon) -> None:
     """Everything the clients held is gone: contexts, pins, device bindings."""
     await wait_until(
-        lambda: not daemon.system.contexts
-        and daemon.system.pinned_pages() == 0
-        and not any(d.vfio.in_use for d in daemon.system.devices),
+        lambda: (
+            not daemon.system.contexts
+            and daemon.system.pinned_pages() == 0
+            and not any(d.vfio.in_use for d in daemon.system.devices)
+        ),
         timeout=10,
         what="clients' state released",
     )
@@ -201,8 +205,11 @@ async def test_engine_example_unmap_while_queued(daemon, examples, monkeypatch, 
 
     assert "unmapped the destination of the last transfer (iova 0x1003000000 +0x1000000)" in out
     # a later descriptor (of the last transfer) faulted writing to the unmapped buffer
-    m = re.search(r"fault log: 1 record\(s\); #1: descriptor (\d+), iova (0x[0-9a-f]+), write while "
-                  r"writing the destination: no translation \(0x01\)", out)
+    m = re.search(
+        r"fault log: 1 record\(s\); #1: descriptor (\d+), iova (0x[0-9a-f]+), write while "
+        r"writing the destination: no translation \(0x01\)",
+        out,
+    )
     assert m, out
     index, iova = int(m[1]), int(m[2], 16)
     assert 48 <= index < 64 and iova == ENGINE_DST_IOVA + index * MIB
@@ -350,8 +357,18 @@ async def test_engine_without_bus_mastering_does_no_dma(daemon) -> None:
     await released(daemon)
 
 
-ENGINE_REGS = [D.REG_CONTROL, D.REG_STATUS, D.REG_INT_STATUS, D.REG_RING_BASE_LO, D.REG_RING_BASE_HI,
-               D.REG_RING_SIZE, D.REG_HEAD, D.REG_TAIL, D.REG_COMPLETED, D.REG_FAULT_COUNT]
+ENGINE_REGS = [
+    D.REG_CONTROL,
+    D.REG_STATUS,
+    D.REG_INT_STATUS,
+    D.REG_RING_BASE_LO,
+    D.REG_RING_BASE_HI,
+    D.REG_RING_SIZE,
+    D.REG_HEAD,
+    D.REG_TAIL,
+    D.REG_COMPLETED,
+    D.REG_FAULT_COUNT,
+]
 
 
 async def test_engine_reset_returns_registers_and_queue_to_defaults(daemon) -> None:
@@ -461,13 +478,13 @@ async def test_closing_the_device_mid_transfer_stops_the_engine(daemon, examples
     await c.bus_master(True)
     ring[:] = bytes(len(ring))
     put_desc(ring, 0, SRC_IOVA, DST_IOVA, 1 * MIB)
-    src[: MIB] = pattern(MIB, 5)
+    src[:MIB] = pattern(MIB, 5)
     await c.wr(D.REG_RING_BASE_LO, RING_IOVA, 8)
     await c.wr(D.REG_RING_SIZE, 16)
     await c.wr(D.REG_CONTROL, D.CTL_ENABLE)
     await c.wr(D.REG_TAIL, 1)
     await wait_until(lambda: eng.completed == 1, what="copy after the reopen")
-    assert dst[: MIB] == src[: MIB]
+    assert dst[:MIB] == src[:MIB]
     await c.close()
     await released(daemon)
     # and another client: the edu example runs as usual

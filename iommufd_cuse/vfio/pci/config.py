@@ -316,9 +316,7 @@ class ConfigSpace:
 
     def _build_msix(self, off: int, fn: Any) -> None:
         bir = int(getattr(fn, "msix_bar", 0))
-        self._set(
-            off + PCI_MSIX_FLAGS, 2, self.msix_vectors - 1, PCI_MSIX_FLAGS_ENABLE | PCI_MSIX_FLAGS_MASKALL
-        )
+        self._set(off + PCI_MSIX_FLAGS, 2, self.msix_vectors - 1, PCI_MSIX_FLAGS_ENABLE | PCI_MSIX_FLAGS_MASKALL)
         self._set(off + PCI_MSIX_TABLE, 4, int(getattr(fn, "msix_table_offset", 0)) | bir)
         self._set(off + PCI_MSIX_PBA, 4, int(getattr(fn, "msix_pba_offset", 0)) | bir)
 

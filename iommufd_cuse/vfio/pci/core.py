@@ -305,7 +305,9 @@ def _is_eventfd(fd: int) -> bool:
 class VfioPciDevice:
     """The vfio-pci side of one emulated function."""
 
-    def __init__(self, system: System, device: Device, nursery_spawn: Callable[[Callable[[], Awaitable[None]]], None]) -> None:
+    def __init__(
+        self, system: System, device: Device, nursery_spawn: Callable[[Callable[[], Awaitable[None]]], None]
+    ) -> None:
         self.system = system
         self.device = device
         self.dma = DmaPort(self)

@@ -169,9 +169,7 @@ class DmaEngine(PciFunction):
     intx_pin = 1
     flr = True
 
-    def __init__(
-        self, dma: DmaPort, irq: IrqSink, spawn: Callable[[Callable[[], Awaitable[None]]], None]
-    ) -> None:
+    def __init__(self, dma: DmaPort, irq: IrqSink, spawn: Callable[[Callable[[], Awaitable[None]]], None]) -> None:
         super().__init__(dma, irq, spawn)
         self.faults: list[DmaFault] = []  # every DmaFault the engine met (the newest 256)
         self.fault_total = 0  # how many, since the model was made
@@ -350,9 +348,7 @@ class DmaEngine(PciFunction):
             if copy_sync is not None and sum(p[2] for p in pieces) > THREAD_MIN:
                 token = trio.lowlevel.current_trio_token()
                 # the completions it posts run before this task resumes (run_sync_soon is FIFO)
-                result = await trio.to_thread.run_sync(
-                    self._run_in_thread, b, pieces, copy_sync, token
-                )
+                result = await trio.to_thread.run_sync(self._run_in_thread, b, pieces, copy_sync, token)
             else:
                 result = await self._run_on_loop(b, pieces)
             if gen != self._gen:

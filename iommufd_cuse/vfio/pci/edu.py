@@ -250,9 +250,7 @@ class Edu(PciFunction):
             )
         elif not self._in_mask(ram, count):
             self.range_errors += 1
-            log.warning(
-                "edu: DMA address %#x+%#x beyond the DMA mask %#x: refused", ram, count, self.dma_mask
-            )
+            log.warning("edu: DMA address %#x+%#x beyond the DMA mask %#x: refused", ram, count, self.dma_mask)
         elif count:
             i = dev - BUF_START
             try:
