@@ -40,8 +40,9 @@ _REASONS = {
 def _models() -> dict[str, type[PciFunction]]:
     from .dmaengine import DmaEngine
     from .edu import Edu
+    from .nvme import Nvme
 
-    return {"edu": Edu, "dma-engine": DmaEngine}
+    return {"edu": Edu, "dma-engine": DmaEngine, "nvme": Nvme}
 
 
 class DmaPort:
@@ -78,6 +79,37 @@ class DmaPort:
 
     def write(self, iova: int, data: bytes) -> None:
         self._rw(iova, bytearray(data), True)
+
+    def prp_batch(self, page_size: int, xfers: list[tuple[int, int, memoryview, bool]]) -> list[int | DmaFault]:
+        """NVMe data transfers (prp1, prp2, device-side buffer, to_host), walked and
+        copied in C in one call: per transfer 0, -EINVAL (a PRP offset the rules
+        forbid) or the DmaFault (recorded). Safe from a worker thread."""
+        if not xfers:
+            return []
+        try:
+            dom = self._domain(xfers[0][0], bool(xfers[0][3]))
+        except DmaFault as f:
+            return [f] * len(xfers)
+        ios = ffi.new("struct icuse_prp_io[]", len(xfers))
+        bufs = []
+        for io, (prp1, prp2, view, to_host) in zip(ios, xfers, strict=True):
+            buf = ffi.from_buffer(view, require_writable=True)
+            bufs.append(buf)
+            io.prp1, io.prp2, io.len, io.to_host = prp1, prp2, len(view), int(to_host)
+            io.buf = int(ffi.cast("uintptr_t", buf))
+        try:
+            lib.icuse_dma_prp_batch(self.vdev.system.store, dom.pt, page_size, ios, len(xfers))
+        finally:
+            for buf in bufs:
+                ffi.release(buf)
+        out: list[int | DmaFault] = []
+        for io in ios:
+            rc = io.result
+            if rc in (0, -errno.EINVAL):
+                out.append(rc)
+            else:
+                out.append(self._fault(io.fault_iova, bool(io.fault_write), _REASONS.get(-rc, os.strerror(-rc))))
+        return out
 
     def _copy_piece(self, src_iova: int, dst_iova: int, n: int) -> None:
         # the domain is looked up for every piece: it may change in between (replace/detach)
@@ -426,7 +458,11 @@ class VfioPciDevice:
 
     def status(self) -> dict:
         dom = self.device.group.domain
-        return {"in_use": self.in_use, "dma_faults": self.fault_count, "domain": repr(dom)}
+        st = {"in_use": self.in_use, "dma_faults": self.fault_count, "domain": repr(dom)}
+        model_status = getattr(self.model, "status", None)
+        if callable(model_status):
+            st["model"] = model_status()
+        return st
 
 
 def _split(addr: int, n: int) -> list[tuple[int, int]]:

@@ -39,6 +39,11 @@ class DmaPort(Protocol):
         """Device-internal copy of a long range, off the event loop; raises DmaFault."""
         ...
 
+    def prp_batch(self, page_size: int, xfers: list[tuple[int, int, memoryview, bool]]) -> list[int | DmaFault]:
+        """NVMe transfers (prp1, prp2, device-side buffer, to_host) through PRPs and PRP
+        lists, in C: per transfer 0, -EINVAL (a bad PRP offset) or its DmaFault."""
+        ...
+
 
 class IrqSink(Protocol):
     def set_intx(self, asserted: bool) -> None: ...
