@@ -83,7 +83,7 @@ CSTS_SHST_CMPLT = 2 << 2
 SQE_SIZE, CQE_SIZE = 64, 16
 SQE = struct.Struct("<IIQQQQIIIIII")  # cdw0, nsid, cdw2-3, mptr, prp1, prp2, cdw10-15
 FETCH_MAX = 64  # commands fetched from one queue per turn
-THREAD_MIN = 256 << 10  # a batch moving more than this runs in a worker thread
+THREAD_MIN = 2 << 20  # a batch moving more than this runs in a worker thread (as the DmaPort's copies)
 
 # Status: (SCT << 8 | SC); DNR added where a retry cannot help
 SC_SUCCESS = 0x000
@@ -536,10 +536,13 @@ class Nvme(PciFunction):
         self._kick()  # work that came in after the last look, or for the generation after a reset
 
     async def _process(self, gen: int) -> None:
+        first = True
         while gen == self._gen and self._ready():
-            await trio.lowlevel.checkpoint()
-            if gen != self._gen or not self._ready():
-                return
+            if not first:  # fair to the event loop between rounds (a new task has just been scheduled)
+                await trio.lowlevel.checkpoint()
+                if gen != self._gen or not self._ready():
+                    return
+            first = False
             self._post_events()
             busy = False
             for qid in sorted(self.sqs):  # the admin queue first, then round robin by id
