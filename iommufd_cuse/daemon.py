@@ -11,10 +11,10 @@ from dataclasses import dataclass, field
 import trio
 
 from .config import Config
+from .errors import Errno
 from .iommu.core import VFIO_DRIVER, Device, Group, Iommu
 from .iommufd.main import AccountMode, IommufdFile
 from .system import System
-from .transport.caller import Errno
 from .transport.loopback import prime_no_flush
 from .transport.mount import fuse_mount, fuse_umount, mounted_here
 from .transport.nodes import Tree
@@ -145,7 +145,7 @@ class Daemon:
 
             n = self.config.nodes["iommu"]
             node = self.tree.add(ACCESS_NODE, n.mode, n.uid, n.gid, lambda req, flags: AccessFile(self.system))
-            self.system.selftest_access_ino = node.ino
+            self.system.node_inos[AccessFile.kind] = node.ino
         # The node the companion opens to receive the file of a fault object
         # (IOMMU_FAULT_QUEUE_ALLOC), see docs/selftest.md; in every mode.
         from .iommufd.fault import FAULT_NODE, FaultFile

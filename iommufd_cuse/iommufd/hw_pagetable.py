@@ -19,8 +19,8 @@ import logging
 import trio
 
 from .. import uapi
+from ..errors import Errno
 from ..iommu.domain import PagingDomain
-from ..transport.caller import Errno
 from .main import Context, Object, ObjType, Ucmd, copy_struct_from_user
 
 log = logging.getLogger(__name__)

@@ -19,7 +19,8 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from .. import uapi
-from ..transport.caller import Caller, Errno
+from ..errors import Errno
+from ..transport.caller import Caller
 from ..transport.nodes import FileHandle
 from ..transport.protocol import FOPEN_DIRECT_IO, FOPEN_NONSEEKABLE
 
@@ -379,11 +380,11 @@ def build_ioctl_table(selftest: bool = False) -> IoctlTable:
 def ioctl_table(system: System) -> IoctlTable:
     """The table of system, built once: whether IOMMU_TEST_CMD is in it depends on
     the daemon's test mode (system.selftest)."""
-    table = getattr(system, "_ioctl_table", None)
+    table = system.ioctl_table
     if table is None or table.selftest != system.selftest:
         table = build_ioctl_table(system.selftest)
         table.selftest = system.selftest
-        system._ioctl_table = table
+        system.ioctl_table = table
     return table
 
 

@@ -21,8 +21,9 @@ import stat
 from dataclasses import dataclass
 
 from .._native import ffi, lib
+from ..errors import Errno
 from ..system import PAGE_SIZE, System, memlock_limit_pages
-from ..transport.caller import CAP_IPC_LOCK, Caller, Errno, memlock_limit_of
+from ..transport.caller import CAP_IPC_LOCK, Caller, memlock_limit_of
 from ..transport.mount import fd_on_our_mount
 from .main import AccountMode
 

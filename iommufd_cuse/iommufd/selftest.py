@@ -34,10 +34,10 @@ import trio
 from .. import uapi
 from .._native import ffi, lib
 from ..config import DeviceConfig, IommuConfig
+from ..errors import Errno
 from ..iommu.core import Device, Group, Iommu
 from ..iommu.domain import Domain, PagingDomain
 from ..system import PAGE_SIZE
-from ..transport.caller import Errno
 from ..transport.mount import fd_on_our_mount
 from . import device as device_mod
 from .companion import CLAIM, COMPANION_MAGIC, TOKEN_BASE, HandedFile, refuse_without_companion
@@ -348,7 +348,7 @@ class MockDev(Device):
 
 
 def mock_iommu(system: Any) -> MockIommu:
-    iommu = getattr(system, "mock_iommu", None)
+    iommu = system.mock_iommu
     if iommu is None:
         iommu = system.mock_iommu = MockIommu()
     return iommu
@@ -1039,9 +1039,7 @@ class AccessFile(HandedFile):
     """An open of ACCESS_NODE: the file of one access once claimed (its close
     destroys the access, as the kernel's staccess release)."""
 
-    pending_attr = "selftest_pending_accesses"
-    seq_attr = "selftest_access_seq"
-    ino_attr = "selftest_access_ino"
+    kind = "access"
 
     def on_release(self) -> None:
         if self.obj is not None:

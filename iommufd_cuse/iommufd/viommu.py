@@ -23,7 +23,7 @@ from collections import deque
 from typing import Any
 
 from .. import uapi
-from ..transport.caller import Errno
+from ..errors import Errno
 from .companion import CLAIM, COMPANION_MAGIC, refuse_without_companion
 from .fault import Eventq, EventqFile, respond_eventq
 from .main import Context, Object, ObjType, Ucmd
@@ -124,8 +124,7 @@ class Vdevice(Object):
 class VeventqFile(EventqFile):
     """An open of VEVENTQ_NODE: the file of one vEVENT queue once claimed."""
 
-    pending_attr = "pending_veventq_files"
-    seq_attr = "veventq_file_seq"
+    kind = "veventq"
 
     def read(self, req: Any, offset: int, size: int) -> bytes:
         q = self.obj

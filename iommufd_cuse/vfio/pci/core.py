@@ -13,10 +13,11 @@ import trio
 
 from ... import uapi
 from ..._native import ffi, lib
+from ...errors import Errno
 from ...iommu.core import Device
 from ...iommu.domain import PagingDomain
 from ...system import System
-from ...transport.caller import Caller, Errno
+from ...transport.caller import Caller
 from .config import ConfigAccessError, ConfigSpace
 from .model import DmaFault, PciFunction
 
