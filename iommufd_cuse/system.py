@@ -17,7 +17,8 @@ from .errors import Errno
 if TYPE_CHECKING:
     from .iommu.core import Device, Group, Iommu
     from .iommufd.companion import Pending
-    from .iommufd.main import Context, IoctlTable
+    from .iommufd.main import IoctlTable
+    from .iommufd.object import Context
 
 log = logging.getLogger(__name__)
 

@@ -24,7 +24,7 @@ from ..errors import Errno
 from ..iommu.core import Device, Group
 from .hw_pagetable import HwptNested, HwptPaging, hwpt_paging_alloc
 from .ioas import Ioas
-from .main import Context, Object, ObjType, Ucmd
+from .object import Context, Object, ObjType, Ucmd
 
 log = logging.getLogger(__name__)
 

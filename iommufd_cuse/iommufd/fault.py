@@ -26,7 +26,7 @@ from typing import Any, ClassVar
 from .. import uapi
 from ..errors import Errno
 from .companion import CLAIM, COMPANION_MAGIC, HandedFile, refuse_without_companion
-from .main import Context, Object, ObjType, Ucmd
+from .object import Context, Object, ObjType, Ucmd
 
 log = logging.getLogger(__name__)
 

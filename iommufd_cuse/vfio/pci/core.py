@@ -19,6 +19,8 @@ from ...iommu.domain import PagingDomain
 from ...system import System
 from ...transport.caller import Caller
 from .config import ConfigAccessError, ConfigSpace
+from .dmaengine import DmaEngine
+from .edu import Edu
 from .model import DmaFault, PciFunction
 
 log = logging.getLogger(__name__)
@@ -39,9 +41,6 @@ _REASONS = {
 
 
 def _models() -> dict[str, type[PciFunction]]:
-    from .dmaengine import DmaEngine
-    from .edu import Edu
-
     return {"edu": Edu, "dma-engine": DmaEngine}
 
 
