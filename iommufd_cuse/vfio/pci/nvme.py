@@ -20,6 +20,7 @@ status (CSTS.CFS), as on QEMU's controller. docs/nvme.md has the details.
 from __future__ import annotations
 
 import errno
+import hashlib
 import logging
 import mmap
 import os
@@ -701,10 +702,7 @@ class Nvme(PciFunction):
         return self._to_host(data, prp1, prp2, PAGE)
 
     def _ns_ids(self) -> list[tuple[int, bytes]]:
-        seed = (self.serial + "\0" + self.model_name).encode()
-        import hashlib
-
-        h = hashlib.sha256(seed).digest()
+        h = hashlib.sha256((self.serial + "\0" + self.model_name).encode()).digest()
         eui64, nguid = h[:8], h[8:24]
         uuid = bytearray(h[24:32] + hashlib.sha256(h).digest()[:8])
         uuid[6] = uuid[6] & 0x0F | 0x40  # a version 4 (random-looking) UUID, stable per serial
