@@ -21,8 +21,8 @@ from ...transport.caller import Caller
 from .config import ConfigAccessError, ConfigSpace
 from .dmaengine import DmaEngine
 from .edu import Edu
-from .nvme import Nvme
 from .model import DmaFault, PciFunction
+from .nvme import Nvme
 
 log = logging.getLogger(__name__)
 

@@ -295,8 +295,8 @@ class Nvme(PciFunction):
         self.sqs: dict[int, SubQueue] = {}
         self.cqs: dict[int, CompQueue] = {}
         self.aers: list[int] = []  # command ids of held Asynchronous Event Requests
-        self.events: list[int] = []  # asynchronous events waiting for an AER
-        self.masked_events: set[int] = set()  # reported, until the host reads their log
+        self.events: list[int] = []  # error status events (their information) waiting for an AER
+        self.events_masked = False  # one was reported: the next wait until the host reads the error log
         self.errors: list[bytes] = []  # error log entries, newest last
         self.error_count = 0
         self.features = {
@@ -333,7 +333,7 @@ class Nvme(PciFunction):
             self.spawn(self._worker)
 
     def _has_work(self) -> bool:
-        if self.events and self.aers and 0 in self.cqs and self.cqs[0].room():
+        if self.events and not self.events_masked and self.aers and 0 in self.cqs and self.cqs[0].room():
             return True
         return any(sq.head != sq.tail and self.cqs[sq.cqid].room() for sq in self.sqs.values())
 
@@ -510,11 +510,11 @@ class Nvme(PciFunction):
 
     # -- events ----------------------------------------------------------------------------
     def _event(self, info: int) -> None:
-        """An error status event (type 0) for log page 01h, once until that log is read."""
+        """An error status event (type 0, log page 01h). Once one is reported, events of
+        its type wait until the host reads that log (the specification's masking)."""
         log.info("nvme: asynchronous event: error status %#x", info)
-        if info in self.masked_events or info in self.events:
-            return
-        self.events.append(info)
+        if info not in self.events:
+            self.events.append(info)
         self._kick()
 
     # -- the worker ------------------------------------------------------------------------
@@ -609,10 +609,10 @@ class Nvme(PciFunction):
         del self.errors[:-ERROR_LOG_ENTRIES]
 
     def _post_events(self) -> None:
-        while self.events and self.aers and self.cqs[0].room():
+        if self.events and not self.events_masked and self.aers and self.cqs[0].room():
             info = self.events.pop(0)
             cid = self.aers.pop(0)
-            self.masked_events.add(info)
+            self.events_masked = True
             self._post(self.sqs[0], [(cid, SC_SUCCESS, 0 | info << 8 | LOG_ERROR << 16)])
 
     # -- data ----------------------------------------------------------------------------
@@ -751,8 +751,7 @@ class Nvme(PciFunction):
         if lid == LOG_ERROR:
             data = b"".join(reversed(self.errors))
             if not rae:
-                self.masked_events.discard(AE_INVALID_DOORBELL)
-                self.masked_events.discard(AE_INVALID_DOORBELL_VALUE)
+                self.events_masked = False  # the next error event may be reported
         elif lid == LOG_SMART:
             if nsid not in (0, 1, 0xFFFFFFFF):
                 raise Status(SC_INVALID_FIELD)
