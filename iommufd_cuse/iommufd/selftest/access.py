@@ -14,10 +14,10 @@ import trio
 from ... import uapi
 from ...errors import Errno
 from ...system import PAGE_SIZE
+from ..access import Access, Pins, pin_pages, unpin_pages
 from ..companion import CLAIM, COMPANION_MAGIC, TOKEN_BASE, HandedFile, refuse_without_companion
-from ..io_pagetable import IOMMU_READ, IOMMU_WRITE
 from ..ioas import get_ioas
-from ..object import Context, Object, ObjType
+from ..object import Context
 from .md_check import _AddressSpace, _name_page
 from .mock import ULONG_MAX
 from .stdev import SelftestCall
@@ -49,50 +49,19 @@ class _AccessItem:
     id: int
     iova: int
     length: int
-    pins: list[tuple[Any, int, int]]  # (area, first page index, pages)
+    pins: Pins
 
 
-class SelftestAccess(Object):
-    """struct iommufd_access with the selftest's ops: CPU access to an IOAS, and
-    pins that are dropped whenever the IOAS unmaps under them."""
-
-    type = ObjType.ACCESS
+class SelftestAccess(Access):
+    """An access with the selftest's ops (struct selftest_access): its pins are
+    items, dropped whenever the IOAS unmaps under them."""
 
     def __init__(self, ctx: Context, needs_pin_pages: bool) -> None:
-        super().__init__()
-        self.ctx = ctx
-        self.needs_pin_pages = needs_pin_pages
-        self.iova_alignment = PAGE_SIZE if needs_pin_pages else 1
-        self.ioas: Any = None
+        super().__init__(ctx, needs_pin_pages)
         self.items: dict[int, _AccessItem] = {}
         self.next_id = 0
         self.file: AccessFile | None = None
         self.closed = False
-
-    # -- the IOAS -------------------------------------------------------------------
-    def attach(self, ioas: Any) -> None:
-        """iopt_add_access: the IOAS's alignment must fit (else EADDRINUSE)."""
-        iopt = ioas.iopt
-        iopt.accesses.append(self)
-        try:
-            iopt.calculate_iova_alignment()
-        except BaseException:
-            iopt.accesses.remove(self)
-            raise
-        ioas.users += 1
-        self.ioas = ioas
-
-    def detach(self) -> None:
-        ioas, self.ioas = self.ioas, None
-        if ioas is None:
-            return
-        self.notify_unmap(0, ULONG_MAX)
-        ioas.iopt.accesses.remove(self)
-        try:
-            ioas.iopt.calculate_iova_alignment()
-        except Errno:
-            pass
-        ioas.users -= 1
 
     def notify_unmap(self, iova: int, length: int) -> None:
         """iommufd_test_access_unmap: drop every item overlapping [iova, iova + length)."""
@@ -101,7 +70,7 @@ class SelftestAccess(Object):
             if iova > item.iova + item.length - 1 or last < item.iova:
                 continue
             del self.items[item.id]
-            _access_unpin(item.pins)
+            unpin_pages(item.pins)
 
     # -- lifetime ---------------------------------------------------------------------------
     def close(self) -> None:
@@ -123,55 +92,6 @@ class SelftestAccess(Object):
         AccessFile.forget(ctx.system, self)
         if self.close in ctx.release_hooks:
             ctx.release_hooks.remove(self.close)
-
-    def destroy(self) -> None:
-        self.detach()
-
-
-def _access_pin(access: SelftestAccess, iova: int, length: int, write: bool) -> list[tuple[Any, int, int]]:
-    """iommufd_access_pin_pages: pin the pages under [iova, iova + length), which must
-    be contiguous areas (else ENOENT), page aligned where areas meet (else EINVAL) and
-    mapped with the access's permission (else EPERM)."""
-    if not length:
-        raise Errno(errno.EINVAL)
-    last = iova + length - 1
-    if last > ULONG_MAX:
-        raise Errno(errno.EOVERFLOW)
-    if access.ioas is None:
-        raise Errno(errno.ENOENT)
-    pins: list[tuple[Any, int, int]] = []
-    pos = iova
-    try:
-        for area in access.ioas.iopt.areas_in(iova, last):
-            if area.start > pos or area.busy:
-                break
-            end = min(last, area.last)
-            first_byte = area.start_byte + (pos - area.start)
-            area_last_byte = area.start_byte + area.length - 1
-            if first_byte % PAGE_SIZE or (end != last and area_last_byte % PAGE_SIZE != PAGE_SIZE - 1):
-                raise Errno(errno.EINVAL)
-            if not area.prot & (IOMMU_WRITE if write else IOMMU_READ):
-                raise Errno(errno.EPERM)
-            first = first_byte // PAGE_SIZE
-            n = (area.start_byte + (end - area.start)) // PAGE_SIZE - first + 1
-            area.pages.pin(first, n)
-            area.num_accesses += 1
-            pins.append((area, first, n))
-            pos = end + 1
-            if end == last:
-                break
-        if pos <= last:
-            raise Errno(errno.ENOENT)
-    except BaseException:
-        _access_unpin(pins)
-        raise
-    return pins
-
-
-def _access_unpin(pins: list[tuple[Any, int, int]]) -> None:
-    for area, first, n in pins:
-        area.pages.unpin(first, n)
-        area.num_accesses -= 1
 
 
 class AccessFile(HandedFile):
@@ -239,7 +159,7 @@ async def op_access_pages(t: SelftestCall) -> int:
     if not access.needs_pin_pages:
         raise Errno(errno.EOPNOTSUPP)
     iova = _syz_iova(access.ioas, a.iova) if a.flags & uapi.MOCK_FLAGS_ACCESS_SYZ else a.iova
-    pins = _access_pin(access, iova, a.length, bool(a.flags & uapi.MOCK_FLAGS_ACCESS_WRITE))
+    pins = pin_pages(access, iova, a.length, bool(a.flags & uapi.MOCK_FLAGS_ACCESS_WRITE))
     try:
         if a.uptr:  # the pinned pages must be the caller's at uptr (NULL skips, for syzkaller)
             _check_pages(t, a.uptr - iova % PAGE_SIZE, pins)
@@ -253,12 +173,12 @@ async def op_access_pages(t: SelftestCall) -> int:
             del access.items[item.id]
             raise
     except BaseException:
-        _access_unpin(pins)
+        unpin_pages(pins)
         raise
     return 0
 
 
-def _check_pages(t: SelftestCall, uptr: int, pins: list[tuple[Any, int, int]]) -> None:
+def _check_pages(t: SelftestCall, uptr: int, pins: Pins) -> None:
     """iommufd_test_check_pages: EBADE unless each pinned page is the caller's page
     at uptr, uptr + PAGE_SIZE, ...; EFAULT where the caller has none."""
     user = _AddressSpace(t.ucmd.caller.tgid)
@@ -306,7 +226,7 @@ async def op_destroy_access_pages(t: SelftestCall) -> int:
     item = access.items.pop(t.arg.access_pages_id, None)
     if item is None:
         raise Errno(errno.ENOENT)
-    _access_unpin(item.pins)
+    unpin_pages(item.pins)
     return 0
 
 
@@ -320,14 +240,5 @@ async def op_access_replace_ioas(t: SelftestCall) -> int:
     new = get_ioas(access.ctx, t.arg.ioas_id)
     if new is old:
         return 0
-    with access.ctx.hold(new):
-        async with new.iopt.lock:
-            access.attach(new)  # sets access.ioas = new
-    access.notify_unmap(0, ULONG_MAX)
-    old.iopt.accesses.remove(access)
-    try:
-        old.iopt.calculate_iova_alignment()
-    except Errno:
-        pass
-    old.users -= 1
+    await access.replace(new)
     return 0
