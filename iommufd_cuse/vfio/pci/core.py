@@ -12,10 +12,9 @@ from collections.abc import Awaitable, Callable
 import trio
 
 from ... import uapi
-from ..._native import ffi, lib
 from ...errors import Errno
 from ...iommu.core import Device
-from ...iommu.domain import PagingDomain
+from ...iommu.domain import IoFault, PagingDomain, dma_copy
 from ...system import System
 from ...transport.caller import Caller
 from .config import ConfigAccessError, ConfigSpace
@@ -33,20 +32,14 @@ CONFIG = uapi.VFIO_PCI_CONFIG_REGION_INDEX
 ROM = uapi.VFIO_PCI_ROM_REGION_INDEX
 INTX, MSI, MSIX, ERR, REQ = range(5)
 DMA_CHUNK = 1 << 21  # a DMA runs off the event loop above this size
-_REASONS = {
-    errno.ENOENT: "no translation",
-    errno.EACCES: "no permission",
-    errno.EFAULT: "page not pinned",
-    errno.ESRCH: "the memory's owner process is gone",
-}
 
 
 def _models() -> dict[str, type[PciFunction]]:
     return {"edu": Edu, "dma-engine": DmaEngine, "nvme": Nvme}
 
 
-class DmaPort:
-    """A device's view of memory: through its group's domain, gated by bus mastering."""
+class GroupDmaPort:
+    """The DmaPort of a vfio-pci device: through its group's domain, gated by bus mastering."""
 
     def __init__(self, vdev: VfioPciDevice) -> None:
         self.vdev = vdev
@@ -67,10 +60,10 @@ class DmaPort:
 
     def _rw(self, iova: int, buf: bytearray | memoryview, write: bool) -> None:
         dom = self._domain(iova, write)
-        fault = ffi.new("uint64_t *")
-        rc = lib.icuse_dma_rw(self.vdev.system.store, dom.pt, iova, ffi.from_buffer(buf), len(buf), int(write), fault)
-        if rc < 0:
-            raise self._fault(fault[0], write, _REASONS.get(-rc, os.strerror(-rc)))
+        try:
+            dom.dma_rw(self.vdev.system.store, iova, buf, write)
+        except IoFault as f:
+            raise self._fault(f.iova, f.write, f.reason) from None
 
     def read(self, iova: int, length: int) -> bytes:
         buf = bytearray(length)
@@ -90,36 +83,19 @@ class DmaPort:
             dom = self._domain(xfers[0][0], bool(xfers[0][3]))
         except DmaFault as f:
             return [f] * len(xfers)
-        ios = ffi.new("struct icuse_prp_io[]", len(xfers))
-        bufs = []
-        for io, (prp1, prp2, view, to_host) in zip(ios, xfers, strict=True):
-            buf = ffi.from_buffer(view, require_writable=True)
-            bufs.append(buf)
-            io.prp1, io.prp2, io.len, io.to_host = prp1, prp2, len(view), int(to_host)
-            io.buf = int(ffi.cast("uintptr_t", buf))
-        try:
-            lib.icuse_dma_prp_batch(self.vdev.system.store, dom.pt, page_size, ios, len(xfers))
-        finally:
-            for buf in bufs:
-                ffi.release(buf)
         out: list[int | DmaFault] = []
-        for io in ios:
-            rc = io.result
-            if rc in (0, -errno.EINVAL):
-                out.append(rc)
-            else:
-                out.append(self._fault(io.fault_iova, bool(io.fault_write), _REASONS.get(-rc, os.strerror(-rc))))
+        for r in dom.dma_prp_batch(self.vdev.system.store, page_size, xfers):
+            out.append(self._fault(r.iova, r.write, r.reason) if isinstance(r, IoFault) else r)
         return out
 
     def _copy_piece(self, src_iova: int, dst_iova: int, n: int) -> None:
         # the domain is looked up for every piece: it may change in between (replace/detach)
         src = self._domain(src_iova, False)
         dst = self._domain(dst_iova, True)
-        fault = ffi.new("uint64_t *")
-        is_dst = ffi.new("int *")
-        rc = lib.icuse_dma_copy(self.vdev.system.store, src.pt, src_iova, dst.pt, dst_iova, n, fault, is_dst)
-        if rc < 0:
-            raise self._fault(fault[0], bool(is_dst[0]), _REASONS.get(-rc, os.strerror(-rc)))
+        try:
+            dma_copy(self.vdev.system.store, src, src_iova, dst, dst_iova, n)
+        except IoFault as f:
+            raise self._fault(f.iova, f.write, f.reason) from None
 
     async def copy(self, src_iova: int, dst_iova: int, length: int) -> None:
         """Device-internal copy: small ones on the event loop, longer ones in a
@@ -342,7 +318,7 @@ class VfioPciDevice:
     ) -> None:
         self.system = system
         self.device = device
-        self.dma = DmaPort(self)
+        self.dma = GroupDmaPort(self)
         self.irqs = Irqs(self)
         model_cls = _models().get(device.cfg.model)
         if model_cls is None:

@@ -39,6 +39,10 @@ class DmaPort(Protocol):
         """Device-internal copy of a long range, off the event loop; raises DmaFault."""
         ...
 
+    def copy_sync(self, src_iova: int, dst_iova: int, length: int) -> None:
+        """copy() for a model already off the event loop (in a worker thread of its own)."""
+        ...
+
     def prp_batch(self, page_size: int, xfers: list[tuple[int, int, memoryview, bool]]) -> list[int | DmaFault]:
         """NVMe transfers (prp1, prp2, device-side buffer, to_host) through PRPs and PRP
         lists, in C: per transfer 0, -EINVAL (a bad PRP offset) or its DmaFault."""
