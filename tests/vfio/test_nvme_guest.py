@@ -1,0 +1,136 @@
+"""The NVMe controller passed to QEMU (TCG) with a real Linux guest whose own `nvme` driver binds it
+(tests/guestkit.py): a 64 MiB pattern written, the page cache dropped, read back and compared — without a
+vIOMMU (IOVA = guest physical) and with QEMU's intel-iommu and the guest's `intel_iommu=on`, where every
+guest DMA mapping becomes an IOAS_MAP/UNMAP on the daemon. In the same boots: a controller reset by the
+driver (sysfs reset_controller), the shutdown notification of the guest's power-off, and (without vIOMMU) a
+guest reboot, after which the driver probes the controller again and finds the data."""
+
+from __future__ import annotations
+
+import os
+import shutil
+
+import guestkit
+import pytest
+import trio
+from test_device_cdev import assert_released
+
+NVME_VFIO = 4  # vfio4: the default topology's NVMe controller
+MIB = 1 << 20
+PATTERN_MIB = 64
+
+# The guest's script: find the namespace, write PATTERN_MIB of random data, drop the page cache, read it back
+# and compare; then a controller reset, and the comparison again. On the second boot (a marker in the last
+# block says so) only the comparison: the data survived the reboot.
+SCRIPT = f"""
+i=0
+while [ ! -b /dev/nvme0n1 ] && [ $i -lt 600 ]; do sleep 0.1; i=$((i+1)); done
+[ -b /dev/nvme0n1 ] || {{ echo "RESULT probe none"; dmesg | grep -i nvme; exit 1; }}
+echo "RESULT probe ok"
+echo "RESULT blocks $(cat /sys/block/nvme0n1/size)"
+echo "RESULT model $(cat /sys/class/nvme/nvme0/model)"
+echo "RESULT serial $(cat /sys/class/nvme/nvme0/serial)"
+last=$(( $(cat /sys/block/nvme0n1/size) - 1 ))
+marker=$(dd if=/dev/nvme0n1 bs=512 skip=$last count=1 2>/dev/null | head -c 8)
+if [ "$marker" = "REBOOTED" ]; then
+  echo "RESULT boot second"
+  dd if=/dev/nvme0n1 of=/tmp/back bs=1M count={PATTERN_MIB} 2>/dev/null
+  echo "RESULT md5_after_reboot $(md5sum < /tmp/back | cut -d' ' -f1)"
+  exit 0
+fi
+echo "RESULT boot first"
+dd if=/dev/urandom of=/tmp/pat bs=1M count={PATTERN_MIB} 2>/dev/null
+echo "RESULT md5 $(md5sum < /tmp/pat | cut -d' ' -f1)"
+dd if=/tmp/pat of=/dev/nvme0n1 bs=1M conv=fsync 2>/dev/null || {{ echo "RESULT write failed"; exit 1; }}
+echo 3 > /proc/sys/vm/drop_caches
+dd if=/dev/nvme0n1 of=/tmp/back bs=1M count={PATTERN_MIB} 2>/dev/null
+cmp /tmp/pat /tmp/back && echo "RESULT compare equal" || echo "RESULT compare differ"
+rm /tmp/back
+echo 1 > /sys/class/nvme/nvme0/reset_controller
+i=0
+while [ "$(cat /sys/class/nvme/nvme0/state)" != live ] && [ $i -lt 300 ]; do sleep 0.1; i=$((i+1)); done
+echo "RESULT state_after_reset $(cat /sys/class/nvme/nvme0/state)"
+echo 3 > /proc/sys/vm/drop_caches
+dd if=/dev/nvme0n1 of=/tmp/back bs=1M count={PATTERN_MIB} 2>/dev/null
+cmp /tmp/pat /tmp/back && echo "RESULT compare_after_reset equal" || echo "RESULT compare_after_reset differ"
+if [ -n "$REBOOT" ]; then
+  printf REBOOTED | dd of=/dev/nvme0n1 bs=512 seek=$last conv=sync,fsync 2>/dev/null
+  reboot -f
+fi
+exit 0
+"""
+
+
+async def boot_with_nvme(daemon, *, viommu: bool, reboot: bool = False) -> guestkit.GuestRun:
+    kit = guestkit.require()
+    work = guestkit.scratch()
+    # opened off the loop: the daemon answering the OPEN runs on it
+    iommu = await trio.to_thread.run_sync(os.open, os.path.join(daemon.dev_dir, "iommu"), os.O_RDWR)
+    dev = await trio.to_thread.run_sync(
+        os.open, os.path.join(daemon.dev_dir, f"vfio/devices/vfio{NVME_VFIO}"), os.O_RDWR
+    )
+    try:
+        initrd = guestkit.Initramfs(kit)
+        initrd.add_modules("nvme")
+        initrd.script(("REBOOT=1\n" if reboot else "") + SCRIPT)
+        args = ["-object", f"iommufd,id=iommufd0,fd={iommu}"]
+        if viommu:  # before the device it translates for
+            args += ["-device", "intel-iommu,caching-mode=on"]
+        args += ["-device", f"vfio-pci,fd={dev},iommufd=iommufd0"]
+        if reboot:
+            args += ["-action", "reboot=reset"]  # a guest reboot resets the machine (boot() says -no-reboot)
+        run = await guestkit.boot(
+            initrd.build(work / "initrd"),
+            qemu_args=args,
+            pass_fds=[iommu, dev],
+            cmdline="intel_iommu=on" if viommu else "",
+            timeout=540,
+        )
+    finally:
+        await trio.to_thread.run_sync(os.close, iommu)
+        await trio.to_thread.run_sync(os.close, dev)
+        shutil.rmtree(work, ignore_errors=True)
+    return run
+
+
+def assert_round_trip(run: guestkit.GuestRun) -> None:
+    r = run.results
+    assert r.get("probe") == "ok", run
+    assert (
+        r["blocks"] == str((1 << 30) // 512)
+        and r["model"].strip() == "iommufd-cuse NVMe"
+        and r["serial"].strip() == "ICUSE0001"
+    )
+    assert r.get("compare") == "equal", run
+    assert r.get("state_after_reset") == "live" and r.get("compare_after_reset") == "equal", run
+
+
+@pytest.mark.timeout(900)
+async def test_guest_nvme_driver_round_trip_reset_and_reboot(daemon) -> None:
+    vdev = daemon.system.devices[NVME_VFIO].vfio
+    maps, unmaps = daemon.system.maps, daemon.system.unmaps
+    run = await boot_with_nvme(daemon, viommu=False, reboot=True)
+    assert_round_trip(run)
+    # the reboot: the driver probed the controller again (after QEMU's reset of it) and read the same data
+    assert run.results.get("boot") == "second", run
+    assert run.results["md5_after_reboot"] == run.results["md5"], run
+    assert run.rc == 0 and run.qemu_rc == 0, run
+    assert vdev.fault_count == 0, vdev.faults
+    # no vIOMMU: QEMU mapped guest RAM once, at IOVA = guest physical; a handful of maps for its regions
+    assert daemon.system.maps - maps < 100 and daemon.system.unmaps - unmaps < 100
+    await assert_released(daemon)
+
+
+@pytest.mark.timeout(900)
+async def test_guest_nvme_driver_round_trip_through_a_guest_viommu(daemon) -> None:
+    vdev = daemon.system.devices[NVME_VFIO].vfio
+    maps, unmaps = daemon.system.maps, daemon.system.unmaps
+    run = await boot_with_nvme(daemon, viommu=True)
+    assert_round_trip(run)
+    assert run.rc == 0 and run.qemu_rc == 0, run
+    assert vdev.fault_count == 0, vdev.faults
+    # translated DMA: the guest's DMA API mapped and unmapped every buffer, QEMU passed each on as an
+    # IOAS_MAP / IOAS_UNMAP: at least one of each per 4 KiB page of the 2 x 64 MiB moved
+    pages = 2 * PATTERN_MIB * MIB // 4096
+    assert daemon.system.maps - maps >= pages and daemon.system.unmaps - unmaps >= pages
+    await assert_released(daemon)
