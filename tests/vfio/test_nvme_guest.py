@@ -3,7 +3,8 @@
 vIOMMU (IOVA = guest physical) and with QEMU's intel-iommu and the guest's `intel_iommu=on`, where every
 guest DMA mapping becomes an IOAS_MAP/UNMAP on the daemon. In the same boots: a controller reset by the
 driver (sysfs reset_controller), the shutdown notification of the guest's power-off, and (without vIOMMU) a
-guest reboot, after which the driver probes the controller again and finds the data."""
+userspace driver in the guest (tests/clients/guest_nvme.c) that programs a bad PRP, the kernel's driver bound
+again, and a guest reboot, after which the driver probes the controller again and finds the data."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import shutil
 import guestkit
 import pytest
 import trio
+from harness import CLIENTS
 from test_device_cdev import assert_released
 
 NVME_VFIO = 4  # vfio4: the default topology's NVMe controller
@@ -53,6 +55,19 @@ echo "RESULT state_after_reset $(cat /sys/class/nvme/nvme0/state)"
 echo 3 > /proc/sys/vm/drop_caches
 dd if=/dev/nvme0n1 of=/tmp/back bs=1M count={PATTERN_MIB} 2>/dev/null
 cmp /tmp/pat /tmp/back && echo "RESULT compare_after_reset equal" || echo "RESULT compare_after_reset differ"
+if [ -n "$USER_DRIVER" ]; then
+  # the kernel's driver lets go; a userspace driver programs a bad PRP, then a good one; the kernel's takes it back
+  bdf=$(basename $(readlink /sys/class/nvme/nvme0/device))
+  echo $bdf > /sys/bus/pci/drivers/nvme/unbind
+  guest_nvme $bdf 2>/tmp/lba0
+  head -c 4096 /tmp/pat | cmp - /tmp/lba0 && echo "RESULT user_read equal" || echo "RESULT user_read differ"
+  echo $bdf > /sys/bus/pci/drivers/nvme/bind
+  i=0
+  while [ ! -b /dev/nvme0n1 ] && [ $i -lt 600 ]; do sleep 0.1; i=$((i+1)); done
+  echo 3 > /proc/sys/vm/drop_caches
+  dd if=/dev/nvme0n1 of=/tmp/back bs=1M count={PATTERN_MIB} 2>/dev/null
+  cmp /tmp/pat /tmp/back && echo "RESULT compare_after_rebind equal" || echo "RESULT compare_after_rebind differ"
+fi
 if [ -n "$REBOOT" ]; then
   printf REBOOTED | dd of=/dev/nvme0n1 bs=512 seek=$last conv=sync,fsync 2>/dev/null
   reboot -f
@@ -72,7 +87,10 @@ async def boot_with_nvme(daemon, *, viommu: bool, reboot: bool = False) -> guest
     try:
         initrd = guestkit.Initramfs(kit)
         initrd.add_modules("nvme")
-        initrd.script(("REBOOT=1\n" if reboot else "") + SCRIPT)
+        if reboot:  # the boot without a vIOMMU: device addresses are guest physical, for guest_nvme
+            exe = guestkit.compile_static(CLIENTS / "guest_nvme.c", work / "guest_nvme")
+            initrd.add_file("/bin/guest_nvme", exe)
+        initrd.script(("REBOOT=1\nUSER_DRIVER=1\n" if reboot else "") + SCRIPT)
         args = ["-object", f"iommufd,id=iommufd0,fd={iommu}"]
         if viommu:  # before the device it translates for
             args += ["-device", "intel-iommu,caching-mode=on"]
@@ -108,14 +126,22 @@ def assert_round_trip(run: guestkit.GuestRun) -> None:
 @pytest.mark.timeout(900)
 async def test_guest_nvme_driver_round_trip_reset_and_reboot(daemon) -> None:
     vdev = daemon.system.devices[NVME_VFIO].vfio
-    maps, unmaps = daemon.system.maps, daemon.system.unmaps
+    maps, unmaps, faults = daemon.system.maps, daemon.system.unmaps, vdev.fault_count
     run = await boot_with_nvme(daemon, viommu=False, reboot=True)
     assert_round_trip(run)
     # the reboot: the driver probed the controller again (after QEMU's reset of it) and read the same data
     assert run.results.get("boot") == "second", run
     assert run.results["md5_after_reboot"] == run.results["md5"], run
     assert run.rc == 0 and run.qemu_rc == 0, run
-    assert vdev.fault_count == 0, vdev.faults
+    # the userspace driver's bad PRP: an error completion (Data Transfer Error) and one recorded fault; the
+    # good read after it, and the kernel's driver bound again, see the data
+    r = run.results
+    assert r.get("user_identify_vid") == "0x1de5" and r.get("user_driver") == "done", run
+    assert (r.get("bad_prp_status"), r.get("good_read_status"), r.get("user_read")) == ("0x004", "0x000", "equal"), run
+    assert r.get("compare_after_rebind") == "equal", run
+    assert vdev.fault_count == faults + 1, vdev.faults
+    f = vdev.faults[-1]
+    assert (f.iova, f.write, f.reason) == (0xF00000000, True, "no translation")
     # no vIOMMU: QEMU mapped guest RAM once, at IOVA = guest physical; a handful of maps for its regions
     assert daemon.system.maps - maps < 100 and daemon.system.unmaps - unmaps < 100
     await assert_released(daemon)
