@@ -305,3 +305,38 @@ async def boot(
 def scratch() -> Path:
     """A scratch directory for initramfs images and static binaries."""
     return Path(tempfile.mkdtemp(prefix="icuse-guest-", dir="/tmp"))
+
+
+def _main(argv: Sequence[str] | None = None) -> int:
+    """`python tests/guestkit.py OUT [--module M]... [--file GUEST=HOST]... [--script TEXT]`: write an initramfs
+    by hand and print the QEMU command line that boots it (docs/guests.md)."""
+    import argparse
+    import shlex
+
+    ap = argparse.ArgumentParser(prog="tests/guestkit.py", description=_main.__doc__)
+    ap.add_argument("out", type=Path)
+    ap.add_argument("--module", action="append", default=[], help="a module to load (with its dependencies)")
+    ap.add_argument("--file", action="append", default=[], help="GUEST_PATH=HOST_PATH")
+    ap.add_argument("--script", default="exec sh", help="the init's body (default: a shell on the console)")
+    a = ap.parse_args(argv)
+    kit = find()
+    if isinstance(kit, str):
+        ap.error(kit)
+    initrd = Initramfs(kit)
+    initrd.add_modules(*a.module)
+    for spec in a.file:
+        guest, _, host = spec.partition("=")
+        initrd.add_file(guest, Path(host))
+    initrd.script(a.script)
+    initrd.build(a.out)
+    print(
+        shlex.join(
+            [QEMU, "-accel", "tcg", "-machine", "q35", "-m", "512M", "-nodefaults", "-nographic", "-no-reboot"]
+            + ["-serial", "mon:stdio", "-kernel", str(kit.kernel), "-initrd", str(a.out), "-append", CMDLINE]
+        )
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(_main())
