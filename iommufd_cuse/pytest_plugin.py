@@ -46,7 +46,7 @@ from .client import Iommufd, VfioDevice
 
 READY_TIMEOUT = 60.0  # s: the daemon's own readiness probe allows 10 s per node
 STOP_TIMEOUT = 20.0
-SETTLE_TIMEOUT = 10.0  # s for the daemon to release what a closed file held
+SETTLE_TIMEOUT = 5.0  # s for the daemon to release what a closed file held
 LOG_LINES = 300  # at most this many daemon log lines attached to a report
 PR_SET_PDEATHSIG = 1
 
@@ -106,6 +106,9 @@ class IommufdDaemon:
         self.selftest = selftest
         self.log_level = log_level
         self.proc: subprocess.Popen | None = None
+        # Where the daemon sends sd_notify messages: READY=1, then STATUS= as it
+        # changes; open for its whole life (else it logs a failed send), drained.
+        self._notify: socket.socket | None = None
 
     # -- paths -------------------------------------------------------------------------
     @property
@@ -134,6 +137,7 @@ class IommufdDaemon:
     # -- state -------------------------------------------------------------------------
     def status(self) -> dict[str, Any]:
         """What `iommufd-cuse status --json` prints, asked over the control socket."""
+        self._drain()
         return service.request(self.control_socket, {"cmd": "status"})
 
     def log_size(self) -> int:
@@ -155,7 +159,7 @@ class IommufdDaemon:
     def start(self, timeout: float = READY_TIMEOUT) -> None:
         """Start the daemon and return once it is ready (DaemonError if it is not)."""
         notify_path = str(self.base / "notify")
-        notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
+        self._notify = notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
         notify.bind(notify_path)
         argv = [
             *_daemon_command(),
@@ -175,23 +179,28 @@ class IommufdDaemon:
             argv.append("--selftest")
         env = {**os.environ, "NOTIFY_SOCKET": notify_path}
         env.pop("WATCHDOG_USEC", None)
-        try:
-            with open(self.log_path, "ab") as log:
-                self.proc = subprocess.Popen(
-                    argv,
-                    stdin=subprocess.DEVNULL,
-                    stdout=log,
-                    stderr=log,
-                    env=env,
-                    # its own session: a ^C reaches pytest, which stops it in order
-                    start_new_session=True,
-                    preexec_fn=_die_with_parent,
-                )
-            self._wait_ready(notify, timeout)
-        finally:
-            notify.close()
+        with open(self.log_path, "ab") as log:
+            self.proc = subprocess.Popen(
+                argv,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=log,
+                env=env,
+                # its own session: a ^C reaches pytest, which stops it in order
+                start_new_session=True,
+                preexec_fn=_die_with_parent,
+            )
+        self._wait_ready(notify, timeout)
+        notify.setblocking(False)
         if self.proc.poll() is not None:
             raise DaemonError(f"the daemon exited ({self.proc.returncode}) right after start-up\n{self.log_text()}")
+
+    def _drain(self) -> None:
+        if self._notify is None:
+            return
+        with contextlib.suppress(BlockingIOError):
+            while True:
+                self._notify.recv(4096)
 
     def _wait_ready(self, notify: socket.socket, timeout: float) -> None:
         assert self.proc is not None
@@ -229,6 +238,9 @@ class IommufdDaemon:
                 with contextlib.suppress(OSError):
                     ctypes.CDLL(None, use_errno=True).umount2(self.mountpoint.encode(), 2)  # MNT_DETACH
         rc = proc.returncode
+        if self._notify is not None:
+            self._notify.close()
+            self._notify = None
         if check and rc != 0:
             raise DaemonError(f"the daemon exited {rc}:\n{self.log_text()}")
         return rc
@@ -300,6 +312,8 @@ class LeakCheck:
         self.contexts: list[Iommufd] = []
         self.fixture_keys: set[tuple[Any, ...]] = set()
         self.devices: list[VfioDevice] = []
+        self.bdfs: set[str] = set()
+        self.after: dict[str, Any] = self.baseline
 
     def open_context(self) -> Iommufd:
         before = {_context_key(c) for c in self.daemon.status()["contexts"]}
@@ -311,56 +325,68 @@ class LeakCheck:
     def open_device(self, bdf: str) -> VfioDevice:
         dev = VfioDevice.open(self.daemon.device_node(bdf))
         self.devices.append(dev)
+        self.bdfs.add(bdf)
         return dev
 
     def finish(self) -> None:
         """Close what the fixtures opened; pytest.fail if the test left anything."""
-        problems: list[str] = []
         for dev in reversed(self.devices):
             dev.close()
-        st = self.daemon.status()
-        for c in st["contexts"]:
-            key = _context_key(c)
-            if key in self.known or not c["objects"]:
-                continue
-            objs = ", ".join(_describe_object(o) for o in c["objects"])
-            whose = "the `iommufd` fixture's context" if key in self.fixture_keys else _describe_context(c)
-            problems.append(f"{whose} still holds {objs}: destroy what the test allocates")
-        shown = st  # the status to show: while the leak is still there
+        # A device's file is released after close() returns: until the daemon has
+        # processed that, its binding (an object of the context) is still there.
+        st = self._settle(lambda st: not any(d.get("in_use") for d in st["devices"] if d["bdf"] in self.bdfs))
+        self.after = st  # what the messages name contexts by, and show
+        names = {_context_key(c): _describe_context(c) for c in st["contexts"]}
+        held = {
+            _context_key(c): ", ".join(_describe_object(o) for o in c["objects"])
+            for c in st["contexts"]
+            if _context_key(c) not in self.known and c["objects"]
+        }
+        problems = [
+            f"the `iommufd` fixture's context still holds {objs}: destroy what the test allocates"
+            for key, objs in held.items()
+            if key in self.fixture_keys
+        ]
         for ctx in self.contexts:
             ctx.close()
         # What closed files held goes when the daemon has processed their release.
-        deadline = time.monotonic() + SETTLE_TIMEOUT
-        while True:
-            st = self.daemon.status()
-            left = self._left(st)
-            if not left or time.monotonic() > deadline:
-                break
-            time.sleep(0.02)
-        if left:
-            problems += left
-            shown = st
+        problems += self._left(self._settle(lambda now: not self._left(now, names, held)), names, held)
         if problems:
             text = "\n".join(f"  - {p}" for p in problems)
             pytest.fail(
                 f"iommufd-cuse: {self.name} left state behind in the daemon:\n{text}\n\n"
-                f"the daemon's status then:\n{service.format_status(shown)}",
+                f"the daemon's status after the test:\n{service.format_status(st)}",
                 pytrace=False,
             )
 
-    def _left(self, st: dict[str, Any]) -> list[str]:
+    def _settle(self, done: Callable[[dict[str, Any]], bool]) -> dict[str, Any]:
+        """The daemon's status once done(status), or after SETTLE_TIMEOUT."""
+        deadline = time.monotonic() + SETTLE_TIMEOUT
+        while True:
+            st = self.daemon.status()
+            if done(st) or time.monotonic() > deadline:
+                return st
+            time.sleep(0.02)
+
+    def _left(
+        self, st: dict[str, Any], names: dict[tuple[Any, ...], str], held: dict[tuple[Any, ...], str]
+    ) -> list[str]:
+        """What is left in st that was not before the test (contexts named as in
+        the snapshot names, with the objects they held then)."""
         left = []
         for c in st["contexts"]:
-            if _context_key(c) not in self.known:
-                n = len(c["objects"])
-                left.append(f"{_describe_context(c)} is still open, with {n} object{'s' * (n != 1)}: close it")
+            key = _context_key(c)
+            if key not in self.known:
+                name = names.get(key) or _describe_context(c)
+                objs = f", holding {held[key]}" if key in held else ""
+                left.append(f"{name} is still open{objs}: close it")
         before = self.baseline["pinned_pages"]
         if st["pinned_pages"] > before:
             left.append(f"{st['pinned_pages']} pages are pinned ({before} before the test)")
-        was = _owners(self.baseline)
+        was, then = _owners(self.baseline), _owners(self.after)
         for group, owner in _owners(st).items():
-            if owner != was.get(group, "kernel"):
-                left.append(f"group {group} is owned by {owner} (was {was.get(group, 'kernel')}): close its devices")
+            if owner != "kernel" and was.get(group, "kernel") == "kernel":
+                left.append(f"group {group} is owned by userspace ({then.get(group, owner)}): close its devices")
         return left
 
 
