@@ -34,17 +34,20 @@ import trio
 from .. import uapi
 from .._native import ffi, lib
 from ..config import DeviceConfig, IommuConfig
+from ..errors import Errno
 from ..iommu.core import Device, Group, Iommu
 from ..iommu.domain import Domain, PagingDomain
 from ..system import PAGE_SIZE
-from ..transport.caller import Errno
 from ..transport.mount import fd_on_our_mount
 from . import device as device_mod
 from .companion import CLAIM, COMPANION_MAGIC, TOKEN_BASE, HandedFile, refuse_without_companion
+from .fault import report_device_fault
 from .hw_pagetable import HwptNested, HwptPaging, UserData, UserDataArray
-from .ioas import get_ioas
-from .main import Context, Object, ObjType, Ucmd
+from .io_pagetable import IOMMU_READ, IOMMU_WRITE
+from .ioas import Ioas, get_ioas
+from .object import Context, Object, ObjType, Ucmd, copy_struct_from_user
 from .pages import FilePages, Pages, UserPages
+from .viommu import remove_vdev
 
 log = logging.getLogger(__name__)
 
@@ -250,8 +253,6 @@ class MockIommu(Iommu):
         then each: unknown flags EOPNOTSUPP, cache_id past MOCK_DEV_CACHE_ID_MAX EINVAL,
         a vdev_id no vdevice of the vIOMMU has EINVAL; FLAG_ALL clears every cache
         entry of the device, else entry cache_id. entry_num: the entries handled."""
-        from .main import copy_struct_from_user
-
         if array.entry_num == 0 and array.type == uapi.IOMMU_VIOMMU_INVALIDATE_DATA_SELFTEST:
             return
         struct = uapi.iommu_viommu_invalidate_selftest
@@ -348,7 +349,7 @@ class MockDev(Device):
 
 
 def mock_iommu(system: Any) -> MockIommu:
-    iommu = getattr(system, "mock_iommu", None)
+    iommu = system.mock_iommu
     if iommu is None:
         iommu = system.mock_iommu = MockIommu()
     return iommu
@@ -411,8 +412,6 @@ class SelftestObj(Object):
 
 def _unbind(idev: device_mod.Idev) -> None:
     """iommufd_device_unbind without awaiting (from a destroy)."""
-    from .viommu import remove_vdev
-
     remove_vdev(idev)
     device_mod.detach_sync(idev)
     idev.users -= 1
@@ -864,8 +863,6 @@ def op_trigger_iopf(t: SelftestCall) -> int:
     attached to (at that PASID; the mock keeps PASID tables in user space, so a PASID
     with no attachment of its own falls back to the RID's nested HWPT); with no such
     HWPT, or one without a fault, the report is dropped. 0 either way, as the kernel."""
-    from .fault import report_device_fault
-
     a = t.arg
     idev = _get_device(t.ctx, a.dev_id)
     if not report_device_fault(idev, a.pasid, a.grpid, a.perm, a.addr):
@@ -998,8 +995,6 @@ def _access_pin(access: SelftestAccess, iova: int, length: int, write: bool) -> 
         raise Errno(errno.EOVERFLOW)
     if access.ioas is None:
         raise Errno(errno.ENOENT)
-    from .io_pagetable import IOMMU_READ, IOMMU_WRITE
-
     pins: list[tuple[Any, int, int]] = []
     pos = iova
     try:
@@ -1039,9 +1034,7 @@ class AccessFile(HandedFile):
     """An open of ACCESS_NODE: the file of one access once claimed (its close
     destroys the access, as the kernel's staccess release)."""
 
-    pending_attr = "selftest_pending_accesses"
-    seq_attr = "selftest_access_seq"
-    ino_attr = "selftest_access_ino"
+    kind = "access"
 
     def on_release(self) -> None:
         if self.obj is not None:
@@ -1255,8 +1248,6 @@ def _pasid_target(ctx: Context, pt_id: int, idev: device_mod.Idev, pasid: int) -
     """The HWPT a PASID goes to (iommufd_device_change_pt): another kind of object is
     EINVAL; a PASID already attached is EBUSY; an IOAS would get an automatic HWPT,
     and those are never allocated with IOMMU_HWPT_ALLOC_PASID: EINVAL too."""
-    from .ioas import Ioas
-
     pt = ctx.get(pt_id)
     if not isinstance(pt, (HwptPaging, HwptNested, Ioas)):
         raise Errno(errno.EINVAL)
