@@ -31,6 +31,8 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, Generic, Self, TypeVar
 
+import trio
+
 from . import uapi
 
 __all__ = [
@@ -490,13 +492,9 @@ class _Threaded(Generic[F]):
 
     @classmethod
     async def open(cls, path: str | os.PathLike) -> Self:
-        import trio
-
         return cls(await trio.to_thread.run_sync(cls._cls.open, path))
 
     def __getattr__(self, name: str) -> Callable[..., Any]:
-        import trio
-
         method = getattr(self.sync, name)
 
         async def call(*args: Any, **kw: Any) -> Any:
