@@ -195,6 +195,48 @@ def test_xdist_workers_get_separate_daemons(project: Path) -> None:
         assert not os.path.exists(base) and not mounted_under(base)
 
 
+OPTIONS = """
+from iommufd_cuse import uapi
+
+U64_MAX = (1 << 64) - 1
+
+
+def test_its_topology_and_test_mode(iommufd_daemon, iommufd):
+    assert iommufd_daemon.devices() == ["0000:00:07.0"]
+    assert iommufd_daemon.devices(model="edu") == []
+    ioas = iommufd.ioas()
+    add = uapi.IOMMU_TEST_CMD_UNION["add_reserved"]
+    data = add.pack(add.new(start=0x10000, length=0x10000)).ljust(uapi.iommu_test_cmd.FIELDS["data"][1], b"\\0")
+    r = iommufd.raw(uapi.IOMMU_TEST_CMD, uapi.iommu_test_cmd, op=uapi.IOMMU_TEST_OP_ADD_RESERVED, id=ioas.id, data=data)
+    assert (r.rc, r.errno) == EXPECT
+    if r.rc == 0:
+        assert ioas.iova_ranges()[0] == [(0, 0xFFFF), (0x20000, U64_MAX)]
+    ioas.destroy()
+"""
+
+CONFIG = """
+[[iommu]]
+name = "smmu0"
+hw_info_type = "arm_smmuv3"
+
+[[device]]
+bdf = "0000:00:07.0"
+model = "dma-engine"
+iommu = "smmu0"
+group = 7
+"""
+
+
+@pytest.mark.parametrize("selftest", [True, False])
+def test_config_and_selftest_options(project: Path, selftest: bool) -> None:
+    expect = "(0, 0)" if selftest else "(-1, errno.ENOTTY)"  # IOMMU_TEST_CMD only in test mode
+    (project / "test_options.py").write_text(f"import errno\nEXPECT = {expect}\n" + OPTIONS)
+    (project / "topology.toml").write_text(CONFIG)
+    args = ["--iommufd-config", "topology.toml", *(["--iommufd-selftest"] if selftest else [])]
+    p = pytest_in(project, *args)
+    assert p.returncode == 0 and "1 passed" in p.stdout, p.stdout + p.stderr
+
+
 def test_inert_unless_used_and_skipped_without_root() -> None:
     where = scratch_dir()  # nobody must be able to enter it
     try:
