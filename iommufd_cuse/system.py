@@ -92,7 +92,7 @@ class System:
         self.pending_files: dict[str, Pending] = {}
         self.file_seqs: dict[str, int] = {}
         self.node_inos: dict[str, int] = {}
-        # Test mode only (iommufd/selftest.py), globals of the kernel's selftest.c: the
+        # Test mode only (iommufd/selftest/), globals of the kernel's selftest.c: the
         # mock IOMMU (made at first use) and iommufd_test_memory_limit.
         self.mock_iommu: Iommu | None = None
         self.selftest_memory_limit = 65536
