@@ -138,6 +138,8 @@ class IommufdDaemon:
     def status(self) -> dict[str, Any]:
         """What `iommufd-cuse status --json` prints, asked over the control socket."""
         self._drain()
+        if self.proc is not None and self.proc.poll() is not None:
+            raise DaemonError(f"the daemon has exited ({self.proc.returncode}):\n{self.log_text()}")
         return service.request(self.control_socket, {"cmd": "status"})
 
     def log_size(self) -> int:
@@ -391,6 +393,17 @@ class LeakCheck:
 
 
 _STATE = pytest.StashKey[LeakCheck]()
+_LOG_START = pytest.StashKey[tuple[IommufdDaemon, int]]()
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_setup(item: pytest.Item) -> Iterator[None]:
+    # where the log of a test that uses the daemon starts (the daemon may start
+    # during this setup; the leak check records its own, earlier, start)
+    yield
+    d = getattr(item, "funcargs", {}).get("iommufd_daemon")
+    if isinstance(d, IommufdDaemon):
+        item.stash[_LOG_START] = (d, d.log_size())
 
 
 @pytest.fixture
@@ -418,9 +431,10 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo) -> Itera
     outcome = yield
     report = outcome.get_result()
     st = item.stash.get(_STATE, None)
-    if st is None or not report.failed:
+    start = (st.daemon, st.log_start) if st is not None else item.stash.get(_LOG_START, None)
+    if start is None or not report.failed:
         return
-    lines = st.daemon.log_text(st.log_start).splitlines()
+    lines = start[0].log_text(start[1]).splitlines()
     if len(lines) > LOG_LINES:
         lines = [f"({len(lines) - LOG_LINES} earlier lines not shown)", *lines[-LOG_LINES:]]
     report.sections.append(("iommufd-cuse daemon log", "\n".join(lines) or "(nothing logged)"))

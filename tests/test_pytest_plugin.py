@@ -114,6 +114,12 @@ def test_then_the_daemon_is_clean_again(iommufd_daemon, iommufd, vfio_device):
 def test_a_failure_carries_the_daemon_log(vfio_device, iommufd):
     vfio_device(EDU).bind(iommufd)
     assert False, "the test's own failure"
+
+
+def test_so_does_one_with_the_daemon_alone(iommufd_daemon):
+    with Iommufd.open(iommufd_daemon.iommu) as ctx, VfioDevice.open(iommufd_daemon.device_node(EDU)) as dev:
+        dev.bind(ctx)
+    assert False, "a failure without the leak check"
 """
 
 
@@ -122,7 +128,7 @@ def test_every_kind_of_leak_is_named(project: Path) -> None:
     p = pytest_in(project)
     out = p.stdout
     assert p.returncode == 1, out + p.stderr
-    assert "1 failed, 3 passed, 2 errors" in out
+    assert "2 failed, 3 passed, 2 errors" in out
     leak1 = out[out.index("ERROR at teardown of test_context_left_open") :]
     # the fixture's context is 1, the test's own 2
     assert "left state behind in the daemon:\n  - context 2 (pid " in leak1
@@ -142,6 +148,10 @@ def test_every_kind_of_leak_is_named(project: Path) -> None:
     log = failed[failed.index("iommufd-cuse daemon log") :]
     assert "0000:00:04.0 bound to a context as device 1" in log
     assert "left state behind" not in failed  # it left nothing: the fixture's close released it
+    alone = out[out.index("_ test_so_does_one_with_the_daemon_alone _") :]
+    assert "a failure without the leak check" in alone
+    log = alone[alone.index("iommufd-cuse daemon log") :]
+    assert "0000:00:04.0 bound to a context as device 1" in log and "0000:00:04.0 unbound" in log
     (base,) = bases(out)
     assert not os.path.exists(base) and not mounted_under(base)
 
