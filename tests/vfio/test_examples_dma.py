@@ -9,7 +9,6 @@ interrupts they signalled and the DMA that went through the IOMMU."""
 
 from __future__ import annotations
 
-import fcntl
 import mmap
 import os
 import re
@@ -399,7 +398,7 @@ async def test_engine_reset_returns_registers_and_queue_to_defaults(daemon) -> N
         await c.wr(D.REG_STATUS, D.ST_HALTED)
         await wait_until(lambda: eng.head >= 3 and eng.status & D.ST_BUSY, what="engine busy")
 
-        await trio.to_thread.run_sync(fcntl.ioctl, c.dev.fd, uapi.VFIO_DEVICE_RESET, 0)
+        await c.dev.reset()
         # every register at its power-on value at once, the fault log empty
         assert [await c.rd(r) for r in ENGINE_REGS] == [0] * len(ENGINE_REGS)
         assert [await c.rd(D.FAULT_LOG_BASE + 32 * s + 16) for s in range(D.FAULT_LOG_ENTRIES)] == [0] * 16
