@@ -49,6 +49,7 @@ STOP_TIMEOUT = 20.0
 SETTLE_TIMEOUT = 5.0  # s for the daemon to release what a closed file held
 LOG_LINES = 300  # at most this many daemon log lines attached to a report
 PR_SET_PDEATHSIG = 1
+MNT_DETACH = 2
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -236,9 +237,9 @@ class IommufdDaemon:
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
-                # it could not unmount: do it for it (lazily, as fusermount -uz)
-                with contextlib.suppress(OSError):
-                    ctypes.CDLL(None, use_errno=True).umount2(self.mountpoint.encode(), 2)  # MNT_DETACH
+                # it could not unmount: do it for it, lazily (MNT_DETACH, as fusermount -uz);
+                # a failure leaves a stale mount, which the next daemon's start removes
+                ctypes.CDLL(None).umount2(self.mountpoint.encode(), MNT_DETACH)
         rc = proc.returncode
         if self._notify is not None:
             self._notify.close()
