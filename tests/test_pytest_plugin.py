@@ -17,9 +17,11 @@ from harness import NOBODY, ROOT, scratch_dir
 DOCS = ROOT / "docs" / "pytest.md"
 
 
-def pytest_in(where: Path, *args: str, user: int | None = None) -> subprocess.CompletedProcess:
+def pytest_in(
+    where: Path, *args: str, user: int | None = None, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess:
     """pytest on the files in where, as a user would run it there."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST_")}
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith("PYTEST_")}, **(env or {})}
     argv = [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-rA", *args]
     if user is not None:
         argv = ["setpriv", f"--reuid={user}", f"--regid={user}", "--clear-groups", "--", *argv]
@@ -187,11 +189,7 @@ def test_each_worker_has_its_own_daemon(n, iommufd_daemon, iommufd, vfio_device)
 def test_xdist_workers_get_separate_daemons(project: Path) -> None:
     (project / "test_parallel.py").write_text(XDIST)
     record = project / "record"
-    os.environ["RECORD"] = str(record)
-    try:
-        p = pytest_in(project, "-n", "2")
-    finally:
-        del os.environ["RECORD"]
+    p = pytest_in(project, "-n", "2", env={"RECORD": str(record)})
     assert p.returncode == 0, p.stdout + p.stderr
     assert "4 passed" in p.stdout
     rows = [json.loads(line) for line in record.read_text().splitlines()]
