@@ -176,7 +176,7 @@ class _File:
         return self._issue(cmd, struct_, fields, word, size, extra)
 
     def call(self, cmd: int, struct_: uapi.CStruct, **fields: Any) -> Any:
-        """Issue cmd; the struct as copied back, or OSError(errno, ..., ioctl name)."""
+        """Issue cmd as raw() does; the struct as copied back, or OSError(errno, ..., ioctl name)."""
         r = self.raw(cmd, struct_, **fields)
         if r.rc < 0:
             raise OSError(r.errno, os.strerror(r.errno), ioctl_name(cmd, self._prefer))
@@ -422,11 +422,9 @@ class VfioDevice(_File):
         """VFIO_DEVICE_SET_IRQS with eventfds (or no data) for count vectors from start."""
         extra = b"".join(struct.pack("<i", int(f)) for f in fds or [])
         n = len(fds or []) if count is None else count
-        r = self.raw(
+        self.call(
             uapi.VFIO_DEVICE_SET_IRQS, uapi.vfio_irq_set, extra=extra, flags=flags, index=index, start=start, count=n
         )
-        if r.rc < 0:
-            raise OSError(r.errno, os.strerror(r.errno), "VFIO_DEVICE_SET_IRQS")
 
     def enable_irqs(self, index: int, eventfds: Sequence[int], start: int = 0) -> None:
         """Signal vectors start.. of irq index (INTx, MSI, MSI-X) on these eventfds."""
