@@ -18,9 +18,9 @@ from pathlib import Path
 import pytest
 import trio
 from harness import make_daemon, run, scratch_dir
-from pyclient import Iommufd, VfioDevice
 
 from iommufd_cuse import config, uapi
+from iommufd_cuse.client import AsyncIommufd, AsyncVfioDevice
 from iommufd_cuse.service import collect_status
 from iommufd_cuse.vfio.pci import nvme as N
 
@@ -145,14 +145,13 @@ IOVA = 1 << 32
 ASQ, ACQ, DATA, IOSQ, IOCQ = 0x0000, 0x1000, 0x2000, 0x10000, 0x20000
 MEM = 1 << 20
 BAR0, CONFIG = 0, uapi.VFIO_PCI_CONFIG_REGION_INDEX
-EVENTFD_TRIGGER = uapi.VFIO_IRQ_SET_DATA_EVENTFD | uapi.VFIO_IRQ_SET_ACTION_TRIGGER
 DNR = 0x4000  # in the status field
 
 
 class Driver:
     """A minimal NVMe driver in the test process: queues in private anonymous memory."""
 
-    def __init__(self, daemon, ctx: Iommufd, dev: VfioDevice, ioas: int, mem: mmap.mmap) -> None:
+    def __init__(self, daemon, ctx: AsyncIommufd, dev: AsyncVfioDevice, ioas: int, mem: mmap.mmap) -> None:
         self.daemon, self.ctx, self.dev, self.ioas, self.mem = daemon, ctx, dev, ioas, mem
         self.vdev = daemon.system.devices[NVME_INDEX].vfio
         self.cid = 0
@@ -163,8 +162,8 @@ class Driver:
     @classmethod
     async def open(cls, daemon, bus_master: bool = True) -> Driver:
         iommu, node = nodes(daemon)
-        ctx = await Iommufd.open(iommu)
-        dev = await VfioDevice.open(node)
+        ctx = await AsyncIommufd.open(iommu)
+        dev = await AsyncVfioDevice.open(node)
         await dev.bind(ctx.fd)
         ioas = await ctx.ioas_alloc()
         await dev.attach(ioas)
@@ -378,7 +377,7 @@ async def test_dma_faults_and_intx(daemon) -> None:
     vdev = d.vdev
     efd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
     try:
-        assert (await d.dev.set_irqs(uapi.VFIO_PCI_INTX_IRQ_INDEX, EVENTFD_TRIGGER, fds=[efd])).rc == 0
+        await d.dev.enable_irqs(uapi.VFIO_PCI_INTX_IRQ_INDEX, [efd])
         # bus mastering off: the controller cannot even fetch a command: fatal status, a fault
         faults = vdev.fault_count
         await d.enable()
