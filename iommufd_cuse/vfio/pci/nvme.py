@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 import trio
 
 from .config import ConfigSpace
-from .model import Bar, DmaFault, DmaPort, IrqSink, PciFunction
+from .model import Bar, DmaFault, DmaPort, IrqSink, RegisterFunction
 
 log = logging.getLogger(__name__)
 
@@ -233,7 +233,7 @@ class Namespace:
             os.fsync(self.fd)
 
 
-class Nvme(PciFunction):
+class Nvme(RegisterFunction):
     vendor_id = 0x1DE5  # the test vendor id of docs/dma-engine.md: Linux binds by class, with no quirks
     device_id = 0x0002
     revision = 0x01
@@ -352,10 +352,7 @@ class Nvme(PciFunction):
         if not cq.ien:
             return
         if self.config.msix_enabled:
-            if self.config.msix_function_masked:
-                self.msix_pending |= 1 << cq.iv
-            else:
-                self.irq.msi(cq.iv)
+            self._msix_signal(cq.iv)
         else:
             self._update_intx()
 
@@ -363,13 +360,7 @@ class Nvme(PciFunction):
         if what == "flr":
             self.reset()
             return
-        if what == "msix" and self.config.msix_enabled and not self.config.msix_function_masked:
-            pending, self.msix_pending = self.msix_pending, 0
-            for v in range(MSIX_VECTORS):
-                if pending >> v & 1:
-                    self.irq.msi(v)
-        if what == "reset":
-            self.msix_pending = 0
+        self._msix_config_changed(what)
         if what == "command":
             self._kick()  # bus mastering back on: a queue that faulted stays failed, others go on
         self._update_intx()
@@ -385,23 +376,10 @@ class Nvme(PciFunction):
         self.csts |= CSTS_CFS
         self._forget_work()
 
-    # -- MMIO ------------------------------------------------------------------------------
-    def mmio_read(self, bar: int, offset: int, size: int) -> int:
-        ones = (1 << (8 * size)) - 1
-        if size == 8 and offset % 8 == 0:
-            return self.mmio_read(bar, offset, 4) | self.mmio_read(bar, offset + 4, 4) << 32
-        if size not in (1, 2, 4) or offset % size:
-            return ones
-        dword = self._read32(bar, offset & ~3)
-        return dword >> 8 * (offset & 3) & ones
-
+    # -- MMIO (RegisterFunction splits the accesses) ---------------------------------------
     def _read32(self, bar: int, off: int) -> int:
         if bar == self.msix_bar:
-            if off < self.msix_table_offset + 16 * MSIX_VECTORS:
-                return U32  # the host owns the vector table
-            if off == self.msix_pba_offset:
-                return self.msix_pending & U32
-            return 0
+            return self._msix_read32(off)
         if bar != 0:
             return U32
         regs = {
@@ -420,16 +398,9 @@ class Nvme(PciFunction):
         }
         return regs.get(off, 0)  # doorbells read 0, other registers are reserved
 
-    def mmio_write(self, bar: int, offset: int, size: int, value: int) -> None:
+    def _write32(self, bar: int, offset: int, value: int) -> None:
         if bar != 0:
             return  # the MSI-X table is the host's; the PBA is read-only
-        if size == 8 and offset % 8 == 0:
-            self.mmio_write(bar, offset, 4, value & U32)
-            self.mmio_write(bar, offset + 4, 4, value >> 32 & U32)
-            return
-        if size != 4 or offset % 4:
-            return  # registers take 4- and 8-byte accesses
-        value &= U32
         if offset >= DOORBELLS:
             self._doorbell((offset - DOORBELLS) // (4 << DSTRD), value)
         elif offset == REG_CC:
