@@ -186,7 +186,8 @@ class Driver:
             while await self.rd(N.REG_CSTS) & mask != want:
                 await trio.sleep(0.001)
 
-    async def enable(self, entries: int = 8, asq: int = IOVA + ASQ) -> None:
+    async def enable(self, entries: int = 8, asq: int = IOVA + ASQ, wait: bool = True) -> None:
+        """Controller reset, admin queues, CC.EN; and (wait) CSTS.RDY."""
         await self.wr(N.REG_CC, 0)
         await self.wait_csts(N.CSTS_RDY, 0)
         self.mem[ASQ : ASQ + 0x2000] = bytes(0x2000)
@@ -195,6 +196,8 @@ class Driver:
         await self.wr(N.REG_ACQ, IOVA + ACQ, 8)
         await self.wr(N.REG_CC, N.CC_EN | 6 << 16 | 4 << 20)
         self.queues = {0: [ASQ, ACQ, entries, 0, 0, 1, entries]}
+        if wait:
+            await self.wait_csts(N.CSTS_RDY | N.CSTS_CFS, N.CSTS_RDY)
 
     def submit(self, qid: int, opcode: int, nsid: int = 0, prp1: int = 0, prp2: int = 0, cdw=(), cdw0: int = 0) -> int:
         q = self.queues[qid]
@@ -257,7 +260,6 @@ async def test_identify_features_logs_and_queue_statuses(daemon) -> None:
     assert await d.dev.pread(CONFIG, 8, 4) >> 8 == 0x010802
     assert await d.rd(N.REG_CAP, 8) == N.CAP and await d.rd(N.REG_VS) == 0x10400
     await d.enable()
-    await d.wait_csts(N.CSTS_RDY, N.CSTS_RDY)
 
     # Identify controller, namespace, active list, descriptors; CNS 5 (NVMe 2.0) is refused
     assert await d.cmd(0, N.ADM_IDENTIFY, prp1=IOVA + DATA, cdw=(1,)) == (0, 0)
@@ -327,7 +329,6 @@ async def test_identify_features_logs_and_queue_statuses(daemon) -> None:
 async def test_asynchronous_event_on_a_bad_doorbell(daemon) -> None:
     d = await Driver.open(daemon)
     await d.enable()
-    await d.wait_csts(N.CSTS_RDY, N.CSTS_RDY)
     aer = d.submit(0, N.ADM_AER)
     await d.ring(0)
     await trio.sleep(0.05)
@@ -355,7 +356,6 @@ async def test_asynchronous_event_on_a_bad_doorbell(daemon) -> None:
 async def test_a_full_completion_queue_holds_its_submission_queue(daemon) -> None:
     d = await Driver.open(daemon)
     await d.enable()
-    await d.wait_csts(N.CSTS_RDY, N.CSTS_RDY)
     await d.io_queues(entries=16, cq_entries=4)  # a CQ of 4 holds 3 completions
     for _ in range(6):
         d.submit(1, N.IO_FLUSH, nsid=1)
@@ -381,7 +381,6 @@ async def test_dma_faults_and_intx(daemon) -> None:
         # bus mastering off: the controller cannot even fetch a command: fatal status, a fault
         faults = vdev.fault_count
         await d.enable()
-        await d.wait_csts(N.CSTS_RDY, N.CSTS_RDY)
         d.submit(0, N.ADM_IDENTIFY, prp1=IOVA + DATA, cdw=(1,))
         await d.ring(0)
         await d.wait_csts(N.CSTS_CFS, N.CSTS_CFS)
@@ -390,7 +389,6 @@ async def test_dma_faults_and_intx(daemon) -> None:
         cmd = await d.dev.pread(CONFIG, 4, 2)
         await d.dev.pwrite(CONFIG, 4, 2, cmd | 0x4)
         await d.enable()
-        await d.wait_csts(N.CSTS_RDY | N.CSTS_CFS, N.CSTS_RDY)
         assert await d.cmd(0, N.ADM_IDENTIFY, prp1=IOVA + DATA, cdw=(1,)) == (0, 0)
         assert os.eventfd_read(efd) == 1
         await d.io_queues()
