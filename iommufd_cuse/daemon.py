@@ -284,4 +284,7 @@ class Daemon:
         for ctx in list(self.system.contexts):
             ctx.destroy_all()
         self.system.contexts.clear()
+        for dev in self.system.devices:
+            if dev.vfio is not None:
+                dev.vfio.model.close()
         log.info("stopped")

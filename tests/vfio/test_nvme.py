@@ -72,6 +72,24 @@ async def file_daemon() -> AsyncIterator:
         shutil.rmtree(base, ignore_errors=True)
 
 
+def open_files(path: Path) -> list[str]:
+    fds = []
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            if os.readlink(f"/proc/self/fd/{fd}") == str(path):
+                fds.append(fd)
+        except OSError:
+            pass
+    return fds
+
+
+async def test_the_backing_file_is_closed_when_the_daemon_stops(file_daemon) -> None:
+    assert open_files(file_daemon.backing)  # the daemon holds it while it serves
+    file_daemon.shutdown()
+    assert not open_files(file_daemon.backing)
+    assert file_daemon.system.devices[0].vfio.model.ns.mm.closed
+
+
 async def released(daemon) -> None:
     with trio.move_on_after(10):
         while daemon.system.contexts or daemon.system.pinned_pages():

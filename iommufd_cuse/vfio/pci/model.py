@@ -100,6 +100,9 @@ class PciFunction:
     def stop(self) -> None:
         """The device is being closed or unbound: stop any work in progress."""
 
+    def close(self) -> None:
+        """The daemon stops: release what the model holds (files, memory)."""
+
 
 U32 = (1 << 32) - 1
 

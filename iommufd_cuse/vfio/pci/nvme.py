@@ -232,6 +232,16 @@ class Namespace:
         if self.fd >= 0:
             os.fsync(self.fd)
 
+    def close(self) -> None:
+        try:
+            self.view.release()
+            self.mm.close()
+        except BufferError:  # a transfer still running in a worker thread: the process exit frees it
+            log.warning("nvme: namespace memory still in use at close")
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
 
 class Nvme(RegisterFunction):
     vendor_id = 0x1DE5  # the test vendor id of docs/dma-engine.md: Linux binds by class, with no quirks
@@ -939,6 +949,10 @@ class Nvme(RegisterFunction):
     def reset(self) -> None:
         """Function-level reset: every register at its power-on value; the namespace's data stays."""
         self._power_on()
+
+    def close(self) -> None:
+        self._forget_work()
+        self.ns.close()
 
     def status(self) -> dict:
         return {
