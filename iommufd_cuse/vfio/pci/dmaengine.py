@@ -177,7 +177,6 @@ class DmaEngine(RegisterFunction):
         self._active = False  # an engine task exists
         self._active_gen = -1  # the generation that task works for
         self._scope: trio.CancelScope | None = None
-        self._intx = False
         self.config = ConfigSpace(self)
         self._power_on()
 
@@ -227,12 +226,7 @@ class DmaEngine(RegisterFunction):
 
     # -- interrupts ---------------------------------------------------------------------
     def _update_intx(self) -> None:
-        pending = self.int_status != 0 and not self.config.msix_enabled
-        self.config.interrupt_status = pending
-        level = pending and not self.config.intx_disabled and self.intx_pin != 0
-        if level != self._intx:
-            self._intx = level
-            self.irq.set_intx(level)
+        self._drive_intx(self.int_status != 0 and not self.config.msix_enabled)
 
     def _signal(self, bit: int, vector: int) -> None:
         self.int_status |= bit

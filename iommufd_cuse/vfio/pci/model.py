@@ -94,6 +94,17 @@ class PciFunction:
     def mmio_write(self, bar: int, offset: int, size: int, value: int) -> None:
         raise NotImplementedError
 
+    _intx = False  # the INTx level last given to the IrqSink
+
+    def _drive_intx(self, pending: bool) -> None:
+        """An interrupt is pending (or not) on the pin: the status register's Interrupt
+        Status bit follows it, and the line too unless the command register disables it."""
+        self.config.interrupt_status = pending  # type: ignore[attr-defined]
+        level = pending and not self.config.intx_disabled and self.intx_pin != 0  # type: ignore[attr-defined]
+        if level != self._intx:
+            self._intx = level
+            self.irq.set_intx(level)
+
     def reset(self) -> None:
         """Function-level reset: registers back to power-on values, engines stopped."""
 

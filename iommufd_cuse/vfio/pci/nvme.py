@@ -284,7 +284,6 @@ class Nvme(RegisterFunction):
         self._gen = 0
         self._active = False
         self._scope: trio.CancelScope | None = None
-        self._intx = False
         self.config = ConfigSpace(self)
         self._power_on()
 
@@ -349,14 +348,10 @@ class Nvme(RegisterFunction):
 
     # -- interrupts ----------------------------------------------------------------------
     def _update_intx(self) -> None:
+        """Pin-based: pending while a CQ with interrupts on holds entries the host has not consumed."""
         cqs = getattr(self, "cqs", {})
         pending = not self.config.msix_enabled and any(cq.ien and cq.head != cq.tail for cq in cqs.values())
-        pending = pending and not self.intms & 1
-        self.config.interrupt_status = pending
-        level = pending and not self.config.intx_disabled and self.intx_pin != 0
-        if level != self._intx:
-            self._intx = level
-            self.irq.set_intx(level)
+        self._drive_intx(pending and not self.intms & 1)
 
     def _interrupt(self, cq: CompQueue) -> None:
         if not cq.ien:
