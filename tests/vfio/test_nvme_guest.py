@@ -17,6 +17,8 @@ import trio
 from harness import CLIENTS
 from test_device_cdev import assert_released
 
+from iommufd_cuse.service import collect_status
+
 NVME_VFIO = 4  # vfio4: the default topology's NVMe controller
 MIB = 1 << 20
 PATTERN_MIB = 64
@@ -159,4 +161,9 @@ async def test_guest_nvme_driver_round_trip_through_a_guest_viommu(daemon) -> No
     # IOAS_MAP / IOAS_UNMAP: at least one of each per 4 KiB page of the 2 x 64 MiB moved
     pages = 2 * PATTERN_MIB * MIB // 4096
     assert daemon.system.maps - maps >= pages and daemon.system.unmaps - unmaps >= pages
+    # as `iommufd-cuse status` shows it: the counts, and no DMA fault on the controller
+    st = collect_status(daemon)
+    assert st["maps"] == daemon.system.maps and st["unmaps"] == daemon.system.unmaps
+    dev = next(d for d in st["devices"] if d["bdf"] == "0000:00:07.0")
+    assert dev["dma_faults"] == 0 and dev["model"]["dma_faults"] == 0
     await assert_released(daemon)
