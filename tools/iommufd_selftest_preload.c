@@ -20,6 +20,10 @@
  * out_veventq_fd, claimed on the daemon's vEVENT queue node); read/poll on the
  * new descriptor are served by the daemon.
  *
+ * A read() of 0 bytes never reaches a FUSE server (the kernel answers 0), where
+ * the kernel's vEVENT queue file answers EINVAL: on a vEVENT queue file of the
+ * daemon the library asks the daemon instead (the node's ZERO_READ ioctl).
+ *
  * Every other call passes through untouched. Against a real kernel the library
  * does nothing: it ignores __reserved in IOMMU_TEST_CMD and returns a real
  * descriptor, never a token; and a real /dev/iommu is no FUSE file, so
@@ -51,12 +55,14 @@
 #define COMPANION_MAGIC 0x49435553u		/* "ICUS" */
 #define TOKEN_BASE 0x40000000u			/* tokens are never fd numbers */
 #define CLAIM _IO(IOMMUFD_TYPE, 0xE0)		/* on a node, arg: the token */
+#define ZERO_READ _IO(IOMMUFD_TYPE, 0xE1)	/* on a vEVENT queue: what read(fd, buf, 0) answers */
 #define ACCESS_NODE "iommufd-selftest/access"
 #define FAULT_NODE "iommufd-cuse/fault"
 #define VEVENTQ_NODE "iommufd-cuse/veventq"
 #define FUSE_SUPER_MAGIC 0x65735546
 
 typedef int (*ioctl_fn)(int, unsigned long, ...);
+typedef ssize_t (*read_fn)(int, void *, size_t);
 
 static ioctl_fn real_ioctl(void)
 {
@@ -197,4 +203,32 @@ int ioctl(int fd, unsigned long request, ...)
 	    qalloc.size >= sizeof(qalloc) && qalloc.flags == 0 && on_fuse(fd))
 		return veventq_alloc(fd, request, arg);
 	return real_ioctl()(fd, request, arg);
+}
+
+/* Whether fd is a file of the daemon's node `name` (a FUSE file whose path ends so). */
+static int is_daemon_node(int fd, const char *name)
+{
+	char proc[64], path[PATH_MAX];
+	size_t len = strlen(name);
+	ssize_t n;
+
+	if (!on_fuse(fd))
+		return 0;
+	snprintf(proc, sizeof(proc), "/proc/self/fd/%d", fd);
+	n = readlink(proc, path, sizeof(path) - 1);
+	if (n <= (ssize_t)len)
+		return 0;
+	path[n] = 0;
+	return path[n - len - 1] == '/' && strcmp(path + n - len, name) == 0;
+}
+
+ssize_t read(int fd, void *buf, size_t count)
+{
+	static read_fn real_read;
+
+	if (!real_read)
+		real_read = (read_fn)dlsym(RTLD_NEXT, "read");
+	if (count == 0 && is_daemon_node(fd, VEVENTQ_NODE))
+		return real_ioctl()(fd, ZERO_READ, 0);
+	return real_read(fd, buf, count);
 }

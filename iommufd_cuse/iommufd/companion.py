@@ -31,6 +31,9 @@ from ..transport.nodes import FileHandle
 COMPANION_MAGIC = 0x49435553  # "ICUS"
 TOKEN_BASE = 0x40000000  # tokens are never fd numbers
 CLAIM = uapi._IO(uapi.IOMMUFD_TYPE, 0xE0)  # on an object's node, arg: the token
+# On a vEVENT queue's file: what read(fd, buf, 0) answers. FUSE never sends a read of
+# 0 bytes (it answers 0 itself), so the companion asks with this instead.
+ZERO_READ = uapi._IO(uapi.IOMMUFD_TYPE, 0xE1)
 
 
 def refuse_without_companion(log: logging.Logger, command: str, what: str) -> NoReturn:

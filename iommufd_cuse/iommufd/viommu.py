@@ -24,7 +24,7 @@ from typing import Any
 
 from .. import uapi
 from ..transport.caller import Errno
-from .companion import CLAIM, COMPANION_MAGIC, refuse_without_companion
+from .companion import CLAIM, COMPANION_MAGIC, ZERO_READ, refuse_without_companion
 from .fault import Eventq, EventqFile, respond_eventq
 from .main import Context, Object, ObjType, Ucmd
 
@@ -33,6 +33,7 @@ log = logging.getLogger(__name__)
 VEVENTQ_NODE = "iommufd-cuse/veventq"
 VEVENTQ_CLAIM = CLAIM  # on VEVENTQ_NODE, arg: the token
 INT_MAX = (1 << 31) - 1
+VEVENTQ_MAX_DEPTH = 1 << 19  # mainline's bound on veventq_depth (eventq.c)
 
 POLLIN = 0x1
 POLLRDNORM = 0x40
@@ -133,6 +134,12 @@ class VeventqFile(EventqFile):
             raise Errno(errno.EBADFD)
         return q.read(size)
 
+    def ioctl(self, req: Any, cmd: int, arg: int) -> int:
+        if cmd == ZERO_READ and self.obj is not None:
+            self.obj.read(0)  # EINVAL: a read below a header's size
+            return 0
+        return super().ioctl(req, cmd, arg)
+
     def write(self, req: Any, offset: int, data: bytes) -> int:
         raise Errno(errno.EINVAL)  # the kernel's file has no write: the VFS says EINVAL
 
@@ -189,12 +196,19 @@ class Veventq(Eventq):
 
     def read(self, count: int) -> bytes:
         """iommufd_veventq_fops_read: whole records (header, then the event data) that
-        fit in count bytes; nothing that fits reads 0."""
+        fit in count bytes. A count below a header, or a first event that does not
+        fit, is EINVAL; a lost-events header needs only its own room."""
+        if count < HEADER_SIZE:
+            raise Errno(errno.EINVAL)
         out = bytearray()
         while self.deliver:
             flags, seq, data = self.deliver[0]
             room = count - len(out)
-            if room < HEADER_SIZE or (data is not None and HEADER_SIZE + len(data) > room):
+            if room < HEADER_SIZE:
+                break
+            if data is not None and HEADER_SIZE + len(data) > room:
+                if not out:
+                    raise Errno(errno.EINVAL)
                 break
             self.deliver.popleft()
             out += uapi.iommufd_vevent_header.pack(uapi.iommufd_vevent_header.new(flags=flags, sequence=seq))
@@ -315,13 +329,13 @@ def remove_vdev(idev: Any) -> None:
 # -- IOMMU_VEVENTQ_ALLOC ----------------------------------------------------------------------
 def veventq_alloc(ucmd: Ucmd) -> int:
     """IOMMU_VEVENTQ_ALLOC: flags, __reserved or the DEFAULT type EOPNOTSUPP; depth 0
-    EINVAL; no vIOMMU ENOENT; a queue of that type on the vIOMMU EEXIST. Needs the
+    or over VEVENTQ_MAX_DEPTH EINVAL; no vIOMMU ENOENT; a queue of that type on the vIOMMU EEXIST. Needs the
     companion (flags = COMPANION_MAGIC); without it EOPNOTSUPP, logged."""
     cmd = ucmd.cmd
     marked = cmd.flags == COMPANION_MAGIC
     if (cmd.flags and not marked) or cmd.reserved or cmd.type == uapi.IOMMU_VEVENTQ_TYPE_DEFAULT:
         raise Errno(errno.EOPNOTSUPP)
-    if not cmd.veventq_depth:
+    if not cmd.veventq_depth or cmd.veventq_depth > VEVENTQ_MAX_DEPTH:
         raise Errno(errno.EINVAL)
     ctx = ucmd.ctx
     viommu = get_viommu(ctx, cmd.viommu_id)

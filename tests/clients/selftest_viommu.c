@@ -270,6 +270,12 @@ int main(int argc, char **argv)
 	step0("veventq_reserved", veventq_alloc(viommu, 0, IOMMU_VEVENTQ_TYPE_SELFTEST, 2, 1, &id, &qfd));
 	step0("veventq_type_default", veventq_alloc(viommu, 0, IOMMU_VEVENTQ_TYPE_DEFAULT, 2, 0, &id, &qfd));
 	step0("veventq_depth0", veventq_alloc(viommu, 0, IOMMU_VEVENTQ_TYPE_SELFTEST, 0, 0, &id, &qfd));
+	step0("veventq_depth_over", veventq_alloc(viommu, 0, IOMMU_VEVENTQ_TYPE_SELFTEST, (1u << 19) + 1, 0, &id, &qfd));
+	step0("veventq_depth_max", veventq_alloc(viommu, 0, IOMMU_VEVENTQ_TYPE_SELFTEST, 1u << 19, 0, &id, &qfd));
+	if (qfd >= 0) {
+		close(qfd);
+		step0("destroy_veventq_max", destroy_eventually(fd, id));
+	}
 	step0("veventq_bad_viommu", veventq_alloc(ioas, 0, IOMMU_VEVENTQ_TYPE_SELFTEST, 2, 0, &id, &qfd));
 	stepv("veventq", veventq_alloc(viommu, 0, IOMMU_VEVENTQ_TYPE_SELFTEST, 2, 0, &qid, &qfd),
 	      "fd_ok=%d cloexec=%d", qfd > 2, qfd >= 0 && (fcntl(qfd, F_GETFD) & FD_CLOEXEC) != 0);
@@ -279,6 +285,8 @@ int main(int argc, char **argv)
 	step0("veventq_other_type", veventq_alloc(viommu, 0, IOMMU_VEVENTQ_TYPE_ARM_SMMUV3, 2, 0, &qid2, &qfd2));
 	stepv("poll_empty", xres(0), "revents=%d", revents(qfd, 0));
 	step0("read_empty", xres(read(qfd, ev, sizeof(ev))));
+	step0("read_zero", xres(read(qfd, ev, 0)));
+	step0("read_below_header", xres(read(qfd, ev, sizeof(struct iommufd_vevent_header) - 1)));
 	step0("write", xres(write(qfd, ev, sizeof(ev[0]))));
 
 	step0("trigger", trigger(idev));

@@ -25,6 +25,7 @@ from harness import run, scratch_dir
 from iommufd_cuse import config, uapi
 from iommufd_cuse.daemon import Daemon
 from iommufd_cuse.iommufd.main import IOMMUFD_CMD_BASE, ioctl_table
+from iommufd_cuse.transport.caller import Errno
 
 OK = "OK"
 
@@ -1163,16 +1164,21 @@ async def test_viommu_with_companion(selftest_daemon, cbuild, preload):
             "veventq_reserved": "EOPNOTSUPP",
             "veventq_type_default": "EOPNOTSUPP",
             "veventq_depth0": "EINVAL",
+            "veventq_depth_over": "EINVAL",  # VEVENTQ_MAX_DEPTH is 1 << 19
+            "veventq_depth_max": OK,
+            "destroy_veventq_max": OK,
             "veventq_bad_viommu": "ENOENT",
             "veventq": OK,
             "veventq_same_type": "EEXIST",
             "veventq_other_type": OK,
             "poll_empty": OK,
             "read_empty": OK,
+            "read_zero": "EINVAL",  # below a header: asked of the daemon by the companion
+            "read_below_header": "EINVAL",
             "write": "EINVAL",
             "trigger": OK,
             "poll_ready": OK,
-            "read_too_short": OK,
+            "read_too_short": "EINVAL",  # the header fits, the event's data does not
             "read": OK,
             "poll_drained": OK,
             "trigger_a": OK,
@@ -1223,7 +1229,7 @@ async def test_viommu_with_companion(selftest_daemon, cbuild, preload):
     assert fields(steps, "inv_all") == {"num": "1", "mask": "15"}
     assert fields(steps, "veventq") == {"fd_ok": "1", "cloexec": "1"}
     assert fields(steps, "poll_empty") == {"revents": "0"}  # no POLLOUT: the file has no write
-    assert steps["read_empty"].rc == 0 and steps["read_too_short"].rc == 0
+    assert steps["read_empty"].rc == 0
     assert fields(steps, "poll_ready") == {"revents": str(POLLIN)}
     # iommufd_vevent_header (8 bytes) + iommu_viommu_event_selftest (4 bytes)
     assert steps["read"].rc == 12
@@ -1281,8 +1287,13 @@ def test_veventq_queue_semantics():
     assert lost.flags == uapi.IOMMU_VEVENTQ_FLAG_LOST_EVENTS and lost.sequence == 2
     assert q.read(100) == b"" and not q.readable()
     q.report(b"mnop")
-    assert q.read(11) == b""  # the whole record must fit
+    q.report(b"qrst")  # lost: a header of 8 bytes after the event
+    for short in (0, 7, 11):  # below a header; the first event's data does not fit
+        with pytest.raises(Errno) as e:
+            q.read(short)
+        assert e.value.errno == errno.EINVAL
     assert q.read(12)[8:] == b"mnop"
+    assert hdr.unpack(q.read(8)).flags == uapi.IOMMU_VEVENTQ_FLAG_LOST_EVENTS  # a lost header needs only 8
     q.users = 0
     q.destroy()
     assert vi.users == 1 and vi.veventqs == []
