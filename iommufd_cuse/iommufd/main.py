@@ -40,6 +40,7 @@ class ObjType(enum.Enum):
     VIOMMU = "viommu"
     VDEVICE = "vdevice"
     VEVENTQ = "veventq"
+    HW_QUEUE = "hw_queue"
     SELFTEST = "selftest"
 
 

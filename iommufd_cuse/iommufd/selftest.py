@@ -42,6 +42,7 @@ from ..transport.mount import fd_on_our_mount
 from . import device as device_mod
 from .companion import CLAIM, COMPANION_MAGIC, TOKEN_BASE, HandedFile, refuse_without_companion
 from .hw_pagetable import HwptNested, HwptPaging, UserData, UserDataArray
+from .io_pagetable import access_unpin
 from .ioas import get_ioas
 from .main import Context, Object, ObjType, Ucmd
 from .pages import FilePages, Pages, UserPages
@@ -274,6 +275,38 @@ class MockIommu(Iommu):
                 done += 1
         finally:
             array.entry_num = done
+
+    # -- HW queues of the mock vIOMMU (mock_viommu_get_hw_queue_size, mock_hw_queue_*) --------
+    def hw_queue_supported(self, viommu: Any, queue_type: int) -> bool:
+        return queue_type == uapi.IOMMU_HW_QUEUE_TYPE_SELFTEST
+
+    def hw_queue_init_phys(self, q: Any, index: int, base_pa: int) -> None:
+        """mock_hw_queue_init_phys: index past IOMMU_TEST_HW_QUEUE_MAX EINVAL, taken
+        EEXIST, index - 1 missing EIO; base_pa must be what the parent translates the
+        queue's IOVA to (else EFAULT). Queue index depends on index - 1 (which is
+        EBUSY to destroy until it goes)."""
+        if index >= uapi.IOMMU_TEST_HW_QUEUE_MAX:
+            raise Errno(errno.EINVAL)
+        viommu = q.viommu
+        queues = viommu.__dict__.setdefault("mock_hw_queues", [None] * uapi.IOMMU_TEST_HW_QUEUE_MAX)
+        if queues[index] is not None:
+            raise Errno(errno.EEXIST)
+        prev = queues[index - 1] if index else None
+        if index and prev is None:
+            raise Errno(errno.EIO)
+        walk = viommu.hwpt.domain.walk(q.base_addr)
+        if walk is None or walk[0] != base_pa:
+            raise Errno(errno.EFAULT)
+        if prev is not None:
+            prev.users += 1  # iommufd_hw_queue_depend
+
+        def destroy(q: Any) -> None:
+            queues[index] = None
+            if prev is not None:
+                prev.users -= 1
+
+        queues[index] = q
+        q.driver_destroy = destroy
 
     def attach_check(self, device: Device, domain: object) -> None:
         """mock_domain_nop_attach: a nested domain of a vIOMMU needs the device to have
@@ -960,7 +993,7 @@ class SelftestAccess(Object):
             if iova > item.iova + item.length - 1 or last < item.iova:
                 continue
             del self.items[item.id]
-            _access_unpin(item.pins)
+            access_unpin(item.pins)
 
     # -- lifetime ---------------------------------------------------------------------------
     def close(self) -> None:
@@ -988,51 +1021,14 @@ class SelftestAccess(Object):
 
 
 def _access_pin(access: SelftestAccess, iova: int, length: int, write: bool) -> list[tuple[Any, int, int]]:
-    """iommufd_access_pin_pages: pin the pages under [iova, iova + length), which must
-    be contiguous areas (else ENOENT), page aligned where areas meet (else EINVAL) and
-    mapped with the access's permission (else EPERM)."""
+    """iommufd_access_pin_pages on the access's IOAS (none: ENOENT)."""
     if not length:
         raise Errno(errno.EINVAL)
-    last = iova + length - 1
-    if last > ULONG_MAX:
+    if iova + length - 1 > ULONG_MAX:
         raise Errno(errno.EOVERFLOW)
     if access.ioas is None:
         raise Errno(errno.ENOENT)
-    from .io_pagetable import IOMMU_READ, IOMMU_WRITE
-
-    pins: list[tuple[Any, int, int]] = []
-    pos = iova
-    try:
-        for area in access.ioas.iopt.areas_in(iova, last):
-            if area.start > pos or area.busy:
-                break
-            end = min(last, area.last)
-            first_byte = area.start_byte + (pos - area.start)
-            area_last_byte = area.start_byte + area.length - 1
-            if first_byte % PAGE_SIZE or (end != last and area_last_byte % PAGE_SIZE != PAGE_SIZE - 1):
-                raise Errno(errno.EINVAL)
-            if not area.prot & (IOMMU_WRITE if write else IOMMU_READ):
-                raise Errno(errno.EPERM)
-            first = first_byte // PAGE_SIZE
-            n = (area.start_byte + (end - area.start)) // PAGE_SIZE - first + 1
-            area.pages.pin(first, n)
-            area.num_accesses += 1
-            pins.append((area, first, n))
-            pos = end + 1
-            if end == last:
-                break
-        if pos <= last:
-            raise Errno(errno.ENOENT)
-    except BaseException:
-        _access_unpin(pins)
-        raise
-    return pins
-
-
-def _access_unpin(pins: list[tuple[Any, int, int]]) -> None:
-    for area, first, n in pins:
-        area.pages.unpin(first, n)
-        area.num_accesses -= 1
+    return access.ioas.iopt.access_pin(iova, length, write)
 
 
 class AccessFile(HandedFile):
@@ -1116,7 +1112,7 @@ async def op_access_pages(t: SelftestCall) -> int:
             del access.items[item.id]
             raise
     except BaseException:
-        _access_unpin(pins)
+        access_unpin(pins)
         raise
     return 0
 
@@ -1169,7 +1165,7 @@ async def op_destroy_access_pages(t: SelftestCall) -> int:
     item = access.items.pop(t.arg.access_pages_id, None)
     if item is None:
         raise Errno(errno.ENOENT)
-    _access_unpin(item.pins)
+    access_unpin(item.pins)
     return 0
 
 

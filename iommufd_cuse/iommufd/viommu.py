@@ -23,9 +23,11 @@ from collections import deque
 from typing import Any
 
 from .. import uapi
+from ..system import PAGE_SIZE
 from ..transport.caller import Errno
 from .companion import CLAIM, COMPANION_MAGIC, ZERO_READ, refuse_without_companion
 from .fault import Eventq, EventqFile, respond_eventq
+from .io_pagetable import ULONG_MAX, access_unpin
 from .main import Context, Object, ObjType, Ucmd
 
 log = logging.getLogger(__name__)
@@ -270,21 +272,146 @@ def viommu_alloc(ucmd: Ucmd) -> int:
 
 
 # -- IOMMU_HW_QUEUE_ALLOC ---------------------------------------------------------------------
+class InternalAccess(Object):
+    """An access of the core's own (iommufd_access_create_internal): an object id in
+    the context, attached to an IOAS with PAGE_SIZE alignment. Its pins lock the areas
+    under them: an unmap there is EBUSY (it is never asked to let go)."""
+
+    type = ObjType.ACCESS
+    iova_alignment = PAGE_SIZE
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.users += 1  # the core's reference, dropped by release()
+        self.ioas: Any = None
+        self.pins: list = []
+
+    def attach(self, ioas: Any) -> None:
+        """iommufd_access_attach_internal: the IOAS's alignment must fit (EADDRINUSE)."""
+        iopt = ioas.iopt
+        iopt.accesses.append(self)
+        try:
+            iopt.calculate_iova_alignment()
+        except BaseException:
+            iopt.accesses.remove(self)
+            raise
+        ioas.users += 1
+        self.ioas = ioas
+
+    def notify_unmap(self, iova: int, length: int) -> None:
+        """Internal accesses are not notified (iommufd_access_notify_unmap skips them)."""
+
+    def release(self, ctx: Context) -> None:
+        """Unpin, detach and destroy (iommufd_hw_queue_destroy_access)."""
+        access_unpin(self.pins)
+        self.pins = []
+        ioas, self.ioas = self.ioas, None
+        if ioas is not None:
+            ioas.iopt.accesses.remove(self)
+            try:
+                ioas.iopt.calculate_iova_alignment()
+            except Errno:
+                pass
+            ioas.users -= 1
+        self.users -= 1
+        if ctx.objects.get(self.id) is self:
+            ctx._destroy(self)
+
+
+class HwQueue(Object):
+    """struct iommufd_hw_queue: a queue the vIOMMU's hardware reads at an IOVA of the
+    nesting parent, physically contiguous and kept pinned by an internal access."""
+
+    type = ObjType.HW_QUEUE
+
+    def __init__(self, ctx: Context, viommu: Viommu, queue_type: int, iova: int, length: int) -> None:
+        super().__init__()
+        self.ctx = ctx
+        self.viommu: Viommu | None = None
+        self.queue_type = queue_type
+        self.base_addr = iova
+        self.length = length
+        self.access: InternalAccess | None = None
+        self.driver_destroy: Any = None  # set by the driver's hw_queue_init_phys
+
+    def status(self) -> dict:
+        return {"viommu": self.viommu.id if self.viommu else 0, "iova": self.base_addr, "length": self.length}
+
+    def destroy(self) -> None:
+        """iommufd_hw_queue_destroy: the driver's part, the access, the vIOMMU."""
+        if self.driver_destroy is not None:
+            self.driver_destroy(self)
+            self.driver_destroy = None
+        if self.access is not None:
+            self.access.release(self.ctx)
+            self.access = None
+        if self.viommu is not None:
+            self.viommu.users -= 1
+            self.viommu = None
+
+
+def _hw_queue_alloc_phys(ctx: Context, cmd: Any, viommu: Viommu) -> tuple[InternalAccess, int]:
+    """iommufd_hw_queue_alloc_phys: pin the queue's pages (read) through an internal
+    access to the parent's IOAS; they must be physically contiguous (else EFAULT).
+    Returns the access and the queue's physical address."""
+    offset = cmd.nesting_parent_iova % PAGE_SIZE
+    aligned_iova = cmd.nesting_parent_iova - offset
+    length = offset + cmd.length + PAGE_SIZE - 1
+    if length > ULONG_MAX:
+        raise Errno(errno.ERANGE)
+    length -= length % PAGE_SIZE
+    access = ctx.alloc(InternalAccess())
+    ctx.finalize(access)
+    try:
+        access.attach(viommu.hwpt.ioas)
+        if aligned_iova + length - 1 > ULONG_MAX:
+            raise Errno(errno.EOVERFLOW)
+        access.pins = viommu.hwpt.ioas.iopt.access_pin(aligned_iova, length, False)
+        pa = None
+        for area, first, n in access.pins:
+            start = area.pages.pa_base + first * PAGE_SIZE
+            if pa is not None and start != pa:
+                raise Errno(errno.EFAULT)
+            pa = start + n * PAGE_SIZE
+        area, first, _n = access.pins[0]
+        return access, area.pages.pa_base + first * PAGE_SIZE + offset
+    except BaseException:
+        access.release(ctx)
+        raise
+
+
 def hw_queue_alloc(ucmd: Ucmd) -> int:
-    """IOMMU_HW_QUEUE_ALLOC with mainline's checks up to the vIOMMU: flags or the
-    DEFAULT type EOPNOTSUPP; length 0 EINVAL; an IOVA range that wraps EOVERFLOW;
-    no vIOMMU ENOENT. No vIOMMU here has HW queues (mainline's mock has): then
-    EOPNOTSUPP, logged, as from a driver without them."""
+    """IOMMU_HW_QUEUE_ALLOC, in mainline's order: flags or the DEFAULT type EOPNOTSUPP;
+    length 0 EINVAL; an IOVA range that wraps EOVERFLOW; no vIOMMU ENOENT; a driver
+    without HW queues of that type EOPNOTSUPP (logged); then the pin (an IOVA not
+    mapped ENOENT), then the driver's hw_queue_init_phys."""
     cmd = ucmd.cmd
+    ctx = ucmd.ctx
     if cmd.flags or cmd.type == uapi.IOMMU_HW_QUEUE_TYPE_DEFAULT:
         raise Errno(errno.EOPNOTSUPP)
     if not cmd.length:
         raise Errno(errno.EINVAL)
-    if cmd.nesting_parent_iova + cmd.length - 1 > (1 << 64) - 1:
+    if cmd.nesting_parent_iova + cmd.length - 1 > ULONG_MAX:
         raise Errno(errno.EOVERFLOW)
-    viommu = get_viommu(ucmd.ctx, cmd.viommu_id)
-    log.info("IOMMU_HW_QUEUE_ALLOC: the vIOMMU of %s has no HW queues: EOPNOTSUPP", viommu.iommu.name)
-    raise Errno(errno.EOPNOTSUPP)
+    viommu = get_viommu(ctx, cmd.viommu_id)
+    iommu = viommu.iommu
+    supported = getattr(iommu, "hw_queue_supported", None)
+    if supported is None or not supported(viommu, cmd.type):
+        log.info("IOMMU_HW_QUEUE_ALLOC: the vIOMMU of %s has no HW queue of type %#x: EOPNOTSUPP", iommu.name, cmd.type)
+        raise Errno(errno.EOPNOTSUPP)
+    with ctx.hold(viommu):
+        q = ctx.alloc(HwQueue(ctx, viommu, cmd.type, cmd.nesting_parent_iova, cmd.length))
+        try:
+            q.access, base_pa = _hw_queue_alloc_phys(ctx, cmd, viommu)
+            q.viommu = viommu
+            viommu.users += 1
+            iommu.hw_queue_init_phys(q, cmd.index, base_pa)
+        except BaseException:
+            ctx.abort(q)
+            raise
+        cmd.out_hw_queue_id = q.id
+        ucmd.respond_and_finalize(q)
+    return 0
 
 
 # -- IOMMU_VDEVICE_ALLOC ----------------------------------------------------------------------

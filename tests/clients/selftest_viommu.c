@@ -261,7 +261,44 @@ int main(int argc, char **argv)
 	step0("hwq_length0", hw_queue_alloc(viommu, 0, IOMMU_HW_QUEUE_TYPE_SELFTEST, 0, 0));
 	step0("hwq_wraps", hw_queue_alloc(viommu, 0, IOMMU_HW_QUEUE_TYPE_SELFTEST, ~0ull - 4095, 8192));
 	step0("hwq_bad_viommu", hw_queue_alloc(ioas, 0, IOMMU_HW_QUEUE_TYPE_SELFTEST, 0, 4096));
-	step0("hwq", hw_queue_alloc(viommu, 0, IOMMU_HW_QUEUE_TYPE_SELFTEST, 0, 4096));
+	{
+		/* the mock's HW queues, on memory of the parent's IOAS (two areas, one page each) */
+		__u64 iova = MOCK_APERTURE_START;
+		char *buf = mmap(NULL, 2 * PAGE, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+		struct iommu_hw_queue_alloc a = {
+			.size = sizeof(a), .viommu_id = viommu, .type = IOMMU_HW_QUEUE_TYPE_SELFTEST,
+			.nesting_parent_iova = iova, .length = PAGE,
+		};
+		__u32 q0 = 0, q1 = 0;
+
+		memset(buf, 1, 2 * PAGE);
+		step0("hwq_unmapped", hw_queue_alloc(viommu, 0, IOMMU_HW_QUEUE_TYPE_SELFTEST, iova, PAGE));
+		step0("hwq_map", ioas_map(fd, ioas, buf, PAGE, iova));
+		step0("hwq_map2", ioas_map(fd, ioas, buf + PAGE, PAGE, iova + PAGE));
+		step0("hwq_other_type", hw_queue_alloc(viommu, 0, IOMMU_HW_QUEUE_TYPE_TEGRA241_CMDQV, iova, PAGE));
+		a.index = 1;
+		step0("hwq_index1_first", xioctl(fd, IOMMU_HW_QUEUE_ALLOC, &a));
+		a.index = IOMMU_TEST_HW_QUEUE_MAX;
+		step0("hwq_index_max", xioctl(fd, IOMMU_HW_QUEUE_ALLOC, &a));
+		a.index = 0;
+		a.length = 2 * PAGE; /* two maps: not physically contiguous */
+		step0("hwq_not_contiguous", xioctl(fd, IOMMU_HW_QUEUE_ALLOC, &a));
+		a.length = PAGE;
+		stepv("hwq0", xioctl(fd, IOMMU_HW_QUEUE_ALLOC, &a), "id_ok=%d", (q0 = a.out_hw_queue_id) != 0);
+		step0("hwq0_again", xioctl(fd, IOMMU_HW_QUEUE_ALLOC, &a));
+		step0("hwq_unmap_pinned", ioas_unmap(fd, ioas, iova, PAGE));
+		step0("hwq_unmap_other", ioas_unmap(fd, ioas, iova + PAGE, PAGE));
+		a.index = 1;
+		a.nesting_parent_iova = iova + PAGE / 2; /* unaligned, inside the same page */
+		a.length = PAGE / 2;
+		stepv("hwq1", xioctl(fd, IOMMU_HW_QUEUE_ALLOC, &a), "id_ok=%d", (q1 = a.out_hw_queue_id) != 0);
+		step0("hwq_destroy_busy", destroy(fd, q0)); /* queue 1 depends on it */
+		step0("hwq_destroy_viommu_busy", destroy(fd, viommu));
+		step0("hwq_destroy1", destroy(fd, q1));
+		step0("hwq_destroy0", destroy(fd, q0));
+		step0("hwq_unmap", ioas_unmap(fd, ioas, iova, PAGE));
+		munmap(buf, 2 * PAGE);
+	}
 
 	/* vEVENT queues */
 	step0("trigger_no_queue", trigger(idev));

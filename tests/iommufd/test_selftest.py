@@ -1156,7 +1156,23 @@ async def test_viommu_with_companion(selftest_daemon, cbuild, preload):
             "hwq_length0": "EINVAL",
             "hwq_wraps": "EOVERFLOW",
             "hwq_bad_viommu": "ENOENT",
-            "hwq": "EOPNOTSUPP",  # mainline's mock vIOMMU has HW queues: a new object
+            "hwq_unmapped": "ENOENT",  # the internal access pins nothing there
+            "hwq_map": OK,
+            "hwq_map2": OK,
+            "hwq_other_type": "EOPNOTSUPP",  # the mock has only IOMMU_HW_QUEUE_TYPE_SELFTEST
+            "hwq_index1_first": "EIO",  # index 1 needs index 0
+            "hwq_index_max": "EINVAL",
+            "hwq_not_contiguous": "EFAULT",
+            "hwq0": OK,
+            "hwq0_again": "EEXIST",
+            "hwq_unmap_pinned": "EBUSY",  # the queue's access locks the area
+            "hwq_unmap_other": OK,
+            "hwq1": OK,
+            "hwq_destroy_busy": "EBUSY",  # queue 1 depends on queue 0
+            "hwq_destroy_viommu_busy": "EBUSY",
+            "hwq_destroy1": OK,
+            "hwq_destroy0": OK,
+            "hwq_unmap": OK,
             # vEVENT queues
             "trigger_no_queue": "EOPNOTSUPP",
             "trigger_not_attached": "ENOENT",
@@ -1214,6 +1230,7 @@ async def test_viommu_with_companion(selftest_daemon, cbuild, preload):
     )
     assert fields(steps, "viommu") == {"out_data": "0xbadbeef", "mmap_len": "8192", "mmap_off_ok": "1"}
     assert fields(steps, "cache_default") == {"first_changed": "-1"}
+    assert fields(steps, "hwq0") == fields(steps, "hwq1") == {"id_ok": "1"}
     for name in (
         "inv_empty",
         "inv_empty_bad_type",
