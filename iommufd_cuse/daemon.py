@@ -146,6 +146,11 @@ class Daemon:
             n = self.config.nodes["iommu"]
             node = self.tree.add(ACCESS_NODE, n.mode, n.uid, n.gid, lambda req, flags: AccessFile(self.system))
             self.system.selftest_access_ino = node.ino
+            # And the node of dma-bufs (IOMMU_TEST_OP_DMABUF_GET).
+            from .iommufd.selftest import DMABUF_NODE, DmabufFile
+
+            node = self.tree.add(DMABUF_NODE, n.mode, n.uid, n.gid, lambda req, flags: DmabufFile(self.system))
+            self.system.selftest_dmabuf_ino = node.ino
         # The node the companion opens to receive the file of a fault object
         # (IOMMU_FAULT_QUEUE_ALLOC), see docs/selftest.md; in every mode.
         from .iommufd.fault import FAULT_NODE, FaultFile

@@ -10,6 +10,11 @@
  * out_access_fd. Everything else (the access, its pins, its lifetime: it ends
  * when that descriptor is closed) is the daemon's.
  *
+ * IOMMU_TEST_OP_DMABUF_GET likewise, but its answer is the ioctl's return value
+ * (the dma-buf's fd): marked the same way, the daemon returns a token, which the
+ * library claims on the daemon's dma-buf node; it returns the new descriptor
+ * (opened with the command's open_flags).
+ *
  * IOMMU_FAULT_QUEUE_ALLOC (any mode, not only the test mode) likewise: on an
  * iommufd that is a FUSE file (fstatfs), a call with flags 0 goes out with
  * flags = "ICUS"; the daemon answers with a token in out_fault_fd, and the
@@ -57,6 +62,7 @@
 #define CLAIM _IO(IOMMUFD_TYPE, 0xE0)		/* on a node, arg: the token */
 #define ZERO_READ _IO(IOMMUFD_TYPE, 0xE1)	/* on a vEVENT queue: what read(fd, buf, 0) answers */
 #define ACCESS_NODE "iommufd-selftest/access"
+#define DMABUF_NODE "iommufd-selftest/dmabuf"
 #define FAULT_NODE "iommufd-cuse/fault"
 #define VEVENTQ_NODE "iommufd-cuse/veventq"
 #define FUSE_SUPER_MAGIC 0x65735546
@@ -76,7 +82,7 @@ static ioctl_fn real_ioctl(void)
 /* Open a node of the daemon that serves iommufd: it sits in the same FUSE
  * mount, `name` below the mount's root, which is the iommufd node's directory
  * or one of its parents (/dev/vfio/vfio is one level down). */
-static int open_daemon_node(int iommufd, const char *name)
+static int open_daemon_node(int iommufd, const char *name, int flags)
 {
 	char proc[64], path[PATH_MAX], node[2 * PATH_MAX];
 	ssize_t n;
@@ -90,7 +96,7 @@ static int open_daemon_node(int iommufd, const char *name)
 	while ((slash = strrchr(path, '/')) != NULL) {
 		*slash = 0;
 		snprintf(node, sizeof(node), "%s/%s", path, name);
-		int fd = open(node, O_RDWR | O_CLOEXEC);
+		int fd = open(node, flags);
 		if (fd >= 0 || errno != ENOENT)
 			return fd;
 	}
@@ -112,7 +118,7 @@ static int receive_file(int fd, const char *name, __u32 *out_fd, int rc, int err
 	token = *out_fd;
 	if (token < TOKEN_BASE)
 		goto out; /* a real descriptor: not our daemon */
-	nfd = open_daemon_node(fd, name);
+	nfd = open_daemon_node(fd, name, O_RDWR | O_CLOEXEC);
 	if (nfd < 0) {
 		err = errno;
 		rc = -1;
@@ -140,6 +146,32 @@ static int create_access(int fd, unsigned long request, struct iommu_test_cmd *c
 	err = errno;
 	cmd->__reserved = saved;
 	return receive_file(fd, ACCESS_NODE, &cmd->create_access.out_access_fd, rc, err);
+}
+
+/* IOMMU_TEST_OP_DMABUF_GET: the token is the return value, and so is the fd. */
+static int dmabuf_get(int fd, unsigned long request, struct iommu_test_cmd *cmd)
+{
+	__u32 saved = cmd->__reserved;
+	int rc, err, nfd;
+
+	cmd->__reserved = COMPANION_MAGIC;
+	rc = real_ioctl()(fd, request, cmd);
+	err = errno;
+	cmd->__reserved = saved;
+	if (rc < 0 || (__u32)rc < TOKEN_BASE) {
+		errno = err;
+		return rc; /* an error, or a real descriptor: not our daemon */
+	}
+	nfd = open_daemon_node(fd, DMABUF_NODE, cmd->dmabuf_get.open_flags & (O_ACCMODE | O_CLOEXEC));
+	if (nfd < 0)
+		return -1;
+	if (real_ioctl()(nfd, CLAIM, (unsigned long)rc)) {
+		err = errno;
+		close(nfd);
+		errno = err;
+		return -1;
+	}
+	return nfd;
 }
 
 static int fault_alloc(int fd, unsigned long request, struct iommu_fault_alloc *cmd)
@@ -192,9 +224,12 @@ int ioctl(int fd, unsigned long request, ...)
 	arg = va_arg(ap, void *);
 	va_end(ap);
 	if (request == IOMMU_TEST_CMD && !peek(arg, &head, sizeof(head)) &&
-	    head.size >= offsetof(struct iommu_test_cmd, last) + sizeof(head.last) &&
-	    head.op == IOMMU_TEST_OP_CREATE_ACCESS)
-		return create_access(fd, request, arg);
+	    head.size >= offsetof(struct iommu_test_cmd, last) + sizeof(head.last)) {
+		if (head.op == IOMMU_TEST_OP_CREATE_ACCESS)
+			return create_access(fd, request, arg);
+		if (head.op == IOMMU_TEST_OP_DMABUF_GET)
+			return dmabuf_get(fd, request, arg);
+	}
 	/* flags 0 only: other flags are the daemon's EOPNOTSUPP, as mainline's */
 	if (request == IOMMU_FAULT_QUEUE_ALLOC && !peek(arg, &falloc, sizeof(falloc)) &&
 	    falloc.size >= sizeof(falloc) && falloc.flags == 0 && on_fuse(fd))

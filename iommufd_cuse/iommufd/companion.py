@@ -129,12 +129,19 @@ class HandedFile(FileHandle):
         except Errno:
             raise Errno(errno.EBADFD) from None
         try:
-            ino = getattr(system, cls.ino_attr, None)
-            if ino is None or not fd_on_our_mount(dup) or fd_inode(dup) != ino:
-                raise Errno(errno.EBADFD)
-            fh = await identify(dup)
+            obj = await cls.of_dup(system, dup)
         finally:
             os.close(dup)  # closing a file of our own mount never waits for us (no FLUSH)
-        if not isinstance(fh, cls) or fh.obj is None:
+        if obj is None:
             raise Errno(errno.EBADFD)
-        return fh.obj
+        return obj
+
+    @classmethod
+    async def of_dup(cls, system: Any, dup: int) -> Any:
+        """The object of the file dup (the daemon's own descriptor) if it is a claimed
+        file of this node, else None."""
+        ino = getattr(system, cls.ino_attr, None)
+        if ino is None or not fd_on_our_mount(dup) or fd_inode(dup) != ino:
+            return None
+        fh = await identify(dup)
+        return fh.obj if isinstance(fh, cls) else None

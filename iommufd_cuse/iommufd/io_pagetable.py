@@ -212,9 +212,11 @@ class IoPagetable:
     def _insert_area(self, area: Area) -> None:
         starts = [a.start for a in self.areas]
         self.areas.insert(bisect.bisect_left(starts, area.start), area)
+        area.pages.areas[area] = self
 
     def _remove_area(self, area: Area) -> None:
         self.areas.remove(area)
+        area.pages.areas.pop(area, None)
 
     def alloc_areas(self, slices: list[PagesSlice], length: int, iova: int | None, prot: int) -> list[Area]:
         """iopt_alloc_area_pages: check or allocate the IOVA and insert the areas
@@ -257,8 +259,8 @@ class IoPagetable:
     async def fill_area(self, area: Area, domains: list[PagingDomain] | None = None) -> None:
         """Pin the area's pages and map them into every domain (all or nothing)."""
         domains = self.domains if domains is None else domains
-        if not domains:
-            return
+        if not domains or area.pages.revoked:
+            return  # a revoked dma-buf has nothing to load (iopt_area_fill_domains)
         area.pages.pin(area.first_index, area.num_pages)
         done: list[PagingDomain] = []
         try:
@@ -332,6 +334,8 @@ class IoPagetable:
                 continue
             if area.busy or area.num_accesses:
                 raise Errno(errno.EBUSY)
+            if area.pages.is_dmabuf:
+                raise Errno(errno.EOPNOTSUPP)  # iopt_area_split does not split dma-buf areas
             if (iova + 1) & (self.iova_alignment - 1) or (iova + 1) % PAGE_SIZE:
                 raise Errno(errno.EINVAL)
             first_len = iova - area.start + 1
@@ -433,6 +437,8 @@ class IoPagetable:
             filled: list[Area] = []
             try:
                 for area in list(self.areas):
+                    if area.pages.revoked:
+                        continue
                     if self.domains:
                         await self._map_into(area, domain)
                     else:
@@ -509,6 +515,8 @@ class IoPagetable:
                     raise Errno(errno.EINVAL)
                 if not area.prot & (IOMMU_WRITE if write else IOMMU_READ):
                     raise Errno(errno.EPERM)
+                if area.pages.is_dmabuf:
+                    raise Errno(errno.EINVAL)  # no struct pages to hand out
                 first = first_byte // PAGE_SIZE
                 n = (area.start_byte + (end - area.start)) // PAGE_SIZE - first + 1
                 area.pages.pin(first, n)
@@ -539,6 +547,8 @@ class IoPagetable:
                 break
             if write and not area.prot & IOMMU_WRITE or not write and not area.prot & IOMMU_READ:
                 raise Errno(errno.EPERM)
+            if area.pages.is_dmabuf:
+                raise Errno(errno.EINVAL)  # iopt_pages_rw_access refuses dma-bufs
             end = min(last, area.last)
             n = end - pos + 1
             off = area.start_byte + (pos - area.start)
