@@ -236,8 +236,8 @@ async def test_mock_domain(selftest_daemon, cbuild):
 
 
 async def test_access_and_dmabuf(selftest_daemon, cbuild, caplog):
-    """What needs a new fd in the caller: CREATE_ACCESS and DMABUF_GET answer
-    EOPNOTSUPP (mainline: a new fd), after mainline's own checks; the ops that take
+    """What needs a new fd in the caller, without the companion: CREATE_ACCESS and
+    DMABUF_GET answer EOPNOTSUPP (mainline: a new fd), after mainline's own checks; the ops that take
     an access fd find none, as mainline for an fd that is not an access."""
     with caplog.at_level(logging.WARNING, logger="iommufd_cuse.iommufd.selftest"):
         steps = await client(selftest_daemon, cbuild, "selftest_ops", "files")
@@ -257,7 +257,7 @@ async def test_access_and_dmabuf(selftest_daemon, cbuild, caplog):
             "access_replace_no_fd": "EBADFD",
             "dmabuf_zero": "EINVAL",
             "dmabuf_too_long": "EINVAL",
-            "dmabuf_get": "EOPNOTSUPP",  # mainline: a new dma-buf fd
+            "dmabuf_get": "EOPNOTSUPP",  # without the companion (mainline: a new dma-buf fd)
             "dmabuf_revoke_no_fd": "EBADF",
             "dmabuf_revoke_not_dmabuf": "EINVAL",
         },
@@ -1090,6 +1090,92 @@ async def test_fault_queue_normal_mode(plain_daemon, cbuild, preload):
     assert fields(steps, "alloc") == {"id": "1", "fd_ok": "1", "cloexec": "1"}
     assert fields(steps, "poll_empty") == {"revents": "0"}  # POLLOUT is always set, but not asked for
     assert steps["read_empty"].rc == 0
+
+
+# -- dma-bufs ---------------------------------------------------------------------------------------
+def _dmabuf_memfds() -> int:
+    """Memfds of the selftest's dma-bufs open in this process (the daemon's)."""
+    import os
+
+    n = 0
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            n += "iommufd-test-dmabuf" in os.readlink(f"/proc/self/fd/{fd}")
+        except OSError:
+            pass
+    return n
+
+
+async def test_dmabuf_with_companion(selftest_daemon, cbuild, preload):
+    """DMABUF_GET through the companion, IOAS_MAP_FILE of the dma-buf and
+    DMABUF_REVOKE with mainline's semantics: a revoke takes the translations out of
+    every domain for good, a map of a revoked dma-buf is ENODEV, the pages are no
+    access's. Nothing is left once the client is gone."""
+    import os
+
+    exe = cbuild("selftest_dmabuf")
+    env = dict(os.environ, LD_PRELOAD=str(preload))
+    p = await run([exe, Path(selftest_daemon.dev_dir) / "iommu"], env=env)
+    steps = parse_steps(p.stdout)
+    assert_kernel(
+        steps,
+        {
+            "ioas": OK,
+            "mock": OK,
+            "dirty_hwpt": OK,
+            "dirty_on": OK,
+            "get_zero": "EINVAL",
+            "get_too_long": "EINVAL",  # 513 pages once rounded up
+            "get_max": OK,
+            "get": OK,
+            "get_no_cloexec": OK,
+            "map_zero": "EINVAL",
+            "map_past_end": "EINVAL",
+            "map_too_long": "EINVAL",
+            "map": OK,
+            "map_again_fixed": "EEXIST",
+            "access": OK,
+            "access_rw": "EINVAL",  # iopt_pages_rw_access: not for a dma-buf
+            "access_pages": "EINVAL",
+            "revoke_no_fd": "EBADF",
+            "revoke_memfd": "EINVAL",
+            "revoke_iommufd": "EINVAL",
+            "revoke": OK,
+            "revoked_domain": OK,
+            "map_revoked": "ENODEV",
+            "hwpt_after_revoke": OK,  # the revoked area is skipped, not an error
+            "revoke_again": OK,
+            "unrevoke": OK,
+            "map_restored": OK,
+            "old_area": OK,
+            "unmap_old": OK,
+            "map_fixed_again": OK,
+            "closed": OK,
+            "revoke_closed": "EBADF",
+            "ioas2": OK,
+            "mock2": OK,
+            "map2": OK,
+            "copy2": OK,
+            "revoke2": OK,
+            "unmap_copy": OK,
+            "destroy_stdev2": OK,
+            "destroy_ioas2": OK,
+            "unmap_all": OK,
+            "destroy_hwpt2": OK,
+            "destroy_dirty_hwpt": OK,
+        },
+    )
+    assert fields(steps, "get") == {"fd_ok": "1", "cloexec": "1"}
+    assert fields(steps, "get_no_cloexec") == {"fd_ok": "1", "cloexec": "0"}
+    assert fields(steps, "map")["translated"] == "0xf"
+    assert fields(steps, "revoked_domain")["translated"] == "0"
+    assert fields(steps, "map_restored")["translated"] == "0xf"
+    assert fields(steps, "old_area")["translated"] == "0"  # revoked for good
+    assert fields(steps, "map_fixed_again")["translated"] == "0xf"
+    assert fields(steps, "closed")["translated"] == "0xf"  # the mapping holds the dma-buf
+    await wait_until(lambda: not selftest_daemon.system.contexts)
+    assert not getattr(selftest_daemon.system, "selftest_pending_dmabufs", {})
+    await wait_until(lambda: _dmabuf_memfds() == 0)
 
 
 # -- vIOMMUs, vdevices, vEVENT queues --------------------------------------------------------------
