@@ -165,6 +165,12 @@ class Daemon:
         self.tree.add(
             VEVENTQ_NODE, n.mode, n.uid, n.gid, lambda req, flags: VeventqFile(self.system, self.server.notify_poll)
         )
+        # The directory of the nodes behind mmap() of an iommufd region (iommufd/mmap.py).
+        from .iommufd.mmap import MMAP_DIR, MmapNodes
+
+        n = self.config.nodes["iommu"]
+        self.tree.add(MMAP_DIR + "/", 0o755)  # made now: only its files come and go
+        self.system.mmap_nodes = MmapNodes(self.tree, n.mode, n.uid, n.gid)
         for i, dev in enumerate(self.system.devices):
             nc = dev.cfg.node
             dev.node = self.tree.add(f"vfio/devices/vfio{i}", nc.mode, nc.uid, nc.gid, self._open_device(dev))

@@ -25,6 +25,13 @@
  * out_veventq_fd, claimed on the daemon's vEVENT queue node); read/poll on the
  * new descriptor are served by the daemon.
  *
+ * mmap() of a FUSE iommufd never reaches the daemon (FUSE answers itself, ENODEV
+ * for MAP_SHARED on a direct-I/O file): the library asks the daemon with
+ * MMAP_REGION (offset, length, prot, flags), which makes the kernel's checks and
+ * answers a token naming a node of the region, MMAP_DIR/<token>; the library maps
+ * that node instead and closes it (the mapping keeps the file, as a VMA keeps the
+ * iommufd). See iommufd_cuse/iommufd/mmap.py.
+ *
  * A read() of 0 bytes never reaches a FUSE server (the kernel answers 0), where
  * the kernel's vEVENT queue file answers EINVAL: on a vEVENT queue file of the
  * daemon the library asks the daemon instead (the node's ZERO_READ ioctl).
@@ -51,6 +58,7 @@
 #include <stdio.h>
 #include <string.h>
 #include <sys/ioctl.h>
+#include <sys/mman.h>
 #include <sys/uio.h>
 #include <sys/vfs.h>
 #include <unistd.h>
@@ -61,6 +69,8 @@
 #define TOKEN_BASE 0x40000000u			/* tokens are never fd numbers */
 #define CLAIM _IO(IOMMUFD_TYPE, 0xE0)		/* on a node, arg: the token */
 #define ZERO_READ _IO(IOMMUFD_TYPE, 0xE1)	/* on a vEVENT queue: what read(fd, buf, 0) answers */
+#define MMAP_REGION _IO(IOMMUFD_TYPE, 0xE2)	/* on an iommufd, arg: struct mmap_region */
+#define MMAP_DIR "iommufd-cuse/mmap"
 #define ACCESS_NODE "iommufd-selftest/access"
 #define DMABUF_NODE "iommufd-selftest/dmabuf"
 #define FAULT_NODE "iommufd-cuse/fault"
@@ -69,6 +79,14 @@
 
 typedef int (*ioctl_fn)(int, unsigned long, ...);
 typedef ssize_t (*read_fn)(int, void *, size_t);
+typedef void *(*mmap_fn)(void *, size_t, int, int, int, off_t);
+
+struct mmap_region {
+	__u64 offset;
+	__u64 length;
+	__u32 prot;
+	__u32 flags;
+};
 
 static ioctl_fn real_ioctl(void)
 {
@@ -266,4 +284,49 @@ ssize_t read(int fd, void *buf, size_t count)
 	if (count == 0 && is_daemon_node(fd, VEVENTQ_NODE))
 		return real_ioctl()(fd, ZERO_READ, 0);
 	return real_read(fd, buf, count);
+}
+
+static int is_iommufd(int fd)
+{
+	return is_daemon_node(fd, "iommu") || is_daemon_node(fd, "vfio/vfio");
+}
+
+/* mmap() of an iommufd of the daemon: see the top of this file. */
+static void *mmap_iommufd(mmap_fn real_mmap, int fd, void *addr, size_t length, int prot, int flags, off_t offset)
+{
+	struct mmap_region r = { (__u64)offset, length, (__u32)prot, (__u32)flags };
+	char name[64];
+	int token, nfd, err;
+	void *p;
+
+	token = real_ioctl()(fd, MMAP_REGION, &r);
+	if (token < 0 && errno == ENOTTY) /* not our daemon after all */
+		return real_mmap(addr, length, prot, flags, fd, offset);
+	if (token < 0)
+		return MAP_FAILED;
+	snprintf(name, sizeof(name), MMAP_DIR "/%d", token);
+	nfd = open_daemon_node(fd, name, O_RDWR | O_CLOEXEC);
+	if (nfd < 0)
+		return MAP_FAILED;
+	p = real_mmap(addr, length, prot, flags, nfd, 0);
+	err = errno;
+	close(nfd); /* the mapping holds the file; its release drops the region's owner */
+	errno = err;
+	return p;
+}
+
+void *mmap(void *addr, size_t length, int prot, int flags, int fd, off_t offset)
+{
+	static mmap_fn real_mmap;
+
+	if (!real_mmap)
+		real_mmap = (mmap_fn)dlsym(RTLD_NEXT, "mmap");
+	if (fd >= 0 && !(flags & MAP_ANONYMOUS) && is_iommufd(fd))
+		return mmap_iommufd(real_mmap, fd, addr, length, prot, flags, offset);
+	return real_mmap(addr, length, prot, flags, fd, offset);
+}
+
+void *mmap64(void *addr, size_t length, int prot, int flags, int fd, off_t offset)
+{
+	return mmap(addr, length, prot, flags, fd, offset);
 }

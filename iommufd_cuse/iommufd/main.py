@@ -401,6 +401,10 @@ class IommufdFile(FileHandle):
     def ioctl(self, req: Request, cmd: int, arg: int) -> int | Awaitable[int]:
         if self.table.in_range(cmd):
             return self.table.dispatch(self.ctx, req.caller, cmd, arg)
+        from .mmap import MMAP_REGION, mmap_region
+
+        if cmd == MMAP_REGION:
+            return mmap_region(self.ctx, req.caller, arg)  # the companion's mmap()
         # Outside the table: the VFIO type1 container ioctls.
         from .vfio_compat import vfio_ioctl
 

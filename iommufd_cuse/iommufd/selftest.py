@@ -45,6 +45,7 @@ from .hw_pagetable import HwptNested, HwptPaging, UserData, UserDataArray
 from .io_pagetable import access_unpin
 from .ioas import get_ioas
 from .main import Context, Object, ObjType, Ucmd
+from .mmap import alloc_mmap, free_mmap
 from .pages import FilePages, Pages, UserPages
 
 log = logging.getLogger(__name__)
@@ -215,15 +216,17 @@ class MockIommu(Iommu):
 
     def viommu_init(self, viommu: Any, parent_domain: Domain, user_data: UserData | None) -> None:
         """mock_viommu_init: with data, iommu_viommu_selftest (at least up to out_data):
-        out_data echoes in_data, and a two-page region is registered for mmap of the
-        iommufd at out_mmap_offset (not mappable here, see docs/selftest.md); the
+        out_data echoes in_data, and a two-page region (its first word in_data, the
+        loopback page) is registered for mmap of the iommufd at out_mmap_offset; the
         struct goes back (EFAULT if it cannot)."""
         if user_data is None:
             return
         data = user_data.copy_struct(uapi.IOMMU_VIOMMU_TYPE_SELFTEST, uapi.iommu_viommu_selftest, "out_data")
         length = 2 * PAGE_SIZE
-        offset = _mmap_alloc(viommu.ctx, length)
-        viommu.mmap = (offset, length)
+        page = bytearray(length)
+        page[:4] = data.in_data.to_bytes(4, "little")
+        offset = alloc_mmap(viommu.ctx, viommu, length, page)
+        viommu.mmap_offset = offset
         data.out_data = data.in_data
         data.out_mmap_offset = offset
         data.out_mmap_length = length
@@ -231,7 +234,7 @@ class MockIommu(Iommu):
         try:
             user_data.caller.write(user_data.uptr, out[: min(user_data.len, len(out))])
         except BaseException:
-            _mmap_free(viommu.ctx, offset)
+            free_mmap(viommu.ctx, offset)
             raise
 
     def viommu_alloc_domain_nested(self, viommu: Any, flags: int, user_data: UserData) -> Domain:
@@ -342,23 +345,6 @@ class MockIommu(Iommu):
 
 
 KMALLOC_MAX_SIZE = 4 << 20  # a bigger kcalloc of invalidation entries is ENOMEM
-
-
-def _mmap_alloc(ctx: Context, length: int) -> int:
-    """iommufd_viommu_alloc_mmap: the lowest free offset from PAGE_SIZE in the
-    context's mmap tree."""
-    regions = ctx.__dict__.setdefault("mmap_regions", {})
-    start = PAGE_SIZE
-    for off in sorted(regions):
-        if start + length <= off:
-            break
-        start = max(start, off + regions[off])
-    regions[start] = length
-    return start
-
-
-def _mmap_free(ctx: Context, offset: int) -> None:
-    ctx.__dict__.get("mmap_regions", {}).pop(offset, None)
 
 
 def _dev_flags(device: Device) -> int:

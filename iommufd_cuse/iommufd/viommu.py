@@ -29,6 +29,7 @@ from .companion import CLAIM, COMPANION_MAGIC, ZERO_READ, refuse_without_compani
 from .fault import Eventq, EventqFile, respond_eventq
 from .io_pagetable import ULONG_MAX, access_unpin
 from .main import Context, Object, ObjType, Ucmd
+from .mmap import free_mmap
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +56,7 @@ class Viommu(Object):
         self.viommu_type = viommu_type
         self.vdevs: dict[int, Vdevice] = {}  # virt_id -> vdevice
         self.veventqs: list[Veventq] = []
-        self.mmap: tuple[int, int] | None = None  # (offset, length) the driver registered
+        self.mmap_offset: int | None = None  # of the region the driver registered (mmap.py)
         hwpt.users += 1  # released by destroy
 
     def status(self) -> dict:
@@ -91,9 +92,9 @@ class Viommu(Object):
         if self.hwpt is not None:
             self.hwpt.users -= 1
             self.hwpt = None
-        if self.mmap is not None:
-            self.ctx.__dict__.get("mmap_regions", {}).pop(self.mmap[0], None)
-            self.mmap = None
+        if self.mmap_offset is not None:
+            free_mmap(self.ctx, self.mmap_offset)
+            self.mmap_offset = None
         self.vdevs.clear()
 
 
