@@ -9,6 +9,7 @@
 #define _GNU_SOURCE
 #include <poll.h>
 #include <pthread.h>
+#include <sys/wait.h>
 #include <time.h>
 
 #include "selftest_util.h"
@@ -180,8 +181,11 @@ int main(int argc, char **argv)
 	step0("paging", hwpt_alloc(fd, idev, ioas, 0, IOMMU_HWPT_DATA_NONE, NULL, 0, &paging));
 
 	if (plain) {
-		step0("viommu", viommu_alloc(idev, parent, 0, IOMMU_VIOMMU_TYPE_SELFTEST, NULL, 0, &viommu));
+		step0("viommu", viommu_alloc(idev, parent, 0, IOMMU_VIOMMU_TYPE_SELFTEST, &data, sizeof(data), &viommu));
 		step0("veventq", veventq_alloc(viommu, 0, IOMMU_VEVENTQ_TYPE_SELFTEST, 2, 0, &qid, &qfd));
+		/* FUSE answers mmap() of the direct-I/O iommufd itself */
+		step0("mmap", xres(mmap(NULL, data.out_mmap_length, PROT_READ, MAP_SHARED, fd, data.out_mmap_offset) ==
+					   MAP_FAILED ? -1 : 0));
 		return 0;
 	}
 
@@ -198,6 +202,47 @@ int main(int argc, char **argv)
 	      "out_data=0x%x mmap_len=%llu mmap_off_ok=%d", data.out_data, (unsigned long long)data.out_mmap_length,
 	      data.out_mmap_offset >= PAGE && data.out_mmap_offset % PAGE == 0);
 	step0("viommu2", viommu_alloc(idev, parent, 0, IOMMU_VIOMMU_TYPE_SELFTEST, NULL, 0, &viommu2));
+
+	/* mmap() of the vIOMMU's region, through the companion */
+	{
+		struct iommu_viommu_selftest d3 = { .in_data = 0x5eed };
+		__u32 viommu3;
+		__u64 off, len;
+		__u32 *m, *m2;
+		int status;
+		pid_t child;
+
+		step0("viommu3", viommu_alloc(idev, parent, 0, IOMMU_VIOMMU_TYPE_SELFTEST, &d3, sizeof(d3), &viommu3));
+		off = d3.out_mmap_offset;
+		len = d3.out_mmap_length;
+		step0("mmap_past_start", xres(mmap(NULL, len, PROT_READ, MAP_SHARED, fd, off + PAGE) == MAP_FAILED ? -1 : 0));
+		step0("mmap_half", xres(mmap(NULL, len / 2, PROT_READ, MAP_SHARED, fd, off) == MAP_FAILED ? -1 : 0));
+		step0("mmap_double", xres(mmap(NULL, len * 2, PROT_READ, MAP_SHARED, fd, off) == MAP_FAILED ? -1 : 0));
+		step0("mmap_none", xres(mmap(NULL, len, PROT_READ, MAP_SHARED, fd, 64 * MIB) == MAP_FAILED ? -1 : 0));
+		step0("mmap_private", xres(mmap(NULL, len, PROT_READ, MAP_PRIVATE, fd, off) == MAP_FAILED ? -1 : 0));
+		step0("mmap_exec", xres(mmap(NULL, len, PROT_READ | PROT_EXEC, MAP_SHARED, fd, off) == MAP_FAILED ? -1 : 0));
+		m = mmap(NULL, len, PROT_READ | PROT_WRITE, MAP_SHARED, fd, off);
+		stepv("mmap", xres(m == MAP_FAILED ? -1 : 0), "in_data=0x%x", m == MAP_FAILED ? 0 : *m);
+		m2 = mmap(NULL, len, PROT_READ, MAP_SHARED, fd, off);
+		stepv("mmap_twice", xres(m2 == MAP_FAILED ? -1 : 0), "in_data=0x%x", m2 == MAP_FAILED ? 0 : *m2);
+		step0("mmap_destroy_busy", destroy(fd, viommu3));
+		if (m != MAP_FAILED)
+			munmap(m, len);
+		if (m2 != MAP_FAILED) {
+			/* a forked child keeps the mapping (and the vIOMMU) after the parent's munmap */
+			child = fork();
+			if (child == 0) {
+				sleep(1);
+				_exit(*m2 == 0x5eed ? 0 : 1);
+			}
+			munmap(m2, len);
+			step0("mmap_child_busy", destroy(fd, viommu3));
+			waitpid(child, &status, 0);
+			stepv("mmap_child", xres(0), "ok=%d", WIFEXITED(status) && WEXITSTATUS(status) == 0);
+		}
+		step0("mmap_destroy", destroy_eventually(fd, viommu3));
+		step0("mmap_gone", xres(mmap(NULL, len, PROT_READ, MAP_SHARED, fd, off) == MAP_FAILED ? -1 : 0));
+	}
 	step0("destroy_parent_busy", destroy(fd, parent));
 
 	/* IOMMU_VDEVICE_ALLOC */

@@ -1205,6 +1205,21 @@ async def test_viommu_with_companion(selftest_daemon, cbuild, preload):
             "viommu_data_null": "EFAULT",
             "viommu": OK,
             "viommu2": OK,
+            # mmap() of its region, through the companion: iommufd_fops_mmap's checks
+            "viommu3": OK,
+            "mmap_past_start": "ENXIO",
+            "mmap_half": "ENXIO",
+            "mmap_double": "ENXIO",
+            "mmap_none": "ENXIO",
+            "mmap_private": "EINVAL",
+            "mmap_exec": "EPERM",
+            "mmap": OK,
+            "mmap_twice": OK,
+            "mmap_destroy_busy": "EBUSY",  # a mapping holds the vIOMMU
+            "mmap_child_busy": "EBUSY",  # so does a forked copy of one
+            "mmap_child": OK,
+            "mmap_destroy": OK,
+            "mmap_gone": "ENXIO",
             "destroy_parent_busy": "EBUSY",
             # IOMMU_VDEVICE_ALLOC
             "vdev_bad_viommu": "ENOENT",
@@ -1315,6 +1330,9 @@ async def test_viommu_with_companion(selftest_daemon, cbuild, preload):
         },
     )
     assert fields(steps, "viommu") == {"out_data": "0xbadbeef", "mmap_len": "8192", "mmap_off_ok": "1"}
+    assert fields(steps, "mmap") == fields(steps, "mmap_twice") == {"in_data": "0x5eed"}  # the loopback page
+    assert fields(steps, "mmap_child") == {"ok": "1"}
+    assert not selftest_daemon.tree.root.children["iommufd-cuse"].children["mmap"].children
     assert fields(steps, "cache_default") == {"first_changed": "-1"}
     assert fields(steps, "hwq0") == fields(steps, "hwq1") == {"id_ok": "1"}
     for name in (
@@ -1363,7 +1381,17 @@ async def test_viommu_without_companion(selftest_daemon, cbuild, caplog):
     with caplog.at_level(logging.WARNING):
         steps = await client(selftest_daemon, cbuild, "selftest_viommu", "plain")
     assert_kernel(
-        steps, {"ioas": OK, "mock": OK, "mock2": OK, "parent": OK, "paging": OK, "viommu": OK, "veventq": "EOPNOTSUPP"}
+        steps,
+        {
+            "ioas": OK,
+            "mock": OK,
+            "mock2": OK,
+            "parent": OK,
+            "paging": OK,
+            "viommu": OK,
+            "veventq": "EOPNOTSUPP",
+            "mmap": "ENODEV",  # FUSE's answer for MAP_SHARED of a direct-I/O file
+        },
     )
     assert "companion" in caplog.text
     await wait_until(lambda: not selftest_daemon.system.contexts)
