@@ -1092,6 +1092,44 @@ async def test_fault_queue_normal_mode(plain_daemon, cbuild, preload):
     assert steps["read_empty"].rc == 0
 
 
+# -- pages of a process that is gone (the kernel's fork_gone) -----------------------------------------
+async def test_fork_gone(selftest_daemon, cbuild, preload):
+    """Pages a child mapped and then exited: shared memory (the kernel selftest's
+    buffer) was mapped into the daemon at pin time and stays reachable, as in the
+    kernel; with no domain nothing was pinned and the pin after the exit is EFAULT,
+    as in the kernel. Private anonymous memory is reached in place in the child's mm,
+    which is gone: the kernel would still have the pinned pages (docs/selftest.md)."""
+    import os
+
+    exe = cbuild("selftest_fork")
+    env = dict(os.environ, LD_PRELOAD=str(preload))
+    p = await run([exe, Path(selftest_daemon.dev_dir) / "iommu"], env=env)
+    steps = parse_steps(p.stdout)
+    expected = {}
+    for case in ("shared", "shared_no_domain", "private", "private_no_domain"):
+        expected[f"{case}_child_map"] = OK
+        expected[f"{case}_unmap"] = OK
+    expected.update(
+        {
+            "shared_new_domain": OK,
+            "shared_read": OK,
+            "shared_write": OK,
+            "shared_no_domain_new_domain": "EFAULT",  # the kernel's fork_gone without a domain
+            "shared_no_domain_read": "EFAULT",
+            "shared_no_domain_write": "EFAULT",
+            "private_new_domain": OK,
+            "private_read": "ESRCH",  # divergence: the kernel reads the pinned pages
+            "private_write": "ESRCH",
+            "private_no_domain_new_domain": "EFAULT",
+            "private_no_domain_read": "EFAULT",
+            "private_no_domain_write": "EFAULT",
+        }
+    )
+    assert_kernel(steps, expected)
+    assert fields(steps, "shared_read") == {"same": "1"}
+    assert fields(steps, "shared_write") == {"seen": "1"}  # the same shared pages
+
+
 # -- dma-bufs ---------------------------------------------------------------------------------------
 def _dmabuf_memfds() -> int:
     """Memfds of the selftest's dma-bufs open in this process (the daemon's)."""
