@@ -17,9 +17,9 @@ from dataclasses import dataclass, field
 import trio
 
 from .._native import ffi, lib
+from ..errors import Errno
 from ..iommu.domain import PagingDomain
 from ..system import PAGE_SIZE
-from ..transport.caller import Errno
 from .pages import Pages
 
 log = logging.getLogger(__name__)
@@ -494,44 +494,6 @@ class IoPagetable:
         for d in list(self.domains):
             self.remove_domain(d)
 
-    # -- pins of an access (the kernel's iommufd_access_pin_pages) -------------------------
-    def access_pin(self, iova: int, length: int, write: bool) -> list[tuple[Area, int, int]]:
-        """Pin the pages under [iova, iova + length) (length > 0, no overflow), which
-        must be contiguous areas (else ENOENT), page aligned where areas meet (else
-        EINVAL) and mapped with the access's permission (else EPERM). Each area
-        pinned counts the access (an unmap under it notifies the accesses, then is
-        EBUSY while pins stay). Returns (area, first page index, pages) items."""
-        last = iova + length - 1
-        pins: list[tuple[Area, int, int]] = []
-        pos = iova
-        try:
-            for area in self.areas_in(iova, last):
-                if area.start > pos or area.busy:
-                    break
-                end = min(last, area.last)
-                first_byte = area.start_byte + (pos - area.start)
-                area_last_byte = area.start_byte + area.length - 1
-                if first_byte % PAGE_SIZE or (end != last and area_last_byte % PAGE_SIZE != PAGE_SIZE - 1):
-                    raise Errno(errno.EINVAL)
-                if not area.prot & (IOMMU_WRITE if write else IOMMU_READ):
-                    raise Errno(errno.EPERM)
-                if area.pages.is_dmabuf:
-                    raise Errno(errno.EINVAL)  # no struct pages to hand out
-                first = first_byte // PAGE_SIZE
-                n = (area.start_byte + (end - area.start)) // PAGE_SIZE - first + 1
-                area.pages.pin(first, n)
-                area.num_accesses += 1
-                pins.append((area, first, n))
-                pos = end + 1
-                if end == last:
-                    break
-            if pos <= last:
-                raise Errno(errno.ENOENT)
-        except BaseException:
-            access_unpin(pins)
-            raise
-        return pins
-
     # -- CPU access (the kernel's iommufd_access_rw) -------------------------------------
     def access_rw(self, iova: int, buf: bytearray | memoryview, write: bool) -> None:
         """Read or write len(buf) bytes at iova through the areas. The pages are
@@ -565,10 +527,3 @@ class IoPagetable:
             if pos > last:
                 return
         raise Errno(errno.ENOENT)
-
-
-def access_unpin(pins: list[tuple[Area, int, int]]) -> None:
-    """iommufd_access_unpin_pages of what access_pin returned."""
-    for area, first, n in pins:
-        area.pages.unpin(first, n)
-        area.num_accesses -= 1

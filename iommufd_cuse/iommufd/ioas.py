@@ -8,10 +8,11 @@ import os
 import struct
 
 from .. import uapi
-from ..transport.caller import CAP_SYS_RESOURCE, Errno
+from ..errors import Errno
+from ..transport.caller import CAP_SYS_RESOURCE
 from .io_pagetable import IOMMU_READ, IOMMU_WRITE, ULONG_MAX, IoPagetable, PagesSlice
-from .main import AccountMode, Context, Object, ObjType, Ucmd
-from .pages import DmabufPages, FilePages, UserPages
+from .object import Context, Object, ObjType, Ucmd
+from .pages import AccountMode, DmabufPages, FilePages, UserPages, dmabuf_get
 
 log = logging.getLogger(__name__)
 
@@ -161,7 +162,7 @@ async def ioas_map_file(ucmd: Ucmd) -> int:
             if cmd.length == 0:
                 raise Errno(errno.EINVAL)
             writable = bool(cmd.flags & uapi.IOMMU_IOAS_MAP_WRITEABLE)
-            dmabuf = await dmabuf_get(ctx.system, fd)
+            dmabuf = await dmabuf_get(fd)
             if dmabuf is None:
                 pages: FilePages = FilePages(
                     ctx.system, ucmd.caller, ctx.account_mode, fd, cmd.start, cmd.length, writable
@@ -178,17 +179,6 @@ async def ioas_map_file(ucmd: Ucmd) -> int:
             pages.put()
         ucmd.respond()  # a faulting copy-out leaves the mapping, as in the kernel
     return 0
-
-
-async def dmabuf_get(system: object, fd: int) -> object | None:
-    """dma_buf_get: the dma-buf exported by this daemon behind fd, or None. The only
-    exporter here is the selftest's (IOMMU_TEST_OP_DMABUF_GET), as the kernel asks
-    iommufd_test_dma_buf_iommufd_map first."""
-    if not getattr(system, "selftest", False):
-        return None
-    from .selftest import DmabufFile
-
-    return await DmabufFile.of_dup(system, fd)
 
 
 async def _map(ioas: Ioas, slices: list[PagesSlice], cmd) -> int:  # noqa: ANN001

@@ -28,11 +28,11 @@ import logging
 from typing import Any
 
 from .. import uapi
+from ..errors import Errno
 from ..system import PAGE_SIZE
-from ..transport.caller import Errno
 from ..transport.nodes import FileHandle
 from .companion import TOKEN_BASE
-from .main import Context, Object
+from .object import Context, Object
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +58,7 @@ class Region:
 
 
 def _regions(ctx: Context) -> dict[int, Region]:
-    return ctx.__dict__.setdefault("mmap_regions", {})
+    return ctx.mmap_regions
 
 
 def alloc_mmap(ctx: Context, owner: Object, length: int, data: bytearray) -> int:
@@ -156,7 +156,7 @@ def mmap_region(ctx: Context, caller: Any, arg: int) -> int:
         raise Errno(errno.ENXIO)
     if req.offset != region.offset or req.length != region.length:
         raise Errno(errno.ENXIO)  # only the exact region may be mapped
-    nodes: MmapNodes | None = getattr(ctx.system, "mmap_nodes", None)
+    nodes = ctx.system.mmap_nodes
     if nodes is None:
         raise Errno(errno.ENODEV)
     region.owner.users += 1

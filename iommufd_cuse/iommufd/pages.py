@@ -13,6 +13,8 @@ Where the bytes are:
 
 from __future__ import annotations
 
+import ctypes
+import enum
 import errno
 import logging
 import mmap
@@ -22,12 +24,19 @@ from dataclasses import dataclass
 from typing import Any
 
 from .._native import ffi, lib
+from ..errors import Errno
 from ..system import PAGE_SIZE, System, memlock_limit_pages
-from ..transport.caller import CAP_IPC_LOCK, Caller, Errno, memlock_limit_of
+from ..transport.caller import CAP_IPC_LOCK, Caller, memlock_limit_of
+from ..transport.loopback import identify
 from ..transport.mount import fd_on_our_mount
-from .main import AccountMode
 
 log = logging.getLogger(__name__)
+
+
+class AccountMode(enum.Enum):
+    USER = 0  # IOPT_PAGES_ACCOUNT_USER: the user's locked_vm
+    MM = 1  # IOPT_PAGES_ACCOUNT_MM: the process's pinned_vm
+
 
 GIB = 1 << 30
 
@@ -310,8 +319,6 @@ HUGETLBFS_MAGIC = 0x958458F6
 
 def _fs_type(fd: int) -> int:
     """f_type of the file system holding fd (fstatfs)."""
-    import ctypes
-
     buf = ctypes.create_string_buffer(120)  # struct statfs; f_type is its first word
     libc = ctypes.CDLL(None, use_errno=True)
     if libc.fstatfs(fd, buf) != 0:
@@ -361,6 +368,16 @@ class FilePages(Pages):
         self._resources.append(m)
         addr = ffi.cast("uint64_t", ffi.from_buffer(m))
         self._set_backing(first, n, lib.ICUSE_BACKING_MEM, -1, int(addr))
+
+
+async def dmabuf_get(fd: int) -> Any:
+    """dma_buf_get: the dma-buf behind fd (the daemon's own duplicate) if it is a file of
+    a dma-buf exporter of this daemon, else None. An exporter's file has a `dmabuf`
+    attribute: here only the selftest's (IOMMU_TEST_OP_DMABUF_GET), as the kernel asks
+    iommufd_test_dma_buf_iommufd_map first."""
+    if not fd_on_our_mount(fd):
+        return None
+    return getattr(await identify(fd), "dmabuf", None)
 
 
 class DmabufPages(FilePages):

@@ -23,13 +23,16 @@ from collections import deque
 from typing import Any
 
 from .. import uapi
+from ..errors import Errno
 from ..system import PAGE_SIZE
-from ..transport.caller import Errno
+from .access import Access, pin_pages, unpin_pages
 from .companion import CLAIM, COMPANION_MAGIC, ZERO_READ, refuse_without_companion
+from .device import get_idev
 from .fault import Eventq, EventqFile, respond_eventq
-from .io_pagetable import ULONG_MAX, access_unpin
-from .main import Context, Object, ObjType, Ucmd
+from .hw_pagetable import UserData
+from .io_pagetable import ULONG_MAX
 from .mmap import free_mmap
+from .object import Context, Object, ObjType, Ucmd
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +60,7 @@ class Viommu(Object):
         self.vdevs: dict[int, Vdevice] = {}  # virt_id -> vdevice
         self.veventqs: list[Veventq] = []
         self.mmap_offset: int | None = None  # of the region the driver registered (mmap.py)
+        self.hw_queues: dict[int, Any] = {}  # index -> HwQueue, kept by the driver
         hwpt.users += 1  # released by destroy
 
     def status(self) -> dict:
@@ -128,8 +132,7 @@ class Vdevice(Object):
 class VeventqFile(EventqFile):
     """An open of VEVENTQ_NODE: the file of one vEVENT queue once claimed."""
 
-    pending_attr = "pending_veventq_files"
-    seq_attr = "veventq_file_seq"
+    kind = "veventq"
 
     def read(self, req: Any, offset: int, size: int) -> bytes:
         q = self.obj
@@ -244,9 +247,6 @@ def viommu_alloc(ucmd: Ucmd) -> int:
     """IOMMU_VIOMMU_ALLOC, in mainline's order: flags or the DEFAULT type EOPNOTSUPP;
     no device ENOENT; a driver without a vIOMMU of that type EOPNOTSUPP; hwpt_id not
     a paging HWPT ENOENT; not NEST_PARENT EINVAL; then the driver's data."""
-    from .device import get_idev
-    from .hw_pagetable import UserData
-
     cmd = ucmd.cmd
     ctx = ucmd.ctx
     if cmd.flags or cmd.type == uapi.IOMMU_VIOMMU_TYPE_DEFAULT:
@@ -273,50 +273,24 @@ def viommu_alloc(ucmd: Ucmd) -> int:
 
 
 # -- IOMMU_HW_QUEUE_ALLOC ---------------------------------------------------------------------
-class InternalAccess(Object):
+class InternalAccess(Access):
     """An access of the core's own (iommufd_access_create_internal): an object id in
-    the context, attached to an IOAS with PAGE_SIZE alignment. Its pins lock the areas
-    under them: an unmap there is EBUSY (it is never asked to let go)."""
+    the context, PAGE_SIZE alignment, never asked to let go of its pins (an unmap
+    under them is EBUSY: iommufd_access_notify_unmap skips internal accesses)."""
 
-    type = ObjType.ACCESS
-    iova_alignment = PAGE_SIZE
-
-    def __init__(self) -> None:
-        super().__init__()
+    def __init__(self, ctx: Context) -> None:
+        super().__init__(ctx, needs_pin_pages=True)
         self.users += 1  # the core's reference, dropped by release()
-        self.ioas: Any = None
         self.pins: list = []
 
-    def attach(self, ioas: Any) -> None:
-        """iommufd_access_attach_internal: the IOAS's alignment must fit (EADDRINUSE)."""
-        iopt = ioas.iopt
-        iopt.accesses.append(self)
-        try:
-            iopt.calculate_iova_alignment()
-        except BaseException:
-            iopt.accesses.remove(self)
-            raise
-        ioas.users += 1
-        self.ioas = ioas
-
-    def notify_unmap(self, iova: int, length: int) -> None:
-        """Internal accesses are not notified (iommufd_access_notify_unmap skips them)."""
-
-    def release(self, ctx: Context) -> None:
+    def release(self) -> None:
         """Unpin, detach and destroy (iommufd_hw_queue_destroy_access)."""
-        access_unpin(self.pins)
+        unpin_pages(self.pins)
         self.pins = []
-        ioas, self.ioas = self.ioas, None
-        if ioas is not None:
-            ioas.iopt.accesses.remove(self)
-            try:
-                ioas.iopt.calculate_iova_alignment()
-            except Errno:
-                pass
-            ioas.users -= 1
+        self.detach()
         self.users -= 1
-        if ctx.objects.get(self.id) is self:
-            ctx._destroy(self)
+        if self.ctx.objects.get(self.id) is self:
+            self.ctx._destroy(self)
 
 
 class HwQueue(Object):
@@ -344,7 +318,7 @@ class HwQueue(Object):
             self.driver_destroy(self)
             self.driver_destroy = None
         if self.access is not None:
-            self.access.release(self.ctx)
+            self.access.release()
             self.access = None
         if self.viommu is not None:
             self.viommu.users -= 1
@@ -361,13 +335,11 @@ def _hw_queue_alloc_phys(ctx: Context, cmd: Any, viommu: Viommu) -> tuple[Intern
     if length > ULONG_MAX:
         raise Errno(errno.ERANGE)
     length -= length % PAGE_SIZE
-    access = ctx.alloc(InternalAccess())
+    access = ctx.alloc(InternalAccess(ctx))
     ctx.finalize(access)
     try:
         access.attach(viommu.hwpt.ioas)
-        if aligned_iova + length - 1 > ULONG_MAX:
-            raise Errno(errno.EOVERFLOW)
-        access.pins = viommu.hwpt.ioas.iopt.access_pin(aligned_iova, length, False)
+        access.pins = pin_pages(access, aligned_iova, length, False)
         pa = None
         for area, first, n in access.pins:
             start = area.pages.pa_base + first * PAGE_SIZE
@@ -377,7 +349,7 @@ def _hw_queue_alloc_phys(ctx: Context, cmd: Any, viommu: Viommu) -> tuple[Intern
         area, first, _n = access.pins[0]
         return access, area.pages.pa_base + first * PAGE_SIZE + offset
     except BaseException:
-        access.release(ctx)
+        access.release()
         raise
 
 
@@ -419,8 +391,6 @@ def hw_queue_alloc(ucmd: Ucmd) -> int:
 def vdevice_alloc(ucmd: Ucmd) -> int:
     """IOMMU_VDEVICE_ALLOC: no vIOMMU or device ENOENT; a device of another IOMMU
     EINVAL; a device that has a vdevice already, or a virt_id taken, EEXIST."""
-    from .device import get_idev
-
     cmd = ucmd.cmd
     ctx = ucmd.ctx
     if cmd.virt_id > (1 << 64) - 1:

@@ -882,6 +882,7 @@ async def test_access_protocol_and_context_close(selftest_daemon):
     from pyclient import Iommufd
 
     from iommufd_cuse.iommufd import selftest as st
+    from iommufd_cuse.iommufd.companion import COMPANION_MAGIC
 
     system = selftest_daemon.system
     fd = await Iommufd.open(Path(selftest_daemon.dev_dir) / "iommu")
@@ -895,7 +896,7 @@ async def test_access_protocol_and_context_close(selftest_daemon):
         r = await fd.raw(
             uapi.IOMMU_TEST_CMD,
             uapi.iommu_test_cmd,
-            reserved=st.COMPANION_MAGIC,
+            reserved=COMPANION_MAGIC,
             **_tc(uapi.IOMMU_TEST_OP_CREATE_ACCESS, ioas, flags=1),
         )
         assert r.rc == 0, r
@@ -951,7 +952,7 @@ async def test_access_protocol_and_context_close(selftest_daemon):
         await trio.to_thread.run_sync(os.close, other)
     # With the last file the context goes, its pins and its unclaimed token with it.
     await wait_until(lambda: not system.contexts and system.pinned_pages() == 0, what="context released")
-    assert not getattr(system, "selftest_pending_accesses", {})
+    assert not system.pending_files.get("access")
     del buf
 
 
@@ -1212,7 +1213,7 @@ async def test_dmabuf_with_companion(selftest_daemon, cbuild, preload):
     assert fields(steps, "map_fixed_again")["translated"] == "0xf"
     assert fields(steps, "closed")["translated"] == "0xf"  # the mapping holds the dma-buf
     await wait_until(lambda: not selftest_daemon.system.contexts)
-    assert not getattr(selftest_daemon.system, "selftest_pending_dmabufs", {})
+    assert not selftest_daemon.system.pending_files.get("dmabuf")
     await wait_until(lambda: _dmabuf_memfds() == 0)
 
 
@@ -1410,7 +1411,7 @@ async def test_viommu_with_companion(selftest_daemon, cbuild, preload):
     assert fields(steps, "read_rest") == {"seq0": "6", "seq1": "9", "flags1": "0"}
     assert fields(steps, "poll_wakeup") == {"revents": str(POLLIN), "fast": "1"}
     assert steps["read_woken"].rc == 12 and fields(steps, "read_woken") == {"virt_id": "0x99"}
-    assert not getattr(selftest_daemon.system, "pending_veventq_files", {})
+    assert not selftest_daemon.system.pending_files.get("veventq")
 
 
 async def test_viommu_without_companion(selftest_daemon, cbuild, caplog):
