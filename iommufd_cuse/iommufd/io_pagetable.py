@@ -212,11 +212,9 @@ class IoPagetable:
     def _insert_area(self, area: Area) -> None:
         starts = [a.start for a in self.areas]
         self.areas.insert(bisect.bisect_left(starts, area.start), area)
-        area.pages.areas[area] = self
 
     def _remove_area(self, area: Area) -> None:
         self.areas.remove(area)
-        area.pages.areas.pop(area, None)
 
     def alloc_areas(self, slices: list[PagesSlice], length: int, iova: int | None, prot: int) -> list[Area]:
         """iopt_alloc_area_pages: check or allocate the IOVA and insert the areas
@@ -248,12 +246,19 @@ class IoPagetable:
             raise
         for area in areas:
             area.pages.refs += 1
+            area.pages.areas[area] = self
         return areas
 
     def abort_areas(self, areas: list[Area]) -> None:
         for area in areas:
             self._remove_area(area)
-            area.pages.put()
+            self._put_pages(area)
+
+    @staticmethod
+    def _put_pages(area: Area) -> None:
+        """The area lets go of its pages (which track their areas, for a dma-buf's revoke)."""
+        area.pages.areas.pop(area, None)
+        area.pages.put()
 
     # -- loading into domains ------------------------------------------------------
     async def fill_area(self, area: Area, domains: list[PagingDomain] | None = None) -> None:
@@ -315,7 +320,7 @@ class IoPagetable:
                 return errno.ENOENT, unmapped
             self.unfill_area(area)
             self._remove_area(area)
-            area.pages.put()
+            self._put_pages(area)
             unmapped += area.length
         return (0 if unmapped else errno.ENOENT), unmapped
 
@@ -348,6 +353,7 @@ class IoPagetable:
                 area.pages.unpin(area.first_index, area.num_pages)
             area.last = iova
             area.pages.refs += 1
+            area.pages.areas[rest] = self
             self._insert_area(rest)
 
     def get_pages(self, iova: int, length: int) -> list[PagesSlice]:
