@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import errno
 import logging
+import os
 import shutil
 import subprocess
 import sys
@@ -58,6 +59,13 @@ async def plain_daemon() -> AsyncIterator[Daemon]:
 async def client(d: Daemon, cbuild, name: str, *args: str) -> dict[str, Step]:  # noqa: ANN001
     exe = cbuild(name)
     p = await run([exe, Path(d.dev_dir) / "iommu", *args])
+    return parse_steps(p.stdout)
+
+
+async def companion_client(d: Daemon, cbuild, preload: Path, name: str, *args: str) -> dict[str, Step]:  # noqa: ANN001
+    """client() with the companion library preloaded."""
+    env = dict(os.environ, LD_PRELOAD=str(preload))
+    p = await run([cbuild(name), Path(d.dev_dir) / "iommu", *args], env=env)
     return parse_steps(p.stdout)
 
 
@@ -792,12 +800,7 @@ def preload() -> Path:
 
 
 async def test_access_with_companion(selftest_daemon, cbuild, preload):
-    import os
-
-    exe = cbuild("selftest_access")
-    env = dict(os.environ, LD_PRELOAD=str(preload))
-    p = await run([exe, Path(selftest_daemon.dev_dir) / "iommu"], env=env)
-    steps = parse_steps(p.stdout)
+    steps = await companion_client(selftest_daemon, cbuild, preload, "selftest_access")
     assert_kernel(
         steps,
         {
@@ -961,12 +964,7 @@ POLLIN = 0x1
 
 
 async def test_fault_queue_with_companion(selftest_daemon, cbuild, preload):
-    import os
-
-    exe = cbuild("selftest_iopf")
-    env = dict(os.environ, LD_PRELOAD=str(preload))
-    p = await run([exe, Path(selftest_daemon.dev_dir) / "iommu"], env=env)
-    steps = parse_steps(p.stdout)
+    steps = await companion_client(selftest_daemon, cbuild, preload, "selftest_iopf")
     assert_kernel(
         steps,
         {
@@ -1070,12 +1068,7 @@ async def test_fault_queue_without_companion(selftest_daemon, plain_daemon, cbui
 
 async def test_fault_queue_normal_mode(plain_daemon, cbuild, preload):
     """The companion works without the test mode too (the node is in every mount)."""
-    import os
-
-    exe = cbuild("selftest_iopf")
-    env = dict(os.environ, LD_PRELOAD=str(preload))
-    p = await run([exe, Path(plain_daemon.dev_dir) / "iommu", "plain"], env=env)
-    steps = parse_steps(p.stdout)
+    steps = await companion_client(plain_daemon, cbuild, preload, "selftest_iopf", "plain")
     assert_kernel(
         steps,
         {
@@ -1100,12 +1093,7 @@ async def test_fork_gone(selftest_daemon, cbuild, preload):
     kernel; with no domain nothing was pinned and the pin after the exit is EFAULT,
     as in the kernel. Private anonymous memory is reached in place in the child's mm,
     which is gone: the kernel would still have the pinned pages (docs/selftest.md)."""
-    import os
-
-    exe = cbuild("selftest_fork")
-    env = dict(os.environ, LD_PRELOAD=str(preload))
-    p = await run([exe, Path(selftest_daemon.dev_dir) / "iommu"], env=env)
-    steps = parse_steps(p.stdout)
+    steps = await companion_client(selftest_daemon, cbuild, preload, "selftest_fork")
     expected = {}
     for case in ("shared", "shared_no_domain", "private", "private_no_domain"):
         expected[f"{case}_child_map"] = OK
@@ -1134,8 +1122,6 @@ async def test_fork_gone(selftest_daemon, cbuild, preload):
 # -- dma-bufs ---------------------------------------------------------------------------------------
 def _dmabuf_memfds() -> int:
     """Memfds of the selftest's dma-bufs open in this process (the daemon's)."""
-    import os
-
     n = 0
     for fd in os.listdir("/proc/self/fd"):
         try:
@@ -1150,12 +1136,7 @@ async def test_dmabuf_with_companion(selftest_daemon, cbuild, preload):
     DMABUF_REVOKE with mainline's semantics: a revoke takes the translations out of
     every domain for good, a map of a revoked dma-buf is ENODEV, the pages are no
     access's. Nothing is left once the client is gone."""
-    import os
-
-    exe = cbuild("selftest_dmabuf")
-    env = dict(os.environ, LD_PRELOAD=str(preload))
-    p = await run([exe, Path(selftest_daemon.dev_dir) / "iommu"], env=env)
-    steps = parse_steps(p.stdout)
+    steps = await companion_client(selftest_daemon, cbuild, preload, "selftest_dmabuf")
     assert_kernel(
         steps,
         {
@@ -1219,12 +1200,7 @@ async def test_dmabuf_with_companion(selftest_daemon, cbuild, preload):
 
 # -- vIOMMUs, vdevices, vEVENT queues --------------------------------------------------------------
 async def test_viommu_with_companion(selftest_daemon, cbuild, preload):
-    import os
-
-    exe = cbuild("selftest_viommu")
-    env = dict(os.environ, LD_PRELOAD=str(preload))
-    p = await run([exe, Path(selftest_daemon.dev_dir) / "iommu"], env=env)
-    steps = parse_steps(p.stdout)
+    steps = await companion_client(selftest_daemon, cbuild, preload, "selftest_viommu")
     assert_kernel(
         steps,
         {
