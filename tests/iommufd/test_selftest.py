@@ -1199,16 +1199,15 @@ async def test_dmabuf_with_companion(selftest_daemon, cbuild, preload):
 
 
 # -- vIOMMUs, vdevices, vEVENT queues --------------------------------------------------------------
+VIOMMU_SETUP = {"ioas": OK, "mock": OK, "mock2": OK, "parent": OK, "paging": OK}  # selftest_viommu's first steps
+
+
 async def test_viommu_with_companion(selftest_daemon, cbuild, preload):
     steps = await companion_client(selftest_daemon, cbuild, preload, "selftest_viommu")
     assert_kernel(
         steps,
         {
-            "ioas": OK,
-            "mock": OK,
-            "mock2": OK,
-            "parent": OK,
-            "paging": OK,
+            **VIOMMU_SETUP,
             # IOMMU_VIOMMU_ALLOC, in mainline's order
             "viommu_flags": "EOPNOTSUPP",
             "viommu_type_default": "EOPNOTSUPP",
@@ -1398,11 +1397,7 @@ async def test_viommu_without_companion(selftest_daemon, cbuild, caplog):
     assert_kernel(
         steps,
         {
-            "ioas": OK,
-            "mock": OK,
-            "mock2": OK,
-            "parent": OK,
-            "paging": OK,
+            **VIOMMU_SETUP,
             "viommu": OK,
             "veventq": "EOPNOTSUPP",
             "mmap": "ENODEV",  # FUSE's answer for MAP_SHARED of a direct-I/O file
