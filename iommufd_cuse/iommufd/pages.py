@@ -221,7 +221,7 @@ class Pages:
                 if isinstance(res, int):
                     os.close(res)
                 else:
-                    res.close()
+                    res.close()  # type: ignore[attr-defined]
             except (OSError, BufferError) as e:
                 log.warning("releasing a backing of pages %d: %s", self.id, e)
         self._resources.clear()
