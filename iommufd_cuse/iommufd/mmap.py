@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import errno
 import logging
+import struct
 from typing import Any
 
 from .. import uapi
@@ -39,7 +40,7 @@ log = logging.getLogger(__name__)
 MMAP_DIR = "iommufd-cuse/mmap"
 # On an iommufd, arg: struct { u64 offset, length; u32 prot, flags; }; answers a token.
 MMAP_REGION = uapi._IO(uapi.IOMMUFD_TYPE, 0xE2)
-MMAP_REQ = uapi.CStruct("icuse_mmap_region", "offset:Q length:Q prot:I flags:I")
+MMAP_REQ = struct.Struct("<QQII")  # the companion's struct mmap_region (not a kernel uAPI struct)
 PROT_EXEC = 0x4
 MAP_SHARED = 0x1
 MAP_SHARED_VALIDATE = 0x3
@@ -141,20 +142,20 @@ class MmapFile(FileHandle):
 def mmap_region(ctx: Context, caller: Any, arg: int) -> int:
     """MMAP_REGION, the companion's stand-in for iommufd_fops_mmap: mainline's checks,
     then a users reference on the region's owner and a token naming its node."""
-    req = MMAP_REQ.unpack(caller.read(arg, MMAP_REQ.SIZE))
-    if not req.length or req.length % PAGE_SIZE or req.offset % PAGE_SIZE:
+    offset, length, prot, flags = MMAP_REQ.unpack(caller.read(arg, MMAP_REQ.size))
+    if not length or length % PAGE_SIZE or offset % PAGE_SIZE:
         raise Errno(errno.EINVAL)  # the last two are mmap()'s own checks
-    if req.flags & MAP_TYPE not in (MAP_SHARED, MAP_SHARED_VALIDATE):
+    if flags & MAP_TYPE not in (MAP_SHARED, MAP_SHARED_VALIDATE):
         raise Errno(errno.EINVAL)
-    if req.prot & PROT_EXEC:
+    if prot & PROT_EXEC:
         raise Errno(errno.EPERM)
     region = None
     for r in _regions(ctx).values():
-        if r.offset <= req.offset < r.offset + r.length:
+        if r.offset <= offset < r.offset + r.length:
             region = r
     if region is None or region.owner.users == 0:
         raise Errno(errno.ENXIO)
-    if req.offset != region.offset or req.length != region.length:
+    if offset != region.offset or length != region.length:
         raise Errno(errno.ENXIO)  # only the exact region may be mapped
     nodes = ctx.system.mmap_nodes
     if nodes is None:
