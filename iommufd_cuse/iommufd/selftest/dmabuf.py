@@ -36,6 +36,7 @@ class TestDmabuf:
         self.revoked = False
         self.importers: list[Any] = []
         self.refs = 1  # the file's (or the unclaimed token's)
+        self.unclaimed: tuple[Any, Any] | None = None  # (context, its release hook) until claimed
         self._memfd = os.memfd_create("iommufd-test-dmabuf", os.MFD_CLOEXEC)
         os.ftruncate(self._memfd, length)
 
@@ -72,6 +73,10 @@ class DmabufFile(HandedFile):
 
     def claimed(self, obj: Any) -> None:
         self.obj = obj
+        if obj.unclaimed is not None:
+            ctx, hook = obj.unclaimed
+            obj.unclaimed = None
+            ctx.release_hooks.remove(hook)
 
     @property
     def dmabuf(self) -> TestDmabuf | None:
@@ -103,6 +108,7 @@ def op_dmabuf_get(t: SelftestCall) -> int:
             dmabuf.put()
 
     t.ctx.release_hooks.append(unclaimed)
+    dmabuf.unclaimed = (t.ctx, unclaimed)
     return token
 
 
