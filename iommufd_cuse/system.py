@@ -96,7 +96,7 @@ class System:
         # The nodes behind mmap() of iommufd regions (iommufd/mmap.py), set by the daemon.
         self.mmap_nodes: MmapNodes | None = None
         # Test mode only (iommufd/selftest/), globals of the kernel's selftest.c: the
-        # mock IOMMU (made at first use) and iommufd_test_memory_limit.
+        # mock IOMMU (made at first use) and iommufd_test_memory_limit (its default).
         self.mock_iommu: Iommu | None = None
         self.selftest_memory_limit = 65536
 
