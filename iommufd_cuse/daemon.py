@@ -16,7 +16,7 @@ from .iommufd.main import AccountMode, IommufdFile
 from .system import System
 from .transport.caller import Errno
 from .transport.loopback import prime_no_flush
-from .transport.mount import fuse_mount, fuse_umount, mounted_here
+from .transport.mount import fuse_mount, fuse_umount, mount_dev, mounted_here, register_own, unregister_own
 from .transport.nodes import Tree
 from .transport.server import MAX_WRITE, FuseServer, Request
 
@@ -85,6 +85,7 @@ class Daemon:
         self.links = Links()
         self._fd = -1
         self._mounted = False
+        self.fs_dev: tuple[int, int] | None = None
         self.ready = trio.Event()
         self._nursery: trio.Nursery | None = None
         self._build_topology()
@@ -249,11 +250,16 @@ class Daemon:
     async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:  # noqa: ANN001
         """Serve until cancelled. task_status.started() once the nodes answer."""
         self.check_and_clean()
+        self._real_mountpoint = os.path.realpath(self.mountpoint)  # before the mount: no lookup on it after
         try:
             self._fd = fuse_mount(self.mountpoint, MAX_WRITE)
         except OSError as e:
             raise StartupError(f"cannot mount {self.mountpoint}: {e.strerror}") from None
         self._mounted = True
+        # Files of this mount are recognised by its superblock, from any namespace.
+        self.fs_dev = mount_dev(self._real_mountpoint)
+        if self.fs_dev is not None:
+            register_own(self.fs_dev)
         try:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
@@ -288,4 +294,7 @@ class Daemon:
         for ctx in list(self.system.contexts):
             ctx.destroy_all()
         self.system.contexts.clear()
+        if self.fs_dev is not None:
+            unregister_own(self.fs_dev)
+            self.fs_dev = None
         log.info("stopped")
