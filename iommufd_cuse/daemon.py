@@ -24,6 +24,7 @@ from .transport.mount import fuse_mount, fuse_umount, mount_dev, mounted_here, r
 from .transport.nodes import Tree
 from .transport.server import MAX_WRITE, FuseServer, Request
 from .vfio.device_cdev import VfioDeviceFile
+from .vfio.group import DEVICE_NODE, GroupDeviceFile, VfioGroup, group_opener
 from .vfio.pci.core import VfioPciDevice
 
 log = logging.getLogger(__name__)
@@ -162,6 +163,18 @@ class Daemon:
         for i, dev in enumerate(self.system.devices):
             nc = dev.cfg.node
             dev.node = self.tree.add(f"vfio/devices/vfio{i}", nc.mode, nc.uid, nc.gid, self._open_device(dev))
+        # VFIO groups, /dev/vfio/<N>, with the owner and mode of their first member's node.
+        for gid in sorted(self.system.groups):
+            group = self.system.groups[gid]
+            group.vfio = VfioGroup(self.system, group, self.iommufd_inodes)
+            nc = group.devices[0].cfg.node
+            self.tree.add(f"vfio/{gid}", nc.mode, nc.uid, nc.gid, group_opener(group.vfio))
+        # Where the companion claims a device file of VFIO_GROUP_GET_DEVICE_FD: open to
+        # all, as the file holds nothing until a token of the opening process is claimed.
+        node = self.tree.add(
+            DEVICE_NODE, 0o666, 0, 0, lambda req, flags: GroupDeviceFile(self.system, self.iommufd_inodes)
+        )
+        self.system.node_inos[GroupDeviceFile.kind] = node.ino
 
     def _open_device(self, dev: Device):  # noqa: ANN202
         def opener(req: Request, flags: int) -> VfioDeviceFile:
