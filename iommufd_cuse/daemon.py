@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 
 import trio
 
+from . import sysfs
 from .config import Config
 from .errors import Errno
 from .iommu.core import VFIO_DRIVER, Device, Group, Iommu
@@ -21,7 +22,7 @@ from .iommufd.viommu import VEVENTQ_NODE, VeventqFile
 from .system import System
 from .transport.loopback import prime_no_flush
 from .transport.mount import fuse_mount, fuse_umount, mount_dev, mounted_here, register_own, unregister_own
-from .transport.nodes import Tree
+from .transport.nodes import Node, Tree
 from .transport.server import MAX_WRITE, FuseServer, Request
 from .vfio.device_cdev import VfioDeviceFile
 from .vfio.group import DEVICE_NODE, GroupDeviceFile, VfioGroup, group_opener
@@ -175,6 +176,14 @@ class Daemon:
             DEVICE_NODE, 0o666, 0, 0, lambda req, flags: GroupDeviceFile(self.system, self.iommufd_inodes)
         )
         self.system.node_inos[GroupDeviceFile.kind] = node.ino
+        # The sysfs view (sys/ in the mount, never linked into dev_dir). The nodes are
+        # regular files here, no char devices: their device number is 0:0.
+        cdevs = {i: dev.node for i, dev in enumerate(self.system.devices)}
+        sysfs.build(self.tree, self.system, cdevs, lambda node: 0)
+
+    def dev_nodes(self) -> list[Node]:
+        """The nodes linked at their /dev paths: every file but the sysfs view's."""
+        return [n for n in self.tree.files() if not n.path().startswith(sysfs.ROOT + "/")]
 
     def _open_device(self, dev: Device):  # noqa: ANN202
         def opener(req: Request, flags: int) -> VfioDeviceFile:
@@ -225,7 +234,7 @@ class Daemon:
             raise StartupError(f"mountpoint {self.mountpoint} is busy (another daemon?)")
         if os.listdir(self.mountpoint):
             raise StartupError(f"mountpoint {self.mountpoint} is not empty")
-        for node in self.tree.files():
+        for node in self.dev_nodes():
             path = self.link_path(node.path())
             if os.path.islink(path) and _is_ours(path, self.mountpoint):
                 log.warning("removing the stale link %s", path)
@@ -243,7 +252,7 @@ class Daemon:
                 raise StartupError(f"{path} exists and was not created by iommufd-cuse")
 
     def _make_links(self) -> None:
-        for node in self.tree.files():
+        for node in self.dev_nodes():
             path = self.link_path(node.path())
             parent = os.path.dirname(path)
             missing = []
@@ -277,7 +286,7 @@ class Daemon:
                     await self.server.initialized.wait()
                 await prime_no_flush(os.path.join(self.mountpoint, "iommu"))
                 self._make_links()
-                log.info("serving %s", ", ".join(self.link_path(n.path()) for n in self.tree.files()))
+                log.info("serving %s", ", ".join(self.link_path(n.path()) for n in self.dev_nodes()))
                 self.ready.set()
                 task_status.started(self)
         finally:
