@@ -8,13 +8,11 @@ recorded as a fault. The guest programs run the daemon's edu from inside."""
 
 from __future__ import annotations
 
-import os
 import shutil
 import sys
 from pathlib import Path
 
 import guestkit
-import trio
 from clientkit import parse_steps
 from harness import CLIENTS, INCLUDE
 from test_device_cdev import assert_released
