@@ -201,9 +201,9 @@ class GroupFile(FileHandle):
     def ioctl(self, req, cmd: int, arg: int):  # noqa: ANN001, ANN201
         caller = req.caller
         if cmd == u.VFIO_GROUP_GET_DEVICE_FD:
-            return self._get_device_fd(caller, arg, None)
+            return self.get_device_fd(caller, arg, None)
         if cmd == GROUP_GET_DEVICE_TOKEN:
-            return self._get_device_fd(caller, arg, COMPANION)
+            return self.get_device_fd(caller, arg, COMPANION)
         if cmd == u.VFIO_GROUP_GET_STATUS:
             return self._get_status(caller, arg)
         if cmd == u.VFIO_GROUP_SET_CONTAINER:
@@ -259,7 +259,9 @@ class GroupFile(FileHandle):
         vg.detach_container()
         return 0
 
-    def _get_device_fd(self, caller: Caller, arg: int, carrier: Carrier | None) -> int:
+    def get_device_fd(self, caller: Caller, arg: int, carrier: Carrier | None) -> int:
+        """VFIO_GROUP_GET_DEVICE_FD: the device file through carrier (None: none, EOPNOTSUPP);
+        a carrier other than the companion (seccomp notification) calls this too."""
         vg = self.vgroup
         name = read_name(caller, arg)
         device = next((d for d in vg.members if match(d, name)), None)
