@@ -143,3 +143,15 @@ async def test_group_with_a_dma_driver_member(daemon, cbuild, companion):
     finally:
         await no_owner_left(daemon)
         other.bind_driver("vfio-pci")
+
+
+async def test_bind_from_another_mount_namespace(daemon, cbuild):
+    """A client in another mount namespace (its own copy of the daemon's mount, with
+    another mount id) binds a cdev to its iommufd: files of ours are known by their
+    superblock, not by the daemon's mount ids."""
+    exe = cbuild("group_cdev")
+    p = await run(["unshare", "-m", "--propagation", "private", exe, daemon.mountpoint, "4", "0"])
+    s = parse_steps(p.stdout)
+    assert outcome(s, "bind_cdev") == (0, OK)
+    assert outcome(s, "open_group_cdev_bound") == (-1, errno.EBUSY)
+    await no_owner_left(daemon)
