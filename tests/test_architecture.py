@@ -128,9 +128,9 @@ LAYERS: dict[str, tuple[str, ...]] = {
     "service": ("errors", "uapi", "system", "daemon", "iommufd.debug", "service"),
     "install": ("config",),
     "cli": ("config", "daemon", "install", "service", "run"),
-    # the public client library and the pytest plugin (issue 18)
+    # a client of the uAPI works against the kernel too: nothing of the daemon
     "client": ("uapi",),
-    "pytest_plugin": ("service", "client"),
+    "pytest_plugin": ("client", "service"),
 }
 
 
