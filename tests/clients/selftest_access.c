@@ -64,6 +64,56 @@ static struct res replace_ioas(int afd, __u32 ioas)
 	return test_cmd(fd, &c);
 }
 
+#define HUGE (2 * MIB)
+
+/*
+ * `hugetlb`: accesses and mock domains over hugetlb memory, which the daemon can only
+ * map whole huge pages of: a MAP_SHARED | MAP_HUGETLB buffer pinned one small page in
+ * (the kernel selftest's access_domain_destory), and a hugetlb memfd mapped from a
+ * small-page offset with IOAS_MAP_FILE. Prints "nohuge" if no huge page is free.
+ */
+static int hugetlb(void)
+{
+	__u64 iova = MOCK_APERTURE_START;
+	__u32 ioas, stdev, hwpt, id;
+	char out[16];
+	int afd, mfd;
+	char *buf = mmap(0, 2 * HUGE, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_ANONYMOUS | MAP_HUGETLB | MAP_POPULATE,
+			 -1, 0);
+
+	mfd = memfd_create("huge", MFD_HUGETLB);
+	if (buf == MAP_FAILED || mfd < 0 || ftruncate(mfd, 2 * HUGE)) {
+		printf("nohuge\n");
+		return 0;
+	}
+	memcpy(buf + HUGE + 5, "huge", 5);
+	ioas_alloc(fd, &ioas);
+	step0("huge_map", ioas_map(fd, ioas, buf, 2 * HUGE, iova));
+	step0("huge_create", create_access(ioas, MOCK_FLAGS_ACCESS_CREATE_NEEDS_PIN_PAGES, &afd));
+	stepv("huge_pages", access_pages(afd, iova + PAGE, PAGE, buf + PAGE, MOCK_FLAGS_ACCESS_WRITE, &id), "id=%u",
+	      id);
+	memset(out, 0, sizeof(out));
+	stepv("huge_rw", access_rw(afd, iova + HUGE + 5, 5, out, 0), "same=%d", !memcmp(out, "huge", 5));
+	step0("huge_mock_domain", mock_domain(fd, ioas, &stdev, &hwpt, NULL));
+	step0("huge_check_map", check_map(fd, hwpt, iova, 2 * HUGE, buf));
+	step0("huge_destroy_stdev", destroy(fd, stdev));
+	step0("huge_destroy_pages", destroy_pages(afd, id));
+	close(afd);
+
+	/* a hugetlb memfd from one small page in: the pages behind are the file's */
+	step0("huge_file_mock_domain", mock_domain(fd, ioas, &stdev, &hwpt, NULL));
+	step0("huge_map_file", ioas_map_file(fd, ioas, mfd, PAGE, HUGE, iova + 8 * HUGE));
+	{
+		char *view = mmap(0, 2 * HUGE, PROT_READ | PROT_WRITE, MAP_SHARED, mfd, 0);
+
+		if (view == MAP_FAILED)
+			die("mmap memfd");
+		step0("huge_file_check_map", check_map(fd, hwpt, iova + 8 * HUGE, HUGE, view + PAGE));
+		step0("huge_file_check_map_other", check_map(fd, hwpt, iova + 8 * HUGE, PAGE, view));
+	}
+	return 0;
+}
+
 int main(int argc, char **argv)
 {
 	__u64 len = 16 * PAGE, iova = 0x100000, ro_iova = 0x400000;
@@ -71,11 +121,13 @@ int main(int argc, char **argv)
 	char out[64], *buf, *ro;
 	int afd, afd2, afd3, mfd;
 
-	if (argc != 2)
+	if (argc != 2 && argc != 3)
 		return 2;
 	fd = open(argv[1], O_RDWR | O_CLOEXEC);
 	if (fd < 0)
 		die("open");
+	if (argc == 3 && !strcmp(argv[2], "hugetlb"))
+		return hugetlb();
 	buf = alloc_buf(0, len, PAGE, &mfd);
 	ro = alloc_buf(0, len, PAGE, &mfd);
 

@@ -874,6 +874,54 @@ async def test_access_with_companion(selftest_daemon, cbuild, preload):
     assert not getattr(selftest_daemon.system, "selftest_pending_accesses", {})
 
 
+@pytest.fixture
+def hugepages() -> None:
+    """A few free 2 MiB huge pages for the test: nr_hugepages raised if too low (set back
+    afterwards unless someone else changed it meanwhile)."""
+    path = Path("/proc/sys/vm/nr_hugepages")
+    was = int(path.read_text())
+    if was < 8:
+        path.write_text("8")
+    now = int(path.read_text())
+    yield
+    if now != was and int(path.read_text()) == now:
+        path.write_text(str(was))
+
+
+async def test_access_hugetlb(selftest_daemon, cbuild, preload, hugepages):
+    """Hugetlb memory, which the daemon can map only in whole huge pages: one small page
+    of a MAP_SHARED | MAP_HUGETLB buffer pinned by an access (the kernel selftest's
+    access_domain_destory), read through it, in a mock domain that is destroyed under
+    the pin; a hugetlb memfd mapped with IOAS_MAP_FILE from a small-page offset."""
+    import os
+
+    exe = cbuild("selftest_access")
+    p = await run(
+        [exe, Path(selftest_daemon.dev_dir) / "iommu", "hugetlb"], env=dict(os.environ, LD_PRELOAD=str(preload))
+    )
+    assert b"nohuge" not in p.stdout, "no free huge page"
+    steps = parse_steps(p.stdout)
+    assert_kernel(
+        steps,
+        {
+            "huge_map": OK,
+            "huge_create": OK,
+            "huge_pages": OK,
+            "huge_rw": OK,
+            "huge_mock_domain": OK,
+            "huge_check_map": OK,
+            "huge_destroy_stdev": OK,
+            "huge_destroy_pages": OK,
+            "huge_file_mock_domain": OK,
+            "huge_map_file": OK,
+            "huge_file_check_map": OK,
+            "huge_file_check_map_other": "EINVAL",
+        },
+    )
+    assert fields(steps, "huge_rw") == {"same": "1"}
+    await wait_until(lambda: selftest_daemon.system.pinned_pages() == 0, what="all unpinned")
+
+
 async def test_access_protocol_and_context_close(selftest_daemon):
     """The companion's protocol done by hand: a token for CREATE_ACCESS marked by the
     companion, claimed once on the access node by the process that asked. Closing the
