@@ -1304,15 +1304,27 @@ async def test_viommu_with_companion(selftest_daemon, cbuild, preload):
 
 async def test_viommu_without_companion(selftest_daemon, cbuild, caplog):
     """Without the companion VEVENTQ_ALLOC is EOPNOTSUPP with a logged reason (after
-    mainline's own checks); the vIOMMU left behind goes with the context."""
+    mainline's own checks); the vIOMMU and the vdevice left behind go with the context
+    (the vdevice with its device, not twice)."""
     with caplog.at_level(logging.WARNING):
         steps = await client(selftest_daemon, cbuild, "selftest_viommu", "plain")
     assert_kernel(
-        steps, {"ioas": OK, "mock": OK, "mock2": OK, "parent": OK, "paging": OK, "viommu": OK, "veventq": "EOPNOTSUPP"}
+        steps,
+        {
+            "ioas": OK,
+            "mock": OK,
+            "mock2": OK,
+            "parent": OK,
+            "paging": OK,
+            "viommu": OK,
+            "veventq": "EOPNOTSUPP",
+            "vdev": OK,
+        },
     )
     assert "companion" in caplog.text
     await wait_until(lambda: not selftest_daemon.system.contexts)
     assert "still in use" not in caplog.text
+    assert "failed" not in caplog.text
 
 
 def test_veventq_queue_semantics():
