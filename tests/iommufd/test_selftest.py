@@ -436,8 +436,12 @@ async def test_dirty(selftest_daemon, cbuild, domain):
     )
     nbits = (4 << 20) // (uapi.MOCK_HUGE_PAGE_SIZE if domain == "huge" else uapi.MOCK_PAGE_SIZE)
     want = len(range(0, nbits, 3))
+    # the default mock's 4 KiB entries (PAGE_SIZE mappings of its 2 KiB granule) are
+    # dirty as a whole: both 2 KiB halves of each marked page read back
+    pages = {i // 2 for i in range(0, nbits, 3)}
+    read_back = want if domain == "huge" else 2 * len(pages)
     assert fields(steps, "dirty") == {"nr": str(want), "expected": str(want)}
-    assert fields(steps, "bitmap") == {"match": "1", "set": str(want)}
+    assert fields(steps, "bitmap") == {"match": "1", "set": str(read_back)}
     assert fields(steps, "bitmap_cleared") == {"set": "0"}
     assert fields(steps, "bitmap_no_clear") == {"match": "1"}
     assert fields(steps, "bitmap_kept") == {"match": "1"}
