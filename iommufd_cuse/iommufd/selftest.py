@@ -474,8 +474,10 @@ class SelftestCall:
         self.ucmd.respond()
 
 
-async def iommufd_test(ucmd: Ucmd) -> int:
-    """IOMMU_TEST_CMD: dispatch on op; an unknown op is EOPNOTSUPP."""
+def iommufd_test(ucmd: Ucmd) -> int | Awaitable[int]:
+    """IOMMU_TEST_CMD: dispatch on op; an unknown op is EOPNOTSUPP. An op that
+    answers at once is answered without a task of its own (ACCESS_RW is called by
+    the thousand)."""
     cmd = ucmd.cmd
     handler = _OPS.get(cmd.op)
     struct = uapi.IOMMU_TEST_OP_STRUCTS.get(cmd.op)
@@ -484,8 +486,12 @@ async def iommufd_test(ucmd: Ucmd) -> int:
     t = SelftestCall(ucmd, cmd.op, cmd.id, struct.unpack(cmd.data), struct)
     r = handler(t)
     if isinstance(r, Awaitable):
-        r = await r
+        return _finish(r)
     return r or 0
+
+
+async def _finish(r: Awaitable[int | None]) -> int:
+    return await r or 0
 
 
 # -- ADD_RESERVED ----------------------------------------------------------------------------------
@@ -1154,13 +1160,34 @@ def _check_pages(t: SelftestCall, uptr: int, pins: list[tuple[Any, int, int]]) -
             uptr += PAGE_SIZE
 
 
-async def op_access_rw(t: SelftestCall) -> int:
+def op_access_rw(t: SelftestCall) -> int | Awaitable[int]:
     a = t.arg
     if a.length > ACCESS_MAX_LENGTH:
         raise Errno(errno.ENOMEM)
     if a.flags & ~(uapi.MOCK_ACCESS_RW_WRITE | uapi.MOCK_ACCESS_RW_SLOW_PATH | uapi.MOCK_FLAGS_ACCESS_SYZ):
         raise Errno(errno.EOPNOTSUPP)
-    access = await _get_access(t, t.id)
+    # A file seen before is known at once; a long copy goes to a thread.
+    access = AccessFile.lookup_known(t.ucmd.caller, t.id)
+    if access is None or a.length > 1 << 20:
+        return _access_rw_async(t, access)
+    _access_rw(t, access, False)
+    return 0
+
+
+async def _access_rw_async(t: SelftestCall, access: SelftestAccess | None) -> int:
+    if access is None:
+        access = await _get_access(t, t.id)
+    if t.arg.length > 1 << 20:
+        await _access_rw(t, access, True)
+    else:
+        _access_rw(t, access, False)
+    return 0
+
+
+def _access_rw(t: SelftestCall, access: SelftestAccess, threaded: bool) -> Awaitable[None] | None:
+    """iommufd_access_rw between the caller's buffer and the access's IOAS (with
+    threaded, as an awaitable that copies in a thread)."""
+    a = t.arg
     write = bool(a.flags & uapi.MOCK_ACCESS_RW_WRITE)
     caller = t.ucmd.caller
     buf = bytearray(caller.read(a.uptr, a.length)) if write and a.length else bytearray(a.length)
@@ -1172,14 +1199,20 @@ async def op_access_rw(t: SelftestCall) -> int:
         raise Errno(errno.EOVERFLOW)
     if access.ioas is None:
         raise Errno(errno.ENOENT)
+    if threaded:
+        return _access_rw_threaded(t, access, iova, buf, write)
     with access.ctx.hold(access):
-        if a.length > 1 << 20:
-            await trio.to_thread.run_sync(access.ioas.iopt.access_rw, iova, buf, write)
-        else:
-            access.ioas.iopt.access_rw(iova, buf, write)
+        access.ioas.iopt.access_rw(iova, buf, write)
     if not write:
         caller.write(a.uptr, buf)
-    return 0
+    return None
+
+
+async def _access_rw_threaded(t: SelftestCall, access: SelftestAccess, iova: int, buf: bytearray, write: bool) -> None:
+    with access.ctx.hold(access):
+        await trio.to_thread.run_sync(access.ioas.iopt.access_rw, iova, buf, write)
+    if not write:
+        t.ucmd.caller.write(t.arg.uptr, buf)
 
 
 async def op_destroy_access_pages(t: SelftestCall) -> int:
