@@ -5,6 +5,7 @@
  * line per call; expectations in tests/iommufd/test_selftest.py.
  */
 #define _GNU_SOURCE
+#include <sys/wait.h>
 #include <time.h>
 
 #include "selftest_util.h"
@@ -178,6 +179,45 @@ int main(int argc, char **argv)
 	step0("rw_ro_write", access_rw(afd, ro_iova, 4, "nope", MOCK_ACCESS_RW_WRITE));
 	step0("rw_ro_read", access_rw(afd, ro_iova, 4, out, 0));
 	step0("rw_bad_uptr", access_rw(afd, iova, 4, (void *)8, MOCK_ACCESS_RW_WRITE));
+
+	/* The daemon knows a file of its own seen before at once: by the file, never by the
+	 * number. The same number naming another access, then no access, then the first
+	 * again; and the same number in a forked child (another descriptor table). */
+	{
+		__u32 ioas4;
+		int other, saved = dup(afd);
+		char *buf4 = alloc_buf(0, PAGE, PAGE, &mfd);
+
+		memcpy(buf4 + 100, "another ioas", 13);
+		ioas_alloc(fd, &ioas4);
+		step0("other_map", ioas_map(fd, ioas4, buf4, PAGE, iova));
+		step0("other_create", create_access(ioas4, 0, &other));
+		memset(out, 0, sizeof(out));
+		step0("other_rw", access_rw(other, iova + 100, 13, out, 0));
+		dup2(other, afd);
+		memset(out, 0, sizeof(out));
+		stepv("number_reused_rw", access_rw(afd, iova + 100, 13, out, 0), "same=%d",
+		      !memcmp(out, "another ioas", 13));
+		dup2(fd, afd);
+		step0("number_reused_iommufd", access_rw(afd, iova + 100, 13, out, 0));
+		dup2(saved, afd);
+		close(saved);
+		close(other);
+		memset(out, 0, sizeof(out));
+		stepv("number_restored_rw", access_rw(afd, iova + 100, 19, out, 0), "same=%d",
+		      !memcmp(out, "through the access", 19));
+		pid_t child = fork();
+
+		if (child == 0) {
+			memset(out, 0, sizeof(out));
+			_exit(access_rw(afd, iova + 100, 19, out, 0).rc == 0 && !memcmp(out, "through the access", 19) ? 0
+														     : 1);
+		}
+		int status = -1;
+
+		waitpid(child, &status, 0);
+		step("child_rw", (struct res){ 0, 0 }, "ok=%d", WIFEXITED(status) && WEXITSTATUS(status) == 0);
+	}
 
 	/* an unmap drops the pins under it */
 	stepv("pages_again", access_pages(afd, iova, 2 * PAGE, buf, 0, &id), "id=%u", id);

@@ -841,6 +841,13 @@ async def test_access_with_companion(selftest_daemon, cbuild, preload):
             "rw_ro_write": "EPERM",
             "rw_ro_read": OK,
             "rw_bad_uptr": "EFAULT",
+            "other_map": OK,
+            "other_create": OK,
+            "other_rw": OK,
+            "number_reused_rw": OK,
+            "number_reused_iommufd": "EBADFD",
+            "number_restored_rw": OK,
+            "child_rw": OK,
             "pages_again": OK,
             "unmap_pinned": OK,
             "refs_after_unmap": OK,
@@ -872,7 +879,8 @@ async def test_access_with_companion(selftest_daemon, cbuild, preload):
     assert fields(steps, "pages_no_uptr") == {"id": "1"}
     assert fields(steps, "pages_again") == {"id": "3"}  # ids only advance on success
     assert fields(steps, "pages_before_close") == {"id": "4"}
-    for name in ("rw_read", "rw_write", "rw_slow", "rw_ioas2"):
+    assert fields(steps, "child_rw") == {"ok": "1"}
+    for name in ("rw_read", "rw_write", "rw_slow", "rw_ioas2", "number_reused_rw", "number_restored_rw"):
         assert fields(steps, name) == {"same": "1"}, name
     await wait_until(lambda: selftest_daemon.system.pinned_pages() == 0, what="all unpinned")
     assert not getattr(selftest_daemon.system, "selftest_pending_accesses", {})
