@@ -22,7 +22,7 @@ import logging
 from typing import Any, ClassVar, NoReturn
 
 from .. import uapi
-from ..transport.caller import Errno
+from ..errors import Errno
 from ..transport.loopback import identify_callers_fd, known_callers_fd
 from ..transport.mount import fd_inode, fd_on_our_mount
 from ..transport.nodes import FileHandle
@@ -54,12 +54,10 @@ class Pending(dict):
 
 class HandedFile(FileHandle):
     """An open of an object's node: the file of one object once claimed. Subclasses
-    name the System attributes of their registry (pending_attr), token sequence
-    (seq_attr) and, for lookup, their node's inode (ino_attr)."""
+    name their kind, the key of their registry, token sequence and (for lookup) node
+    inode in System.pending_files, System.file_seqs and System.node_inos."""
 
-    pending_attr: ClassVar[str]
-    seq_attr: ClassVar[str]
-    ino_attr: ClassVar[str] = ""
+    kind: ClassVar[str]
 
     def __init__(self, system: Any) -> None:
         self.system = system
@@ -68,17 +66,16 @@ class HandedFile(FileHandle):
     # -- the registry (per System) ----------------------------------------------------
     @classmethod
     def pending(cls, system: Any) -> Pending:
-        pending = getattr(system, cls.pending_attr, None)
+        pending = system.pending_files.get(cls.kind)
         if pending is None:
-            pending = Pending()
-            setattr(system, cls.pending_attr, pending)
+            pending = system.pending_files[cls.kind] = Pending()
         return pending
 
     @classmethod
     def issue(cls, system: Any, obj: Any, tgid: int) -> int:
         """A new token for obj, claimable by the process tgid."""
-        seq = getattr(system, cls.seq_attr, 0) + 1
-        setattr(system, cls.seq_attr, seq)
+        seq = system.file_seqs.get(cls.kind, 0) + 1
+        system.file_seqs[cls.kind] = seq
         token = TOKEN_BASE + seq % TOKEN_BASE
         cls.pending(system)[token] = (obj, tgid)
         return token
@@ -131,7 +128,7 @@ class HandedFile(FileHandle):
     async def lookup(cls, system: Any, caller: Any, fd: int) -> Any:
         """The object whose file the caller has as fd; EBADFD for no fd, a file that
         is not of this node, or one that holds no object."""
-        ino = getattr(system, cls.ino_attr, None)
+        ino = system.node_inos.get(cls.kind)
         try:
             fh = await identify_callers_fd(
                 caller, fd, lambda dup: ino is not None and fd_on_our_mount(dup) and fd_inode(dup) == ino
