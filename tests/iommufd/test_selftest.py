@@ -1159,6 +1159,10 @@ async def test_fault_queue_normal_mode(plain_daemon, cbuild, preload):
 
 
 # -- vIOMMUs, vdevices, vEVENT queues --------------------------------------------------------------
+# selftest_viommu's set-up steps: an IOAS, two mock devices, a NEST_PARENT and a plain paging HWPT
+VIOMMU_SETUP = {"ioas": OK, "mock": OK, "mock2": OK, "parent": OK, "paging": OK}
+
+
 async def test_viommu_with_companion(selftest_daemon, cbuild, preload):
     import os
 
@@ -1169,11 +1173,7 @@ async def test_viommu_with_companion(selftest_daemon, cbuild, preload):
     assert_kernel(
         steps,
         {
-            "ioas": OK,
-            "mock": OK,
-            "mock2": OK,
-            "parent": OK,
-            "paging": OK,
+            **VIOMMU_SETUP,
             # IOMMU_VIOMMU_ALLOC, in mainline's order
             "viommu_flags": "EOPNOTSUPP",
             "viommu_type_default": "EOPNOTSUPP",
@@ -1321,19 +1321,7 @@ async def test_viommu_without_companion(selftest_daemon, cbuild, caplog):
     (the vdevice with its device, not twice)."""
     with caplog.at_level(logging.WARNING):
         steps = await client(selftest_daemon, cbuild, "selftest_viommu", "plain")
-    assert_kernel(
-        steps,
-        {
-            "ioas": OK,
-            "mock": OK,
-            "mock2": OK,
-            "parent": OK,
-            "paging": OK,
-            "viommu": OK,
-            "veventq": "EOPNOTSUPP",
-            "vdev": OK,
-        },
-    )
+    assert_kernel(steps, {**VIOMMU_SETUP, "viommu": OK, "veventq": "EOPNOTSUPP", "vdev": OK})
     assert "companion" in caplog.text
     await wait_until(lambda: not selftest_daemon.system.contexts)
     assert "still in use" not in caplog.text
