@@ -74,7 +74,8 @@ fetch() {
     fi
     if [ ! -f "$hdr/.done" ]; then
         rm -rf "$hdr" && mkdir -p "$hdr"
-        dpkg-deb -x "$cache"/deb/linux-libc-dev_*.deb "$hdr"
+        # A broken download (interrupted) is fetched again on the next run.
+        dpkg-deb -x "$cache"/deb/linux-libc-dev_*.deb "$hdr" || { rm -rf "$cache/deb" "$hdr"; exit 1; }
         touch "$hdr/.done"
     fi
     if [ ! -f "$src/.done" ]; then
@@ -88,7 +89,7 @@ fetch() {
             tar -xJ -C "$src" --strip-components=1 \
                 $t/tools/testing/selftests/iommu $t/tools/testing/selftests/lib.mk \
                 $t/tools/testing/selftests/kselftest.h $t/tools/testing/selftests/kselftest_harness.h \
-                $t/drivers/iommu/iommufd/iommufd_test.h
+                $t/drivers/iommu/iommufd/iommufd_test.h || { rm -rf "$cache/deb" "$src"; exit 1; }
         touch "$src/.done"
     fi
 }
