@@ -113,9 +113,14 @@ build_variant() {  # build_variant dynamic|static: the path of the binary on std
 }
 
 build() {
+    # One fetch and build at a time (runs from several checkouts share the cache).
+    mkdir -p "$cache"
+    exec 9>"$cache/.lock"
+    flock 9
     fetch
     build_variant dynamic >/dev/null
     build_variant static >/dev/null
+    flock -u 9
 }
 
 # -- one run, inside a private mount namespace (scripts/devns.sh) -----------------------------
