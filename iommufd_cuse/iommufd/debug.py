@@ -115,6 +115,8 @@ def describe_context(ctx: Context, index: int, now: float) -> dict[str, Any]:
         "comm": ctx.opener_comm,
         "cmdline": ctx.opener_cmdline,
         "age_s": round(now - ctx.opened_at, 1),
+        # with pid and tid, tells one context from another across two snapshots
+        "opened_at": ctx.opened_at,
         "accounting": ctx.account_mode.name.lower(),
         "objects_by_kind": kinds,
         "objects": objects,

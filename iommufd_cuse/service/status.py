@@ -85,6 +85,14 @@ def _member(thing: Any, contexts: dict[int, dict[str, Any]], domains: dict[int, 
     return d
 
 
+def _device(daemon: Daemon, dev: Any, contexts: dict[int, dict[str, Any]], domains: dict[int, str]) -> dict[str, Any]:
+    d = _member(dev, contexts, domains)
+    node = getattr(dev, "node", None)
+    if node is not None:  # its VFIO cdev
+        d["node"] = daemon.link_path(node.path())
+    return d
+
+
 def collect_status(daemon: Daemon) -> dict[str, Any]:
     """A snapshot of the daemon, built without awaiting (so it is consistent) and
     without touching client memory, FUSE or the name service (so it cannot block
@@ -118,7 +126,7 @@ def collect_status(daemon: Daemon) -> dict[str, Any]:
             "mm": [{"pid": p, "pages": n} for p, n in sorted(acct.mm.items())],
         },
         "contexts": contexts,
-        "devices": [_member(d, by_id, domains) for d in _members(system, "devices")],
+        "devices": [_device(daemon, d, by_id, domains) for d in _members(system, "devices")],
         "groups": [_member(g, by_id, domains) for g in _members(system, "groups")],
     }
 
