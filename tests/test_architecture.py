@@ -124,6 +124,9 @@ LAYERS: dict[str, tuple[str, ...]] = {
     "service": ("errors", "uapi", "system", "daemon", "iommufd.debug", "service"),
     "install": ("config",),
     "cli": ("config", "daemon", "install", "service"),
+    # a client of the uAPI works against the kernel too: nothing of the daemon
+    "client": ("uapi",),
+    "pytest_plugin": ("client", "service"),
 }
 
 
