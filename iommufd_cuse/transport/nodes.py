@@ -61,6 +61,7 @@ class Node:
     children: dict[str, Node] = field(default_factory=dict)
     ino: int = 0
     parent: Node | None = None
+    size: int = 0  # st_size: a file mapped through the page cache faults only below it
 
     @property
     def is_dir(self) -> bool:
@@ -110,6 +111,12 @@ class Tree:
         parent.children[node.name] = node
         self.by_ino[node.ino] = node
         return node
+
+    def remove(self, node: Node) -> None:
+        """Take a file node out (a later lookup is ENOENT, a cached one finds no inode)."""
+        if node.parent is not None and node.parent.children.get(node.name) is node:
+            del node.parent.children[node.name]
+        self.by_ino.pop(node.ino, None)
 
     def files(self) -> list[Node]:
         return [n for n in self.root.walk() if not n.is_dir]

@@ -212,7 +212,10 @@ class FuseServer:
     def _attr(self, node: Node) -> bytes:
         t = self.start_time
         nlink = 2 if node.is_dir else 1
-        return P.ATTR.pack(node.ino, 0, 0, t, t, t, 0, 0, 0, node.full_mode, nlink, node.uid, node.gid, 0, 4096, 0)
+        blocks = (node.size + 511) // 512
+        return P.ATTR.pack(
+            node.ino, node.size, blocks, t, t, t, 0, 0, 0, node.full_mode, nlink, node.uid, node.gid, 0, 4096, 0
+        )
 
     def _lookup(self, req: Request, body: memoryview) -> None:
         name = bytes(body).split(b"\0", 1)[0].decode(errors="surrogateescape")
