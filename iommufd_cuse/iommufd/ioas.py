@@ -240,6 +240,8 @@ async def ioas_unmap(ucmd: Ucmd) -> int:
                 rc, unmapped = ioas.iopt.unmap_range(cmd.iova, cmd.iova + cmd.length - 1)
                 if rc:
                     raise Errno(rc)
+                if not unmapped:
+                    raise Errno(errno.ENOENT)
         count_map(ucmd.ctx, unmap=True)
         cmd.length = unmapped
         ucmd.respond()
