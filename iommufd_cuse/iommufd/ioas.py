@@ -8,10 +8,11 @@ import os
 import struct
 
 from .. import uapi
-from ..transport.caller import CAP_SYS_RESOURCE, Errno
+from ..errors import Errno
+from ..transport.caller import CAP_SYS_RESOURCE
 from .io_pagetable import IOMMU_READ, IOMMU_WRITE, ULONG_MAX, IoPagetable, PagesSlice
-from .main import AccountMode, Context, Object, ObjType, Ucmd
-from .pages import FilePages, UserPages
+from .object import Context, Object, ObjType, Ucmd
+from .pages import AccountMode, FilePages, UserPages
 
 log = logging.getLogger(__name__)
 

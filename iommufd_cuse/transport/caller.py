@@ -14,6 +14,7 @@ import os
 import resource
 
 from .._native import ffi, lib
+from ..errors import Errno
 
 _libc = ctypes.CDLL(None, use_errno=True)
 _SYS_pidfd_getfd = 438
@@ -25,13 +26,6 @@ CAP_IPC_LOCK = 14
 CAP_SYS_RAWIO = 17
 CAP_SYS_ADMIN = 21
 CAP_SYS_RESOURCE = 24
-
-
-class Errno(OSError):
-    """An errno answer for the client; cheap to raise on the hot path."""
-
-    def __init__(self, code: int, why: str | None = None) -> None:
-        super().__init__(code, why or os.strerror(code))
 
 
 class Caller:
