@@ -4,8 +4,10 @@ paths, serves until cancelled, and takes down exactly what it set up."""
 from __future__ import annotations
 
 import errno
+import hashlib
 import logging
 import os
+import stat
 from dataclasses import dataclass, field
 
 import trio
@@ -19,8 +21,9 @@ from .iommufd.pages import AccountMode
 from .iommufd.selftest import ACCESS_NODE, AccessFile
 from .iommufd.viommu import VEVENTQ_NODE, VeventqFile
 from .system import System
+from .transport import cuse
 from .transport.loopback import prime_no_flush
-from .transport.mount import fuse_mount, fuse_umount, mounted_here
+from .transport.mount import cuse_devices, fuse_mount, fuse_umount, mounted_here
 from .transport.nodes import Tree
 from .transport.server import MAX_WRITE, FuseServer, Request
 from .vfio.device_cdev import VfioDeviceFile
@@ -65,6 +68,9 @@ def _is_ours(path: str, mountpoint: str) -> bool:
     return target.startswith(mountpoint.rstrip("/") + "/")
 
 
+BACKENDS = ("auto", "cuse", "fuse")
+
+
 class Daemon:
     def __init__(
         self,
@@ -72,8 +78,17 @@ class Daemon:
         dev_dir: str = "/dev",
         mountpoint: str = "/run/iommufd-cuse/mnt",
         selftest: bool = False,
+        backend: str = "auto",
     ) -> None:
+        if backend not in BACKENDS:
+            raise ValueError(f"backend {backend!r}: one of {', '.join(BACKENDS)}")
         self.config = config
+        # "auto", "cuse" or "fuse" as asked; self.backend is what run() chose
+        self.requested_backend = backend
+        self.backend: str | None = None
+        # CUSE: per file node, its channel's server and fd, its device name and major:minor
+        self.channels: list[tuple[cuse.CuseServer, int]] = []
+        self.devts: dict[str, tuple[int, int]] = {}
         self.dev_dir = os.path.abspath(dev_dir)
         self.mountpoint = os.path.abspath(mountpoint)
         self.system = System()
@@ -152,11 +167,11 @@ class Daemon:
         # (IOMMU_FAULT_QUEUE_ALLOC), see docs/selftest.md; in every mode.
         n = self.config.nodes["iommu"]
         self.tree.add(
-            FAULT_NODE, n.mode, n.uid, n.gid, lambda req, flags: FaultFile(self.system, self.server.notify_poll)
+            FAULT_NODE, n.mode, n.uid, n.gid, lambda req, flags: FaultFile(self.system, req.server.notify_poll)
         )
         # Likewise the node of vEVENT queues (IOMMU_VEVENTQ_ALLOC).
         self.tree.add(
-            VEVENTQ_NODE, n.mode, n.uid, n.gid, lambda req, flags: VeventqFile(self.system, self.server.notify_poll)
+            VEVENTQ_NODE, n.mode, n.uid, n.gid, lambda req, flags: VeventqFile(self.system, req.server.notify_poll)
         )
         for i, dev in enumerate(self.system.devices):
             nc = dev.cfg.node
@@ -242,8 +257,24 @@ class Daemon:
             os.symlink(os.path.join(self.mountpoint, node.path()), path)
             self.links.made_links.append(path)
 
+    def choose_backend(self) -> str:
+        """CUSE when asked for (a one-line StartupError without it) or, for auto, when /dev/cuse opens."""
+        if self.requested_backend == "fuse":
+            return "fuse"
+        why = cuse.available()
+        if why is None:
+            return "cuse"
+        if self.requested_backend == "cuse":
+            raise StartupError(why)
+        log.info("%s: serving by FUSE", why)
+        return "fuse"
+
     async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:  # noqa: ANN001
         """Serve until cancelled. task_status.started() once the nodes answer."""
+        self.backend = self.choose_backend()
+        if self.backend == "cuse":
+            await self._run_cuse(task_status)
+            return
         self.check_and_clean()
         try:
             self._fd = fuse_mount(self.mountpoint, MAX_WRITE)
@@ -265,11 +296,116 @@ class Daemon:
             with trio.CancelScope(shield=True):
                 self.shutdown()
 
+    # -- CUSE ----------------------------------------------------------------------
+    def devname(self, node_path: str) -> str:
+        """The CUSE device name of a node: its path under /dev when the nodes are to be there (devtmpfs makes
+        them), else a name of its own under /dev/iommufd-cuse/ (the daemon makes the node in dev_dir)."""
+        if self.dev_dir == "/dev":
+            return node_path
+        tag = hashlib.sha256(self.dev_dir.encode()).hexdigest()[:8]
+        return f"iommufd-cuse/{tag}/{node_path}"
+
+    def _check_cuse_paths(self) -> None:
+        for node in self.tree.files():
+            path = self.link_path(node.path())
+            if os.path.lexists(path):
+                st = os.lstat(path)
+                rdev = f"{os.major(st.st_rdev)}:{os.minor(st.st_rdev)}"
+                if stat.S_ISCHR(st.st_mode) and not os.path.exists(f"/sys/dev/char/{rdev}"):
+                    log.warning("removing the stale device node %s (%s)", path, rdev)
+                    os.unlink(path)
+                elif os.path.islink(path) and _is_ours(path, self.mountpoint):
+                    log.warning("removing the stale link %s", path)
+                    os.unlink(path)
+                else:
+                    raise StartupError(f"{path} exists and was not created by iommufd-cuse")
+
+    async def _run_cuse(self, task_status) -> None:  # noqa: ANN001
+        if os.geteuid() != 0:
+            raise StartupError("must run as root (it creates CUSE devices)")
+        self._check_cuse_paths()
+        try:
+            major = 0
+            for minor, node in enumerate(self.tree.files()):
+                # One major for all, as the first device got it, and a minor per node.
+                major = (await self._cuse_device(node, (major, minor) if major else (0, 0)))[0]
+            async with trio.open_nursery() as nursery:
+                self._nursery = nursery
+                for server, fd in self.channels:
+                    nursery.start_soon(self._serve_channel, server, fd, nursery.cancel_scope)
+                log.info(
+                    "serving by CUSE %s",
+                    ", ".join(f"{self.link_path(p)} ({d[0]}:{d[1]})" for p, d in self.devts.items()),
+                )
+                self.ready.set()
+                task_status.started(self)
+        finally:
+            with trio.CancelScope(shield=True):
+                self.shutdown()
+
+    async def _cuse_device(self, node, devt: tuple[int, int]) -> tuple[int, int]:  # noqa: ANN001
+        """Create one node's device: its channel, the kernel's CUSE_INIT answered, the node's mode and owner."""
+        name = self.devname(node.path())
+        try:
+            fd = cuse.open_channel()
+        except OSError as e:
+            raise StartupError(f"{cuse.CUSE_DEVICE}: {e.strerror}") from None
+        server = cuse.CuseServer(self.tree, node, name, devt)
+        self.channels.append((server, fd))
+        with trio.fail_after(10):
+            await server.handshake(fd)
+        got = cuse.devt_of(name)
+        if got is None:
+            raise StartupError(f"CUSE refused the device {name} {devt[0]}:{devt[1]} (one of that name exists?)")
+        self.devts[node.path()] = got
+        rdev = os.makedev(*got)
+        cuse_devices[rdev] = node.ino
+        path = self.link_path(node.path())
+        if self.dev_dir != "/dev":
+            self._make_parents(path)
+            os.mknod(path, stat.S_IFCHR | 0o600, rdev)
+            self.links.made_links.append(path)
+        os.chown(path, node.uid, node.gid)
+        os.chmod(path, node.mode)
+        # what udev makes: /dev/char/MAJ:MIN -> the node
+        char = os.path.join(self.dev_dir, "char", f"{got[0]}:{got[1]}")
+        self._make_parents(char)
+        if os.path.lexists(char):
+            os.unlink(char)
+        os.symlink(os.path.relpath(path, os.path.dirname(char)), char)
+        self.links.made_links.append(char)
+        return got
+
+    def _make_parents(self, path: str) -> None:
+        parent = os.path.dirname(path)
+        missing = []
+        while not os.path.isdir(parent):
+            missing.append(parent)
+            parent = os.path.dirname(parent)
+        for d in reversed(missing):
+            os.mkdir(d, 0o755)
+            self.links.made_dirs.append(d)
+
+    async def _serve_channel(self, server: cuse.CuseServer, fd: int, scope: trio.CancelScope) -> None:
+        await server.serve(fd)
+        scope.cancel()  # a channel ended under us: stop
+
+    def devt(self, node_path: str) -> tuple[int, int] | None:
+        """The major:minor of a node served by CUSE (None by FUSE): what sysfs `dev` files show."""
+        return self.devts.get(node_path)
+
     async def _serve_then_stop(self, scope: trio.CancelScope) -> None:
         await self.server.serve(self._fd)
         scope.cancel()  # unmounted under us: stop
 
     def shutdown(self) -> None:
+        # Closing a channel removes its device (and the node devtmpfs made for it).
+        for server, fd in self.channels:
+            os.close(fd)
+            server.fd = -1
+        self.channels.clear()
+        for devt in self.devts.values():
+            cuse_devices.pop(os.makedev(*devt), None)
         self.links.remove()
         if self._mounted:
             try:

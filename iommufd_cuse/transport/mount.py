@@ -6,6 +6,7 @@ import ctypes
 import ctypes.util
 import errno
 import os
+import stat
 
 _libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
 _libc.mount.argtypes = [ctypes.c_char_p] * 3 + [ctypes.c_ulong, ctypes.c_char_p]
@@ -77,23 +78,48 @@ def _fdinfo(fd: int, key: str) -> int | None:
     return None
 
 
+# The character devices this process serves by CUSE (transport/cuse.py): st_rdev -> the node's inode number
+# in the tree, which is what fd_inode() answers for them (a FUSE file's inode number is that already).
+cuse_devices: dict[int, int] = {}
+
+
 def fd_inode(fd: int) -> int | None:
-    """The inode number of an open file, from /proc: unlike fstat() no request
-    reaches the file's file system (which, for our own mount, is us)."""
-    return _fdinfo(fd, "ino")
+    """The node (inode number in the tree) of an open file, from /proc: unlike fstat() no request
+    reaches the file's file system (which, for our own mount, is us). For one of our CUSE devices, its node."""
+    ino = _cuse_node(fd)
+    return ino if ino is not None else _fdinfo(fd, "ino")
 
 
 def fd_on_our_mount(fd: int) -> bool:
-    """Whether an open file lives on a file system of this daemon (any mount of
-    it). Such a file must never be touched by a daemon thread: see loopback.py."""
+    """Whether an open file is one of this daemon's: on a file system of ours (any mount of it), or one of
+    our CUSE devices (wherever its node is). Such a file must never be touched by a daemon thread in a way
+    that waits for the daemon: see loopback.py."""
+    return _mount_type(fd) == f"fuse.{FSNAME}" or _cuse_node(fd) is not None
+
+
+def _mount_type(fd: int) -> str | None:
     mnt_id = _fdinfo(fd, "mnt_id")
     if mnt_id is None:
-        return False
+        return None
     try:
         with open("/proc/self/mountinfo") as f:
             for line in f:
                 if line.split(maxsplit=1)[0] == str(mnt_id):
-                    return f" - fuse.{FSNAME} " in line
-    except OSError:
+                    return line.split(" - ", 1)[1].split()[0]
+    except (OSError, IndexError):
         pass
-    return False
+    return None
+
+
+def _cuse_node(fd: int) -> int | None:
+    if not cuse_devices:
+        return None
+    # fstat() asks the file system; a character device's inode lives on the file system of its node, never
+    # on a FUSE mount of ours (CUSE devices have no such node), and no FUSE file system is asked at all.
+    if (_mount_type(fd) or "fuse").startswith("fuse"):
+        return None
+    try:
+        st = os.fstat(fd)
+    except OSError:
+        return None
+    return cuse_devices.get(st.st_rdev) if stat.S_ISCHR(st.st_mode) else None

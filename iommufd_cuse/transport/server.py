@@ -32,14 +32,17 @@ BUFSIZE = MAX_WRITE + 4096  # the kernel refuses reads into less than header + m
 class Request:
     """One FUSE request as handlers see it."""
 
-    __slots__ = ("unique", "opcode", "nodeid", "caller", "fh")
+    __slots__ = ("unique", "opcode", "nodeid", "caller", "fh", "server")
 
-    def __init__(self, unique: int, opcode: int, nodeid: int, caller: Caller, fh: int = 0) -> None:
+    def __init__(
+        self, unique: int, opcode: int, nodeid: int, caller: Caller, fh: int = 0, server: FuseServer | None = None
+    ) -> None:
         self.unique = unique
         self.opcode = opcode
         self.nodeid = nodeid
         self.caller = caller
         self.fh = fh
+        self.server = server  # the carrier it came by (its poll notifications go back the same way)
 
 
 class FuseServer:
@@ -118,7 +121,7 @@ class FuseServer:
             log.debug("opcode %d not served: ENOSYS", opcode)
             self.reply_error(unique, errno.ENOSYS)
             return
-        req = Request(unique, opcode, nodeid, Caller(pid, uid, gid))
+        req = Request(unique, opcode, nodeid, Caller(pid, uid, gid), server=self)
         try:
             op(req, body)
         except Errno as e:
