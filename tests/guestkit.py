@@ -224,6 +224,8 @@ class GuestRun:
     def __str__(self) -> str:
         return f"guest rc={self.rc} qemu rc={self.qemu_rc}\n--- console ---\n{self.console}"
 
+    __repr__ = __str__  # what an assertion message shows
+
 
 def virtfs(path: str = "/", tag: str = "host", *, readonly: bool = True) -> list[str]:
     """QEMU arguments sharing a host directory by 9p (the guest mounts it with
@@ -299,6 +301,8 @@ async def boot(
             results[name] = value
     if qemu_rc is None:
         console += f"\n[guestkit: timed out after {timeout} s, QEMU killed]"
+    if os.environ.get("ICUSE_GUEST_CONSOLE"):  # for debugging: the last console, whole
+        Path(os.environ["ICUSE_GUEST_CONSOLE"]).write_text(console)
     return GuestRun(console, int(m.group(1)) if m else None, results, qemu_rc)
 
 

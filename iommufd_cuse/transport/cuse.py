@@ -19,13 +19,14 @@ import errno
 import logging
 import os
 import struct
+import time
 
 import trio
 
 from ..errors import Errno
 from . import protocol as P
 from .nodes import Node, Tree
-from .server import MAX_WRITE, FuseServer, Request
+from .server import BUFSIZE, MAX_WRITE, FuseServer, Request
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +35,7 @@ CUSE_UNRESTRICTED_IOCTL = 1 << 0
 CUSE_INIT_IN = struct.Struct("<IIII")  # major minor unused flags
 CUSE_INIT_OUT = struct.Struct("<IIIIIIII40x")  # major minor unused flags max_read max_write dev_major dev_minor
 SYSFS_CLASS = "/sys/class/cuse"
+SYSCALL_TRIES = 600  # bounded: at most ~50 ms for a caller that never sleeps
 
 # x86-64 system calls that carry a file offset, and where: (argument index of the low half, of the high half)
 _SYS_PREAD64, _SYS_PWRITE64, _SYS_PREADV, _SYS_PWRITEV, _SYS_PREADV2, _SYS_PWRITEV2 = 17, 18, 295, 296, 327, 328
@@ -74,12 +76,22 @@ def devt_of(devname: str) -> tuple[int, int] | None:
 def caller_offset(tid: int) -> int:
     """The file offset of the read or write the calling thread is blocked in (0 for read/write/readv/writev:
     CUSE files have no position; also 0, logged, for a thread whose call cannot be read, e.g. io_uring's)."""
+    fields: list[str] = []
+    for attempt in range(SYSCALL_TRIES):
+        try:
+            with open(f"/proc/{tid}/syscall") as f:
+                fields = f.read().split()
+        except OSError:
+            break
+        # "running": the request reached us before the caller went to sleep waiting for it (it is on its way
+        # there, and the kernel only shows the call of a sleeping thread)
+        if fields[:1] != ["running"]:
+            break
+        os.sched_yield() if attempt < 100 else time.sleep(0.0001)
     try:
-        with open(f"/proc/{tid}/syscall") as f:
-            fields = f.read().split()
         nr = int(fields[0])
-    except (OSError, ValueError, IndexError):
-        log.debug("cuse: the system call of thread %d cannot be read: offset 0", tid)
+    except (ValueError, IndexError):
+        log.warning("cuse: the system call of thread %d cannot be read (%s): offset 0", tid, " ".join(fields[:1]))
         return 0
     where = _OFFSET_ARGS.get(nr)
     if where is None:
@@ -116,7 +128,7 @@ class CuseServer(FuseServer):
         """Answer the channel's CUSE_INIT (the kernel's first request), before serving: the device then
         exists, or the kernel refused it (`devt_of` tells)."""
         self.fd = fd
-        buf = bytearray(4096)
+        buf = bytearray(BUFSIZE)  # the kernel refuses reads into less than a whole request could need
         while True:
             try:
                 n = os.readv(fd, [buf])

@@ -1,0 +1,166 @@
+"""The CUSE carrier (iommufd_cuse/transport/cuse.py).
+
+This host's kernel has no CUSE: here, `--backend cuse` is a one-line start-up error and auto serves by FUSE.
+The rest runs in a QEMU guest with Debian's kernel (tests/guestkit.py), which has cuse.ko: the host's root
+shared read-only by 9p, the daemon of this very tree started inside (`serve`, auto), and the suite's C clients
+and the examples run there against the character devices, then SIGTERM with a client holding one.
+One boot does it all: TCG on a busy machine is slow.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import guestkit
+import pytest
+from clientkit import parse_steps
+from harness import INCLUDE, ROOT, scratch_dir
+
+from iommufd_cuse import uapi
+from iommufd_cuse.transport import cuse
+
+NO_CUSE = cuse.available()
+
+
+@pytest.mark.skipif(NO_CUSE is None, reason="this kernel has CUSE: the error cannot be seen here")
+def test_backend_cuse_without_cuse_is_a_one_line_error() -> None:
+    base = scratch_dir()
+    p = subprocess.run(
+        [sys.executable, "-m", "iommufd_cuse.cli", "serve", "--backend", "cuse", "--dev-dir", str(base / "dev")]
+        + ["--mountpoint", str(base / "mnt"), "--control-socket", ""],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert p.returncode == 1
+    assert p.stderr.splitlines() == [f"iommufd-cuse: error: {NO_CUSE}"], p.stderr
+    assert not (base / "dev").exists() and not (base / "mnt").exists()  # nothing made before the refusal
+    os.rmdir(base)
+
+
+@pytest.mark.skipif(NO_CUSE is None, reason="this kernel has CUSE: auto serves by CUSE here")
+async def test_auto_falls_back_to_fuse(daemon) -> None:
+    assert daemon.requested_backend == "auto" and daemon.backend == "fuse"
+    iommu = os.path.join(daemon.dev_dir, "iommu")
+    assert os.path.islink(iommu) and os.readlink(iommu).startswith(daemon.mountpoint)
+    assert daemon.devt("iommu") is None
+
+
+# -- in a guest that has CUSE ----------------------------------------------------------------------------------
+
+HOLD = f"""
+import fcntl, os, struct, sys, time
+fd = os.open("/dev/iommu", os.O_RDWR)
+def alloc():
+    buf = bytearray(struct.pack("<III", 12, 0, 0))
+    try:
+        fcntl.ioctl(fd, {uapi.IOMMU_IOAS_ALLOC:#x}, buf, True)
+        return "ok"
+    except OSError as e:
+        return "errno=%d" % e.errno
+print("RESULT hold_before", alloc(), flush=True)
+open("/run/held", "w").close()
+while not os.path.exists("/run/go"):
+    time.sleep(0.1)
+print("RESULT hold_after", alloc(), flush=True)
+"""
+
+# Runs in the guest, chrooted into the host's root (read-only) with the guest's own /proc, /sys, /dev, /run.
+TEST = """
+cd {root}
+export PYTHONDONTWRITEBYTECODE=1 HOME=/run
+sock=/run/iommufd-cuse/control.sock
+.venv/bin/iommufd-cuse serve --control-socket $sock >/run/daemon.log 2>&1 &
+d=$!
+i=0
+while ! grep -q "serving by" /run/daemon.log && kill -0 $d 2>/dev/null && [ $i -lt 1500 ]; do
+    sleep 0.2; i=$((i+1))
+done
+grep -o "serving by [A-Z]*" /run/daemon.log | sed 's/^/RESULT serving /'
+echo "RESULT type $(stat -c %F /dev/iommu)"
+for n in vfio/vfio vfio/devices/vfio0 vfio/devices/vfio3; do echo "RESULT type:$n $(stat -c %F /dev/$n)"; done
+echo "RESULT mode $(stat -c '%a %u %g' /dev/iommu)"
+rdev=$(stat -c '%Hr:%Lr' /dev/vfio/devices/vfio0)
+echo "RESULT rdev $rdev"
+echo "RESULT sysfs_dev $(cat '/sys/class/cuse/vfio!devices!vfio0/dev')"
+echo "RESULT char_link $(readlink /dev/char/$rdev)"
+echo "RESULT distinct $(stat -c '%Hr:%Lr' /dev/iommu /dev/vfio/vfio /dev/vfio/devices/vfio* | sort -u | wc -l)"
+.venv/bin/iommufd-cuse status --control-socket $sock | grep '^nodes:' | sed 's/^/RESULT status /'
+{ioas_alloc} /dev/iommu >/run/ioas.out 2>&1; echo "RESULT ioas_alloc $? $(tr '\\n' '|' </run/ioas.out)"
+{qemu_startup} /dev/iommu /dev/vfio/devices/vfio0 startup
+echo "RESULT qemu_startup $?"
+{edu} /dev/iommu /dev/vfio/devices/vfio0 >/run/edu.out 2>&1; echo "RESULT edu $?"
+{dma_engine} /dev/iommu /dev/vfio/devices/vfio1 >/run/dma.out 2>&1; echo "RESULT dma_engine $?"
+.venv/bin/python /run/guest/hold.py &
+h=$!
+i=0; while [ ! -e /run/held ] && [ $i -lt 300 ]; do sleep 0.2; i=$((i+1)); done
+kill -TERM $d; wait $d; echo "RESULT daemon_rc $?"
+touch /run/go; wait $h
+left=$(ls /dev/iommu /dev/vfio/vfio /dev/vfio/devices /dev/iommufd-cuse 2>/dev/null | wc -l)
+echo "RESULT left $left $(ls /dev/char | wc -l) $(ls /sys/class/cuse | wc -l)"
+echo "--- edu.out"; cat /run/edu.out; echo "--- dma.out"; cat /run/dma.out; echo "--- daemon log"; cat /run/daemon.log
+"""
+
+
+def _cc(src: Path, out: Path) -> Path:
+    subprocess.run(["cc", "-O2", "-Wall", "-Werror", "-pthread", f"-I{INCLUDE}", "-o", str(out), str(src)], check=True)
+    return out
+
+
+@pytest.mark.timeout(900)
+async def test_cuse_in_a_guest(cbuild) -> None:
+    kit = guestkit.require()
+    work = scratch_dir()  # the guest sees the host's /tmp (read-only): the clients are run from here
+    try:
+        exes = {
+            "ioas_alloc": _cc(ROOT / "examples/ioas_alloc.c", work / "ioas_alloc"),
+            "edu": _cc(ROOT / "examples/edu.c", work / "edu"),
+            "dma_engine": _cc(ROOT / "examples/dma_engine.c", work / "dma_engine"),
+            "qemu_startup": cbuild("qemu_startup"),
+        }
+        initrd = guestkit.Initramfs(kit)
+        initrd.add_modules("cuse", "9p", "9pnet_virtio")
+        initrd.add_file("/guest/hold.py", HOLD)
+        initrd.add_file("/guest/test.sh", TEST.format(root=ROOT, **exes))
+        initrd.script(
+            """
+mkdir -p /host
+mount -t 9p -o trans=virtio,version=9p2000.L,ro host /host || exit 10
+mount -t proc proc /host/proc && mount -t sysfs sys /host/sys && mount -t devtmpfs dev /host/dev || exit 11
+mount -t tmpfs run /host/run && cp -r /guest /host/run/guest || exit 12
+chroot /host /bin/sh /run/guest/test.sh
+"""
+        )
+        run = await guestkit.boot(
+            initrd.build(work / "initrd"), qemu_args=guestkit.virtfs("/"), memory="1536M", timeout=800
+        )
+    finally:
+        subprocess.run(["rm", "-rf", str(work)], check=False)
+    r = run.results
+    assert run.rc == 0, run
+    # 1. serve (auto) makes character devices, and the clients and examples pass on them unchanged
+    assert r.get("serving") == "by CUSE", run
+    assert r["type"] == "character special file", run
+    assert all(r[f"type:{n}"] == "character special file" for n in ("vfio/vfio", "vfio/devices/vfio0")), run
+    assert r["mode"] == "660 0 0", run  # the configured mode and owner
+    assert r["distinct"] == "6", run  # iommu, vfio/vfio, vfio0..3: a major:minor each
+    assert "character devices by CUSE" in r["status"], run
+    assert r["ioas_alloc"].startswith("0 ioas id 1|"), run
+    steps = parse_steps(run.console)
+    assert steps["CONFIG_IDS"].int("vendor") == 0x1234, run  # pread at the config region's offset
+    rt = steps["EDU_DMA_TO_RAM"]
+    assert (rt["same"], rt["first"]) == ("1", "030a1118"), run
+    assert r["qemu_startup"] == "0" and r["edu"] == "0" and r["dma_engine"] == "0", run
+    # 2. the kernel's sysfs `dev` and the /dev/char link agree with st_rdev
+    assert r["sysfs_dev"] == r["rdev"], run
+    assert r["char_link"] == "../vfio/devices/vfio0", run
+    # 3. SIGTERM removes every device; the client holding one is refused afterwards
+    assert r["daemon_rc"] == "0", run
+    assert r["hold_before"] == "ok", run
+    # the kernel's answer once a CUSE channel is gone (ENOTCONN), not ENODEV: see docs/cuse.md
+    assert r["hold_after"] == f"errno={errno.ENOTCONN}", run
+    assert r["left"] == "0 0 0", run
