@@ -80,7 +80,7 @@ i=0
 while ! grep -q "serving by" /run/daemon.log && kill -0 $d 2>/dev/null && [ $i -lt 1500 ]; do
     sleep 0.2; i=$((i+1))
 done
-grep -o "serving by [A-Z]*" /run/daemon.log | sed 's/^/RESULT serving /'
+grep -o "serving by [A-Z]*" /run/daemon.log | sed 's/^serving /RESULT serving /'
 echo "RESULT type $(stat -c %F /dev/iommu)"
 for n in vfio/vfio vfio/devices/vfio0 vfio/devices/vfio3; do echo "RESULT type:$n $(stat -c %F /dev/$n)"; done
 echo "RESULT mode $(stat -c '%a %u %g' /dev/iommu)"
