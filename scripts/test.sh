@@ -10,6 +10,11 @@ if ! bash scripts/guest-kit.sh; then
     echo "test.sh: no guest kit: the guest tests will skip" >&2
 fi
 
+# The tree must be formatted and lint-clean (pyproject.toml's ruff settings) before
+# anything runs: a failure here fails the run.
+.venv/bin/ruff format --check --quiet . || { echo "test.sh: ruff format --check failed (run .venv/bin/ruff format .)" >&2; exit 1; }
+.venv/bin/ruff check --quiet . || { echo "test.sh: ruff check failed" >&2; exit 1; }
+
 # Safety net: a test process deadlocked on a FUSE mount of its own daemon sits in
 # uninterruptible sleep and cannot even be killed; aborting the FUSE connections
 # ends it. Only after the suite's time is long past (pytest's own per-test timeout

@@ -13,14 +13,11 @@ import time
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
-from ..iommufd.io_pagetable import IOMMU_READ, IOMMU_WRITE
-from ..iommufd.object import ObjType
-from ..iommufd.pages import FilePages, UserPages
+from ..iommufd.debug import call_status, describe_context
 from ..system import PAGE_SIZE
 
 if TYPE_CHECKING:
     from ..daemon import Daemon
-    from ..iommufd.object import Context
 
 log = logging.getLogger(__name__)
 
@@ -33,78 +30,6 @@ def version() -> str:
         return importlib.metadata.version("iommufd_cuse")
     except importlib.metadata.PackageNotFoundError:
         return "(not installed)"
-
-
-def _prot(prot: int) -> str:
-    return ("r" if prot & IOMMU_READ else "-") + ("w" if prot & IOMMU_WRITE else "-")
-
-
-def _backing(pages: object) -> dict[str, Any]:
-    if isinstance(pages, UserPages):
-        # Shared file mappings are mapped by the daemon, private memory is reached
-        # in place in the process (see iommufd/pages.py).
-        return {"kind": "user", "pid": pages.source_tgid, "uptr": pages.uptr + pages.start_byte}
-    if isinstance(pages, FilePages):
-        return {"kind": "file", "offset": pages.start + pages.start_byte}
-    return {"kind": type(pages).__name__}
-
-
-def _area(area: Any) -> dict[str, Any]:
-    return {
-        "iova": area.start,
-        "length": area.length,
-        "last": area.last,
-        "prot": _prot(area.prot),
-        "backing": _backing(area.pages),
-        "pages": area.num_pages,
-        # Loaded into the attached domains means every page of the area is pinned.
-        "pinned_pages": area.num_pages if area.filled else 0,
-        "accesses": area.num_accesses,
-    }
-
-
-def _object(obj: Any) -> dict[str, Any]:
-    d: dict[str, Any] = {"id": obj.id, "type": obj.type.value, "users": obj.users}
-    if obj.type is ObjType.IOAS:
-        iopt = obj.iopt
-        d["areas"] = [_area(a) for a in iopt.areas]
-        d["domains"] = len(iopt.domains)
-        d["iova_alignment"] = iopt.iova_alignment
-        d["pinned_pages"] = sum(a["pinned_pages"] for a in d["areas"])
-    ioas = getattr(obj, "ioas", None)
-    if ioas is not None and hasattr(ioas, "id"):
-        d["ioas"] = ioas.id
-    device = getattr(obj, "device", None)
-    if device is not None:
-        d["device"] = getattr(device, "bdf", repr(device))
-    if callable(getattr(obj, "status", None)):
-        d.update(_call_status(obj))
-    return d
-
-
-def _context(ctx: Context, index: int, now: float) -> dict[str, Any]:
-    objects = [_object(o) for o in sorted(ctx.live_objects(), key=lambda o: o.id)]
-    kinds: dict[str, int] = {}
-    for o in objects:
-        kinds[o["type"]] = kinds.get(o["type"], 0) + 1
-    pages = {}
-    for obj in ctx.live_objects():
-        if obj.type is ObjType.IOAS:
-            for a in obj.iopt.areas:
-                pages[id(a.pages)] = a.pages
-    return {
-        "index": index,
-        "pid": ctx.opener_pid,
-        "tid": ctx.opener_tid,
-        "uid": ctx.opener_uid,
-        "comm": ctx.opener_comm,
-        "cmdline": ctx.opener_cmdline,
-        "age_s": round(now - ctx.opened_at, 1),
-        "accounting": ctx.account_mode.name.lower(),
-        "objects_by_kind": kinds,
-        "objects": objects,
-        "pinned_pages": sum(getattr(p, "npinned", 0) for p in pages.values()),
-    }
 
 
 def _user_name(uid: int) -> str:
@@ -120,15 +45,6 @@ def add_user_names(st: dict[str, Any]) -> dict[str, Any]:
     for item in [*st["contexts"], *st["accounting"]["user"]]:
         item["user"] = _user_name(item["uid"])
     return st
-
-
-def _call_status(thing: Any) -> dict[str, Any]:
-    try:
-        d = thing.status()
-        return dict(d) if isinstance(d, Mapping) else {"status": d}
-    except Exception as e:  # a status report never takes the daemon down
-        log.exception("status() of %r failed", thing)
-        return {"error": f"status failed: {e}"}
 
 
 def _members(system: Any, name: str) -> list[Any]:
@@ -158,7 +74,7 @@ def _domain_name(group: Any, domains: dict[int, str]) -> str | None:
 
 
 def _member(thing: Any, contexts: dict[int, dict[str, Any]], domains: dict[int, str]) -> dict[str, Any]:
-    d = _call_status(thing) if callable(getattr(thing, "status", None)) else {"name": repr(thing)}
+    d = call_status(thing) if callable(getattr(thing, "status", None)) else {"name": repr(thing)}
     # Who owns the DMA and what translates it: a group's, or for a device its group's.
     group = thing if hasattr(thing, "owner") else getattr(thing, "group", None)
     if group is not None and hasattr(group, "owner"):
@@ -169,6 +85,14 @@ def _member(thing: Any, contexts: dict[int, dict[str, Any]], domains: dict[int, 
     return d
 
 
+def _device(daemon: Daemon, dev: Any, contexts: dict[int, dict[str, Any]], domains: dict[int, str]) -> dict[str, Any]:
+    d = _member(dev, contexts, domains)
+    node = getattr(dev, "node", None)
+    if node is not None:  # its VFIO cdev
+        d["node"] = daemon.link_path(node.path())
+    return d
+
+
 def collect_status(daemon: Daemon) -> dict[str, Any]:
     """A snapshot of the daemon, built without awaiting (so it is consistent) and
     without touching client memory, FUSE or the name service (so it cannot block
@@ -176,7 +100,7 @@ def collect_status(daemon: Daemon) -> dict[str, Any]:
     system = daemon.system
     now = time.time()
     ctxs = sorted(system.contexts, key=lambda c: (c.opened_at, c.opener_pid))
-    contexts = [_context(c, i + 1, now) for i, c in enumerate(ctxs)]
+    contexts = [describe_context(c, i + 1, now) for i, c in enumerate(ctxs)]
     by_id = {id(c): d for c, d in zip(ctxs, contexts, strict=True)}
     # Domains that iommufd objects (HWPTs) wrap, to name what a group is attached to.
     domains = {
@@ -204,7 +128,7 @@ def collect_status(daemon: Daemon) -> dict[str, Any]:
             "mm": [{"pid": p, "pages": n} for p, n in sorted(acct.mm.items())],
         },
         "contexts": contexts,
-        "devices": [_member(d, by_id, domains) for d in _members(system, "devices")],
+        "devices": [_device(daemon, d, by_id, domains) for d in _members(system, "devices")],
         "groups": [_member(g, by_id, domains) for g in _members(system, "groups")],
     }
 

@@ -10,9 +10,9 @@ import os
 import random
 
 import trio
-from pyclient import IommufdSync, VfioDeviceSync, _ioctl
 
 from iommufd_cuse import uapi
+from iommufd_cuse.client import Iommufd, VfioDevice, raw_ioctl
 
 NUMBERS = sorted(
     {v for k, v in vars(uapi).items() if isinstance(v, int) and (k.startswith(("IOMMU_", "VFIO_"))) and v >> 8 == 0x3B}
@@ -27,8 +27,8 @@ def _fuzz(path: str, seed: int, rounds: int, iommufd: str | None = None) -> list
     ictx = None
     seen = []
     if iommufd is not None:
-        ictx = IommufdSync.open(iommufd)
-        dev = VfioDeviceSync(fd)
+        ictx = Iommufd.open(iommufd)
+        dev = VfioDevice(fd)
         dev.bind(ictx.fd)
         dev.attach(ictx.ioas_alloc())
     try:
@@ -44,7 +44,7 @@ def _fuzz(path: str, seed: int, rounds: int, iommufd: str | None = None) -> list
                 if rnd.random() < 0.3:
                     raw[off : off + 4] = rnd.randrange(8).to_bytes(4, "little")
             buf = ctypes.create_string_buffer(bytes(raw), len(raw))
-            rc, err = _ioctl(fd, cmd, buf)
+            rc, err = raw_ioctl(fd, cmd, buf)
             seen.append((cmd, err))
     finally:
         os.close(fd)

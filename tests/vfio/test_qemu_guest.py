@@ -31,7 +31,7 @@ async def test_guest_sees_edu_and_dmas_through_the_ioas(daemon):
         initrd.add_file("/bin/guest_edu", exe)
         initrd.script("guest_edu")
         args = ["-object", f"iommufd,id=iommufd0,fd={iommu}", "-device", f"vfio-pci,fd={dev},iommufd=iommufd0"]
-        run = await guestkit.boot(initrd.build(work / "initrd"), qemu_args=args, pass_fds=[iommu, dev])
+        run = await guestkit.boot(initrd.build(work / "initrd"), qemu_args=args, pass_fds=[iommu, dev], memory="256M")
     finally:
         await trio.to_thread.run_sync(os.close, iommu)
         await trio.to_thread.run_sync(os.close, dev)
@@ -44,8 +44,8 @@ async def test_guest_sees_edu_and_dmas_through_the_ioas(daemon):
     rt = steps["DMA_ROUND_TRIP"]
     assert (rt.outcome, rt["same"], rt["b0"]) == ("OK", "1", "030a1118"), run
     assert run.rc == 0 and run.qemu_rc == 0, run
+    # B could only be filled from the device's buffer: the pattern passed through the daemon's edu. (Its buffer
+    # itself is not checked: closing the device resets it, as vfio-pci does, at a time the test cannot see.)
     vdev = daemon.system.devices[EDU_VFIO].vfio
-    # the pattern really passed through the daemon's device model, and nothing faulted
-    assert bytes(vdev.model.buffer[:4]) == bytes.fromhex("030a1118")
     assert vdev.fault_count == 0, [f for f in vdev.faults]
     await assert_released(daemon)  # QEMU is gone: its IOAS, pins and the device are released
