@@ -86,6 +86,7 @@ class Daemon:
         # "auto", "cuse" or "fuse" as asked; self.backend is what run() chose
         self.requested_backend = backend
         self.backend: str | None = None
+        self.backend_note = ""
         # CUSE: per file node, its channel's server and fd, its device name and major:minor
         self.channels: list[tuple[cuse.CuseServer, int]] = []
         self.devts: dict[str, tuple[int, int]] = {}
@@ -266,7 +267,7 @@ class Daemon:
             return "cuse"
         if self.requested_backend == "cuse":
             raise StartupError(why)
-        log.info("%s: serving by FUSE", why)
+        self.backend_note = f" (by FUSE: {why})"  # said once serving, not before a start-up error
         return "fuse"
 
     async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:  # noqa: ANN001
@@ -289,7 +290,8 @@ class Daemon:
                     await self.server.initialized.wait()
                 await prime_no_flush(os.path.join(self.mountpoint, "iommu"))
                 self._make_links()
-                log.info("serving %s", ", ".join(self.link_path(n.path()) for n in self.tree.files()))
+                nodes = ", ".join(self.link_path(n.path()) for n in self.tree.files())
+                log.info("serving %s%s", nodes, self.backend_note)
                 self.ready.set()
                 task_status.started(self)
         finally:
