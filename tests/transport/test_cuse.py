@@ -17,11 +17,12 @@ from pathlib import Path
 
 import guestkit
 import pytest
-from clientkit import parse_steps
-from harness import INCLUDE, ROOT, scratch_dir
+from clientkit import outcomes, parse_steps
+from harness import INCLUDE, ROOT, run, scratch_dir
 
 from iommufd_cuse import uapi
 from iommufd_cuse.transport import cuse
+from iommufd_cuse.transport import protocol as P
 
 NO_CUSE = cuse.available()
 
@@ -93,6 +94,7 @@ echo "RESULT distinct $(stat -c '%Hr:%Lr' /dev/iommu /dev/vfio/vfio /dev/vfio/de
 {ioas_alloc} /dev/iommu >/run/ioas.out 2>&1; echo "RESULT ioas_alloc $? $(tr '\\n' '|' </run/ioas.out)"
 {qemu_startup} /dev/iommu /dev/vfio/devices/vfio0 startup
 echo "RESULT qemu_startup $?"
+{qemu_startup} /dev/iommu /dev/vfio/devices/vfio0 errors | sed 's/^STEP /STEP errors./'
 {edu} /dev/iommu /dev/vfio/devices/vfio0 >/run/edu.out 2>&1; echo "RESULT edu $?"
 {dma_engine} /dev/iommu /dev/vfio/devices/vfio1 >/run/dma.out 2>&1; echo "RESULT dma_engine $?"
 .venv/bin/python /run/guest/hold.py &
@@ -111,8 +113,15 @@ def _cc(src: Path, out: Path) -> Path:
     return out
 
 
+async def _on_fuse(daemon, exe: Path, scenario: str) -> dict[str, str]:  # noqa: ANN001
+    p = await run(
+        [exe, os.path.join(daemon.dev_dir, "iommu"), os.path.join(daemon.dev_dir, "vfio/devices/vfio0"), scenario]
+    )
+    return outcomes(parse_steps(p.stdout))
+
+
 @pytest.mark.timeout(900)
-async def test_cuse_in_a_guest(cbuild) -> None:
+async def test_cuse_in_a_guest(daemon, cbuild) -> None:
     kit = guestkit.require()
     work = scratch_dir()  # the guest sees the host's /tmp (read-only): the clients are run from here
     try:
@@ -135,32 +144,74 @@ mount -t tmpfs run /host/run && cp -r /guest /host/run/guest || exit 12
 chroot /host /bin/sh /run/guest/test.sh
 """
         )
-        run = await guestkit.boot(
+        guest = await guestkit.boot(
             initrd.build(work / "initrd"), qemu_args=guestkit.virtfs("/"), memory="1536M", timeout=800
         )
     finally:
         subprocess.run(["rm", "-rf", str(work)], check=False)
-    r = run.results
-    assert run.rc == 0, run
+    r = guest.results
+    assert guest.rc == 0, guest
     # 1. serve (auto) makes character devices, and the clients and examples pass on them unchanged
-    assert r.get("serving") == "by CUSE", run
-    assert r["type"] == "character special file", run
-    assert all(r[f"type:{n}"] == "character special file" for n in ("vfio/vfio", "vfio/devices/vfio0")), run
-    assert r["mode"] == "660 0 0", run  # the configured mode and owner
-    assert r["distinct"] == "6", run  # iommu, vfio/vfio, vfio0..3: a major:minor each
-    assert "character devices by CUSE" in r["status"], run
-    assert r["ioas_alloc"].startswith("0 ioas id 1|"), run
-    steps = parse_steps(run.console)
-    assert steps["CONFIG_IDS"].int("vendor") == 0x1234, run  # pread at the config region's offset
+    assert r.get("serving") == "by CUSE", guest
+    assert r["type"] == "character special file", guest
+    assert all(r[f"type:{n}"] == "character special file" for n in ("vfio/vfio", "vfio/devices/vfio0")), guest
+    assert r["mode"] == "660 0 0", guest  # the configured mode and owner
+    assert r["distinct"] == "6", guest  # iommu, vfio/vfio, vfio0..3: a major:minor each
+    assert "character devices by CUSE" in r["status"], guest
+    assert r["ioas_alloc"].startswith("0 ioas id 1|"), guest
+    steps = parse_steps(guest.console)
+    assert steps["CONFIG_IDS"].int("vendor") == 0x1234, guest  # pread at the config region's offset
     rt = steps["EDU_DMA_TO_RAM"]
-    assert (rt["same"], rt["first"]) == ("1", "030a1118"), run
-    assert r["qemu_startup"] == "0" and r["edu"] == "0" and r["dma_engine"] == "0", run
+    assert (rt["same"], rt["first"]) == ("1", "030a1118"), guest
+    assert r["qemu_startup"] == "0" and r["edu"] == "0" and r["dma_engine"] == "0", guest
+    # the same client gets the same answers, step by step, by CUSE in the guest as by FUSE here
+    exe = exes["qemu_startup"]
+    on_cuse = outcomes(steps)
+    assert {k: v for k, v in on_cuse.items() if not k.startswith("errors.")} == await _on_fuse(daemon, exe, "startup")
+    errors = {k[7:]: v for k, v in on_cuse.items() if k.startswith("errors.")}
+    assert errors and errors == await _on_fuse(daemon, exe, "errors")
     # 2. the kernel's sysfs `dev` and the /dev/char link agree with st_rdev
-    assert r["sysfs_dev"] == r["rdev"], run
-    assert r["char_link"] == "../vfio/devices/vfio0", run
+    assert r["sysfs_dev"] == r["rdev"], guest
+    assert r["char_link"] == "../vfio/devices/vfio0", guest
     # 3. SIGTERM removes every device; the client holding one is refused afterwards
-    assert r["daemon_rc"] == "0", run
-    assert r["hold_before"] == "ok", run
+    assert r["daemon_rc"] == "0", guest
+    assert r["hold_before"] == "ok", guest
     # the kernel's answer once a CUSE channel is gone (ENOTCONN), not ENODEV: see docs/cuse.md
-    assert r["hold_after"] == f"errno={errno.ENOTCONN}", run
-    assert r["left"] == "0 0 0", run
+    assert r["hold_after"] == f"errno={errno.ENOTCONN}", guest
+    assert r["left"] == "0 0 0", guest
+
+
+CLIENT = """
+import os, sys
+fd = os.open(sys.argv[1], os.O_RDWR)
+for op, off in ((os.pread, 0x70000000010), (os.preadv, 0x10000000123), (os.pwrite, 0x55), (os.pwritev, 0x7FFF00000001)):
+    try:
+        if op is os.pread:
+            op(fd, 4, off)
+        elif op is os.preadv:
+            op(fd, [bytearray(4)], off)
+        elif op is os.pwrite:
+            op(fd, b"abcd", off)
+        else:
+            op(fd, [b"abcd"], off)
+    except OSError:
+        pass
+"""
+
+
+async def test_caller_offset_is_the_blocked_calls(daemon, monkeypatch) -> None:
+    """What CUSE does not send, read from the caller's blocked call: checked here against the offsets FUSE
+    does send, for the calls clients make (pread64, preadv, pwrite64, pwritev)."""
+    seen: list[tuple[int, int]] = []
+    server = daemon.server
+    for opcode in (P.READ, P.WRITE):
+        served = server._ops[opcode]
+
+        def spy(req, body, served=served) -> None:  # noqa: ANN001
+            seen.append((P.READ_IN.unpack_from(body)[1], cuse.caller_offset(req.caller.tid)))
+            served(req, body)
+
+        monkeypatch.setitem(server._ops, opcode, spy)
+    await run([sys.executable, "-c", CLIENT, os.path.join(daemon.dev_dir, "vfio/devices/vfio0")])
+    assert [sent for sent, _ in seen] == [0x70000000010, 0x10000000123, 0x55, 0x7FFF00000001]
+    assert [found for _, found in seen] == [sent for sent, _ in seen]
