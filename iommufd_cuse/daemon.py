@@ -247,14 +247,7 @@ class Daemon:
     def _make_links(self) -> None:
         for node in self.tree.files():
             path = self.link_path(node.path())
-            parent = os.path.dirname(path)
-            missing = []
-            while not os.path.isdir(parent):
-                missing.append(parent)
-                parent = os.path.dirname(parent)
-            for d in reversed(missing):
-                os.mkdir(d, 0o755)
-                self.links.made_dirs.append(d)
+            self._make_parents(path)
             os.symlink(os.path.join(self.mountpoint, node.path()), path)
             self.links.made_links.append(path)
 
@@ -379,6 +372,7 @@ class Daemon:
         return got
 
     def _make_parents(self, path: str) -> None:
+        """The missing directories above path (removed again at exit)."""
         parent = os.path.dirname(path)
         missing = []
         while not os.path.isdir(parent):
