@@ -234,6 +234,21 @@ def virtfs(path: str = "/", tag: str = "host", *, readonly: bool = True) -> list
     return ["-virtfs", opts + (",readonly=on" if readonly else "")]
 
 
+def in_host_root(script: str) -> str:
+    """An init body that runs `script` (a file the initramfs has) chrooted into the host's root, shared by
+    `virtfs("/")` (add modules 9p and 9pnet_virtio): the host's programs, Python and this tree's .venv, with
+    the guest's own /proc, /sys, /dev (devtmpfs) and a tmpfs /run. The initramfs's /guest is copied to /run/guest.
+    The host's /tmp is the host's (read-only): programs compiled by a test can be run from there."""
+    return f"""
+mkdir -p /host
+mount -t 9p -o trans=virtio,version=9p2000.L,ro host /host || exit 10
+mount -t proc proc /host/proc && mount -t sysfs sys /host/sys && mount -t devtmpfs dev /host/dev || exit 11
+mount -t tmpfs run /host/run || exit 12
+[ ! -d /guest ] || cp -r /guest /host/run/guest
+chroot /host /bin/sh {script}
+"""
+
+
 async def boot(
     initrd: Path,
     *,

@@ -97,6 +97,19 @@ echo "RESULT qemu_startup $?"
 {qemu_startup} /dev/iommu /dev/vfio/devices/vfio0 errors | sed 's/^STEP /STEP errors./'
 {edu} /dev/iommu /dev/vfio/devices/vfio0 >/run/edu.out 2>&1; echo "RESULT edu $?"
 {dma_engine} /dev/iommu /dev/vfio/devices/vfio1 >/run/dma.out 2>&1; echo "RESULT dma_engine $?"
+# QEMU itself (nested, its CPUs never started: -S) with the character devices: vfio-pci realized on them, its
+# RAM mapped into the IOAS (pinned by the daemon) until it is killed
+pinned() {{ .venv/bin/iommufd-cuse status --json --control-socket $sock | .venv/bin/python -c \
+    'import json,sys; print(json.load(sys.stdin)["pinned_pages"])'; }}
+qemu-system-x86_64 -machine q35 -accel tcg -m 64M -nodefaults -display none -S \
+    -object iommufd,id=ifd,fd=3 -device vfio-pci,fd=4,iommufd=ifd \
+    3<>/dev/iommu 4<>/dev/vfio/devices/vfio2 </dev/null >/run/qemu.out 2>&1 &
+q=$!
+i=0; while [ "$(pinned)" = 0 ] && kill -0 $q 2>/dev/null && [ $i -lt 300 ]; do sleep 1; i=$((i+1)); done
+echo "RESULT nested_qemu_pinned $(pinned)"
+kill $q; wait $q
+i=0; while [ "$(pinned)" != 0 ] && [ $i -lt 60 ]; do sleep 1; i=$((i+1)); done
+echo "RESULT nested_qemu_after $(pinned)"
 .venv/bin/python /run/guest/hold.py &
 h=$!
 i=0; while [ ! -e /run/held ] && [ $i -lt 300 ]; do sleep 0.2; i=$((i+1)); done
@@ -104,7 +117,7 @@ kill -TERM $d; wait $d; echo "RESULT daemon_rc $?"
 touch /run/go; wait $h
 left=$(ls /dev/iommu /dev/vfio/vfio /dev/vfio/devices /dev/iommufd-cuse 2>/dev/null | wc -l)
 echo "RESULT left $left $(ls /dev/char | wc -l) $(ls /sys/class/cuse | wc -l)"
-echo "--- edu.out"; cat /run/edu.out; echo "--- dma.out"; cat /run/dma.out; echo "--- daemon log"; cat /run/daemon.log
+echo "--- qemu.out"; cat /run/qemu.out; echo "--- edu.out"; cat /run/edu.out; echo "--- dma.out"; cat /run/dma.out; echo "--- daemon log"; cat /run/daemon.log
 """
 
 
@@ -135,15 +148,7 @@ async def test_cuse_in_a_guest(daemon, cbuild) -> None:
         initrd.add_modules("cuse", "9p", "9pnet_virtio")
         initrd.add_file("/guest/hold.py", HOLD)
         initrd.add_file("/guest/test.sh", TEST.format(root=ROOT, **exes))
-        initrd.script(
-            """
-mkdir -p /host
-mount -t 9p -o trans=virtio,version=9p2000.L,ro host /host || exit 10
-mount -t proc proc /host/proc && mount -t sysfs sys /host/sys && mount -t devtmpfs dev /host/dev || exit 11
-mount -t tmpfs run /host/run && cp -r /guest /host/run/guest || exit 12
-chroot /host /bin/sh /run/guest/test.sh
-"""
-        )
+        initrd.script(guestkit.in_host_root("/run/guest/test.sh"))
         guest = await guestkit.boot(
             initrd.build(work / "initrd"), qemu_args=guestkit.virtfs("/"), memory="1536M", timeout=800
         )
@@ -170,6 +175,8 @@ chroot /host /bin/sh /run/guest/test.sh
     assert {k: v for k, v in on_cuse.items() if not k.startswith("errors.")} == await _on_fuse(daemon, exe, "startup")
     errors = {k[7:]: v for k, v in on_cuse.items() if k.startswith("errors.")}
     assert errors and errors == await _on_fuse(daemon, exe, "errors")
+    # QEMU (fds passed: the sysfsdev path needs the sysfs view) maps its 64 MiB of RAM through the devices
+    assert int(r["nested_qemu_pinned"]) >= 64 * 256 and r["nested_qemu_after"] == "0", guest
     # 2. the kernel's sysfs `dev` and the /dev/char link agree with st_rdev
     assert r["sysfs_dev"] == r["rdev"], guest
     assert r["char_link"] == "../vfio/devices/vfio0", guest
