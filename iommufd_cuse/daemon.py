@@ -69,6 +69,7 @@ def _is_ours(path: str, mountpoint: str) -> bool:
 
 
 BACKENDS = ("auto", "cuse", "fuse")
+REMOVE_GRACE = 10  # seconds a removed CUSE device waits for its open files to close
 
 
 class Daemon:
@@ -90,6 +91,7 @@ class Daemon:
         # CUSE: per file node, its channel's server and fd, its device name and major:minor
         self.channels: list[tuple[cuse.CuseServer, int]] = []
         self.devts: dict[str, tuple[int, int]] = {}
+        self._dirs_before: set[str] = set()
         self.dev_dir = os.path.abspath(dev_dir)
         self.mountpoint = os.path.abspath(mountpoint)
         self.system = System()
@@ -303,6 +305,11 @@ class Daemon:
     def _check_cuse_paths(self) -> None:
         for node in self.tree.files():
             path = self.link_path(node.path())
+            parent = os.path.dirname(path)
+            while parent.startswith(self.dev_dir + "/"):
+                if os.path.isdir(parent):
+                    self._dirs_before.add(parent)
+                parent = os.path.dirname(parent)
             if os.path.lexists(path):
                 st = os.lstat(path)
                 rdev = f"{os.major(st.st_rdev)}:{os.minor(st.st_rdev)}"
@@ -326,17 +333,63 @@ class Daemon:
                 major = (await self._cuse_device(node, (major, minor) if major else (0, 0)))[0]
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
-                for server, fd in self.channels:
-                    nursery.start_soon(self._serve_channel, server, fd, nursery.cancel_scope)
+                # An outer cancel (SIGTERM) does not stop the channels at once: the devices are removed first.
+                serving = trio.CancelScope(shield=True)
+                nursery.start_soon(self._serve_channels, serving, nursery.cancel_scope)
                 log.info(
                     "serving by CUSE %s",
                     ", ".join(f"{self.link_path(p)} ({d[0]}:{d[1]})" for p, d in self.devts.items()),
                 )
                 self.ready.set()
                 task_status.started(self)
+                try:
+                    await trio.sleep_forever()
+                finally:
+                    try:
+                        with trio.CancelScope(shield=True):
+                            await self._remove_devices()
+                    finally:
+                        serving.cancel()
         finally:
             with trio.CancelScope(shield=True):
                 self.shutdown()
+                self._remove_made_parents()
+
+    async def _serve_channels(self, serving: trio.CancelScope, stop: trio.CancelScope) -> None:
+        with serving:
+            async with trio.open_nursery() as channels:
+                for server, fd in self.channels:
+                    channels.start_soon(self._serve_channel, server, fd, channels.cancel_scope)
+        stop.cancel()  # a channel ended under us, or the devices are gone: stop
+
+    async def _remove_devices(self) -> None:
+        """As the kernel removes a device: its node leaves /dev at once, a file still open gets ENODEV for
+        everything but its release, and the device goes with the last close (or after REMOVE_GRACE s)."""
+        for server, _ in self.channels:
+            server.removed = True
+        for path in self.devts:
+            try:
+                os.unlink(self.link_path(path))  # devtmpfs's own, or made here
+            except FileNotFoundError:
+                pass
+        self.links.remove()
+        with trio.move_on_after(REMOVE_GRACE):
+            while any(server.handles for server, _ in self.channels):
+                await trio.sleep(0.05)
+        still = sum(len(server.handles) for server, _ in self.channels)
+        if still:
+            log.warning("%d files still open %s s after removal began: the devices go anyway", still, REMOVE_GRACE)
+
+    def _remove_made_parents(self) -> None:
+        """Directories above the nodes that were not there at start (devtmpfs leaves its own behind when a node
+        was unlinked before its device went)."""
+        for path in sorted({os.path.dirname(self.link_path(p)) for p in self.devts}, key=len, reverse=True):
+            while path.startswith(self.dev_dir + "/") and path not in self._dirs_before:
+                try:
+                    os.rmdir(path)
+                except OSError:
+                    break
+                path = os.path.dirname(path)
 
     async def _cuse_device(self, node, devt: tuple[int, int]) -> tuple[int, int]:  # noqa: ANN001
         """Create one node's device: its channel, the kernel's CUSE_INIT answered, the node's mode and owner."""

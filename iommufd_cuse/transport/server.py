@@ -54,6 +54,7 @@ class FuseServer:
         self._inflight: dict[int, tuple[trio.CancelScope, int]] = {}
         self._nursery: trio.Nursery | None = None
         self.initialized = trio.Event()
+        self.removed = False  # the device is being removed: ENODEV for all but what closes a file
         self.start_time = int(time.time())
         self._ops = {
             P.INIT: self._init,
@@ -120,6 +121,9 @@ class FuseServer:
         if op is None:
             log.debug("opcode %d not served: ENOSYS", opcode)
             self.reply_error(unique, errno.ENOSYS)
+            return
+        if self.removed and opcode not in P.AFTER_REMOVAL:
+            self.reply_error(unique, errno.ENODEV)  # as a removed device answers its open files
             return
         req = Request(unique, opcode, nodeid, Caller(pid, uid, gid), server=self)
         try:
