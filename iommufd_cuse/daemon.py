@@ -12,21 +12,32 @@ from dataclasses import dataclass, field
 
 import trio
 
+from . import sysfs
 from .config import Config
 from .errors import Errno
 from .iommu.core import VFIO_DRIVER, Device, Group, Iommu
 from .iommufd.fault import FAULT_NODE, FaultFile
 from .iommufd.main import IommufdFile
+from .iommufd.mmap import MMAP_DIR, MmapNodes
 from .iommufd.pages import AccountMode
-from .iommufd.selftest import ACCESS_NODE, AccessFile
+from .iommufd.selftest import ACCESS_NODE, DMABUF_NODE, AccessFile, DmabufFile
 from .iommufd.viommu import VEVENTQ_NODE, VeventqFile
 from .system import System
 from .transport import cuse
 from .transport.loopback import prime_no_flush
-from .transport.mount import cuse_devices, fuse_mount, fuse_umount, mounted_here
-from .transport.nodes import Tree
+from .transport.mount import (
+    cuse_devices,
+    fuse_mount,
+    fuse_umount,
+    mount_dev,
+    mounted_here,
+    register_own,
+    unregister_own,
+)
+from .transport.nodes import Node, Tree
 from .transport.server import MAX_WRITE, FuseServer, Request
 from .vfio.device_cdev import VfioDeviceFile
+from .vfio.group import DEVICE_NODE, GroupDeviceFile, VfioGroup, group_opener
 from .vfio.pci.core import VfioPciDevice
 
 log = logging.getLogger(__name__)
@@ -109,6 +120,7 @@ class Daemon:
         self.links = Links()
         self._fd = -1
         self._mounted = False
+        self.fs_dev: tuple[int, int] | None = None
         self.ready = trio.Event()
         self._nursery: trio.Nursery | None = None
         self._build_topology()
@@ -166,6 +178,9 @@ class Daemon:
             n = self.config.nodes["iommu"]
             node = self.tree.add(ACCESS_NODE, n.mode, n.uid, n.gid, lambda req, flags: AccessFile(self.system))
             self.system.node_inos[AccessFile.kind] = node.ino
+            # And the node of dma-bufs (IOMMU_TEST_OP_DMABUF_GET).
+            node = self.tree.add(DMABUF_NODE, n.mode, n.uid, n.gid, lambda req, flags: DmabufFile(self.system))
+            self.system.node_inos[DmabufFile.kind] = node.ino
         # The node the companion opens to receive the file of a fault object
         # (IOMMU_FAULT_QUEUE_ALLOC), see docs/selftest.md; in every mode.
         n = self.config.nodes["iommu"]
@@ -176,9 +191,33 @@ class Daemon:
         self.tree.add(
             VEVENTQ_NODE, n.mode, n.uid, n.gid, lambda req, flags: VeventqFile(self.system, req.server.notify_poll)
         )
+        # The directory of the nodes behind mmap() of an iommufd region (iommufd/mmap.py).
+        n = self.config.nodes["iommu"]
+        self.tree.add(MMAP_DIR + "/", 0o755)  # made now: only its files come and go
+        self.system.mmap_nodes = MmapNodes(self.tree, n.mode, n.uid, n.gid)
         for i, dev in enumerate(self.system.devices):
             nc = dev.cfg.node
             dev.node = self.tree.add(f"vfio/devices/vfio{i}", nc.mode, nc.uid, nc.gid, self._open_device(dev))
+        # VFIO groups, /dev/vfio/<N>, with the owner and mode of their first member's node.
+        for gid in sorted(self.system.groups):
+            group = self.system.groups[gid]
+            group.vfio = VfioGroup(self.system, group, self.iommufd_inodes)
+            nc = group.devices[0].cfg.node
+            self.tree.add(f"vfio/{gid}", nc.mode, nc.uid, nc.gid, group_opener(group.vfio))
+        # Where the companion claims a device file of VFIO_GROUP_GET_DEVICE_FD: open to
+        # all, as the file holds nothing until a token of the opening process is claimed.
+        node = self.tree.add(
+            DEVICE_NODE, 0o666, 0, 0, lambda req, flags: GroupDeviceFile(self.system, self.iommufd_inodes)
+        )
+        self.system.node_inos[GroupDeviceFile.kind] = node.ino
+        # The sysfs view (sys/ in the mount, never linked into dev_dir). The nodes are
+        # regular files here, no char devices: their device number is 0:0.
+        cdevs = {i: dev.node for i, dev in enumerate(self.system.devices)}
+        sysfs.build(self.tree, self.system, cdevs, self.node_rdev)
+
+    def dev_nodes(self) -> list[Node]:
+        """The nodes linked at their /dev paths: every file but the sysfs view's."""
+        return [n for n in self.tree.files() if not n.path().startswith(sysfs.ROOT + "/")]
 
     def _open_device(self, dev: Device):  # noqa: ANN202
         def opener(req: Request, flags: int) -> VfioDeviceFile:
@@ -229,7 +268,7 @@ class Daemon:
             raise StartupError(f"mountpoint {self.mountpoint} is busy (another daemon?)")
         if os.listdir(self.mountpoint):
             raise StartupError(f"mountpoint {self.mountpoint} is not empty")
-        for node in self.tree.files():
+        for node in self.dev_nodes():
             path = self.link_path(node.path())
             if os.path.islink(path) and _is_ours(path, self.mountpoint):
                 log.warning("removing the stale link %s", path)
@@ -247,7 +286,7 @@ class Daemon:
                 raise StartupError(f"{path} exists and was not created by iommufd-cuse")
 
     def _make_links(self) -> None:
-        for node in self.tree.files():
+        for node in self.dev_nodes():
             path = self.link_path(node.path())
             self._make_parents(path)
             os.symlink(os.path.join(self.mountpoint, node.path()), path)
@@ -267,16 +306,22 @@ class Daemon:
 
     async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:  # noqa: ANN001
         """Serve until cancelled. task_status.started() once the nodes answer."""
+        # By CUSE the nodes of /dev are character devices; the rest (the sysfs view, mmap nodes) stays on the
+        # FUSE mount either way.
         self.backend = self.choose_backend()
-        if self.backend == "cuse":
-            await self._run_cuse(task_status)
-            return
+        if self.backend == "cuse" and os.geteuid() == 0:
+            self._check_cuse_paths()
         self.check_and_clean()
+        self._real_mountpoint = os.path.realpath(self.mountpoint)  # before the mount: no lookup on it after
         try:
             self._fd = fuse_mount(self.mountpoint, MAX_WRITE)
         except OSError as e:
             raise StartupError(f"cannot mount {self.mountpoint}: {e.strerror}") from None
         self._mounted = True
+        # Files of this mount are recognised by its superblock, from any namespace.
+        self.fs_dev = mount_dev(self._real_mountpoint)
+        if self.fs_dev is not None:
+            register_own(self.fs_dev)
         try:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
@@ -284,14 +329,18 @@ class Daemon:
                 with trio.fail_after(10):
                     await self.server.initialized.wait()
                 await prime_no_flush(os.path.join(self.mountpoint, "iommu"))
+                if self.backend == "cuse":
+                    await self._serve_cuse(nursery, task_status)
+                    return
                 self._make_links()
-                nodes = ", ".join(self.link_path(n.path()) for n in self.tree.files())
+                nodes = ", ".join(self.link_path(n.path()) for n in self.dev_nodes())
                 log.info("serving %s%s", nodes, self.backend_note)
                 self.ready.set()
                 task_status.started(self)
         finally:
             with trio.CancelScope(shield=True):
                 self.shutdown()
+                self._remove_made_parents()
 
     # -- CUSE ----------------------------------------------------------------------
     def devname(self, node_path: str) -> str:
@@ -303,7 +352,7 @@ class Daemon:
         return f"iommufd-cuse/{tag}/{node_path}"
 
     def _check_cuse_paths(self) -> None:
-        for node in self.tree.files():
+        for node in self.dev_nodes():
             path = self.link_path(node.path())
             parent = os.path.dirname(path)
             while parent.startswith(self.dev_dir + "/"):
@@ -322,38 +371,29 @@ class Daemon:
                 else:
                     raise StartupError(f"{path} exists and was not created by iommufd-cuse")
 
-    async def _run_cuse(self, task_status) -> None:  # noqa: ANN001
-        if os.geteuid() != 0:
-            raise StartupError("must run as root (it creates CUSE devices)")
-        self._check_cuse_paths()
+    async def _serve_cuse(self, nursery: trio.Nursery, task_status) -> None:  # noqa: ANN001
+        """The /dev nodes as CUSE devices, served until cancelled; then removed as the kernel removes them."""
+        major = 0
+        for minor, node in enumerate(self.dev_nodes()):
+            # One major for all, as the first device got it, and a minor per node.
+            major = (await self._cuse_device(node, (major, minor) if major else (0, 0)))[0]
+        # An outer cancel (SIGTERM) does not stop the channels at once: the devices are removed first.
+        serving = trio.CancelScope(shield=True)
+        nursery.start_soon(self._serve_channels, serving, nursery.cancel_scope)
+        log.info(
+            "serving by CUSE %s",
+            ", ".join(f"{self.link_path(p)} ({d[0]}:{d[1]})" for p, d in self.devts.items()),
+        )
+        self.ready.set()
+        task_status.started(self)
         try:
-            major = 0
-            for minor, node in enumerate(self.tree.files()):
-                # One major for all, as the first device got it, and a minor per node.
-                major = (await self._cuse_device(node, (major, minor) if major else (0, 0)))[0]
-            async with trio.open_nursery() as nursery:
-                self._nursery = nursery
-                # An outer cancel (SIGTERM) does not stop the channels at once: the devices are removed first.
-                serving = trio.CancelScope(shield=True)
-                nursery.start_soon(self._serve_channels, serving, nursery.cancel_scope)
-                log.info(
-                    "serving by CUSE %s",
-                    ", ".join(f"{self.link_path(p)} ({d[0]}:{d[1]})" for p, d in self.devts.items()),
-                )
-                self.ready.set()
-                task_status.started(self)
-                try:
-                    await trio.sleep_forever()
-                finally:
-                    try:
-                        with trio.CancelScope(shield=True):
-                            await self._remove_devices()
-                    finally:
-                        serving.cancel()
+            await trio.sleep_forever()
         finally:
-            with trio.CancelScope(shield=True):
-                self.shutdown()
-                self._remove_made_parents()
+            try:
+                with trio.CancelScope(shield=True):
+                    await self._remove_devices()
+            finally:
+                serving.cancel()
 
     async def _serve_channels(self, serving: trio.CancelScope, stop: trio.CancelScope) -> None:
         with serving:
@@ -440,8 +480,13 @@ class Daemon:
         scope.cancel()  # a channel ended under us: stop
 
     def devt(self, node_path: str) -> tuple[int, int] | None:
-        """The major:minor of a node served by CUSE (None by FUSE): what sysfs `dev` files show."""
+        """The major:minor of a node served by CUSE (None by FUSE)."""
         return self.devts.get(node_path)
+
+    def node_rdev(self, node: Node) -> int:
+        """st_rdev of a node as clients see it (the sysfs view's `dev` files): its CUSE device's, 0 by FUSE."""
+        devt = self.devts.get(node.path())
+        return os.makedev(*devt) if devt else 0
 
     async def _serve_then_stop(self, scope: trio.CancelScope) -> None:
         await self.server.serve(self._fd)
@@ -469,4 +514,7 @@ class Daemon:
         for ctx in list(self.system.contexts):
             ctx.destroy_all()
         self.system.contexts.clear()
+        if self.fs_dev is not None:
+            unregister_own(self.fs_dev)
+            self.fs_dev = None
         log.info("stopped")
