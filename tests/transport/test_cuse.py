@@ -87,6 +87,8 @@ for n in vfio/vfio vfio/devices/vfio0 vfio/devices/vfio3; do echo "RESULT type:$
 echo "RESULT mode $(stat -c '%a %u %g' /dev/iommu)"
 rdev=$(stat -c '%Hr:%Lr' /dev/vfio/devices/vfio0)
 echo "RESULT rdev $rdev"
+view=/run/iommufd-cuse/mnt/sys
+echo "RESULT view_dev $(cat $view/bus/pci/devices/0000:00:04.0/vfio-dev/vfio0/dev)"
 echo "RESULT sysfs_dev $(cat '/sys/class/cuse/vfio!devices!vfio0/dev')"
 echo "RESULT char_link $(readlink /dev/char/$rdev)"
 echo "RESULT distinct $(stat -c '%Hr:%Lr' /dev/iommu /dev/vfio/vfio /dev/vfio/devices/vfio* | sort -u | wc -l)"
@@ -97,13 +99,14 @@ echo "RESULT qemu_startup $?"
 {qemu_startup} /dev/iommu /dev/vfio/devices/vfio0 errors | sed 's/^STEP /STEP errors./'
 {edu} /dev/iommu /dev/vfio/devices/vfio0 >/run/edu.out 2>&1; echo "RESULT edu $?"
 {dma_engine} /dev/iommu /dev/vfio/devices/vfio1 >/run/dma.out 2>&1; echo "RESULT dma_engine $?"
-# QEMU itself (nested, its CPUs never started: -S) with the character devices: vfio-pci realized on them, its
+# QEMU itself (nested, its CPUs never started: -S) by its cdev path without fd passing: from the sysfs view's
+# vfio-dev/vfioN/dev to the character device with that st_rdev, and /dev/iommu; vfio-pci realized on them, its
 # RAM mapped into the IOAS (pinned by the daemon) until it is killed
 pinned() {{ .venv/bin/iommufd-cuse status --json --control-socket $sock | .venv/bin/python -c \
     'import json,sys; print(json.load(sys.stdin)["pinned_pages"])'; }}
 qemu-system-x86_64 -machine q35 -accel tcg -m 64M -nodefaults -display none -S \
-    -object iommufd,id=ifd,fd=3 -device vfio-pci,fd=4,iommufd=ifd \
-    3<>/dev/iommu 4<>/dev/vfio/devices/vfio2 </dev/null >/run/qemu.out 2>&1 &
+    -object iommufd,id=ifd -device vfio-pci,sysfsdev=$view/bus/pci/devices/0000:00:06.0,iommufd=ifd \
+    </dev/null >/run/qemu.out 2>&1 &
 q=$!
 i=0; while [ "$(pinned)" = 0 ] && kill -0 $q 2>/dev/null && [ $i -lt 300 ]; do sleep 1; i=$((i+1)); done
 echo "RESULT nested_qemu_pinned $(pinned)"
@@ -178,10 +181,10 @@ async def test_cuse_in_a_guest(daemon, cbuild) -> None:
     assert {k: v for k, v in on_cuse.items() if not k.startswith("errors.")} == await _on_fuse(daemon, exe, "startup")
     errors = {k[7:]: v for k, v in on_cuse.items() if k.startswith("errors.")}
     assert errors and errors == await _on_fuse(daemon, exe, "errors")
-    # QEMU (fds passed: the sysfsdev path needs the sysfs view) maps its 64 MiB of RAM through the devices
+    # 2. QEMU's cdev path by sysfsdev= (no fds passed) finds the device and maps its 64 MiB of RAM through it
     assert int(r["nested_qemu_pinned"]) >= 64 * 256 and r["nested_qemu_after"] == "0", guest
-    # 2. the kernel's sysfs `dev` and the /dev/char link agree with st_rdev
-    assert r["sysfs_dev"] == r["rdev"], guest
+    # the kernel's sysfs `dev`, the daemon's sysfs view and the /dev/char link agree with st_rdev
+    assert r["sysfs_dev"] == r["rdev"] == r["view_dev"], guest  # the kernel's sysfs, and the daemon's view
     assert r["char_link"] == "../vfio/devices/vfio0", guest
     # 3. SIGTERM removes every device; the client holding one is refused afterwards
     assert r["daemon_rc"] == "0", guest
