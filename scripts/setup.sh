@@ -8,6 +8,7 @@ cd "$(dirname "$0")/.."
 need_apt=()
 command -v cc >/dev/null || need_apt+=(gcc libc6-dev)
 command -v systemd-analyze >/dev/null || need_apt+=(systemd)
+command -v nvme >/dev/null || [ -x /usr/sbin/nvme ] || need_apt+=(nvme-cli) # the NVMe guest test runs the host's nvme-cli in the guest
 # tests/test_service.py checks the unit's SystemCallFilter= against what strace sees
 command -v strace >/dev/null || need_apt+=(strace)
 command -v setpriv >/dev/null || need_apt+=(util-linux)

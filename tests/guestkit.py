@@ -240,13 +240,24 @@ def in_host_root(script: str) -> str:
     the guest's own /proc, /sys, /dev (devtmpfs) and a tmpfs /run. The initramfs's /guest is copied to /run/guest.
     The host's /tmp is the host's (read-only): programs compiled by a test can be run from there."""
     return f"""
-mkdir -p /host
-mount -t 9p -o trans=virtio,version=9p2000.L,ro host /host || exit 10
-mount -t proc proc /host/proc && mount -t sysfs sys /host/sys && mount -t devtmpfs dev /host/dev || exit 11
-mount -t tmpfs run /host/run || exit 12
+{mount_host_root()}
 [ ! -d /guest ] || cp -r /guest /host/run/guest
 chroot /host /bin/sh {script}
 """
+
+
+def mount_host_root(at: str = "/host") -> str:
+    """Shell lines that mount the host's root shared by `virtfs("/")` at `at` (read-only), with the guest's own
+    /proc, /sys, /dev and a tmpfs /run in it (exit 10-12 when a mount fails): `chroot AT PROGRAM` then runs a
+    host program in the guest. `umount_host_root(at)` takes them down again."""
+    return f"""mkdir -p {at}
+mount -t 9p -o trans=virtio,version=9p2000.L,ro host {at} || exit 10
+mount -t proc proc {at}/proc && mount -t sysfs sys {at}/sys && mount -t devtmpfs dev {at}/dev || exit 11
+mount -t tmpfs run {at}/run || exit 12"""
+
+
+def umount_host_root(at: str = "/host") -> str:
+    return f"umount {at}/run {at}/dev {at}/sys {at}/proc && umount {at}"
 
 
 async def boot(

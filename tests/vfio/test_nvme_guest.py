@@ -21,6 +21,7 @@ from iommufd_cuse.service import collect_status
 
 NVME_VFIO = 4  # vfio4: the default topology's NVMe controller
 MIB = 1 << 20
+GIB = 1 << 30
 PATTERN_MIB = 64
 
 # The guest's script: find the namespace, write PATTERN_MIB of random data, drop the page cache, read it back
@@ -34,6 +35,17 @@ echo "RESULT probe ok"
 echo "RESULT blocks $(cat /sys/block/nvme0n1/size)"
 echo "RESULT model $(cat /sys/class/nvme/nvme0/model)"
 echo "RESULT serial $(cat /sys/class/nvme/nvme0/serial)"
+if [ -n "$NVME_CLI" ]; then
+  # nvme-cli, the host's (its root shared by 9p), asks the controller itself by admin passthrough ioctls
+  {guestkit.mount_host_root()}
+  cli="chroot /host /usr/sbin/nvme"
+  $cli id-ctrl /dev/nvme0 > /tmp/id-ctrl; echo "RESULT id_ctrl_rc $?"
+  $cli id-ns /dev/nvme0 -n 1 > /tmp/id-ns; echo "RESULT id_ns_rc $?"
+  for f in vid sn mn fr nn mdts; do echo "RESULT id_ctrl_$f $(sed -n "s/^$f *: *//p" /tmp/id-ctrl)"; done
+  for f in nsze ncap nlbaf; do echo "RESULT id_ns_$f $(sed -n "s/^$f *: *//p" /tmp/id-ns)"; done
+  echo "RESULT id_ns_lbaf0 $(sed -n 's/^lbaf *0 *: *//p' /tmp/id-ns)"
+  {guestkit.umount_host_root()}
+fi
 last=$(( $(cat /sys/block/nvme0n1/size) - 1 ))
 marker=$(dd if=/dev/nvme0n1 bs=512 skip=$last count=1 2>/dev/null | head -c 8)
 if [ "$marker" = "REBOOTED" ]; then
@@ -88,12 +100,14 @@ async def boot_with_nvme(daemon, *, viommu: bool, reboot: bool = False) -> guest
     )
     try:
         initrd = guestkit.Initramfs(kit)
-        initrd.add_modules("nvme")
+        initrd.add_modules("nvme", *(("9p", "9pnet_virtio") if reboot else ()))
         if reboot:  # the boot without a vIOMMU: device addresses are guest physical, for guest_nvme
             exe = guestkit.compile_static(CLIENTS / "guest_nvme.c", work / "guest_nvme")
             initrd.add_file("/bin/guest_nvme", exe)
-        initrd.script(("REBOOT=1\nUSER_DRIVER=1\n" if reboot else "") + SCRIPT)
+        initrd.script(("REBOOT=1\nUSER_DRIVER=1\nNVME_CLI=1\n" if reboot else "") + SCRIPT)
         args = ["-object", f"iommufd,id=iommufd0,fd={iommu}"]
+        if reboot:  # the host's root, for its nvme-cli (scripts/setup.sh installs it)
+            args += guestkit.virtfs("/")
         if viommu:  # before the device it translates for
             args += ["-device", "intel-iommu,caching-mode=on"]
         args += ["-device", f"vfio-pci,fd={dev},iommufd=iommufd0"]
@@ -141,6 +155,16 @@ async def test_guest_nvme_driver_round_trip_reset_and_reboot(daemon) -> None:
     assert r.get("user_identify_vid") == "0x1de5" and r.get("user_driver") == "done", run
     assert (r.get("bad_prp_status"), r.get("good_read_status"), r.get("user_read")) == ("0x004", "0x000", "equal"), run
     assert r.get("compare_after_rebind") == "equal", run
+    # nvme-cli's Identify Controller and Namespace: what the default topology's config gave the controller
+    assert (r.get("id_ctrl_rc"), r.get("id_ns_rc")) == ("0", "0"), run
+    assert (r["id_ctrl_vid"], r["id_ctrl_sn"].strip(), r["id_ctrl_mn"].strip()) == (
+        "0x1de5",
+        "ICUSE0001",
+        "iommufd-cuse NVMe",
+    ), run
+    assert (r["id_ctrl_fr"].strip(), r["id_ctrl_nn"], r["id_ctrl_mdts"]) == ("1.0", "1", "8"), run
+    assert (r["id_ns_nsze"], r["id_ns_ncap"], r["id_ns_nlbaf"]) == (hex(GIB // 512),) * 2 + ("0",), run
+    assert r["id_ns_lbaf0"].split()[:2] == ["ms:0", "lbads:9"] and "in use" in r["id_ns_lbaf0"], run
     assert vdev.fault_count == faults + 1, vdev.faults
     f = vdev.faults[-1]
     assert (f.iova, f.write, f.reason) == (0xF00000000, True, "no translation")
