@@ -544,7 +544,9 @@ class Nvme(RegisterFunction):
                     await self._io_batch(gen, sq, cmds)
                 if gen != self._gen or not self._ready():
                     return
-            if not busy:
+            # nothing more to do: end here rather than yield a scheduler round only to find that out (a
+            # doorbell meanwhile kicks a new worker; a round per command otherwise)
+            if not busy or not self._has_work():
                 return
 
     def _post(self, sq: SubQueue, entries: list[tuple[int, int, int]]) -> bool:
