@@ -296,7 +296,7 @@ async def hwpt_alloc(ucmd: Ucmd) -> int:
 
 
 # -- IOMMU_HWPT_INVALIDATE ----------------------------------------------------------------
-def hwpt_invalidate(ucmd: Ucmd) -> int:
+async def hwpt_invalidate(ucmd: Ucmd) -> int:
     """IOMMU_HWPT_INVALIDATE: hand an array of entry_num driver-defined entries of
     entry_len bytes to the nested domain's cache_invalidate_user. entry_num is
     written back as the number of entries handled, whatever the outcome (if that
@@ -325,7 +325,8 @@ def hwpt_invalidate(ucmd: Ucmd) -> int:
             raise Errno(errno.EOPNOTSUPP)
         array = UserDataArray(ucmd.caller, cmd.data_type, cmd.data_uptr, cmd.entry_len, cmd.entry_num)
         try:
-            invalidate(array)
+            with ucmd.ctx.hold(obj):  # the driver may await between entries
+                await invalidate(array)
         finally:
             done = array.entry_num
     except Errno as e:

@@ -19,7 +19,8 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from .. import uapi
-from ..transport.caller import Caller, Errno
+from .._native import lib
+from ..transport.caller import INLINE_SCAN, Caller, Errno, scan_off_loop
 from ..transport.nodes import FileHandle
 from ..transport.protocol import FOPEN_DIRECT_IO, FOPEN_NONSEEKABLE
 
@@ -292,33 +293,65 @@ class IoctlTable:
             if user_size < ksize:
                 buf[user_size:] = bytes(ksize - user_size)
             elif user_size > ksize:
-                buf = copy_struct_from_user(caller, arg, ksize, user_size)
+                pending = check_zeroed_user(caller, arg + ksize, user_size - ksize)
+                if pending is not None:
+                    return self._dispatch_after(pending, op, ctx, caller, arg, user_size)
         else:
             user_size = int.from_bytes(caller.read(arg, 4), "little")
             if user_size < op.min_size:
                 raise Errno(errno.EINVAL)
-            buf = copy_struct_from_user(caller, arg, ksize, user_size)
+            if user_size > ksize:
+                pending = check_zeroed_user(caller, arg + ksize, user_size - ksize)
+                if pending is not None:
+                    return self._dispatch_after(pending, op, ctx, caller, arg, user_size)
+            buf = copy_struct_from_user(caller, arg, ksize, min(user_size, ksize))
         return op.handler(Ucmd(ctx, caller, arg, user_size, op.struct, op.struct.unpack(buf)))
 
+    async def _dispatch_after(
+        self, pending: Awaitable[None], op: IoctlOp, ctx: Context, caller: Caller, arg: int, user_size: int
+    ) -> int:
+        """The rest of dispatch once a long zero tail has been checked off the loop."""
+        await pending
+        buf = copy_struct_from_user(caller, arg, op.struct.SIZE, op.struct.SIZE)
+        result = op.handler(Ucmd(ctx, caller, arg, user_size, op.struct, op.struct.unpack(buf)))
+        if not isinstance(result, int):
+            result = await result
+        return result
 
-_TAIL_CHUNK = 64 * 1024
+
+def check_zeroed_user(caller: Caller, addr: int, size: int) -> Awaitable[None] | None:
+    """The tail check of copy_struct_from_user: E2BIG at a non-zero byte, EFAULT at
+    an unreadable one. A short tail is scanned now (None); a long one is scanned
+    off the loop by the awaitable returned."""
+    if size <= INLINE_SCAN:
+        _zero_result(lib.icuse_vm_check_zero(caller.tid, addr, size))
+        return None
+    return check_zeroed_user_async(caller, addr, size)
+
+
+async def check_zeroed_user_async(caller: Caller, addr: int, size: int) -> None:
+    _zero_result(await scan_off_loop(lib.icuse_vm_check_zero, caller, addr, size))
+
+
+def _zero_result(rc: int) -> None:
+    if rc == 1:
+        raise Errno(errno.E2BIG)
+    if rc:
+        raise Errno(errno.EFAULT)
 
 
 def copy_struct_from_user(caller: Caller, addr: int, ksize: int, usize: int) -> bytes:
-    """The kernel's copy_struct_from_user: a shorter user struct is zero-extended,
-    a longer one must have only zero bytes past ksize (else E2BIG)."""
+    """The kernel's copy_struct_from_user for tails short enough to check on the
+    loop (at most INLINE_SCAN bytes past ksize; longer: check_zeroed_user first):
+    a shorter user struct is zero-extended, a longer one must have only zero bytes
+    past ksize (else E2BIG)."""
     if usize <= ksize:
         data = caller.read(addr, usize)
         return bytes(data) + bytes(ksize - usize)
-    data = caller.read(addr, ksize)
-    pos = addr + ksize
-    end = addr + usize
-    while pos < end:
-        n = min(_TAIL_CHUNK, end - pos)
-        if any(caller.read(pos, n)):
-            raise Errno(errno.E2BIG)
-        pos += n
-    return bytes(data)
+    if usize - ksize > INLINE_SCAN:
+        raise ValueError("a long tail is checked off the loop (check_zeroed_user)")
+    _zero_result(lib.icuse_vm_check_zero(caller.tid, addr + ksize, usize - ksize))
+    return bytes(caller.read(addr, ksize))
 
 
 # -- the ioctl table and the file ----------------------------------------------------

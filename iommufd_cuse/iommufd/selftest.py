@@ -58,6 +58,7 @@ MIN_MEMORY_LIMIT = 8 + 4
 # ACCESS_PAGES / ACCESS_RW refuse more than this (the kernel's guard for its kvzalloc).
 ACCESS_MAX_LENGTH = 16 * 1024 * 1024
 DMABUF_MAX_LENGTH = PAGE_SIZE * 512
+ENTRIES_PER_CHECKPOINT = 64  # invalidation entries handled between checkpoints of the loop
 MAX_DIRTY_BITMAP = 64 << 20  # bytes of DIRTY bitmap read from the caller (else ENOMEM)
 
 MOCK_DEVICE_FLAGS = uapi.MOCK_FLAGS_DEVICE_NO_DIRTY | uapi.MOCK_FLAGS_DEVICE_PASID
@@ -125,7 +126,7 @@ class MockNestedDomain(Domain):
         self.viommu = viommu  # the vIOMMU it was allocated on (mock_nested->mock_viommu)
         self.iotlb = [iotlb] * uapi.MOCK_NESTED_DOMAIN_IOTLB_NUM
 
-    def cache_invalidate_user(self, array: UserDataArray) -> None:
+    async def cache_invalidate_user(self, array: UserDataArray) -> None:
         """mock_domain_cache_invalidate_user: entries of iommu_hwpt_invalidate_selftest.
         Another data type is EINVAL; per entry, an unknown flag EOPNOTSUPP, an iotlb_id
         past MOCK_NESTED_DOMAIN_IOTLB_ID_MAX EINVAL; IOMMU_TEST_INVALIDATE_FLAG_ALL clears
@@ -142,6 +143,8 @@ class MockNestedDomain(Domain):
                 check_invalidation(inv.flags, inv.iotlb_id, uapi.MOCK_NESTED_DOMAIN_IOTLB_ID_MAX)
                 invalidate(self.iotlb, inv.flags, inv.iotlb_id)
                 processed += 1
+                if processed % ENTRIES_PER_CHECKPOINT == 0:
+                    await trio.lowlevel.checkpoint()  # entry_num is the caller's: let others run
         finally:
             array.entry_num = processed
 
@@ -243,14 +246,14 @@ class MockIommu(Iommu):
         cfg = user_data.copy_struct(uapi.IOMMU_HWPT_DATA_SELFTEST, uapi.iommu_hwpt_selftest, "iotlb")
         return MockNestedDomain(self, viommu.hwpt.domain, cfg.iotlb, viommu)
 
-    def viommu_cache_invalidate(self, viommu: Any, array: UserDataArray) -> None:
+    async def viommu_cache_invalidate(self, viommu: Any, array: UserDataArray) -> None:
         """mock_viommu_cache_invalidate: iommu_viommu_invalidate_selftest entries, all
         copied first (another type EINVAL; an entry that is unreadable EFAULT, or longer
         than the struct with a non-zero tail E2BIG; shorter ones are zero-extended),
         then each: unknown flags EOPNOTSUPP, cache_id past MOCK_DEV_CACHE_ID_MAX EINVAL,
         a vdev_id no vdevice of the vIOMMU has EINVAL; FLAG_ALL clears every cache
         entry of the device, else entry cache_id. entry_num: the entries handled."""
-        from .main import copy_struct_from_user
+        from .main import check_zeroed_user, copy_struct_from_user
 
         if array.entry_num == 0 and array.type == uapi.IOMMU_VIOMMU_INVALIDATE_DATA_SELFTEST:
             return
@@ -264,7 +267,15 @@ class MockIommu(Iommu):
             cmds = []
             for i in range(array.entry_num):
                 addr = (array.uptr + array.entry_len * i) & ULONG_MAX
-                cmds.append(struct.unpack(copy_struct_from_user(array.caller, addr, struct.SIZE, array.entry_len)))
+                if array.entry_len > struct.SIZE:
+                    pending = check_zeroed_user(array.caller, addr + struct.SIZE, array.entry_len - struct.SIZE)
+                    if pending is not None:
+                        await pending
+                    cmds.append(struct.unpack(copy_struct_from_user(array.caller, addr, struct.SIZE, struct.SIZE)))
+                else:
+                    cmds.append(struct.unpack(copy_struct_from_user(array.caller, addr, struct.SIZE, array.entry_len)))
+                if (i + 1) % ENTRIES_PER_CHECKPOINT == 0:
+                    await trio.lowlevel.checkpoint()
             for cur in cmds:
                 check_invalidation(cur.flags, cur.cache_id, uapi.MOCK_DEV_CACHE_ID_MAX)
                 dev = viommu.find_dev(cur.vdev_id)

@@ -12,6 +12,9 @@ import ctypes
 import errno
 import os
 import resource
+from collections.abc import Awaitable, Callable
+
+import trio
 
 from .._native import ffi, lib
 
@@ -32,6 +35,45 @@ class Errno(OSError):
 
     def __init__(self, code: int, why: str | None = None) -> None:
         super().__init__(code, why or os.strerror(code))
+
+
+# Scans and fills of caller memory (zero tails, clear_user) up to this many bytes
+# are done on the loop: tens of microseconds. Longer ones go to a worker thread
+# SCAN_CHUNK bytes at a time, with a cancellation point between chunks, so that
+# FUSE_INTERRUPT and shutdown stop them within one chunk's time.
+INLINE_SCAN = 64 * 1024
+SCAN_CHUNK = 32 << 20
+
+# One worker thread per process at a time for such scans: a client that starts
+# many of them waits for its own, and leaves trio's thread pool to everyone else.
+_scan_limiters: dict[int, trio.CapacityLimiter] = {}
+
+
+async def scan_off_loop(fn: Callable[[int, int, int], int], caller: Caller, addr: int, length: int) -> int:
+    """fn(tid, addr, n) over [addr, addr + length) in chunks in a worker thread;
+    the first non-zero result is returned (0: every chunk returned 0)."""
+    try:
+        key = caller.tgid
+    except Errno:
+        key = caller.tid
+    limiter = _scan_limiters.get(key)
+    if limiter is None:
+        limiter = _scan_limiters[key] = trio.CapacityLimiter(1)
+    try:
+        done = 0
+        while done < length:
+            n = min(SCAN_CHUNK, length - done)
+            # Not abandoned on cancel: the chunk ends in milliseconds, and then
+            # nothing of the request is left running.
+            rc = await trio.to_thread.run_sync(fn, caller.tid, addr + done, n, limiter=limiter)
+            if rc:
+                return rc
+            done += n
+            await trio.lowlevel.checkpoint()
+        return 0
+    finally:
+        if not limiter.borrowed_tokens and not limiter.statistics().tasks_waiting:
+            _scan_limiters.pop(key, None)
 
 
 class Caller:
@@ -62,6 +104,22 @@ class Caller:
         if not data:
             return
         rc = lib.icuse_vm_write(self.tid, addr, ffi.from_buffer(data), len(data))
+        if rc:
+            raise Errno(-rc)
+
+    def clear(self, addr: int, length: int) -> Awaitable[None] | None:
+        """clear_user: length zero bytes at addr, EFAULT at the first page that
+        cannot be written (the ones before it are cleared). Short fills are done
+        now (None); a long one by the awaitable returned, off the loop."""
+        if length <= INLINE_SCAN:
+            rc = lib.icuse_vm_clear(self.tid, addr, length)
+            if rc:
+                raise Errno(-rc)
+            return None
+        return self._clear_async(addr, length)
+
+    async def _clear_async(self, addr: int, length: int) -> None:
+        rc = await scan_off_loop(lib.icuse_vm_clear, self, addr, length)
         if rc:
             raise Errno(-rc)
 
