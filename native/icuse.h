@@ -34,12 +34,14 @@ int64_t icuse_vm_clear(int tid, uint64_t addr, uint64_t len);
  * ranges_check: the index of the first range that is empty (start >= last)
  * or overlaps an earlier one, n if none, or -ENOMEM; when n, sorted (room for
  * 2n words, may be NULL) gets the ranges sorted by start.
- * iova_alloc: the lowest iova inside one of the sorted windows that misses
- * every used range (sorted, merged) and is align aligned, or'ed with
- * page_offset, with room for length bytes: 0 and *out, or -ENOSPC. */
+ * iova_alloc: the lowest iova inside one of the sorted windows (each clipped
+ * to [lo, hi]) that misses every used range (sorted, merged) and is align
+ * aligned, or'ed with page_offset, with room for length bytes: 0 and *out,
+ * or -ENOSPC. */
 int64_t icuse_ranges_check(const uint64_t *ranges, uint64_t n, uint64_t *sorted);
 int icuse_iova_alloc(const uint64_t *windows, uint64_t nwin, const uint64_t *used, uint64_t nused,
-		     uint64_t length, uint64_t align, uint64_t page_offset, uint64_t *out);
+		     uint64_t lo, uint64_t hi, uint64_t length, uint64_t align, uint64_t page_offset,
+		     uint64_t *out);
 
 /* Issue ioctl(fd, cmd, arg) from a forked child that keeps no other file
  * open; returns the child's pid (it exits 0 when the ioctl returned 0) or

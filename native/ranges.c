@@ -102,7 +102,8 @@ static uint64_t fit(uint64_t start, uint64_t last, uint64_t length, uint64_t ali
 }
 
 int icuse_iova_alloc(const uint64_t *windows, uint64_t nwin, const uint64_t *used, uint64_t nused,
-		     uint64_t length, uint64_t align, uint64_t page_offset, uint64_t *out)
+		     uint64_t lo, uint64_t hi, uint64_t length, uint64_t align, uint64_t page_offset,
+		     uint64_t *out)
 {
 	uint64_t w, u = 0;
 	int ok;
@@ -110,10 +111,13 @@ int icuse_iova_alloc(const uint64_t *windows, uint64_t nwin, const uint64_t *use
 	if (length == 0 || align == 0 || (align & (align - 1)))
 		return -EINVAL;
 	for (w = 0; w < nwin; w++) {
-		uint64_t ws = windows[2 * w], we = windows[2 * w + 1], pos = ws, v, s;
+		uint64_t ws = windows[2 * w], we = windows[2 * w + 1], pos, v, s;
 
+		ws = ws < lo ? lo : ws;
+		we = we > hi ? hi : we;
 		if (we < ws)
 			continue;
+		pos = ws;
 		fit(ws, we, length, align, page_offset, &ok);
 		if (!ok)
 			continue;

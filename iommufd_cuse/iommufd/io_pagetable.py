@@ -8,6 +8,7 @@ an area are pinned while at least one domain holds them.
 
 from __future__ import annotations
 
+import array
 import bisect
 import errno
 import logging
@@ -98,7 +99,7 @@ def _check_add(a: int, b: int) -> int:
 class IoPagetable:
     areas: list[Area] = field(default_factory=list)  # sorted by start, disjoint
     reserved: list[Reserved] = field(default_factory=list)
-    allowed: list[tuple[int, int]] = field(default_factory=list)  # sorted, disjoint
+    allowed: Allowed = field(default_factory=lambda: Allowed())
     domains: list[PagingDomain] = field(default_factory=list)
     iova_alignment: int = 1
     disable_large_pages: bool = False
@@ -127,7 +128,7 @@ class IoPagetable:
         return None
 
     def allowed_hit(self, start: int, last: int) -> bool:
-        return any(s <= last and start <= e for s, e in self.allowed)
+        return self.allowed.hit(start, last)
 
     @staticmethod
     def _merge(ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
@@ -185,28 +186,22 @@ class IoPagetable:
             raise Errno(errno.EINVAL)
 
         lo, hi = PAGE_SIZE, ULONG_MAX - PAGE_SIZE
-        windows = (
-            [(max(s, lo), min(e, hi)) for s, e in self.allowed if e >= lo and s <= hi] if self.allowed else [(lo, hi)]
-        )
         used = self._merge([(r.start, r.last) for r in self.reserved] + [(a.start, a.last) for a in self.areas])
-        for ws, we in windows:
-            fit = self._fit(ws, we, length, align, page_offset)
-            if fit is None:
-                continue
-            for hs, he in self._holes(used, ws, we):
-                fit = self._fit(hs, he, length, align, page_offset)
-                if fit is not None:
-                    return fit
-        raise Errno(errno.ENOSPC)
-
-    @staticmethod
-    def _fit(start: int, last: int, length: int, align: int, page_offset: int) -> int | None:
-        if last - start < length - 1:
-            return None
-        start = _align_up(start, align) | page_offset
-        if start > last or last - start < length - 1:
-            return None
-        return start
+        used_words = ffi.new("uint64_t[]", [x for r in used for x in r] or [0])
+        allowed = self.allowed
+        if len(allowed):
+            first = allowed.first_from(lo)
+            windows = ffi.from_buffer("uint64_t[]", allowed.words) + 2 * first
+            nwin = len(allowed) - first
+        else:
+            windows, nwin = ffi.new("uint64_t[]", [lo, hi]), 1
+        out = ffi.new("uint64_t *")
+        # One C pass over the windows and the used ranges: linear in both, with
+        # no Python object per window (a caller may have set a million).
+        rc = lib.icuse_iova_alloc(windows, nwin, used_words, len(used), lo, hi, length, align, page_offset, out)
+        if rc:
+            raise Errno(-rc)
+        return out[0]
 
     # -- areas ---------------------------------------------------------------------
     def _insert_area(self, area: Area) -> None:
@@ -375,11 +370,12 @@ class IoPagetable:
     def remove_reserved(self, owner: object) -> None:
         self.reserved = [r for r in self.reserved if r.owner is not owner]
 
-    def set_allowed(self, ranges: list[tuple[int, int]]) -> None:
-        for s, e in ranges:
-            if self.reserved_hit(s, e):
+    def set_allowed(self, allowed: Allowed) -> None:
+        """iopt_set_allow_iova: no new range may cover a reserved one."""
+        for r in self.reserved:
+            if allowed.hit(r.start, r.last):
                 raise Errno(errno.EADDRINUSE)
-        self.allowed = sorted(ranges)
+        self.allowed = allowed
 
     # -- alignment and domains -------------------------------------------------------
     def _check_alignment(self, align: int) -> None:
@@ -519,3 +515,42 @@ class IoPagetable:
             if pos > last:
                 return
         raise Errno(errno.ENOENT)
+
+
+class Allowed:
+    """The allowed IOVA ranges of an IOAS (IOMMU_IOAS_ALLOW_IOVAS): sorted, disjoint,
+    kept as flat arrays so that a million of them cost neither Python objects nor
+    more than a bisection per lookup. Empty: every IOVA is allowed."""
+
+    __slots__ = ("words", "starts", "lasts")
+
+    def __init__(self, words: array.array | None = None) -> None:
+        self.words = words if words is not None else array.array("Q")  # start, last, start, last...
+        self.starts = self.words[0::2]
+        self.lasts = self.words[1::2]
+
+    @classmethod
+    def of(cls, ranges: list[tuple[int, int]]) -> Allowed:
+        """From sorted, disjoint (start, last) pairs."""
+        return cls(array.array("Q", [x for r in ranges for x in r]))
+
+    @classmethod
+    def from_words(cls, raw: bytes) -> Allowed:
+        words = array.array("Q")
+        words.frombytes(raw)
+        return cls(words)
+
+    def __len__(self) -> int:
+        return len(self.starts)
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        return zip(self.starts, self.lasts, strict=True)
+
+    def hit(self, start: int, last: int) -> bool:
+        """Some allowed range intersects [start, last]."""
+        i = bisect.bisect_left(self.lasts, start)  # the first range ending at or after start
+        return i < len(self.starts) and self.starts[i] <= last
+
+    def first_from(self, lo: int) -> int:
+        """Index of the first range that ends at or after lo."""
+        return bisect.bisect_left(self.lasts, lo)

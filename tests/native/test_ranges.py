@@ -75,15 +75,17 @@ def first_fit(windows, used, length, align):
     st.lists(st.tuples(st.integers(0, 150), st.integers(0, 12)), max_size=6),
     st.integers(1, 20),
     st.sampled_from([1, 2, 4, 8]),
+    st.integers(0, 20),
+    st.integers(100, 170),
 )
 @settings(max_examples=400, deadline=None)
-def test_iova_alloc_is_first_fit(points, used, length, align):
+def test_iova_alloc_is_first_fit(points, used, length, align, lo, hi):
     points = sorted(points)[: len(points) // 2 * 2]
     windows = [(points[i], points[i + 1]) for i in range(0, len(points), 2)]
     used = merged([(s, s + d) for s, d in used])
     out = ffi.new("uint64_t *")
-    rc = lib.icuse_iova_alloc(words(windows), len(windows), words(used), len(used), length, align, 0, out)
-    want = first_fit(windows, used, length, align)
+    rc = lib.icuse_iova_alloc(words(windows), len(windows), words(used), len(used), lo, hi, length, align, 0, out)
+    want = first_fit([(max(s, lo), min(e, hi)) for s, e in windows], used, length, align)
     assert (rc, out[0] if rc == 0 else None) == ((0, want) if want is not None else (rc, None))
     if want is None:
         assert rc == -errno.ENOSPC
