@@ -323,6 +323,8 @@ def check_zeroed_user(caller: Caller, addr: int, size: int) -> Awaitable[None] |
     """The tail check of copy_struct_from_user: E2BIG at a non-zero byte, EFAULT at
     an unreadable one. A short tail is scanned now (None); a long one is scanned
     off the loop by the awaitable returned."""
+    if addr >= 1 << 64:
+        raise Errno(errno.EFAULT)
     if size <= INLINE_SCAN:
         _zero_result(lib.icuse_vm_check_zero(caller.tid, addr, size))
         return None
@@ -350,7 +352,7 @@ def copy_struct_from_user(caller: Caller, addr: int, ksize: int, usize: int) -> 
         return bytes(data) + bytes(ksize - usize)
     if usize - ksize > INLINE_SCAN:
         raise ValueError("a long tail is checked off the loop (check_zeroed_user)")
-    _zero_result(lib.icuse_vm_check_zero(caller.tid, addr + ksize, usize - ksize))
+    check_zeroed_user(caller, addr + ksize, usize - ksize)
     return bytes(caller.read(addr, ksize))
 
 

@@ -29,6 +29,7 @@ from .main import AccountMode
 log = logging.getLogger(__name__)
 
 GIB = 1 << 30
+USER_VA_END = 1 << 57  # above every TASK_SIZE Linux has (5-level x86-64: 2^56 - 4 KiB)
 
 
 @dataclass
@@ -237,6 +238,10 @@ class UserPages(Pages):
     def resolve(self, first: int, n: int) -> None:
         start = self.uptr + first * PAGE_SIZE
         end = start + n * PAGE_SIZE
+        if end > USER_VA_END:
+            # No process has memory there (GUP's EFAULT), and it is past what a
+            # file offset of /proc/<pid>/mem can say.
+            raise Errno(errno.EFAULT, f"{start:#x}-{end:#x} is beyond any user address space")
         # The mm must still be the one we mapped from (exit or exec: EFAULT).
         if os.pread(self.mem_fd, 0, start) == b"" and not self._mm_alive(start):
             raise Errno(errno.EFAULT, "the mapping process is gone")

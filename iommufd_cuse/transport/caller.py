@@ -42,6 +42,7 @@ class Errno(OSError):
 # SCAN_CHUNK bytes at a time, with a cancellation point between chunks, so that
 # FUSE_INTERRUPT and shutdown stop them within one chunk's time.
 INLINE_SCAN = 64 * 1024
+_ADDR_END = 1 << 64
 SCAN_CHUNK = 32 << 20
 
 # One worker thread per process at a time for such scans: a client that starts
@@ -52,6 +53,8 @@ _scan_limiters: dict[int, trio.CapacityLimiter] = {}
 async def scan_off_loop(fn: Callable[[int, int, int], int], caller: Caller, addr: int, length: int) -> int:
     """fn(tid, addr, n) over [addr, addr + length) in chunks in a worker thread;
     the first non-zero result is returned (0: every chunk returned 0)."""
+    if addr >= _ADDR_END:
+        return -errno.EFAULT
     try:
         key = caller.tgid
     except Errno:
@@ -90,6 +93,8 @@ class Caller:
     # -- memory -------------------------------------------------------------
     def read(self, addr: int, length: int) -> bytearray:
         """length bytes at addr in the caller; Errno(EFAULT) if not all readable."""
+        if addr + length > _ADDR_END:
+            raise Errno(errno.EFAULT)  # past the end of the address space (not an int for C)
         buf = bytearray(length)
         rc = lib.icuse_vm_read(self.tid, addr, ffi.from_buffer(buf), length)
         if rc:
@@ -98,11 +103,15 @@ class Caller:
 
     def read_into(self, addr: int, buf: bytearray, length: int) -> int:
         """Read into buf; returns 0 or a negative errno (no exception: used for probing)."""
+        if addr + length > _ADDR_END:
+            return -errno.EFAULT
         return lib.icuse_vm_read(self.tid, addr, ffi.from_buffer(buf), length)
 
     def write(self, addr: int, data: bytes | bytearray | memoryview) -> None:
         if not data:
             return
+        if addr + len(data) > _ADDR_END:
+            raise Errno(errno.EFAULT)
         rc = lib.icuse_vm_write(self.tid, addr, ffi.from_buffer(data), len(data))
         if rc:
             raise Errno(-rc)
@@ -111,6 +120,8 @@ class Caller:
         """clear_user: length zero bytes at addr, EFAULT at the first page that
         cannot be written (the ones before it are cleared). Short fills are done
         now (None); a long one by the awaitable returned, off the loop."""
+        if addr >= _ADDR_END:
+            raise Errno(errno.EFAULT)
         if length <= INLINE_SCAN:
             rc = lib.icuse_vm_clear(self.tid, addr, length)
             if rc:
