@@ -8,6 +8,7 @@ already abandoned (ENOENT from the device) are dropped.
 
 from __future__ import annotations
 
+import collections
 import errno
 import inspect
 import logging
@@ -26,6 +27,7 @@ log = logging.getLogger(__name__)
 ATTR_TIMEOUT = 1  # seconds the kernel may cache names and attributes
 MAX_WRITE = 128 * 1024
 BUFSIZE = MAX_WRITE + 4096  # the kernel refuses reads into less than header + max_write
+MAX_QUEUED = 256  # requests read ahead of being served (a bound on the daemon's memory)
 
 
 class Request:
@@ -50,6 +52,7 @@ class FuseServer:
         self._next_fh = 1
         self._inflight: dict[int, tuple[trio.CancelScope, int]] = {}
         self._nursery: trio.Nursery | None = None
+        self._tgids: dict[int, int] = {}  # thread id -> thread group id, for fair queues
         self.initialized = trio.Event()
         self.start_time = int(time.time())
         self._ops = {
@@ -78,37 +81,75 @@ class FuseServer:
 
     # -- the loop -----------------------------------------------------------
     async def serve(self, fd: int) -> None:
-        """Serve requests from the fuse device fd until it is unmounted or cancelled."""
+        """Serve requests from the fuse device fd until it is unmounted or cancelled.
+
+        Fair service: every request waiting in the kernel is read (up to
+        MAX_QUEUED) into a queue of its process, and the queues are served
+        round robin, one request each per round. A process with many threads
+        blocked on the daemon then delays another's single request by at most
+        one of its own requests, not by all of them (the kernel's queue is FIFO)."""
         self.fd = fd
         buf = bytearray(BUFSIZE)
         view = memoryview(buf)
         readv = os.readv
-        streak = 0
+        queues: dict[int, collections.deque[bytes]] = {}
+        queued = 0
+        rounds = 0
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
             try:
                 while True:
-                    try:
-                        n = readv(fd, [buf])
-                    except BlockingIOError:
-                        streak = 0
+                    drained = False  # the kernel had nothing more when we last read
+                    while queued < MAX_QUEUED:
+                        try:
+                            n = readv(fd, [buf])
+                        except BlockingIOError:
+                            drained = True
+                            break
+                        except OSError as e:
+                            if e.errno in (errno.ENOENT, errno.EINTR):
+                                continue  # a request abandoned before we read it
+                            if e.errno == errno.ENODEV:
+                                log.info("file system unmounted")
+                                return
+                            raise
+                        key = self._queue_key(view)
+                        q = queues.get(key)
+                        if q is None:
+                            q = queues[key] = collections.deque()
+                        q.append(bytes(view[:n]))
+                        queued += 1
+                    if not queued:
+                        rounds = 0
                         await trio.lowlevel.wait_readable(fd)
                         continue
-                    except OSError as e:
-                        if e.errno in (errno.ENOENT, errno.EINTR):
-                            continue  # a request abandoned before we read it
-                        if e.errno == errno.ENODEV:
-                            log.info("file system unmounted")
-                            break
-                        raise
-                    self._dispatch(view[:n])
-                    streak += 1
-                    if streak >= 16:  # let spawned handlers run under a steady stream
-                        streak = 0
+                    for key in list(queues):  # one round: one request of each process
+                        q = queues[key]
+                        msg = q.popleft()
+                        queued -= 1
+                        if not q:
+                            del queues[key]
+                        self._dispatch(memoryview(msg))
+                    rounds += 1
+                    if rounds >= 16:  # let spawned handlers run under a steady stream
+                        rounds = 0
                         await trio.lowlevel.checkpoint()
+                    if drained and not queued:
+                        rounds = 0
+                        await trio.lowlevel.wait_readable(fd)
             finally:
                 nursery.cancel_scope.cancel()
                 await self._release_all()
+
+    def _queue_key(self, msg: memoryview) -> int:
+        """The process (thread group) a request comes from: the header names the thread."""
+        tid = P.IN_HEADER_PID.unpack_from(msg, P.IN_HEADER_PID_OFFSET)[0]
+        tgid = self._tgids.get(tid)
+        if tgid is None:
+            if len(self._tgids) >= 4096:  # threads come and go: forget them all now and then
+                self._tgids.clear()
+            tgid = self._tgids[tid] = _tgid_of(tid)
+        return tgid
 
     def _dispatch(self, msg: memoryview) -> None:
         _len, opcode, unique, nodeid, uid, gid, pid, _ext, _pad = P.IN_HEADER.unpack_from(msg)
@@ -342,6 +383,18 @@ class FuseServer:
 
     def open_count(self, node: Node) -> int:
         return sum(1 for n in self._handle_nodes.values() if n is node)
+
+
+def _tgid_of(tid: int) -> int:
+    """The thread group of tid (tid itself when /proc no longer has it)."""
+    try:
+        with open(f"/proc/{tid}/status", "rb") as f:
+            for line in f:
+                if line.startswith(b"Tgid:"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return tid
 
 
 def _pack_ioctl(result: int) -> bytes:
