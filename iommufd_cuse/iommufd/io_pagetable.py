@@ -519,38 +519,47 @@ class IoPagetable:
 
 class Allowed:
     """The allowed IOVA ranges of an IOAS (IOMMU_IOAS_ALLOW_IOVAS): sorted, disjoint,
-    kept as flat arrays so that a million of them cost neither Python objects nor
-    more than a bisection per lookup. Empty: every IOVA is allowed."""
+    kept as one flat array (start, last, start, last, ...) so that a million of them
+    cost neither Python objects nor more than a bisection per lookup. Empty: every
+    IOVA is allowed."""
 
-    __slots__ = ("words", "starts", "lasts")
+    __slots__ = ("words",)
 
     def __init__(self, words: array.array | None = None) -> None:
-        self.words = words if words is not None else array.array("Q")  # start, last, start, last...
-        self.starts = self.words[0::2]
-        self.lasts = self.words[1::2]
+        self.words = words if words is not None else array.array("Q")
 
     @classmethod
     def of(cls, ranges: list[tuple[int, int]]) -> Allowed:
         """From sorted, disjoint (start, last) pairs."""
         return cls(array.array("Q", [x for r in ranges for x in r]))
 
-    @classmethod
-    def from_words(cls, raw: bytes) -> Allowed:
-        words = array.array("Q")
-        words.frombytes(raw)
-        return cls(words)
-
     def __len__(self) -> int:
-        return len(self.starts)
+        return len(self.words) // 2
 
     def __iter__(self) -> Iterator[tuple[int, int]]:
-        return zip(self.starts, self.lasts, strict=True)
-
-    def hit(self, start: int, last: int) -> bool:
-        """Some allowed range intersects [start, last]."""
-        i = bisect.bisect_left(self.lasts, start)  # the first range ending at or after start
-        return i < len(self.starts) and self.starts[i] <= last
+        w = self.words
+        return ((w[i], w[i + 1]) for i in range(0, len(w), 2))
 
     def first_from(self, lo: int) -> int:
         """Index of the first range that ends at or after lo."""
-        return bisect.bisect_left(self.lasts, lo)
+        return bisect.bisect_left(_Lasts(self.words), lo)
+
+    def hit(self, start: int, last: int) -> bool:
+        """Some allowed range intersects [start, last]."""
+        i = self.first_from(start)
+        return i < len(self) and self.words[2 * i] <= last
+
+
+class _Lasts:
+    """The last IOVAs of a flat range array, as a sequence bisect can search."""
+
+    __slots__ = ("words",)
+
+    def __init__(self, words: array.array) -> None:
+        self.words = words
+
+    def __len__(self) -> int:
+        return len(self.words) // 2
+
+    def __getitem__(self, i: int) -> int:
+        return self.words[2 * i + 1]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import array
 import errno
 import logging
 import os
@@ -91,22 +92,33 @@ def ioas_iova_ranges(ucmd: Ucmd) -> int:
 
 async def _load_iovas(ucmd: Ucmd, addr: int, num: int) -> Allowed:
     """iommufd_ioas_load_iovas: the ranges in order, each non-empty and missing every
-    earlier one (EINVAL), an unreadable one EFAULT; whichever comes first. Read in
-    chunks and checked in C, off the loop when long. More than MAX_IOVA_RANGES
-    valid ranges is ENOMEM (the kernel's allocations would fail about there)."""
+    earlier one (EINVAL), an unreadable one EFAULT; whichever comes first. Read and
+    checked in C, in a worker thread when long. More than MAX_IOVA_RANGES valid
+    ranges is ENOMEM (the kernel's allocations would fail about there)."""
     want = min(num, MAX_IOVA_RANGES)
-    raw = bytearray(want * RANGE.size)
+    if want > INLINE_RANGES:
+        words = await trio.to_thread.run_sync(_read_and_check, ucmd.caller, addr, want)
+    else:
+        words = _read_and_check(ucmd.caller, addr, want)
+    if num > want:
+        raise Errno(errno.ENOMEM)
+    return Allowed(words)
+
+
+def _read_and_check(caller, addr: int, want: int) -> array.array:  # noqa: ANN001
+    """The sorted ranges, or Errno at the first bad one (EINVAL) or unreadable one (EFAULT)."""
+    raw = array.array("Q", bytes(16)) * want if want else array.array("Q")
+    view = memoryview(raw).cast("B")
     got = 0  # ranges read
     fault = False
-    view = memoryview(raw)
     while got < want:
         n = min(want - got, IOVA_CHUNK)
-        if ucmd.caller.read_into(addr + got * RANGE.size, view[got * RANGE.size :], n * RANGE.size):
+        if caller.read_into(addr + got * RANGE.size, view[got * RANGE.size :], n * RANGE.size):
             # Some range of this chunk cannot be read: the ones before it count.
             lo, hi = 0, n
             while hi - lo > 1:
                 mid = (lo + hi) // 2
-                if ucmd.caller.read_into(addr + got * RANGE.size, view[got * RANGE.size :], mid * RANGE.size):
+                if caller.read_into(addr + got * RANGE.size, view[got * RANGE.size :], mid * RANGE.size):
                     hi = mid
                 else:
                     lo = mid
@@ -114,24 +126,15 @@ async def _load_iovas(ucmd: Ucmd, addr: int, num: int) -> Allowed:
             fault = True
             break
         got += n
-        if got < want:
-            await trio.lowlevel.checkpoint()
-    words = ffi.from_buffer("uint64_t[]", raw)
-    sorted_words = ffi.new("uint64_t[]", max(1, 2 * got))
-    check = lib.icuse_ranges_check
-    if got > INLINE_RANGES:
-        bad = await trio.to_thread.run_sync(check, words, got, sorted_words)
-    else:
-        bad = check(words, got, sorted_words)
+    words = array.array("Q", bytes(16)) * got if got else array.array("Q")
+    bad = lib.icuse_ranges_check(ffi.from_buffer("uint64_t[]", raw), got, ffi.from_buffer("uint64_t[]", words))
     if bad < 0:
         raise Errno(-bad)
     if bad < got:
         raise Errno(errno.EINVAL)
     if fault:
         raise Errno(errno.EFAULT)
-    if num > want:
-        raise Errno(errno.ENOMEM)
-    return Allowed.from_words(bytes(ffi.buffer(sorted_words, 2 * got * 8)))
+    return words
 
 
 async def ioas_allow_iovas(ucmd: Ucmd) -> int:

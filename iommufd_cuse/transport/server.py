@@ -95,51 +95,54 @@ class FuseServer:
         queues: dict[int, collections.deque[bytes]] = {}
         queued = 0
         rounds = 0
-        async with trio.open_nursery() as nursery:
-            self._nursery = nursery
-            try:
-                while True:
-                    drained = False  # the kernel had nothing more when we last read
-                    while queued < MAX_QUEUED:
-                        try:
-                            n = readv(fd, [buf])
-                        except BlockingIOError:
-                            drained = True
-                            break
-                        except OSError as e:
-                            if e.errno in (errno.ENOENT, errno.EINTR):
-                                continue  # a request abandoned before we read it
-                            if e.errno == errno.ENODEV:
-                                log.info("file system unmounted")
-                                return
-                            raise
-                        key = self._queue_key(view)
-                        q = queues.get(key)
-                        if q is None:
-                            q = queues[key] = collections.deque()
-                        q.append(bytes(view[:n]))
-                        queued += 1
-                    if not queued:
-                        rounds = 0
-                        await trio.lowlevel.wait_readable(fd)
-                        continue
-                    for key in list(queues):  # one round: one request of each process
-                        q = queues[key]
-                        msg = q.popleft()
-                        queued -= 1
-                        if not q:
-                            del queues[key]
-                        self._dispatch(memoryview(msg))
-                    rounds += 1
-                    if rounds >= 16:  # let spawned handlers run under a steady stream
-                        rounds = 0
-                        await trio.lowlevel.checkpoint()
-                    if drained and not queued:
-                        rounds = 0
-                        await trio.lowlevel.wait_readable(fd)
-            finally:
-                nursery.cancel_scope.cancel()
-                await self._release_all()
+        try:
+            async with trio.open_nursery() as nursery:
+                self._nursery = nursery
+                try:
+                    while True:
+                        drained = False  # the kernel had nothing more when we last read
+                        while queued < MAX_QUEUED:
+                            try:
+                                n = readv(fd, [buf])
+                            except BlockingIOError:
+                                drained = True
+                                break
+                            except OSError as e:
+                                if e.errno in (errno.ENOENT, errno.EINTR):
+                                    continue  # a request abandoned before we read it
+                                if e.errno == errno.ENODEV:
+                                    log.info("file system unmounted")
+                                    return
+                                raise
+                            key = self._queue_key(view)
+                            q = queues.get(key)
+                            if q is None:
+                                q = queues[key] = collections.deque()
+                            q.append(bytes(view[:n]))
+                            queued += 1
+                        if not queued:
+                            rounds = 0
+                            await trio.lowlevel.wait_readable(fd)
+                            continue
+                        for key in list(queues):  # one round: one request of each process
+                            q = queues[key]
+                            msg = q.popleft()
+                            queued -= 1
+                            if not q:
+                                del queues[key]
+                            self._dispatch(memoryview(msg))
+                        rounds += 1
+                        if rounds >= 16:  # let spawned handlers run under a steady stream
+                            rounds = 0
+                            await trio.lowlevel.checkpoint()
+                        if drained and not queued:
+                            rounds = 0
+                            await trio.lowlevel.wait_readable(fd)
+                finally:
+                    nursery.cancel_scope.cancel()
+        finally:
+            # Once every handler has unwound (none holds an object any more).
+            await self._release_all()
 
     def _queue_key(self, msg: memoryview) -> int:
         """The process (thread group) a request comes from: the header names the thread."""
