@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import glob
 import json
 import logging
 import os
@@ -11,6 +12,7 @@ import sys
 import trio
 
 from . import config as config_mod
+from . import install, service
 from .daemon import Daemon, StartupError
 
 log = logging.getLogger("iommufd_cuse")
@@ -70,8 +72,6 @@ def _error(message: object) -> None:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from . import service
-
     setup_logging(args.log_level)
     control_socket = args.control_socket
     if control_socket is None:  # beside the mountpoint: /run/iommufd-cuse/control.sock
@@ -97,9 +97,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 def _startup_error(e: BaseException) -> BaseException | None:
     """The StartupError, ConfigError or ServiceError inside e (trio wraps errors
     of tasks in groups)."""
-    from .service import ServiceError
-
-    if isinstance(e, (StartupError, config_mod.ConfigError, ServiceError)):
+    if isinstance(e, (StartupError, config_mod.ConfigError, service.ServiceError)):
         return e
     if isinstance(e, BaseExceptionGroup):
         for sub in e.exceptions:
@@ -110,8 +108,6 @@ def _startup_error(e: BaseException) -> BaseException | None:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from . import service
-
     try:
         st = service.request(args.control_socket, {"cmd": "status"})
     except service.ControlError as e:
@@ -122,8 +118,6 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_set_driver(args: argparse.Namespace) -> int:
-    from . import service
-
     try:
         r = service.request(args.control_socket, {"cmd": "set-driver", "bdf": args.bdf, "driver": args.driver})
     except service.ControlError as e:
@@ -135,8 +129,6 @@ def cmd_set_driver(args: argparse.Namespace) -> int:
 
 def companion_path() -> str:
     """The LD_PRELOAD companion of the test mode, built with the package."""
-    import glob
-
     here = os.path.dirname(os.path.abspath(__file__))
     found = sorted(glob.glob(os.path.join(here, "libiommufd_selftest_preload*.so")))
     if not found:
@@ -154,8 +146,6 @@ def cmd_companion(args: argparse.Namespace) -> int:
 
 
 def cmd_install(args: argparse.Namespace) -> int:
-    from . import install
-
     try:
         done = install.install(args.root)
     except OSError as e:
@@ -168,8 +158,6 @@ def cmd_install(args: argparse.Namespace) -> int:
 
 
 def cmd_uninstall(args: argparse.Namespace) -> int:
-    from . import install
-
     links = install.enabled_links(args.root)
     if links and not args.force:
         _error(

@@ -11,14 +11,20 @@ from dataclasses import dataclass, field
 import trio
 
 from .config import Config
+from .errors import Errno
 from .iommu.core import VFIO_DRIVER, Device, Group, Iommu
-from .iommufd.main import AccountMode, IommufdFile
+from .iommufd.fault import FAULT_NODE, FaultFile
+from .iommufd.main import IommufdFile
+from .iommufd.pages import AccountMode
+from .iommufd.selftest import ACCESS_NODE, AccessFile
+from .iommufd.viommu import VEVENTQ_NODE, VeventqFile
 from .system import System
-from .transport.caller import Errno
 from .transport.loopback import prime_no_flush
 from .transport.mount import fuse_mount, fuse_umount, mounted_here
 from .transport.nodes import Tree
 from .transport.server import MAX_WRITE, FuseServer, Request
+from .vfio.device_cdev import VfioDeviceFile
+from .vfio.pci.core import VfioPciDevice
 
 log = logging.getLogger(__name__)
 
@@ -92,8 +98,6 @@ class Daemon:
 
     # -- topology -----------------------------------------------------------------
     def _build_topology(self) -> None:
-        from .vfio.pci.core import VfioPciDevice
-
         system = self.system
         system.iommus = {c.name: Iommu(c) for c in self.config.iommus}
         system.groups = {}
@@ -141,22 +145,16 @@ class Daemon:
         if self.system.selftest:
             # Test mode: the node the selftest companion opens to receive the
             # file of an access (IOMMU_TEST_OP_CREATE_ACCESS), see docs/selftest.md.
-            from .iommufd.selftest import ACCESS_NODE, AccessFile
-
             n = self.config.nodes["iommu"]
             node = self.tree.add(ACCESS_NODE, n.mode, n.uid, n.gid, lambda req, flags: AccessFile(self.system))
-            self.system.selftest_access_ino = node.ino
+            self.system.node_inos[AccessFile.kind] = node.ino
         # The node the companion opens to receive the file of a fault object
         # (IOMMU_FAULT_QUEUE_ALLOC), see docs/selftest.md; in every mode.
-        from .iommufd.fault import FAULT_NODE, FaultFile
-
         n = self.config.nodes["iommu"]
         self.tree.add(
             FAULT_NODE, n.mode, n.uid, n.gid, lambda req, flags: FaultFile(self.system, self.server.notify_poll)
         )
         # Likewise the node of vEVENT queues (IOMMU_VEVENTQ_ALLOC).
-        from .iommufd.viommu import VEVENTQ_NODE, VeventqFile
-
         self.tree.add(
             VEVENTQ_NODE, n.mode, n.uid, n.gid, lambda req, flags: VeventqFile(self.system, self.server.notify_poll)
         )
@@ -165,8 +163,6 @@ class Daemon:
             dev.node = self.tree.add(f"vfio/devices/vfio{i}", nc.mode, nc.uid, nc.gid, self._open_device(dev))
 
     def _open_device(self, dev: Device):  # noqa: ANN202
-        from .vfio.device_cdev import VfioDeviceFile
-
         def opener(req: Request, flags: int) -> VfioDeviceFile:
             if dev.driver != VFIO_DRIVER:
                 # The kernel has no vfio cdev for a device on another driver.

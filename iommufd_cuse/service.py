@@ -49,13 +49,13 @@ import trio
 from . import uapi
 from .daemon import StartupError
 from .iommufd.io_pagetable import IOMMU_READ, IOMMU_WRITE
-from .iommufd.main import ObjType
+from .iommufd.object import ObjType
 from .iommufd.pages import FilePages, UserPages
 from .system import PAGE_SIZE
 
 if TYPE_CHECKING:
     from .daemon import Daemon
-    from .iommufd.main import Context
+    from .iommufd.object import Context
 
 log = logging.getLogger(__name__)
 

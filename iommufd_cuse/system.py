@@ -12,10 +12,13 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from ._native import ffi, lib
-from .transport.caller import Errno
+from .errors import Errno
 
 if TYPE_CHECKING:
-    from .iommufd.main import Context
+    from .iommu.core import Device, Group, Iommu
+    from .iommufd.companion import Pending
+    from .iommufd.main import IoctlTable
+    from .iommufd.object import Context
 
 log = logging.getLogger(__name__)
 
@@ -76,10 +79,23 @@ class System:
         self.store = ffi.gc(lib.icuse_store_new(), lib.icuse_store_free)
         self.accounting = Accounting()
         self.contexts: set[Context] = set()
+        # Test mode (IOMMU_TEST_CMD, as CONFIG_IOMMUFD_TEST), set by the daemon before it serves.
         self.selftest = False
-        self.iommus: dict = {}  # name -> iommu.core.Iommu
-        self.groups: dict = {}  # id -> iommu.core.Group
-        self.devices: list = []  # iommu.core.Device, in node order (vfio0, vfio1, ...)
+        # The topology, built by the daemon from its configuration.
+        self.iommus: dict[str, Iommu] = {}  # name -> Iommu
+        self.groups: dict[int, Group] = {}  # id -> Group
+        self.devices: list[Device] = []  # in node order (vfio0, vfio1, ...)
+        # The ioctl table for the mode, built at the first open (iommufd/main.py).
+        self.ioctl_table: IoctlTable | None = None
+        # Files handed back through the companion (iommufd/companion.py), by kind of
+        # node: unclaimed tokens, the last token number, the node's inode.
+        self.pending_files: dict[str, Pending] = {}
+        self.file_seqs: dict[str, int] = {}
+        self.node_inos: dict[str, int] = {}
+        # Test mode only (iommufd/selftest/), globals of the kernel's selftest.c: the
+        # mock IOMMU (made at first use) and iommufd_test_memory_limit.
+        self.mock_iommu: Iommu | None = None
+        self.selftest_memory_limit = 65536
 
     def pinned_pages(self) -> int:
         return lib.icuse_store_pinned_pages(self.store)

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 
 from .. import uapi
 from ..config import DeviceConfig, IommuConfig
-from ..transport.caller import Errno
+from ..errors import Errno
 from .domain import BlockingDomain, Domain, PagingDomain
 
 log = logging.getLogger(__name__)

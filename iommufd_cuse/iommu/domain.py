@@ -10,7 +10,7 @@ import errno
 import itertools
 
 from .._native import ffi, lib
-from ..transport.caller import Errno
+from ..errors import Errno
 
 ULONG_MAX = (1 << 64) - 1
 _ids = itertools.count(1)

@@ -23,7 +23,7 @@ import os
 from typing import Any, ClassVar, NoReturn
 
 from .. import uapi
-from ..transport.caller import Errno
+from ..errors import Errno
 from ..transport.loopback import identify
 from ..transport.mount import fd_inode, fd_on_our_mount
 from ..transport.nodes import FileHandle
@@ -55,12 +55,10 @@ class Pending(dict):
 
 class HandedFile(FileHandle):
     """An open of an object's node: the file of one object once claimed. Subclasses
-    name the System attributes of their registry (pending_attr), token sequence
-    (seq_attr) and, for lookup, their node's inode (ino_attr)."""
+    name their kind, the key of their registry, token sequence and (for lookup) node
+    inode in System.pending_files, System.file_seqs and System.node_inos."""
 
-    pending_attr: ClassVar[str]
-    seq_attr: ClassVar[str]
-    ino_attr: ClassVar[str] = ""
+    kind: ClassVar[str]
 
     def __init__(self, system: Any) -> None:
         self.system = system
@@ -69,17 +67,16 @@ class HandedFile(FileHandle):
     # -- the registry (per System) ----------------------------------------------------
     @classmethod
     def pending(cls, system: Any) -> Pending:
-        pending = getattr(system, cls.pending_attr, None)
+        pending = system.pending_files.get(cls.kind)
         if pending is None:
-            pending = Pending()
-            setattr(system, cls.pending_attr, pending)
+            pending = system.pending_files[cls.kind] = Pending()
         return pending
 
     @classmethod
     def issue(cls, system: Any, obj: Any, tgid: int) -> int:
         """A new token for obj, claimable by the process tgid."""
-        seq = getattr(system, cls.seq_attr, 0) + 1
-        setattr(system, cls.seq_attr, seq)
+        seq = system.file_seqs.get(cls.kind, 0) + 1
+        system.file_seqs[cls.kind] = seq
         token = TOKEN_BASE + seq % TOKEN_BASE
         cls.pending(system)[token] = (obj, tgid)
         return token
@@ -126,7 +123,7 @@ class HandedFile(FileHandle):
         except Errno:
             raise Errno(errno.EBADFD) from None
         try:
-            ino = getattr(system, cls.ino_attr, None)
+            ino = system.node_inos.get(cls.kind)
             if ino is None or not fd_on_our_mount(dup) or fd_inode(dup) != ino:
                 raise Errno(errno.EBADFD)
             fh = await identify(dup)

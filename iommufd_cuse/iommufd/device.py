@@ -21,12 +21,12 @@ from dataclasses import dataclass, field
 import trio
 
 from .. import uapi
+from ..errors import Errno
 from ..iommu.core import Device, Group
-from ..transport.caller import Errno
 from .hw_pagetable import HwptNested, HwptPaging, hwpt_paging_alloc
 from .io_pagetable import ULONG_MAX
 from .ioas import Ioas
-from .main import Context, Object, ObjType, Ucmd
+from .object import Context, Object, ObjType, Ucmd
 
 log = logging.getLogger(__name__)
 

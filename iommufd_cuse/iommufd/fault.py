@@ -24,9 +24,9 @@ from dataclasses import dataclass
 from typing import Any, ClassVar
 
 from .. import uapi
-from ..transport.caller import Errno
+from ..errors import Errno
 from .companion import CLAIM, COMPANION_MAGIC, HandedFile, refuse_without_companion
-from .main import Context, Object, ObjType, Ucmd
+from .object import Context, Object, ObjType, Ucmd
 
 log = logging.getLogger(__name__)
 
@@ -116,8 +116,7 @@ class EventqFile(HandedFile):
 class FaultFile(EventqFile):
     """An open of FAULT_NODE: the file of one fault object once claimed."""
 
-    pending_attr = "pending_fault_files"
-    seq_attr = "fault_file_seq"
+    kind = "fault"
 
     def _claimed(self) -> Fault:
         if self.obj is None:
@@ -259,11 +258,6 @@ def respond_eventq(ucmd: Ucmd, q: Eventq, out_id: str, out_fd: str) -> int:
         raise
     ctx.release_hooks.append(q.context_closing)
     return 0
-
-
-def get_fault(ctx: Context, fault_id: int) -> Fault:
-    """iommufd_get_fault: ENOENT for anything but a fault object."""
-    return ctx.get(fault_id, ObjType.FAULT)
 
 
 # -- reporting ---------------------------------------------------------------------------

@@ -19,9 +19,9 @@ import logging
 import trio
 
 from .. import uapi
+from ..errors import Errno
 from ..iommu.domain import PagingDomain
-from ..transport.caller import Errno
-from .main import Context, Object, ObjType, Ucmd, copy_struct_from_user
+from .object import Context, Object, ObjType, Ucmd, copy_struct_from_user
 
 log = logging.getLogger(__name__)
 
@@ -255,9 +255,6 @@ def hwpt_viommu_nested_alloc(
 
 async def hwpt_alloc(ucmd: Ucmd) -> int:
     """IOMMU_HWPT_ALLOC."""
-    from .device import get_idev
-    from .ioas import Ioas
-
     cmd = ucmd.cmd
     ctx = ucmd.ctx
     if cmd.reserved or cmd.reserved2:
@@ -266,16 +263,16 @@ async def hwpt_alloc(ucmd: Ucmd) -> int:
         cmd.data_type != uapi.IOMMU_HWPT_DATA_NONE and not cmd.data_len
     ):
         raise Errno(errno.EINVAL)  # a null data_uptr is the driver's copy to fail (EFAULT)
-    idev = get_idev(ctx, cmd.dev_id)
+    idev = ctx.get(cmd.dev_id, ObjType.DEVICE)
     try:
         pt = ctx.get(cmd.pt_id)
     except Errno:
         raise Errno(errno.EINVAL) from None  # mainline: an unknown pt_id is EINVAL, not ENOENT
     user_data = UserData(ucmd.caller, cmd.data_type, cmd.data_uptr, cmd.data_len)
     with ctx.hold(idev), ctx.hold(pt):
-        if isinstance(pt, Ioas):
+        if pt.type is ObjType.IOAS:
             hwpt = await hwpt_paging_alloc(ctx, pt, idev, cmd.flags, user_data=user_data if cmd.data_len else None)
-        elif isinstance(pt, HwptPaging):
+        elif pt.type is ObjType.HWPT_PAGING:
             hwpt = hwpt_nested_alloc(ctx, pt, idev, cmd.flags, user_data)
         elif pt.type is ObjType.VIOMMU:
             hwpt = hwpt_viommu_nested_alloc(ctx, pt, idev, cmd.flags, user_data)

@@ -18,9 +18,9 @@ from dataclasses import dataclass, field
 import trio
 
 from .._native import ffi, lib
+from ..errors import Errno
 from ..iommu.domain import PagingDomain
 from ..system import PAGE_SIZE
-from ..transport.caller import Errno
 from .pages import Pages
 
 log = logging.getLogger(__name__)

@@ -12,10 +12,11 @@ import trio
 
 from .. import uapi
 from .._native import ffi, lib
-from ..transport.caller import CAP_SYS_RESOURCE, Errno
+from ..errors import Errno
+from ..transport.caller import CAP_SYS_RESOURCE
 from .io_pagetable import IOMMU_READ, IOMMU_WRITE, ULONG_MAX, Allowed, IoPagetable, PagesSlice
-from .main import AccountMode, Context, Object, ObjType, Ucmd
-from .pages import FilePages, UserPages
+from .object import Context, Object, ObjType, Ucmd
+from .pages import AccountMode, FilePages, UserPages
 
 log = logging.getLogger(__name__)
 

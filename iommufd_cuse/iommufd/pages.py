@@ -13,6 +13,8 @@ Where the bytes are:
 
 from __future__ import annotations
 
+import ctypes
+import enum
 import errno
 import logging
 import mmap
@@ -21,12 +23,18 @@ import stat
 from dataclasses import dataclass
 
 from .._native import ffi, lib
+from ..errors import Errno
 from ..system import PAGE_SIZE, System, memlock_limit_pages
-from ..transport.caller import CAP_IPC_LOCK, Caller, Errno, memlock_limit_of
+from ..transport.caller import CAP_IPC_LOCK, Caller, memlock_limit_of
 from ..transport.mount import fd_on_our_mount
-from .main import AccountMode
 
 log = logging.getLogger(__name__)
+
+
+class AccountMode(enum.Enum):
+    USER = 0  # IOPT_PAGES_ACCOUNT_USER: the user's locked_vm
+    MM = 1  # IOPT_PAGES_ACCOUNT_MM: the process's pinned_vm
+
 
 GIB = 1 << 30
 USER_VA_END = 1 << 57  # above every TASK_SIZE Linux has (5-level x86-64: 2^56 - 4 KiB)
@@ -310,8 +318,6 @@ HUGETLBFS_MAGIC = 0x958458F6
 
 def _fs_type(fd: int) -> int:
     """f_type of the file system holding fd (fstatfs)."""
-    import ctypes
-
     buf = ctypes.create_string_buffer(120)  # struct statfs; f_type is its first word
     libc = ctypes.CDLL(None, use_errno=True)
     if libc.fstatfs(fd, buf) != 0:

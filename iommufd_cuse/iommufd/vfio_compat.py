@@ -13,11 +13,12 @@ import logging
 import struct
 
 from .. import uapi
+from ..errors import Errno
 from ..system import PAGE_SIZE
-from ..transport.caller import Caller, Errno
+from ..transport.caller import Caller
 from .io_pagetable import IOMMU_READ, IOMMU_WRITE, ULONG_MAX
 from .ioas import Ioas, get_ioas, ioas_map_user
-from .main import Context, Ucmd
+from .object import Context, Ucmd
 
 log = logging.getLogger(__name__)
 

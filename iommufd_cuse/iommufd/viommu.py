@@ -23,10 +23,12 @@ from collections import deque
 from typing import Any
 
 from .. import uapi
-from ..transport.caller import Errno
+from ..errors import Errno
 from .companion import CLAIM, COMPANION_MAGIC, refuse_without_companion
+from .device import get_idev
 from .fault import Eventq, EventqFile, respond_eventq
-from .main import Context, Object, ObjType, Ucmd
+from .hw_pagetable import UserData
+from .object import Context, Object, ObjType, Ucmd
 
 log = logging.getLogger(__name__)
 
@@ -124,8 +126,7 @@ class Vdevice(Object):
 class VeventqFile(EventqFile):
     """An open of VEVENTQ_NODE: the file of one vEVENT queue once claimed."""
 
-    pending_attr = "pending_veventq_files"
-    seq_attr = "veventq_file_seq"
+    kind = "veventq"
 
     def read(self, req: Any, offset: int, size: int) -> bytes:
         q = self.obj
@@ -227,9 +228,6 @@ def viommu_alloc(ucmd: Ucmd) -> int:
     """IOMMU_VIOMMU_ALLOC, in mainline's order: flags or the DEFAULT type EOPNOTSUPP;
     no device ENOENT; a driver without a vIOMMU of that type EOPNOTSUPP; hwpt_id not
     a paging HWPT ENOENT; not NEST_PARENT EINVAL; then the driver's data."""
-    from .device import get_idev
-    from .hw_pagetable import UserData
-
     cmd = ucmd.cmd
     ctx = ucmd.ctx
     if cmd.flags or cmd.type == uapi.IOMMU_VIOMMU_TYPE_DEFAULT:
@@ -277,8 +275,6 @@ def hw_queue_alloc(ucmd: Ucmd) -> int:
 def vdevice_alloc(ucmd: Ucmd) -> int:
     """IOMMU_VDEVICE_ALLOC: no vIOMMU or device ENOENT; a device of another IOMMU
     EINVAL; a device that has a vdevice already, or a virt_id taken, EEXIST."""
-    from .device import get_idev
-
     cmd = ucmd.cmd
     ctx = ucmd.ctx
     if cmd.virt_id > (1 << 64) - 1:

@@ -17,6 +17,7 @@ from collections.abc import Awaitable, Callable
 import trio
 
 from .._native import ffi, lib
+from ..errors import Errno
 
 _libc = ctypes.CDLL(None, use_errno=True)
 _SYS_pidfd_getfd = 438
@@ -28,13 +29,6 @@ CAP_IPC_LOCK = 14
 CAP_SYS_RAWIO = 17
 CAP_SYS_ADMIN = 21
 CAP_SYS_RESOURCE = 24
-
-
-class Errno(OSError):
-    """An errno answer for the client; cheap to raise on the hot path."""
-
-    def __init__(self, code: int, why: str | None = None) -> None:
-        super().__init__(code, why or os.strerror(code))
 
 
 # Scans and fills of caller memory (zero tails, clear_user) up to this many bytes

@@ -11,8 +11,8 @@ from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from ..errors import Errno
 from . import protocol as P
-from .caller import Errno
 
 if TYPE_CHECKING:
     from .server import Request

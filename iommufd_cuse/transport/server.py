@@ -17,8 +17,9 @@ import time
 
 import trio
 
+from ..errors import Errno
 from . import protocol as P
-from .caller import Caller, Errno
+from .caller import Caller
 from .loopback import IDENTIFY, answer_identify
 from .nodes import FileHandle, Node, Tree
 
@@ -48,7 +49,6 @@ class FuseServer:
         self.tree = tree
         self.fd = -1
         self.handles: dict[int, FileHandle] = {}
-        self._handle_nodes: dict[int, Node] = {}
         self._next_fh = 1
         self._inflight: dict[int, tuple[trio.CancelScope, int]] = {}
         self._nursery: trio.Nursery | None = None
@@ -286,7 +286,6 @@ class FuseServer:
         fh = self._next_fh
         self._next_fh += 1
         self.handles[fh] = handle
-        self._handle_nodes[fh] = node
         self.reply(req.unique, P.OPEN_OUT.pack(fh, handle.open_flags, 0))
 
     def _opendir(self, req: Request, body: memoryview) -> None:
@@ -359,7 +358,6 @@ class FuseServer:
     def _release(self, req: Request, body: memoryview) -> None:
         fh = P.RELEASE_IN.unpack_from(body)[0]
         handle = self.handles.pop(fh, None)
-        self._handle_nodes.pop(fh, None)
         if handle is None:
             self.reply(req.unique)
             return
@@ -383,9 +381,6 @@ class FuseServer:
                     await _maybe_await(handle.release())
                 except Exception:
                     log.exception("release at shutdown failed")
-
-    def open_count(self, node: Node) -> int:
-        return sum(1 for n in self._handle_nodes.values() if n is node)
 
 
 def _tgid_of(tid: int) -> int:

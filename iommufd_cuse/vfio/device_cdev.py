@@ -19,10 +19,12 @@ from typing import Any
 import trio
 
 from .. import uapi
+from ..errors import Errno
 from ..iommu.core import VFIO_DRIVER, Device
 from ..iommufd import device as iommufd_device
-from ..iommufd.main import Context, IommufdFile
-from ..transport.caller import Caller, Errno
+from ..iommufd.main import IommufdFile
+from ..iommufd.object import Context
+from ..transport.caller import Caller
 from ..transport.loopback import identify
 from ..transport.mount import fd_inode, fd_on_our_mount
 from ..transport.nodes import FileHandle

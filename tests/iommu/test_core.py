@@ -21,8 +21,8 @@ import pytest
 import trio
 
 from iommufd_cuse.config import IommuConfig
+from iommufd_cuse.errors import Errno
 from iommufd_cuse.iommu.core import Group, Iommu
-from iommufd_cuse.transport.caller import Errno
 
 GROUP6 = 6  # vfio2 (0000:00:06.0) and vfio3 (0000:00:06.1)
 

@@ -9,8 +9,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from iommufd_cuse.errors import Errno
 from iommufd_cuse.iommufd.io_pagetable import ULONG_MAX, Allowed, Area, IoPagetable
-from iommufd_cuse.transport.caller import Errno
 
 SPACE = 1 << 20  # everything happens below 1 MiB; the rest is reserved
 UNIT = 1 << 10  # model cells of 1 KiB

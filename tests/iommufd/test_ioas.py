@@ -15,7 +15,7 @@ from pyclient import FIXED, RW, IoctlError, Iommufd
 from iommufd_cuse import uapi
 from iommufd_cuse.iommu.domain import PagingDomain
 from iommufd_cuse.iommufd import debug
-from iommufd_cuse.iommufd.main import Context
+from iommufd_cuse.iommufd.object import Context
 
 ULONG_MAX = (1 << 64) - 1
 PGSIZES = 0x1000 | 0x200000 | 0x40000000

@@ -881,6 +881,7 @@ async def test_access_protocol_and_context_close(selftest_daemon):
     from pyclient import Iommufd
 
     from iommufd_cuse.iommufd import selftest as st
+    from iommufd_cuse.iommufd.companion import COMPANION_MAGIC
 
     system = selftest_daemon.system
     fd = await Iommufd.open(Path(selftest_daemon.dev_dir) / "iommu")
@@ -894,7 +895,7 @@ async def test_access_protocol_and_context_close(selftest_daemon):
         r = await fd.raw(
             uapi.IOMMU_TEST_CMD,
             uapi.iommu_test_cmd,
-            reserved=st.COMPANION_MAGIC,
+            reserved=COMPANION_MAGIC,
             **_tc(uapi.IOMMU_TEST_OP_CREATE_ACCESS, ioas, flags=1),
         )
         assert r.rc == 0, r

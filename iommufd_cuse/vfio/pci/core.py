@@ -13,11 +13,14 @@ import trio
 
 from ... import uapi
 from ..._native import ffi, lib
+from ...errors import Errno
 from ...iommu.core import Device
 from ...iommu.domain import PagingDomain
 from ...system import System
-from ...transport.caller import Caller, Errno
+from ...transport.caller import Caller
 from .config import ConfigAccessError, ConfigSpace
+from .dmaengine import DmaEngine
+from .edu import Edu
 from .model import DmaFault, PciFunction
 
 log = logging.getLogger(__name__)
@@ -38,9 +41,6 @@ _REASONS = {
 
 
 def _models() -> dict[str, type[PciFunction]]:
-    from .dmaengine import DmaEngine
-    from .edu import Edu
-
     return {"edu": Edu, "dma-engine": DmaEngine}
 
 
