@@ -108,6 +108,12 @@ int64_t icuse_pt_unmap(struct icuse_pt *pt, uint64_t iova, uint64_t length);
  * 0, or -ENOENT when unmapped. */
 int icuse_pt_mark_dirty(struct icuse_pt *pt, uint64_t iova);
 
+/* The same for every page_size page of iova whose bit is set in bitmap (bit i:
+ * the page at iova + i * page_size, little-endian u64 words, nbits bits);
+ * returns the number of bits set, mapped or not (the selftest's IOMMU_TEST_OP_DIRTY). */
+uint64_t icuse_pt_mark_dirty_bitmap(struct icuse_pt *pt, uint64_t iova, uint64_t page_size,
+				    const uint64_t *bitmap, uint64_t nbits);
+
 /* Translation of one iova: 0, or -ENOENT when unmapped. Does not touch A/D bits. */
 int icuse_pt_walk(struct icuse_pt *pt, uint64_t iova, struct icuse_pte_info *out);
 
