@@ -35,6 +35,10 @@ IOMMU_READ = lib.ICUSE_PROT_READ
 IOMMU_WRITE = lib.ICUSE_PROT_WRITE
 
 
+def _area_start(area: Area) -> int:
+    return area.start
+
+
 @dataclass(eq=False)
 class Area:
     """struct iopt_area: [start, last] of IOVA backed by pages from start_byte."""
@@ -110,8 +114,7 @@ class IoPagetable:
     # -- lookups ---------------------------------------------------------------
     def areas_in(self, start: int, last: int) -> Iterator[Area]:
         """Areas intersecting [start, last], in IOVA order."""
-        starts = [a.start for a in self.areas]
-        i = bisect.bisect_right(starts, start) - 1
+        i = bisect.bisect_right(self.areas, start, key=_area_start) - 1
         if i < 0 or self.areas[i].last < start:
             i += 1
         while i < len(self.areas) and self.areas[i].start <= last:
@@ -205,11 +208,14 @@ class IoPagetable:
 
     # -- areas ---------------------------------------------------------------------
     def _insert_area(self, area: Area) -> None:
-        starts = [a.start for a in self.areas]
-        self.areas.insert(bisect.bisect_left(starts, area.start), area)
+        bisect.insort_left(self.areas, area, key=_area_start)
 
     def _remove_area(self, area: Area) -> None:
-        self.areas.remove(area)
+        i = bisect.bisect_left(self.areas, area.start, key=_area_start)  # areas are disjoint
+        if i < len(self.areas) and self.areas[i] is area:
+            del self.areas[i]
+        else:
+            self.areas.remove(area)
 
     def alloc_areas(self, slices: list[PagesSlice], length: int, iova: int | None, prot: int) -> list[Area]:
         """iopt_alloc_area_pages: check or allocate the IOVA and insert the areas
