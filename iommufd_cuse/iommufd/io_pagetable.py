@@ -263,6 +263,7 @@ class IoPagetable:
         area.pages.pin(area.first_index, area.num_pages)
         done: list[PagingDomain] = []
         try:
+            await area.pages.populate()
             for d in domains:
                 await self._map_into(area, d)
                 done.append(d)

@@ -22,6 +22,8 @@ import os
 import stat
 from dataclasses import dataclass
 
+import trio
+
 from .._native import ffi, lib
 from ..errors import Errno
 from ..system import PAGE_SIZE, System, memlock_limit_pages
@@ -37,6 +39,10 @@ class AccountMode(enum.Enum):
 
 
 GIB = 1 << 30
+POPULATE_INLINE = 64 << 20  # file mappings up to this are faulted in by mmap itself
+POPULATE_CHUNK = 64 << 20  # longer ones in a worker thread, this much at a time
+MADV_POPULATE_READ = getattr(mmap, "MADV_POPULATE_READ", 22)
+MADV_POPULATE_WRITE = getattr(mmap, "MADV_POPULATE_WRITE", 23)
 USER_VA_END = 1 << 57  # above every TASK_SIZE Linux has (5-level x86-64: 2^56 - 4 KiB)
 
 
@@ -100,6 +106,7 @@ class Pages:
         self.pa_base = base[0]
         self._backed: list[tuple[int, int]] = []  # index ranges with a backing set
         self._resources: list[object] = []  # fds and mmaps the backings use
+        self._unpopulated: list[tuple[mmap.mmap, bool]] = []  # long file mappings not yet faulted in
 
     # -- backing ---------------------------------------------------------------
     def resolve(self, first: int, n: int) -> None:
@@ -127,6 +134,16 @@ class Pages:
                     nxt.append((b1, a1))
             todo = nxt
         return todo
+
+    async def populate(self) -> None:
+        """Fault in the long file mappings the last pins made (what MAP_POPULATE does
+        for short ones), in a worker thread a chunk at a time: the pages of a 64 GiB
+        memfd are not allocated on the loop. Best effort, as MAP_POPULATE."""
+        while self._unpopulated:
+            m, writable = self._unpopulated.pop()
+            advice = MADV_POPULATE_WRITE if writable else MADV_POPULATE_READ
+            for off in range(0, len(m), POPULATE_CHUNK):
+                await trio.to_thread.run_sync(_madvise, m, advice, off, min(POPULATE_CHUNK, len(m) - off))
 
     # -- pins ------------------------------------------------------------------
     def pin(self, first: int, n: int, charge: bool = True) -> None:
@@ -301,15 +318,29 @@ class UserPages(Pages):
             m = mmap.mmap(
                 fd,
                 end - pos,
-                flags=mmap.MAP_SHARED | mmap.MAP_POPULATE,
+                flags=mmap.MAP_SHARED | _populate_flag(end - pos),
                 prot=mmap.PROT_READ | (mmap.PROT_WRITE if mode == os.O_RDWR else 0),
                 offset=vma.offset + (pos - vma.start),
             )
         finally:
             os.close(fd)
         self._resources.append(m)
+        if not _populate_flag(len(m)):
+            self._unpopulated.append((m, mode == os.O_RDWR))
         addr = ffi.cast("uint64_t", ffi.from_buffer(m))
         self._set_backing(first, n, lib.ICUSE_BACKING_MEM, -1, int(addr))
+
+
+def _populate_flag(length: int) -> int:
+    """MAP_POPULATE for mappings short enough to fault in on the loop."""
+    return mmap.MAP_POPULATE if length <= POPULATE_INLINE else 0
+
+
+def _madvise(m: mmap.mmap, advice: int, off: int, length: int) -> None:
+    try:
+        m.madvise(advice, off, length)
+    except (OSError, ValueError) as e:  # closed, or no memory left: faulted in later, or not
+        log.debug("populate of %d bytes at %d: %s", length, off, e)
 
 
 TMPFS_MAGIC = 0x01021994
@@ -361,9 +392,12 @@ class FilePages(Pages):
             raise Errno(errno.EINVAL, "range beyond the end of the file")
         prot = mmap.PROT_READ | (mmap.PROT_WRITE if self.writable else 0)
         try:
-            m = mmap.mmap(self.file_fd, length, flags=mmap.MAP_SHARED | mmap.MAP_POPULATE, prot=prot, offset=offset)
+            flags = mmap.MAP_SHARED | _populate_flag(length)
+            m = mmap.mmap(self.file_fd, length, flags=flags, prot=prot, offset=offset)
         except OSError as e:
             raise Errno(e.errno or errno.EINVAL) from None
         self._resources.append(m)
+        if not _populate_flag(length):
+            self._unpopulated.append((m, self.writable))
         addr = ffi.cast("uint64_t", ffi.from_buffer(m))
         self._set_backing(first, n, lib.ICUSE_BACKING_MEM, -1, int(addr))
