@@ -16,10 +16,12 @@ from __future__ import annotations
 import ctypes
 import enum
 import errno
+import fcntl
 import logging
 import mmap
 import os
 import stat
+import struct
 from dataclasses import dataclass
 
 import trio
@@ -73,6 +75,58 @@ def read_maps(proc_dir: int) -> list[Vma]:
                 Vma(start, end, parts[1], int(parts[2], 16), int(parts[4]), parts[5].strip() if len(parts) > 5 else "")
             )
         return out
+
+
+_PROCMAP_QUERY_SIZE = 104  # struct procmap_query (Linux 6.11)
+PROCMAP_QUERY = (3 << 30) | (_PROCMAP_QUERY_SIZE << 16) | (ord("f") << 8) | 17
+_PROCMAP_QUERY_COVERING_OR_NEXT_VMA = 0x10
+_procmap_query_works = True
+
+
+def maps_in(proc_dir: int, start: int, end: int) -> list[Vma]:
+    """The mappings of the process that intersect [start, end), in address order:
+    asked one by one with PROCMAP_QUERY (a lookup each, however many mappings the
+    process has), or, on kernels without it, read from all of /proc/<pid>/maps."""
+    global _procmap_query_works
+    if not _procmap_query_works:
+        return [v for v in read_maps(proc_dir) if v.end > start and v.start < end]
+    fd = os.open("maps", os.O_RDONLY | os.O_CLOEXEC, dir_fd=proc_dir)
+    try:
+        name = ctypes.create_string_buffer(4096)
+        out: list[Vma] = []
+        pos = start
+        while pos < end:
+            q = bytearray(
+                _PROCMAP_QUERY.pack(
+                    _PROCMAP_QUERY_SIZE, _PROCMAP_QUERY_COVERING_OR_NEXT_VMA, pos, 0, 0, 0, 0, 0, 0, 0, 0,
+                    len(name), 0, ctypes.addressof(name), 0,
+                )
+            )  # fmt: skip
+            try:
+                fcntl.ioctl(fd, PROCMAP_QUERY, q)
+            except OSError as e:
+                if e.errno == errno.ENOENT:
+                    break  # nothing at or after pos
+                if e.errno in (errno.ENOTTY, errno.EINVAL):
+                    _procmap_query_works = False
+                    return maps_in(proc_dir, start, end)
+                raise
+            f = _PROCMAP_QUERY.unpack(q)
+            vstart, vend, flags, offset, inode, name_size = f[3], f[4], f[5], f[7], f[8], f[11]
+            if vstart >= end:
+                break
+            perms = "".join(c if flags & bit else "-" for c, bit in (("r", 1), ("w", 2), ("x", 4))) + (
+                "s" if flags & 8 else "p"
+            )
+            path = name.raw[: max(0, name_size - 1)].decode(errors="replace") if name_size else ""
+            out.append(Vma(vstart, vend, perms, offset, inode, path))
+            pos = vend
+        return out
+    finally:
+        os.close(fd)
+
+
+_PROCMAP_QUERY = struct.Struct("<QQQQQQQQQIIIIQQ")
 
 
 class Pages:
@@ -271,7 +325,7 @@ class UserPages(Pages):
         if os.pread(self.mem_fd, 0, start) == b"" and not self._mm_alive(start):
             raise Errno(errno.EFAULT, "the mapping process is gone")
         try:
-            vmas = read_maps(self.proc_dir)
+            vmas = maps_in(self.proc_dir, start, end)
         except OSError:
             raise Errno(errno.EFAULT, "the mapping process is gone") from None
         pos = start
