@@ -104,9 +104,11 @@ class Caller:
     def write(self, addr: int, data: bytes | bytearray | memoryview) -> None:
         if not data:
             return
-        if addr + len(data) > _ADDR_END:
+        n = len(data)
+        if addr + n > _ADDR_END:
             raise Errno(errno.EFAULT)
-        rc = lib.icuse_vm_write(self.tid, addr, ffi.from_buffer(data), len(data))
+        # cffi passes bytes as they are; other buffers need a cdata view.
+        rc = lib.icuse_vm_write(self.tid, addr, data if type(data) is bytes else ffi.from_buffer(data), n)
         if rc:
             raise Errno(-rc)
 

@@ -89,8 +89,8 @@ class FuseServer:
         blocked on the daemon then delays another's single request by at most
         one of its own requests, not by all of them (the kernel's queue is FIFO)."""
         self.fd = fd
-        buf = bytearray(BUFSIZE)
-        view = memoryview(buf)
+        bufs = (bytearray(BUFSIZE), bytearray(BUFSIZE))
+        views = (memoryview(bufs[0]), memoryview(bufs[1]))
         readv = os.readv
         queues: dict[int, collections.deque[bytes]] = {}
         queued = 0
@@ -100,10 +100,15 @@ class FuseServer:
                 self._nursery = nursery
                 try:
                     while True:
+                        # Read what the kernel has, up to MAX_QUEUED, alternating two
+                        # buffers: a request found alone (the common case) is served
+                        # from its buffer, with no copy and no queue.
                         drained = False  # the kernel had nothing more when we last read
+                        last = -1  # size of the request read last and not yet queued
+                        b = 0
                         while queued < MAX_QUEUED:
                             try:
-                                n = readv(fd, [buf])
+                                n = readv(fd, [bufs[b]])
                             except BlockingIOError:
                                 drained = True
                                 break
@@ -114,11 +119,18 @@ class FuseServer:
                                     log.info("file system unmounted")
                                     return
                                 raise
-                            key = self._queue_key(view)
-                            q = queues.get(key)
-                            if q is None:
-                                q = queues[key] = collections.deque()
-                            q.append(bytes(view[:n]))
+                            if last >= 0:
+                                self._enqueue(queues, views[b ^ 1][:last])
+                                queued += 1
+                            last = n
+                            b ^= 1
+                        if last >= 0:
+                            if not queued:
+                                self._dispatch(views[b ^ 1][:last])  # alone: served at once
+                                if drained:
+                                    await trio.lowlevel.wait_readable(fd)
+                                continue
+                            self._enqueue(queues, views[b ^ 1][:last])
                             queued += 1
                         if not queued:
                             rounds = 0
@@ -143,6 +155,13 @@ class FuseServer:
         finally:
             # Once every handler has unwound (none holds an object any more).
             await self._release_all()
+
+    def _enqueue(self, queues: dict[int, collections.deque[bytes]], msg: memoryview) -> None:
+        key = self._queue_key(msg)
+        q = queues.get(key)
+        if q is None:
+            q = queues[key] = collections.deque()
+        q.append(bytes(msg))
 
     def _queue_key(self, msg: memoryview) -> int:
         """The process (thread group) a request comes from: the header names the thread."""
