@@ -9,13 +9,17 @@ import errno
 import json
 import logging
 import os
+import shutil
 import sys
+from collections.abc import AsyncIterator
 
+import pytest
 import trio
-from harness import CLIENTS, run
+from harness import CLIENTS, run, scratch_dir
 from pyclient import IommufdSync
 
-from iommufd_cuse import uapi
+from iommufd_cuse import config, uapi
+from iommufd_cuse.daemon import Daemon
 
 # What the kernel's iommufd and VFIO ioctls answer to bad input.
 KERNEL_ERRNOS = {
@@ -46,7 +50,29 @@ KERNEL_ERRNOS = {
 ROUNDS = int(os.environ.get("ICUSE_FUZZ_ROUNDS", "1500"))  # per process
 
 
+@pytest.fixture
+async def selftest_daemon() -> AsyncIterator[Daemon]:
+    """A daemon in test mode: IOMMU_TEST_CMD and its mock IOMMU are fuzzed too."""
+    base = scratch_dir()
+    try:
+        async with trio.open_nursery() as nursery:
+            d = Daemon(config.load(None), dev_dir=str(base / "dev"), mountpoint=str(base / "mnt"), selftest=True)
+            await nursery.start(d.run)
+            yield d
+            nursery.cancel_scope.cancel()
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
+
+
 async def test_random_ioctls_from_several_processes_never_break_the_daemon(daemon, caplog):
+    await fuzz_from_processes(daemon, caplog)
+
+
+async def test_random_ioctls_in_test_mode(selftest_daemon, caplog):
+    await fuzz_from_processes(selftest_daemon, caplog)
+
+
+async def fuzz_from_processes(daemon: Daemon, caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.ERROR)
     iommu = os.path.join(daemon.dev_dir, "iommu")
     # One process per line at once; the devices of a group one after the other (a
