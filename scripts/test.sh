@@ -3,6 +3,17 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
+# QEMU and a guest kernel for the tests that boot a Linux guest (tests/guestkit.py). In CI a kit that cannot be
+# had fails the run; elsewhere those tests skip, saying why.
+if ! bash scripts/guest-kit.sh; then
+    [ -z "${CI:-}" ] || exit 1
+    echo "test.sh: no guest kit: the guest tests will skip" >&2
+fi
+
+# The tree must be formatted and lint-clean (pyproject.toml's ruff settings) before
+# anything runs: a failure here fails the run.
+.venv/bin/ruff format --check --quiet . || { echo "test.sh: ruff format --check failed (run .venv/bin/ruff format .)" >&2; exit 1; }
+.venv/bin/ruff check --quiet . || { echo "test.sh: ruff check failed" >&2; exit 1; }
 
 # Safety net: a test process deadlocked on a FUSE mount of its own daemon sits in
 # uninterruptible sleep and cannot even be killed; aborting the FUSE connections

@@ -13,17 +13,17 @@ import signal
 import pytest
 import trio
 from harness import scratch_dir  # noqa: F401  (the scratch directories the fixtures use)
-from pyclient import IommufdSync
 from test_service import mounted, served, stop
 
 from iommufd_cuse import uapi
+from iommufd_cuse.client import Iommufd
 
 
 def victim_round_trips(node: str, n: int) -> list[int]:
-    """n IOMMU_OPTION(RLIMIT_MODE, GET) calls on a fresh open; their return codes."""
-    f = IommufdSync.open(node)
+    """n IOMMU_OPTION(RLIMIT_MODE, GET) calls on a fresh open (each raises on failure); their values."""
+    f = Iommufd.open(node)
     try:
-        return [f.option(uapi.IOMMU_OPTION_RLIMIT_MODE, uapi.IOMMU_OPTION_OP_GET).rc for _ in range(n)]
+        return [f.option(uapi.IOMMU_OPTION_RLIMIT_MODE, uapi.IOMMU_OPTION_OP_GET) for _ in range(n)]
     finally:
         f.close()
 

@@ -29,9 +29,9 @@ from pathlib import Path
 import pytest
 import trio
 from harness import NOBODY, ROOT, scratch_dir
-from pyclient import IommufdSync
 
 from iommufd_cuse import config, install, service, uapi
+from iommufd_cuse.client import Iommufd
 from iommufd_cuse.transport.mount import fuse_umount
 
 UNIT = ROOT / "systemd" / "iommufd-cuse.service"
@@ -232,12 +232,11 @@ def mounted(path: Path) -> bool:
 
 def ask_rlimit_mode(node: Path) -> tuple[int, int]:
     """IOMMU_OPTION(RLIMIT_MODE, GET) on a fresh open of node: (rc, val64). Blocking."""
-    f = IommufdSync.open(node)
-    try:
-        r = f.option(uapi.IOMMU_OPTION_RLIMIT_MODE, uapi.IOMMU_OPTION_OP_GET)
+    with Iommufd.open(node) as f:
+        r = f.raw(
+            uapi.IOMMU_OPTION, uapi.iommu_option, option_id=uapi.IOMMU_OPTION_RLIMIT_MODE, op=uapi.IOMMU_OPTION_OP_GET
+        )
         return r.rc, r.out.val64
-    finally:
-        f.close()
 
 
 async def stop(d: ServedDaemon) -> Message:
@@ -280,7 +279,7 @@ async def test_ready_after_the_node_answers_then_status_watchdog_stopping() -> N
         assert pings >= 3, f"{pings} pings in {time.monotonic() - t0:.2f} s"
 
         # STATUS= follows the contexts
-        f = await trio.to_thread.run_sync(IommufdSync.open, d.node)
+        f = await trio.to_thread.run_sync(Iommufd.open, d.node)
         try:
             with trio.fail_after(10):
                 while not ((await d.notify.receive()).get("STATUS") or "").startswith("1 context,"):
@@ -529,12 +528,12 @@ async def test_status_with_a_device_attached(daemon) -> None:
     context and the HWPT they are attached to (in-process: collect_status directly)."""
     import mmap
 
-    from pyclient import Iommufd, VfioDevice
+    from iommufd_cuse.client import AsyncIommufd, AsyncVfioDevice
 
     if not getattr(daemon.system, "devices", None):
         pytest.skip("no devices in this build")
-    fd = await Iommufd.open(os.path.join(daemon.dev_dir, "iommu"))
-    dev = await VfioDevice.open(os.path.join(daemon.dev_dir, "vfio/devices/vfio0"))
+    fd = await AsyncIommufd.open(os.path.join(daemon.dev_dir, "iommu"))
+    dev = await AsyncVfioDevice.open(os.path.join(daemon.dev_dir, "vfio/devices/vfio0"))
     buf = mmap.mmap(-1, 1 << 20)
     buf[:] = bytes(1 << 20)
     try:
@@ -864,10 +863,10 @@ async def test_set_driver_over_the_control_socket() -> None:
         st = await status_json(d)
         assert {x["bdf"]: x["driver"] for x in st["devices"]}["0000:00:06.1"] == "e1000e"
         # group 6 now has a kernel DMA user: binding its other member is EPERM
-        fd = await trio.to_thread.run_sync(IommufdSync.open, d.base / "dev" / "iommu")
-        from pyclient import VfioDeviceSync
+        fd = await trio.to_thread.run_sync(Iommufd.open, d.base / "dev" / "iommu")
+        from iommufd_cuse.client import VfioDevice
 
-        dev = await trio.to_thread.run_sync(VfioDeviceSync.open, d.base / "dev" / "vfio" / "devices" / "vfio2")
+        dev = await trio.to_thread.run_sync(VfioDevice.open, d.base / "dev" / "vfio" / "devices" / "vfio2")
         try:
             r = await trio.to_thread.run_sync(
                 lambda: dev.raw(uapi.VFIO_DEVICE_BIND_IOMMUFD, uapi.vfio_device_bind_iommufd, iommufd=fd.fd)

@@ -2,18 +2,40 @@
 
 A paging domain owns a native I/O page table; the blocking domain translates
 nothing. The properties come from the emulated IOMMU that made the domain.
+Devices do DMA through a paging domain with dma_rw() and dma_copy(), which
+translate and reach memory (the page store) in C; a refused access is an
+IoFault.
 """
 
 from __future__ import annotations
 
 import errno
 import itertools
+import os
 
 from .._native import ffi, lib
 from ..errors import Errno
 
 ULONG_MAX = (1 << 64) - 1
 _ids = itertools.count(1)
+
+# What the native DMA calls' errnos mean for the device that faulted.
+_REASONS = {
+    errno.ENOENT: "no translation",
+    errno.EACCES: "no permission",
+    errno.EFAULT: "page not pinned",
+    errno.ESRCH: "the memory's owner process is gone",
+}
+
+
+class IoFault(Exception):
+    """A DMA the domain refused: the faulting iova, the direction and why."""
+
+    def __init__(self, iova: int, write: bool, rc: int) -> None:
+        self.iova = iova
+        self.write = write
+        self.reason = _REASONS.get(rc, os.strerror(rc))
+        super().__init__(f"DMA {'write' if write else 'read'} fault at iova {iova:#x}: {self.reason}")
 
 
 class Domain:
@@ -94,6 +116,15 @@ class PagingDomain(Domain):
             if rc < 0:
                 raise Errno(-rc)
 
+    def dma_rw(self, store: object, iova: int, buf: bytearray | memoryview, write: bool) -> None:
+        """A device's read into buf (or write of buf) at iova, through this domain to
+        the memory of store; IoFault at the first page refused (bytes before it may
+        have landed)."""
+        fault = ffi.new("uint64_t *")
+        rc = lib.icuse_dma_rw(store, self.pt, iova, ffi.from_buffer(buf), len(buf), int(write), fault)
+        if rc < 0:
+            raise IoFault(fault[0], write, -rc)
+
     def stats(self) -> dict[str, int]:
         s = ffi.new("struct icuse_pt_stats *")
         lib.icuse_pt_get_stats(self.pt, s)
@@ -101,3 +132,13 @@ class PagingDomain(Domain):
 
     def __repr__(self) -> str:
         return f"<PagingDomain {self.serial} granule={self.granule:#x}>"
+
+
+def dma_copy(store: object, src: PagingDomain, src_iova: int, dst: PagingDomain, dst_iova: int, length: int) -> None:
+    """A device-internal copy of length bytes, read through src and written through
+    dst (the same domain or two); IoFault at the first page refused on either side."""
+    fault = ffi.new("uint64_t *")
+    is_dst = ffi.new("int *")
+    rc = lib.icuse_dma_copy(store, src.pt, src_iova, dst.pt, dst_iova, length, fault, is_dst)
+    if rc < 0:
+        raise IoFault(fault[0], bool(is_dst[0]), -rc)

@@ -62,6 +62,11 @@ class Object:
         """Undo a creation that did not reach finalize (default: destroy)."""
         self.destroy()
 
+    def status(self) -> dict[str, Any]:
+        """What `iommufd-cuse status` shows of the object beyond id, type and users
+        (iommufd/debug.py)."""
+        return {}
+
     def __repr__(self) -> str:
         return f"<{self.type.value} {self.id}>"
 

@@ -17,10 +17,8 @@ import os
 import random
 import sys
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-from pyclient import IommufdSync, VfioDeviceSync  # noqa: E402
-
-from iommufd_cuse import uapi  # noqa: E402
+from iommufd_cuse import uapi
+from iommufd_cuse.client import Iommufd, VfioDevice
 
 libc = ctypes.CDLL(None, use_errno=True)
 libc.ioctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_void_p]
@@ -48,8 +46,8 @@ def main() -> int:
     fd = os.open(node, os.O_RDWR)
     ictx = None
     if iommu != "-":
-        ictx = IommufdSync.open(iommu)
-        dev = VfioDeviceSync(fd)
+        ictx = Iommufd.open(iommu)
+        dev = VfioDevice(fd)
         dev.bind(ictx.fd)
         dev.attach(ictx.ioas_alloc())
     seen: dict[int, int] = {}

@@ -13,23 +13,22 @@ import resource
 import sys
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-from pyclient import IoctlError, IommufdSync, VfioDeviceSync, addr_of  # noqa: E402
-
 from iommufd_cuse import uapi  # noqa: E402
+from iommufd_cuse.client import Iommufd, VfioDevice, address_of  # noqa: E402
 
-fds: dict[str, IommufdSync] = {}
+fds: dict[str, Iommufd] = {}
 bufs: dict[str, mmap.mmap] = {}
 memfds: dict[str, int] = {}
 
 
 def op_open(path: str, name: str = "fd") -> dict:
-    fds[name] = IommufdSync.open(path)
+    fds[name] = Iommufd.open(path)
     return {"fdnum": fds[name].fd}
 
 
 def op_open_device(path: str, name: str = "dev") -> dict:
-    """Open a VFIO device cdev; call its VfioDeviceSync methods with fd=name."""
-    fds[name] = VfioDeviceSync.open(path)
+    """Open a VFIO device cdev; call its VfioDevice methods with fd=name."""
+    fds[name] = VfioDevice.open(path)
     return {"fdnum": fds[name].fd}
 
 
@@ -41,7 +40,7 @@ def op_grab(pid: int, fdnum: int, name: str = "fd") -> dict:
     os.close(pidfd)
     if fd < 0:
         raise OSError(ctypes.get_errno(), "pidfd_getfd")
-    fds[name] = IommufdSync(fd)
+    fds[name] = Iommufd(fd)
     return {"fdnum": fd}
 
 
@@ -59,7 +58,7 @@ def op_mmap(name: str, size: int, kind: str = "anon") -> dict:
         raise ValueError(kind)
     m[:] = bytes(size)  # populate
     bufs[name] = m
-    return {"addr": addr_of(m), "fd": memfds.get(name, -1)}
+    return {"addr": address_of(m), "fd": memfds.get(name, -1)}
 
 
 def op_fill(name: str, data: str, offset: int = 0) -> dict:
@@ -75,7 +74,7 @@ def op_peek(name: str, offset: int, length: int) -> dict:
 def op_munmap(name: str) -> dict:
     m = bufs.pop(name)
     libc = ctypes.CDLL(None, use_errno=True)
-    libc.munmap(ctypes.c_void_p(addr_of(m)), ctypes.c_size_t(len(m)))
+    libc.munmap(ctypes.c_void_p(address_of(m)), ctypes.c_size_t(len(m)))
     return {}
 
 
@@ -86,11 +85,11 @@ def op_memlock(limit: int) -> dict:
 
 def op_call(method: str, fd: str = "fd", **kw) -> dict:
     if "buf" in kw:  # a named buffer -> its address
-        kw["buf"] = addr_of(bufs[kw["buf"]])
+        kw["buf"] = address_of(bufs[kw["buf"]])
     if "memfd" in kw:
         kw["fd"] = memfds[kw.pop("memfd")]
     if "struct_name" in kw:
-        kw["struct"] = uapi.STRUCTS[kw.pop("struct_name")]
+        kw["struct_"] = uapi.STRUCTS[kw.pop("struct_name")]
     result = getattr(fds[fd], method)(**kw)
     if hasattr(result, "rc"):  # a raw Result: rc and errno, whatever they are
         return {"result": {"rc": result.rc, "errno_": result.errno}}
@@ -116,10 +115,8 @@ def main() -> None:
         op = globals()["op_" + req.pop("_op")]
         try:
             out = {"ok": True, **op(**req)}
-        except IoctlError as e:
+        except OSError as e:  # an ioctl's errno, or another call's
             out = {"errno": e.errno}
-        except OSError as e:
-            out = {"errno": e.errno, "where": "os"}
         print(json.dumps(out), flush=True)
 
 

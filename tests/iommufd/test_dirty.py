@@ -10,9 +10,9 @@ import os
 import pytest
 import trio
 from clientkit import config_daemon
-from pyclient import Iommufd, VfioDevice
 
 from iommufd_cuse import config, uapi
+from iommufd_cuse.client import AsyncIommufd, AsyncVfioDevice
 
 DIRTY_TOML = config.DEFAULT_TOML.replace("dirty_tracking = false", "dirty_tracking = true")
 
@@ -24,8 +24,8 @@ async def dirty_daemon():
 
 
 async def _setup(d, flags):  # noqa: ANN001, ANN202
-    fd = await Iommufd.open(os.path.join(d.dev_dir, "iommu"))
-    dev = await VfioDevice.open(os.path.join(d.dev_dir, "vfio/devices/vfio0"))
+    fd = await AsyncIommufd.open(os.path.join(d.dev_dir, "iommu"))
+    dev = await AsyncVfioDevice.open(os.path.join(d.dev_dir, "vfio/devices/vfio0"))
     devid = await dev.bind(fd.fd)
     ioas = await fd.ioas_alloc()
     r = await fd.raw(uapi.IOMMU_HWPT_ALLOC, uapi.iommu_hwpt_alloc, flags=flags, dev_id=devid, pt_id=ioas)

@@ -10,9 +10,9 @@ from contextlib import asynccontextmanager
 
 import pytest
 import trio
-from pyclient import FIXED, RW, IoctlError, Iommufd
 
 from iommufd_cuse import uapi
+from iommufd_cuse.client import FIXED, RW, AsyncIommufd
 from iommufd_cuse.iommu.domain import PagingDomain
 from iommufd_cuse.iommufd import debug
 from iommufd_cuse.iommufd.object import Context
@@ -42,7 +42,7 @@ def iopt(daemon, ioas_id: int):
 
 @pytest.fixture
 async def fd(daemon):
-    f = await Iommufd.open(os.path.join(daemon.dev_dir, "iommu"))
+    f = await AsyncIommufd.open(os.path.join(daemon.dev_dir, "iommu"))
     yield f
     await f.close()
 
@@ -54,7 +54,7 @@ def anon(size: int) -> mmap.mmap:
 
 
 async def expect_errno(err: int, coro) -> None:
-    with pytest.raises(IoctlError) as e:
+    with pytest.raises(OSError) as e:
         await coro
     assert e.value.errno == err, f"got {errno.errorcode.get(e.value.errno)}, want {errno.errorcode[err]}"
 
@@ -89,18 +89,18 @@ async def test_iova_ranges_bad_input(fd):
 async def test_allow_iovas(daemon, fd):
     ioas = await fd.ioas_alloc()
     buf = anon(1 << 16)
-    assert (await fd.allow_iovas(ioas, [(0x100000, 0x10FFFF)])).rc == 0
+    await fd.allow_iovas(ioas, [(0x100000, 0x10FFFF)])
     assert await fd.map(ioas, buf) == 0x100000  # allocation only inside the allowed range
     await expect_errno(errno.ENOSPC, fd.map(ioas, buf))  # full
     # FIXED_IOVA is not limited by the allowed ranges
     assert await fd.map(ioas, buf, iova=0x400000) == 0x400000
     # start >= last and overlapping ranges are EINVAL; over a reserved range EADDRINUSE
-    assert (await fd.allow_iovas(ioas, [(0x5000, 0x5000)])).errno == errno.EINVAL
-    assert (await fd.allow_iovas(ioas, [(0, 0x1FFF), (0x1000, 0x2FFF)])).errno == errno.EINVAL
+    await expect_errno(errno.EINVAL, fd.allow_iovas(ioas, [(0x5000, 0x5000)]))
+    await expect_errno(errno.EINVAL, fd.allow_iovas(ioas, [(0, 0x1FFF), (0x1000, 0x2FFF)]))
     iopt(daemon, ioas).reserve(*MSI, owner="msi")
-    assert (await fd.allow_iovas(ioas, [(0xFE000000, 0xFEFFFFFF)])).errno == errno.EADDRINUSE
+    await expect_errno(errno.EADDRINUSE, fd.allow_iovas(ioas, [(0xFE000000, 0xFEFFFFFF)]))
     # the empty list clears the restriction
-    assert (await fd.allow_iovas(ioas, [])).rc == 0
+    await fd.allow_iovas(ioas, [])
     assert len(iopt(daemon, ioas).allowed) == 0
     r = await fd.raw(
         uapi.IOMMU_IOAS_ALLOW_IOVAS, uapi.iommu_ioas_allow_iovas, ioas_id=ioas, num_iovas=1, allowed_iovas=8
@@ -195,9 +195,9 @@ async def test_auto_iova_alignment_and_reuse(fd):
 
 
 def debug_addr(buf) -> int:
-    from pyclient import addr_of
+    from iommufd_cuse.client import address_of
 
-    return addr_of(buf)
+    return address_of(buf)
 
 
 async def test_unaligned_uptr_allowed_without_domain(daemon, fd):
@@ -326,24 +326,19 @@ async def test_copy_bad_input(daemon, fd):
 async def test_huge_pages_option(daemon, fd):
     ioas = await fd.ioas_alloc()
     get = uapi.IOMMU_OPTION_OP_GET
-    r = await fd.option(uapi.IOMMU_OPTION_HUGE_PAGES, get, object_id=ioas)
-    assert r.rc == 0 and r.out.val64 == 1
-    r = await fd.option(uapi.IOMMU_OPTION_HUGE_PAGES, uapi.IOMMU_OPTION_OP_SET, object_id=ioas, val64=0)
-    assert r.rc == 0
-    assert (await fd.option(uapi.IOMMU_OPTION_HUGE_PAGES, get, object_id=ioas)).out.val64 == 0
+    set_ = uapi.IOMMU_OPTION_OP_SET
+    assert await fd.option(uapi.IOMMU_OPTION_HUGE_PAGES, get, object_id=ioas) == 1
+    await fd.option(uapi.IOMMU_OPTION_HUGE_PAGES, set_, object_id=ioas, val64=0)
+    assert await fd.option(uapi.IOMMU_OPTION_HUGE_PAGES, get, object_id=ioas) == 0
     assert (await fd.iova_ranges(ioas))[1] == 0x1000  # disabling large pages forces page alignment
-    r = await fd.option(uapi.IOMMU_OPTION_HUGE_PAGES, uapi.IOMMU_OPTION_OP_SET, object_id=ioas, val64=2)
-    assert r.errno == errno.EINVAL
-    r = await fd.option(uapi.IOMMU_OPTION_HUGE_PAGES, get, object_id=ioas + 1)
-    assert r.errno == errno.ENOENT
-    r = await fd.option(uapi.IOMMU_OPTION_HUGE_PAGES, 7, object_id=ioas)
-    assert r.errno == errno.EOPNOTSUPP
+    await expect_errno(errno.EINVAL, fd.option(uapi.IOMMU_OPTION_HUGE_PAGES, set_, object_id=ioas, val64=2))
+    await expect_errno(errno.ENOENT, fd.option(uapi.IOMMU_OPTION_HUGE_PAGES, get, object_id=ioas + 1))
+    await expect_errno(errno.EOPNOTSUPP, fd.option(uapi.IOMMU_OPTION_HUGE_PAGES, 7, object_id=ioas))
     # with a domain holding mappings, it cannot be disabled again
-    r = await fd.option(uapi.IOMMU_OPTION_HUGE_PAGES, uapi.IOMMU_OPTION_OP_SET, object_id=ioas, val64=1)
+    await fd.option(uapi.IOMMU_OPTION_HUGE_PAGES, set_, object_id=ioas, val64=1)
     await attach_domain(daemon, ioas)
     await fd.map(ioas, anon(1 << 12))
-    r = await fd.option(uapi.IOMMU_OPTION_HUGE_PAGES, uapi.IOMMU_OPTION_OP_SET, object_id=ioas, val64=0)
-    assert r.errno == errno.EINVAL
+    await expect_errno(errno.EINVAL, fd.option(uapi.IOMMU_OPTION_HUGE_PAGES, set_, object_id=ioas, val64=0))
 
 
 async def test_large_leaves_follow_huge_pages_option(daemon, fd):
@@ -356,8 +351,8 @@ async def test_large_leaves_follow_huge_pages_option(daemon, fd):
     first_2m = (-addr) % (2 << 20)  # the first 2 MiB-aligned user address inside buf
     assert dom.walk(iova + first_2m)[2] == 2 << 20  # a 2 MiB leaf where both sides align
     await fd.unmap(ioas, iova, 8 << 20)
-    r = await fd.option(uapi.IOMMU_OPTION_HUGE_PAGES, uapi.IOMMU_OPTION_OP_SET, object_id=ioas, val64=0)
-    assert r.rc == 0  # no mappings left: large pages can be turned off
+    # no mappings left: large pages can be turned off
+    await fd.option(uapi.IOMMU_OPTION_HUGE_PAGES, uapi.IOMMU_OPTION_OP_SET, object_id=ioas, val64=0)
     await fd.map(ioas, buf, iova=iova)
     assert dom.walk(iova + first_2m)[2] == 4 << 10  # now only page-sized leaves
 
@@ -377,7 +372,7 @@ async def test_pins_only_with_a_domain_and_returned(daemon, fd):
 
 
 async def test_close_returns_everything(daemon):
-    f = await Iommufd.open(os.path.join(daemon.dev_dir, "iommu"))
+    f = await AsyncIommufd.open(os.path.join(daemon.dev_dir, "iommu"))
     ioas = await f.ioas_alloc()
     await attach_domain(daemon, ioas)
     await f.map(ioas, anon(1 << 20))
@@ -402,8 +397,7 @@ async def test_rlimit_memlock(daemon, scripted, mode):
     # CAP_SYS_RESOURCE, which this sandbox's root may lack.
     node = "vfio/vfio" if mode == "process" else "iommu"
     await c.ok("open", path=os.path.join(daemon.dev_dir, node))
-    r = await c.call("option", option_id=uapi.IOMMU_OPTION_RLIMIT_MODE, op=uapi.IOMMU_OPTION_OP_GET)
-    assert r == {"rc": 0, "errno_": 0}
+    await c.call("option", option_id=uapi.IOMMU_OPTION_RLIMIT_MODE, op=uapi.IOMMU_OPTION_OP_GET)
     await c.ok("memlock", limit=64 * 4096)
     ioas = await c.call("ioas_alloc")
     await attach_domain(daemon, ioas)
@@ -428,8 +422,10 @@ async def test_rlimit_memlock(daemon, scripted, mode):
 async def test_rlimit_mode_set_needs_caller_capability(daemon, scripted):
     c = await scripted(drop_caps=("sys_resource",))
     await c.ok("open", path=os.path.join(daemon.dev_dir, "iommu"))
-    r = await c.call("option", option_id=uapi.IOMMU_OPTION_RLIMIT_MODE, op=uapi.IOMMU_OPTION_OP_SET, val64=1)
-    assert r == {"rc": -1, "errno_": errno.EPERM}
+    r = await c.do(
+        "call", method="option", option_id=uapi.IOMMU_OPTION_RLIMIT_MODE, op=uapi.IOMMU_OPTION_OP_SET, val64=1
+    )
+    assert r == {"errno": errno.EPERM}
 
 
 async def test_anon_owner_exit_faults(daemon, scripted):
@@ -473,8 +469,7 @@ async def test_unknown_ioas_everywhere(fd):
     buf = anon(1 << 12)
     await expect_errno(errno.ENOENT, fd.map(1, buf))
     await expect_errno(errno.ENOENT, fd.unmap(1, 0, ULONG_MAX))
-    r = await fd.allow_iovas(3, [])
-    assert r.errno == errno.ENOENT
+    await expect_errno(errno.ENOENT, fd.allow_iovas(3, []))
 
 
 async def test_map_fixed_unmap_property_against_model(daemon, fd):
@@ -632,10 +627,9 @@ async def test_alloc_whose_answer_cannot_be_written_leaves_no_object(daemon, fd)
     assert libc.mprotect(ctypes.c_void_p(addr), 4096, 1) == 0  # PROT_READ: readable, not writable
 
     def alloc_into_read_only() -> int:
-        from pyclient import libc as plibc
+        from iommufd_cuse.client import raw_ioctl
 
-        rc = plibc.ioctl(fd.fd, uapi.IOMMU_IOAS_ALLOC, addr)
-        return ctypes.get_errno() if rc else 0
+        return raw_ioctl(fd.fd, uapi.IOMMU_IOAS_ALLOC, addr)[1]
 
     assert await trio.to_thread.run_sync(alloc_into_read_only) == errno.EFAULT
     assert context(daemon).live_objects() == []
@@ -697,7 +691,7 @@ async def test_a_long_map_does_not_stall_other_clients(daemon, scripted, monkeyp
         await b.ok("open", path=os.path.join(daemon.dev_dir, "iommu"))
         other = await b.call("ioas_alloc")
         r = await b.call("option", option_id=uapi.IOMMU_OPTION_HUGE_PAGES, op=uapi.IOMMU_OPTION_OP_GET, object_id=other)
-        assert r == {"rc": 0, "errno_": 0}
+        assert r == 1  # huge pages on, the default
         await b.exit()
         assert not result  # the first map is still being loaded
         release.set()

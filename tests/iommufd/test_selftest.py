@@ -358,11 +358,10 @@ async def test_check_refs_skips_compound_pages(selftest_daemon, cbuild):
 async def test_check_map_sees_the_domain(selftest_daemon, cbuild):
     """MD_CHECK_MAP reads the mock domain's page table, not the IOAS: a translation
     removed behind the IOAS's back fails the check (the test can fail)."""
-    from pyclient import Iommufd
-
+    from iommufd_cuse.client import AsyncIommufd
     from iommufd_cuse.iommufd.selftest import MockDomain
 
-    fd = await Iommufd.open(Path(selftest_daemon.dev_dir) / "iommu")
+    fd = await AsyncIommufd.open(Path(selftest_daemon.dev_dir) / "iommu")
     ioas = await fd.ioas_alloc()
     r = await fd.raw(uapi.IOMMU_TEST_CMD, uapi.iommu_test_cmd, **_tc(uapi.IOMMU_TEST_OP_MOCK_DOMAIN, ioas))
     assert r.rc == 0, r
@@ -657,13 +656,12 @@ async def test_nested_objects(selftest_daemon):
     parent's (stage-2) domain; `iommufd-cuse status` names the parent."""
     import json
 
-    from pyclient import Iommufd
-
     from iommufd_cuse import service
+    from iommufd_cuse.client import AsyncIommufd
     from iommufd_cuse.iommufd.hw_pagetable import HwptNested
     from iommufd_cuse.iommufd.selftest import MockNestedDomain
 
-    fd = await Iommufd.open(Path(selftest_daemon.dev_dir) / "iommu")
+    fd = await AsyncIommufd.open(Path(selftest_daemon.dev_dir) / "iommu")
     try:
         ioas = await fd.ioas_alloc()
         r = await fd.raw(uapi.IOMMU_TEST_CMD, uapi.iommu_test_cmd, **_tc(uapi.IOMMU_TEST_OP_MOCK_DOMAIN, ioas))
@@ -726,14 +724,14 @@ async def test_nested_not_on_vtd(cbuild):
     import os
 
     from clientkit import config_daemon
-    from pyclient import Iommufd, VfioDevice
 
     from iommufd_cuse import config
+    from iommufd_cuse.client import AsyncIommufd, AsyncVfioDevice
 
     toml = config.DEFAULT_TOML.replace("nest_parent = false", "nest_parent = true")
     async with config_daemon(toml) as d:
-        fd = await Iommufd.open(os.path.join(d.dev_dir, "iommu"))
-        dev = await VfioDevice.open(os.path.join(d.dev_dir, "vfio/devices/vfio0"))
+        fd = await AsyncIommufd.open(os.path.join(d.dev_dir, "iommu"))
+        dev = await AsyncVfioDevice.open(os.path.join(d.dev_dir, "vfio/devices/vfio0"))
         try:
             devid = await dev.bind(fd.fd)
             ioas = await fd.ioas_alloc()
@@ -878,13 +876,12 @@ async def test_access_protocol_and_context_close(selftest_daemon):
     import mmap
     import os
 
-    from pyclient import Iommufd
-
+    from iommufd_cuse.client import AsyncIommufd
     from iommufd_cuse.iommufd import selftest as st
     from iommufd_cuse.iommufd.companion import COMPANION_MAGIC
 
     system = selftest_daemon.system
-    fd = await Iommufd.open(Path(selftest_daemon.dev_dir) / "iommu")
+    fd = await AsyncIommufd.open(Path(selftest_daemon.dev_dir) / "iommu")
     ioas = await fd.ioas_alloc()
     buf = mmap.mmap(-1, 1 << 16)
     buf[:] = b"x" * len(buf)
@@ -938,7 +935,7 @@ async def test_access_protocol_and_context_close(selftest_daemon):
         await wait_until(lambda: ctx.file_released, what="the iommufd released")
         # The access file keeps the context alive (iommufd_ctx_get), as in the kernel.
         assert system.contexts == {ctx} and system.pinned_pages() == 2
-        fd2 = await Iommufd.open(Path(selftest_daemon.dev_dir) / "iommu")
+        fd2 = await AsyncIommufd.open(Path(selftest_daemon.dev_dir) / "iommu")
         r = await fd2.raw(
             uapi.IOMMU_TEST_CMD,
             uapi.iommu_test_cmd,

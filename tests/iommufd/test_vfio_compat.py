@@ -79,12 +79,11 @@ async def test_cdev_device_on_the_compat_ioas(daemon):
     import ctypes
     import mmap
 
-    from pyclient import Iommufd, VfioDevice
-
     from iommufd_cuse import uapi
+    from iommufd_cuse.client import AsyncIommufd, AsyncVfioDevice
 
-    fd = await Iommufd.open(os.path.join(daemon.dev_dir, "vfio/vfio"))
-    dev = await VfioDevice.open(os.path.join(daemon.dev_dir, "vfio/devices/vfio0"))
+    fd = await AsyncIommufd.open(os.path.join(daemon.dev_dir, "vfio/vfio"))
+    dev = await AsyncVfioDevice.open(os.path.join(daemon.dev_dir, "vfio/devices/vfio0"))
     try:
         ioas = await fd.ioas_alloc()
         r = await fd.raw(uapi.IOMMU_VFIO_IOAS, uapi.iommu_vfio_ioas, ioas_id=ioas, op=uapi.IOMMU_VFIO_IOAS_SET)

@@ -1,17 +1,17 @@
 """Helpers for the device model tests: real memory (a memfd mapping held by
-the native page store) reached through a native I/O page table, the same C
-code the daemon's DMA port uses, and an IrqSink that records what a model
+the native page store) reached through an IOMMU paging domain, as the daemon's
+DMA port does, and an IrqSink that records what a model
 signalled. (A module of its own: tests/conftest.py is also named conftest.)"""
 
 from __future__ import annotations
 
-import errno
 import mmap
 import os
 
 import trio
 from iommufd_cuse._native import ffi, lib
 
+from iommufd_cuse.iommu.domain import IoFault, PagingDomain, dma_copy
 from iommufd_cuse.vfio.pci.model import DmaFault
 
 PAGE = 4096
@@ -19,17 +19,10 @@ R = lib.ICUSE_PROT_READ
 W = lib.ICUSE_PROT_WRITE
 RW = R | W
 
-REASONS = {
-    errno.ENOENT: "no translation",
-    errno.EACCES: "no permission",
-    errno.EFAULT: "page not pinned",
-    errno.ESRCH: "the memory's owner process is gone",
-}
-
 
 class Memory:
-    """npages of shared memory pinned in a page store, and an empty I/O page
-    table (4 KiB granule, 2 MiB/1 GiB leaves, 48-bit iova) to map them in."""
+    """npages of shared memory pinned in a page store, and an empty paging domain
+    (4 KiB granule, 2 MiB/1 GiB leaves, 48-bit iova) to map them in."""
 
     def __init__(self, npages: int) -> None:
         self.npages = npages
@@ -48,8 +41,8 @@ class Memory:
         rc = lib.icuse_pages_set_backing(self.store, self.id, 0, npages, lib.ICUSE_BACKING_MEM, -1, addr)
         assert rc == 0
         assert lib.icuse_pages_pin(self.store, self.id, 0, npages) == npages
-        self.pt = lib.icuse_pt_alloc(12, 0x40201000, 48)
-        assert self.pt != ffi.NULL
+        self.domain = PagingDomain(0x40201000, iova_bits=48)
+        self.pt = self.domain.pt
 
     def map(self, iova: int, page: int, npages: int = 1, prot: int = RW) -> None:
         """Map iova -> memory pages [page, page + npages)."""
@@ -71,7 +64,7 @@ class Memory:
         return bytes(self.mm[start : start + n])
 
     def close(self) -> None:
-        lib.icuse_pt_free(self.pt)
+        self.domain = self.pt = None  # the table goes with the domain
         assert lib.icuse_pages_unpin(self.store, self.id, 0, self.npages) == self.npages
         assert lib.icuse_pages_remove(self.store, self.id) == 0
         lib.icuse_store_free(self.store)
@@ -96,10 +89,17 @@ class Port:
 
     def _rw(self, iova: int, buf: bytearray, write: bool) -> None:
         self._check(iova, write)
-        fault = ffi.new("uint64_t *")
-        rc = lib.icuse_dma_rw(self.mem.store, self.mem.pt, iova, ffi.from_buffer(buf), len(buf), int(write), fault)
-        if rc < 0:
-            raise DmaFault(fault[0], write, REASONS.get(-rc, os.strerror(-rc)))
+        try:
+            self.mem.domain.dma_rw(self.mem.store, iova, buf, write)
+        except IoFault as f:
+            raise DmaFault(f.iova, f.write, f.reason) from None
+
+    def _copy_now(self, src_iova: int, dst_iova: int, length: int) -> None:
+        dom = self.mem.domain
+        try:
+            dma_copy(self.mem.store, dom, src_iova, dom, dst_iova, length)
+        except IoFault as f:
+            raise DmaFault(f.iova, f.write, f.reason) from None
 
     def read(self, iova: int, length: int) -> bytes:
         buf = bytearray(length)
@@ -113,14 +113,13 @@ class Port:
         self._check(src_iova, False)
         self._check(dst_iova, True)
         self.copies += 1
-        fault = ffi.new("uint64_t *")
-        is_dst = ffi.new("int *")
-        mem = self.mem
-        rc = await trio.to_thread.run_sync(
-            lambda: lib.icuse_dma_copy(mem.store, mem.pt, src_iova, mem.pt, dst_iova, length, fault, is_dst)
-        )
-        if rc < 0:
-            raise DmaFault(fault[0], bool(is_dst[0]), REASONS.get(-rc, os.strerror(-rc)))
+        await trio.to_thread.run_sync(self._copy_now, src_iova, dst_iova, length)
+
+    def copy_sync(self, src_iova: int, dst_iova: int, length: int) -> None:
+        self._check(src_iova, False)
+        self._check(dst_iova, True)
+        self.copies += 1
+        self._copy_now(src_iova, dst_iova, length)
 
 
 class IrqLog:

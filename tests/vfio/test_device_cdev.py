@@ -23,9 +23,9 @@ from collections.abc import Callable
 import pytest
 import trio
 from clientkit import Step, mismatches, parse_steps
-from pyclient import IoctlError, Iommufd, VfioDevice
 
 from iommufd_cuse import uapi
+from iommufd_cuse.client import AsyncIommufd, AsyncVfioDevice
 from iommufd_cuse.vfio.pci import edu as EDU
 
 # (tests/conftest.py's helpers cannot be imported from here: tests/vfio/conftest.py
@@ -105,12 +105,12 @@ def anon(size: int, fill: int = 0) -> mmap.mmap:
 
 
 async def expect_errno(err: int, coro) -> None:
-    with pytest.raises(IoctlError) as e:
+    with pytest.raises(OSError) as e:
         await coro
     assert e.value.errno == err, f"got {E.errorcode.get(e.value.errno)}, want {E.errorcode[err]}"
 
 
-async def hwpt_alloc(fd: Iommufd, dev_id: int, pt_id: int, flags: int = 0) -> int:
+async def hwpt_alloc(fd: AsyncIommufd, dev_id: int, pt_id: int, flags: int = 0) -> int:
     return (
         await fd.call(uapi.IOMMU_HWPT_ALLOC, uapi.iommu_hwpt_alloc, flags=flags, dev_id=dev_id, pt_id=pt_id)
     ).out_hwpt_id
@@ -119,7 +119,7 @@ async def hwpt_alloc(fd: Iommufd, dev_id: int, pt_id: int, flags: int = 0) -> in
 class Edu:
     """Driving one edu function from the test (its calls run in worker threads)."""
 
-    def __init__(self, daemon, n: int, dev: VfioDevice) -> None:
+    def __init__(self, daemon, n: int, dev: AsyncVfioDevice) -> None:
         self.dev = dev
         self.vdev = daemon.system.devices[n].vfio
         self.group = daemon.system.devices[n].group
@@ -446,9 +446,9 @@ async def test_bad_input_errnos(daemon, cbuild):
 async def test_ioctl_on_unbound_file_of_bound_device(daemon):
     """Another open of a device bound elsewhere gets no access either (EINVAL), and
     closing it changes nothing for the bound one."""
-    fd = await Iommufd.open(node(daemon, "iommu"))
-    dev = await VfioDevice.open(vfio(daemon, 0))
-    other = await VfioDevice.open(vfio(daemon, 0))
+    fd = await AsyncIommufd.open(node(daemon, "iommu"))
+    dev = await AsyncVfioDevice.open(vfio(daemon, 0))
+    other = await AsyncVfioDevice.open(vfio(daemon, 0))
     await dev.bind(fd.fd)
     r = await other.raw(uapi.VFIO_DEVICE_GET_INFO, uapi.vfio_device_info)
     assert (r.rc, r.errno) == (-1, E.EINVAL)
@@ -480,8 +480,8 @@ async def test_bind_does_not_stat_the_iommufd_on_the_event_loop(daemon, monkeypa
         return real_fstat(fd, *args, **kw)
 
     monkeypatch.setattr(os, "fstat", fstat)
-    fd = await Iommufd.open(node(daemon, "iommu"))
-    dev = await VfioDevice.open(vfio(daemon, 0))
+    fd = await AsyncIommufd.open(node(daemon, "iommu"))
+    dev = await AsyncVfioDevice.open(vfio(daemon, 0))
     r = await dev.raw(uapi.VFIO_DEVICE_BIND_IOMMUFD, uapi.vfio_device_bind_iommufd, iommufd=dev.fd)
     assert (r.rc, r.errno) == (-1, E.EBADFD)  # a file of the mount, not an iommufd
     assert await dev.bind(fd.fd) == 1
@@ -492,8 +492,8 @@ async def test_bind_does_not_stat_the_iommufd_on_the_event_loop(daemon, monkeypa
 
 # -- 3. DMA follows the attachment ----------------------------------------------------------
 async def test_dma_blocked_until_attach_then_follows_the_table(daemon):
-    fd = await Iommufd.open(node(daemon, "iommu"))
-    dev = await VfioDevice.open(vfio(daemon, 0))
+    fd = await AsyncIommufd.open(node(daemon, "iommu"))
+    dev = await AsyncVfioDevice.open(vfio(daemon, 0))
     devid = await dev.bind(fd.fd)
     await expect_errno(E.EBUSY, fd.destroy(devid))  # the device file holds it
     edu = Edu(daemon, 0, dev)
@@ -546,8 +546,8 @@ async def test_dma_blocked_until_attach_then_follows_the_table(daemon):
 
 
 async def test_replace_switches_to_the_new_table(daemon):
-    fd = await Iommufd.open(node(daemon, "iommu"))
-    dev = await VfioDevice.open(vfio(daemon, 0))
+    fd = await AsyncIommufd.open(node(daemon, "iommu"))
+    dev = await AsyncVfioDevice.open(vfio(daemon, 0))
     devid = await dev.bind(fd.fd)
     edu = Edu(daemon, 0, dev)
     ctx = next(iter(daemon.system.contexts))
@@ -598,8 +598,8 @@ async def test_group_of_two_shares_one_attachment(daemon):
     """vfio2 and vfio3 share group 6: bound to one context they have one domain; a
     device joins the group's HWPT or nothing (EINVAL), a replace moves both, and the
     group is blocked again when its last attached device detaches."""
-    fd = await Iommufd.open(node(daemon, "iommu"))
-    d2, d3 = await VfioDevice.open(vfio(daemon, 2)), await VfioDevice.open(vfio(daemon, 3))
+    fd = await AsyncIommufd.open(node(daemon, "iommu"))
+    d2, d3 = await AsyncVfioDevice.open(vfio(daemon, 2)), await AsyncVfioDevice.open(vfio(daemon, 3))
     id2, id3 = await d2.bind(fd.fd), await d3.bind(fd.fd)
     e2, e3 = Edu(daemon, 2, d2), Edu(daemon, 3, d3)
     group = e2.group
@@ -658,8 +658,8 @@ async def test_group_of_two_shares_one_attachment(daemon):
 async def test_close_in_any_order_releases_everything(daemon):
     """The iommufd closed first: the device file keeps its context alive (as the
     kernel's reference on the iommufd file) until it is closed too."""
-    fd = await Iommufd.open(node(daemon, "iommu"))
-    dev = await VfioDevice.open(vfio(daemon, 1))
+    fd = await AsyncIommufd.open(node(daemon, "iommu"))
+    dev = await AsyncVfioDevice.open(vfio(daemon, 1))
     await dev.bind(fd.fd)
     ioas = await fd.ioas_alloc()
     buf = anon(1 << 20)
@@ -703,8 +703,8 @@ async def test_killed_client_leaves_nothing(daemon, scripted):
     await c.proc.wait()
     await assert_released(daemon)
     # and the groups are anyone's again
-    fd = await Iommufd.open(node(daemon, "iommu"))
-    dev = await VfioDevice.open(vfio(daemon, 0))
+    fd = await AsyncIommufd.open(node(daemon, "iommu"))
+    dev = await AsyncVfioDevice.open(vfio(daemon, 0))
     assert await dev.bind(fd.fd) == 1
     await dev.close()
     await fd.close()

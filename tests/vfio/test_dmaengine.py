@@ -9,7 +9,7 @@ import threading
 import pytest
 import trio
 import trio.testing
-from devhelp import PAGE, REASONS, IrqLog, Memory, Port, R
+from devhelp import PAGE, IrqLog, Memory, Port, R
 from iommufd_cuse._native import ffi, lib
 
 from iommufd_cuse.vfio.pci import config as C
@@ -676,14 +676,9 @@ class ThreadedPort(GatedPort):
         try:
             if self.gate is not None:
                 self.gate.wait()
-            fault = ffi.new("uint64_t *")
-            is_dst = ffi.new("int *")
-            mem = self.mem
-            rc = lib.icuse_dma_copy(mem.store, mem.pt, src_iova, mem.pt, dst_iova, length, fault, is_dst)
+            self._copy_now(src_iova, dst_iova, length)
         finally:
             self.in_copy -= 1
-        if rc < 0:
-            raise DmaFault(fault[0], bool(is_dst[0]), REASONS.get(-rc, f"error {-rc}"))
 
 
 @pytest.fixture

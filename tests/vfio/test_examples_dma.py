@@ -9,7 +9,6 @@ interrupts they signalled and the DMA that went through the IOMMU."""
 
 from __future__ import annotations
 
-import fcntl
 import mmap
 import os
 import re
@@ -21,9 +20,9 @@ from pathlib import Path
 
 import pytest
 import trio
-from pyclient import Iommufd, VfioDevice
 
 from iommufd_cuse import uapi
+from iommufd_cuse.client import AsyncIommufd, AsyncVfioDevice
 from iommufd_cuse.vfio.pci import dmaengine as D
 from iommufd_cuse.vfio.pci import edu as E
 from iommufd_cuse.vfio.pci.core import MSI, MSIX
@@ -232,15 +231,15 @@ async def test_engine_example_unmap_while_queued(daemon, examples, monkeypatch, 
 class Client:
     """An iommufd + one bound device, attached to a fresh IOAS, for tests under trio."""
 
-    def __init__(self, ctx: Iommufd, dev: VfioDevice, ioas: int) -> None:
+    def __init__(self, ctx: AsyncIommufd, dev: AsyncVfioDevice, ioas: int) -> None:
         self.ctx, self.dev, self.ioas = ctx, dev, ioas
         self.maps: list[mmap.mmap] = []
 
     @classmethod
     async def open(cls, daemon, n: int) -> Client:
         iommu, node = nodes(daemon, n)
-        ctx = await Iommufd.open(iommu)
-        dev = await VfioDevice.open(node)
+        ctx = await AsyncIommufd.open(iommu)
+        dev = await AsyncVfioDevice.open(node)
         await dev.bind(ctx.fd)
         ioas = await ctx.ioas_alloc()
         await dev.attach(ioas)
@@ -378,8 +377,7 @@ async def test_engine_reset_returns_registers_and_queue_to_defaults(daemon) -> N
     c, ring, src, dst = await engine_client(daemon, size)
     efds = [os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC) for _ in range(2)]
     try:
-        r = await c.dev.set_irqs(uapi.VFIO_PCI_MSIX_IRQ_INDEX, EVENTFD_TRIGGER, fds=efds)
-        assert r.rc == 0
+        await c.dev.set_irqs(uapi.VFIO_PCI_MSIX_IRQ_INDEX, EVENTFD_TRIGGER, fds=efds)
         await c.bus_master(True)
         # some history: two copies done, then one halted on an unmapped source
         src[: 1 << 16] = pattern(1 << 16)
@@ -400,7 +398,7 @@ async def test_engine_reset_returns_registers_and_queue_to_defaults(daemon) -> N
         await c.wr(D.REG_STATUS, D.ST_HALTED)
         await wait_until(lambda: eng.head >= 3 and eng.status & D.ST_BUSY, what="engine busy")
 
-        await trio.to_thread.run_sync(fcntl.ioctl, c.dev.fd, uapi.VFIO_DEVICE_RESET, 0)
+        await c.dev.reset()
         # every register at its power-on value at once, the fault log empty
         assert [await c.rd(r) for r in ENGINE_REGS] == [0] * len(ENGINE_REGS)
         assert [await c.rd(D.FAULT_LOG_BASE + 32 * s + 16) for s in range(D.FAULT_LOG_ENTRIES)] == [0] * 16
@@ -471,7 +469,7 @@ async def test_closing_the_device_mid_transfer_stops_the_engine(daemon, examples
     await wait_until(lambda: daemon.system.pinned_pages() == 0, what="pins released")
 
     # the daemon keeps serving: the same device, bound again, copies
-    dev = await VfioDevice.open(nodes(daemon, 1)[1])
+    dev = await AsyncVfioDevice.open(nodes(daemon, 1)[1])
     await dev.bind(c.ctx.fd)
     await dev.attach(c.ioas)
     c.dev = dev

@@ -12,10 +12,9 @@ from collections.abc import Awaitable, Callable
 import trio
 
 from ... import uapi
-from ..._native import ffi, lib
 from ...errors import Errno
 from ...iommu.core import Device
-from ...iommu.domain import PagingDomain
+from ...iommu.domain import IoFault, PagingDomain, dma_copy
 from ...system import System
 from ...transport.caller import Caller
 from .config import ConfigAccessError, ConfigSpace
@@ -32,20 +31,14 @@ CONFIG = uapi.VFIO_PCI_CONFIG_REGION_INDEX
 ROM = uapi.VFIO_PCI_ROM_REGION_INDEX
 INTX, MSI, MSIX, ERR, REQ = range(5)
 DMA_CHUNK = 1 << 21  # a DMA runs off the event loop above this size
-_REASONS = {
-    errno.ENOENT: "no translation",
-    errno.EACCES: "no permission",
-    errno.EFAULT: "page not pinned",
-    errno.ESRCH: "the memory's owner process is gone",
-}
 
 
 def _models() -> dict[str, type[PciFunction]]:
     return {"edu": Edu, "dma-engine": DmaEngine}
 
 
-class DmaPort:
-    """A device's view of memory: through its group's domain, gated by bus mastering."""
+class GroupDmaPort:
+    """The DmaPort of a vfio-pci device: through its group's domain, gated by bus mastering."""
 
     def __init__(self, vdev: VfioPciDevice) -> None:
         self.vdev = vdev
@@ -66,10 +59,10 @@ class DmaPort:
 
     def _rw(self, iova: int, buf: bytearray | memoryview, write: bool) -> None:
         dom = self._domain(iova, write)
-        fault = ffi.new("uint64_t *")
-        rc = lib.icuse_dma_rw(self.vdev.system.store, dom.pt, iova, ffi.from_buffer(buf), len(buf), int(write), fault)
-        if rc < 0:
-            raise self._fault(fault[0], write, _REASONS.get(-rc, os.strerror(-rc)))
+        try:
+            dom.dma_rw(self.vdev.system.store, iova, buf, write)
+        except IoFault as f:
+            raise self._fault(f.iova, f.write, f.reason) from None
 
     def read(self, iova: int, length: int) -> bytes:
         buf = bytearray(length)
@@ -83,11 +76,10 @@ class DmaPort:
         # the domain is looked up for every piece: it may change in between (replace/detach)
         src = self._domain(src_iova, False)
         dst = self._domain(dst_iova, True)
-        fault = ffi.new("uint64_t *")
-        is_dst = ffi.new("int *")
-        rc = lib.icuse_dma_copy(self.vdev.system.store, src.pt, src_iova, dst.pt, dst_iova, n, fault, is_dst)
-        if rc < 0:
-            raise self._fault(fault[0], bool(is_dst[0]), _REASONS.get(-rc, os.strerror(-rc)))
+        try:
+            dma_copy(self.vdev.system.store, src, src_iova, dst, dst_iova, n)
+        except IoFault as f:
+            raise self._fault(f.iova, f.write, f.reason) from None
 
     async def copy(self, src_iova: int, dst_iova: int, length: int) -> None:
         """Device-internal copy: small ones on the event loop, longer ones in a
@@ -310,7 +302,7 @@ class VfioPciDevice:
     ) -> None:
         self.system = system
         self.device = device
-        self.dma = DmaPort(self)
+        self.dma = GroupDmaPort(self)
         self.irqs = Irqs(self)
         model_cls = _models().get(device.cfg.model)
         if model_cls is None:

@@ -321,7 +321,7 @@ class DmaEngine(PciFunction):
         and interrupts come out as if the descriptors had been done one by one.
 
         A batch that moves more than THREAD_MIN bytes runs in a worker thread
-        when the port can copy synchronously (the daemon's can): its pieces are
+        (with the port's copy_sync): its pieces are
         copied back to back there, each piece's STATUS written right after its
         data, and the completions (HEAD, COMPLETED, interrupt) are handed to the
         event loop as they happen. Smaller batches run on the event loop.
@@ -344,11 +344,10 @@ class DmaEngine(PciFunction):
                 return
             b = _Batch(gen, index, desc_iova, list(DESC.iter_unpack(raw)))
             pieces, valid = self._plan(b.descs)
-            copy_sync = getattr(self.dma, "copy_sync", None)
-            if copy_sync is not None and sum(p[2] for p in pieces) > THREAD_MIN:
+            if sum(p[2] for p in pieces) > THREAD_MIN:
                 token = trio.lowlevel.current_trio_token()
                 # the completions it posts run before this task resumes (run_sync_soon is FIFO)
-                result = await trio.to_thread.run_sync(self._run_in_thread, b, pieces, copy_sync, token)
+                result = await trio.to_thread.run_sync(self._run_in_thread, b, pieces, self.dma.copy_sync, token)
             else:
                 result = await self._run_on_loop(b, pieces)
             if gen != self._gen:

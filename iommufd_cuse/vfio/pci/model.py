@@ -39,6 +39,10 @@ class DmaPort(Protocol):
         """Device-internal copy of a long range, off the event loop; raises DmaFault."""
         ...
 
+    def copy_sync(self, src_iova: int, dst_iova: int, length: int) -> None:
+        """copy() for a model already off the event loop (in a worker thread of its own)."""
+        ...
+
 
 class IrqSink(Protocol):
     def set_intx(self, asserted: bool) -> None: ...
