@@ -10,6 +10,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from nativehelp import ffi, lib
 
+from iommufd_cuse.iommufd.io_pagetable import IoPagetable
+
 ranges_st = st.lists(st.tuples(st.integers(0, 60), st.integers(-3, 10)), max_size=14).map(
     lambda r: [(s, max(0, s + d)) for s, d in r]
 )
@@ -49,16 +51,6 @@ def test_ranges_check_a_million_disjoint_ranges():
     assert lib.icuse_ranges_check(buf, n, ffi.NULL) == n - 1
 
 
-def merged(ranges):
-    out = []
-    for s, e in sorted(ranges):
-        if out and s <= out[-1][1] + 1:
-            out[-1] = (out[-1][0], max(out[-1][1], e))
-        else:
-            out.append((s, e))
-    return out
-
-
 def first_fit(windows, used, length, align):
     """Every candidate address, lowest first: the slow obvious answer."""
     for ws, we in windows:
@@ -82,7 +74,7 @@ def first_fit(windows, used, length, align):
 def test_iova_alloc_is_first_fit(points, used, length, align, lo, hi):
     points = sorted(points)[: len(points) // 2 * 2]
     windows = [(points[i], points[i + 1]) for i in range(0, len(points), 2)]
-    used = merged([(s, s + d) for s, d in used])
+    used = IoPagetable._merge([(s, s + d) for s, d in used])  # the input the daemon passes: sorted, merged
     out = ffi.new("uint64_t *")
     rc = lib.icuse_iova_alloc(words(windows), len(windows), words(used), len(used), lo, hi, length, align, 0, out)
     want = first_fit([(max(s, lo), min(e, hi)) for s, e in windows], used, length, align)
