@@ -284,4 +284,4 @@ class Daemon:
         for ctx in list(self.system.contexts):
             ctx.destroy_all()
         self.system.contexts.clear()
-        log.info("stopped")
+        log.info("stopped, %d pages pinned", self.system.pinned_pages())

@@ -144,4 +144,6 @@ async def test_sigterm_with_a_hostile_call_in_flight(cbuild, mode):
             await proc.wait()
         assert not mounted(d.base / "mnt")
         assert not os.path.lexists(d.node)
-        assert "Traceback" not in d.log_text()
+        log = d.log_text()
+        assert "Traceback" not in log and "ERROR" not in log, log
+        assert "stopped, 0 pages pinned" in log, log
