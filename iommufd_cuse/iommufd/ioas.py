@@ -13,7 +13,7 @@ import trio
 from .. import uapi
 from .._native import ffi, lib
 from ..errors import Errno
-from ..transport.caller import CAP_SYS_RESOURCE
+from ..transport.caller import CAP_SYS_RESOURCE, in_background
 from .io_pagetable import IOMMU_READ, IOMMU_WRITE, ULONG_MAX, Allowed, IoPagetable, PagesSlice
 from .object import Context, Object, ObjType, Ucmd
 from .pages import AccountMode, FilePages, UserPages
@@ -98,7 +98,7 @@ async def _load_iovas(ucmd: Ucmd, addr: int, num: int) -> Allowed:
     ranges is ENOMEM (the kernel's allocations would fail about there)."""
     want = min(num, MAX_IOVA_RANGES)
     if want > INLINE_RANGES:
-        words = await trio.to_thread.run_sync(_read_and_check, ucmd.caller, addr, want)
+        words = await trio.to_thread.run_sync(in_background, _read_and_check, ucmd.caller, addr, want)
     else:
         words = _read_and_check(ucmd.caller, addr, want)
     if num > want:

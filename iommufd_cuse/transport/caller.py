@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import functools
 import os
 import resource
+import threading
 from collections.abc import Awaitable, Callable
 
 import trio
@@ -44,6 +46,41 @@ SCAN_CHUNK = 32 << 20
 _scan_limiters: dict[int, trio.CapacityLimiter] = {}
 
 
+def in_background(fn: Callable[..., int], *args: object) -> int:
+    """fn(*args) in a worker thread at a lower CPU priority (nice + 10) than the loop's,
+    so that one caller's long scan yields the CPU to every caller's requests. Only
+    where the thread can be given its priority back afterwards (CAP_SYS_NICE or an
+    RLIMIT_NICE that allows it): trio reuses its threads for other work."""
+    if not _can_renice():
+        return fn(*args)
+    nice = os.getpriority(os.PRIO_PROCESS, 0)  # this thread's (Linux: per thread)
+    os.setpriority(os.PRIO_PROCESS, 0, min(19, nice + 10))
+    try:
+        return fn(*args)
+    finally:
+        os.setpriority(os.PRIO_PROCESS, 0, nice)
+
+
+@functools.cache
+def _can_renice() -> bool:
+    """Whether a thread may lower its priority and raise it back (tried on a thread of its own)."""
+    ok: list[bool] = []
+
+    def probe() -> None:
+        try:
+            nice = os.getpriority(os.PRIO_PROCESS, 0)
+            os.setpriority(os.PRIO_PROCESS, 0, min(19, nice + 1))
+            os.setpriority(os.PRIO_PROCESS, 0, nice)
+            ok.append(True)
+        except OSError:
+            ok.append(False)
+
+    t = threading.Thread(target=probe, name="renice-probe")
+    t.start()
+    t.join()
+    return ok == [True]
+
+
 async def scan_off_loop(fn: Callable[[int, int, int], int], caller: Caller, addr: int, length: int) -> int:
     """fn(tid, addr, n) over [addr, addr + length) in chunks in a worker thread;
     the first non-zero result is returned (0: every chunk returned 0)."""
@@ -62,7 +99,7 @@ async def scan_off_loop(fn: Callable[[int, int, int], int], caller: Caller, addr
             n = min(SCAN_CHUNK, length - done)
             # Not abandoned on cancel: the chunk ends in milliseconds, and then
             # nothing of the request is left running.
-            rc = await trio.to_thread.run_sync(fn, caller.tid, addr + done, n, limiter=limiter)
+            rc = await trio.to_thread.run_sync(in_background, fn, caller.tid, addr + done, n, limiter=limiter)
             if rc:
                 return rc
             done += n
