@@ -93,7 +93,7 @@ class System:
         self.file_seqs: dict[str, int] = {}
         self.node_inos: dict[str, int] = {}
         # Test mode only (iommufd/selftest/), globals of the kernel's selftest.c: the
-        # mock IOMMU (made at first use) and iommufd_test_memory_limit.
+        # mock IOMMU (made at first use) and iommufd_test_memory_limit (its default).
         self.mock_iommu: Iommu | None = None
         self.selftest_memory_limit = 65536
 
