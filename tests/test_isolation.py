@@ -1,4 +1,4 @@
-"""No client can stall or break another (DESIGN.md §11, docs/isolation.md): the calls
+"""No client can stall or break another (DESIGN.md §11, docs/architecture.md): the calls
 that used to freeze the daemon, made by a real hostile process, answer the kernel's
 errno while a victim on another open keeps being served; they stop at the caller's
 signal (EINTR) and at SIGTERM, leaving nothing behind."""
