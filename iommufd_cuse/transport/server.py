@@ -415,7 +415,10 @@ def _tgid_of(tid: int) -> int:
 
 
 def _pack_ioctl(result: int) -> bytes:
-    return P.IOCTL_OUT.pack(result, 0, 0, 0)
+    return _IOCTL_OK if result == 0 else P.IOCTL_OUT.pack(result, 0, 0, 0)
+
+
+_IOCTL_OK = P.IOCTL_OUT.pack(0, 0, 0, 0)  # most answers
 
 
 def _pack_write(n: int) -> bytes:
