@@ -120,10 +120,17 @@ LAYERS: dict[str, tuple[str, ...]] = {
     # the vfio-pci driver: DMA through the IOMMU layer's domains, never the native library
     "vfio.pci.core": ("errors", "uapi", "iommu.core", "iommu.domain", "system", "transport.caller", "vfio.pci"),
     "vfio": ("errors", "uapi", "transport", "iommu", "iommufd", "vfio"),
-    "daemon": ("errors", "config", "system", "transport", "iommu", "iommufd", "vfio"),
+    # the sysfs view: a node tree of the topology's values (driver core, not iommufd)
+    "sysfs": ("errors", "uapi", "transport", "iommu", "system"),
+    "daemon": ("errors", "config", "system", "transport", "iommu", "iommufd", "vfio", "sysfs"),
+    # run: a mount namespace and an exec, nothing of the daemon's insides
+    "run": (),
     "service": ("errors", "uapi", "system", "daemon", "iommufd.debug", "service"),
     "install": ("config",),
-    "cli": ("config", "daemon", "install", "service"),
+    "cli": ("config", "daemon", "install", "service", "run"),
+    # a client of the uAPI works against the kernel too: nothing of the daemon
+    "client": ("uapi",),
+    "pytest_plugin": ("client", "service"),
 }
 
 

@@ -19,7 +19,7 @@ from ..errors import Errno
 from ..transport.caller import Caller
 from ..transport.nodes import FileHandle
 from ..transport.protocol import FOPEN_DIRECT_IO, FOPEN_NONSEEKABLE
-from . import device, fault, hw_pagetable, ioas, vfio_compat, viommu
+from . import device, fault, hw_pagetable, ioas, mmap, vfio_compat, viommu
 from .object import Context, Ucmd, check_zeroed_user, copy_struct_from_user
 from .pages import AccountMode
 from .selftest import iommufd_test
@@ -184,6 +184,8 @@ class IommufdFile(FileHandle):
         table = self.table
         if IOMMUFD_CMD_BASE <= cmd & _IOC_NRMASK <= table.last_nr:  # table.in_range, inline: every call
             return table.dispatch(self.ctx, req.caller, cmd, arg)
+        if cmd == mmap.MMAP_REGION:
+            return mmap.mmap_region(self.ctx, req.caller, arg)  # the companion's mmap()
         # Outside the table: the VFIO type1 container ioctls.
         return vfio_compat.vfio_ioctl(self.ctx, req.caller, cmd, arg)
 
