@@ -102,6 +102,7 @@ class Context:
         self.objects: dict[int, Any] = {}
         self.account_mode = account_mode
         self.vfio_ioas = None  # the compat layer's IOAS
+        self.maps = self.unmaps = 0  # IOAS map and unmap operations that succeeded (status)
         self.opener_tid = opener.tid
         self.opener_uid = opener.uid
         self.igroups: dict[int, Any] = {}  # group id -> device.Igroup
@@ -210,6 +211,8 @@ class Context:
                 log.error("context objects still in use at release: %s", self.live_objects())
                 break
             for obj in leaves:
+                if self.objects.get(obj.id) is not obj:
+                    continue  # gone with one destroyed before it (a vdevice with its mock device)
                 try:
                     self._destroy(obj)
                 except Exception:

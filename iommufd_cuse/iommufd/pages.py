@@ -66,17 +66,30 @@ class Vma:
         return self.perms[3] == "s" and self.inode != 0
 
 
-def read_maps(proc_dir: int) -> list[Vma]:
+def read_maps(proc_dir: int, start: int = 0, end: int = 1 << 64) -> list[Vma]:
+    """The mappings of a process that overlap [start, end) (all of them by default).
+    Only their lines are parsed, found by bisection (the file is sorted by address):
+    a VMM has thousands of mappings, and a guest's DMA API maps a page at a time."""
     fd = os.open("maps", os.O_RDONLY | os.O_CLOEXEC, dir_fd=proc_dir)
-    with os.fdopen(fd) as f:
-        out = []
-        for line in f:
-            parts = line.split(maxsplit=5)
-            start, end = (int(x, 16) for x in parts[0].split("-"))
-            out.append(
-                Vma(start, end, parts[1], int(parts[2], 16), int(parts[4]), parts[5].strip() if len(parts) > 5 else "")
-            )
-        return out
+    with os.fdopen(fd, "rb") as f:
+        lines = f.read().splitlines()
+    lo, hi = 0, len(lines)
+    while lo < hi:  # the first line whose mapping ends above start
+        mid = (lo + hi) // 2
+        if int(lines[mid].split(b" ", 1)[0].split(b"-")[1], 16) <= start:
+            lo = mid + 1
+        else:
+            hi = mid
+    out = []
+    for raw in lines[lo:]:
+        parts = raw.decode(errors="surrogateescape").split(maxsplit=5)
+        vstart, vend = (int(x, 16) for x in parts[0].split("-"))
+        if vstart >= end:
+            break
+        out.append(
+            Vma(vstart, vend, parts[1], int(parts[2], 16), int(parts[4]), parts[5].strip() if len(parts) > 5 else "")
+        )
+    return out
 
 
 _PROCMAP_QUERY_SIZE = 104  # struct procmap_query (Linux 6.11)
@@ -88,10 +101,10 @@ _procmap_query_works = True
 def maps_in(proc_dir: int, start: int, end: int) -> list[Vma]:
     """The mappings of the process that intersect [start, end), in address order:
     asked one by one with PROCMAP_QUERY (a lookup each, however many mappings the
-    process has), or, on kernels without it, read from all of /proc/<pid>/maps."""
+    process has), or, on kernels without it (before 6.11), found in /proc/<pid>/maps."""
     global _procmap_query_works
     if not _procmap_query_works:
-        return [v for v in read_maps(proc_dir) if v.end > start and v.start < end]
+        return read_maps(proc_dir, start, end)
     fd = os.open("maps", os.O_RDONLY | os.O_CLOEXEC, dir_fd=proc_dir)
     try:
         name = ctypes.create_string_buffer(4096)
@@ -277,6 +290,23 @@ class Pages:
         limit = memlock_limit_of(f"/proc/{self.source_tgid}")
         return self._saved_rlimit if limit is None else limit
 
+    def _map_file(self, fd: int, offset: int, length: int, prot: int) -> int:
+        """Map [offset, offset + length) of a shmem or hugetlbfs file into the daemon
+        (kept until the pages go); the address of offset. A hugetlbfs file maps only
+        whole huge pages, so the huge pages around the range are mapped."""
+        fs, bsize = _fs_type(fd)
+        align = bsize if fs == HUGETLBFS_MAGIC and bsize > PAGE_SIZE else PAGE_SIZE
+        lo = offset - offset % align
+        hi = -(-(offset + length) // align) * align
+        try:
+            m = mmap.mmap(fd, hi - lo, flags=mmap.MAP_SHARED | _populate_flag(hi - lo), prot=prot, offset=lo)
+        except OSError as e:
+            raise Errno(e.errno or errno.EINVAL, f"cannot map the memory's file: {e}") from None
+        self._resources.append(m)
+        if not _populate_flag(hi - lo):
+            self._unpopulated.append((m, bool(prot & mmap.PROT_WRITE)))
+        return int(ffi.cast("uint64_t", ffi.from_buffer(m))) + (offset - lo)
+
     # -- lifetime -----------------------------------------------------------------
     def put(self) -> None:
         self.refs -= 1
@@ -369,26 +399,16 @@ class UserPages(Pages):
             # Not reachable as a file (e.g. a special mapping): use it in place.
             self._set_backing(first, n, lib.ICUSE_BACKING_PROC, self.mem_fd, pos)
             return
-        if self.writable and _fs_type(fd) not in (TMPFS_MAGIC, HUGETLBFS_MAGIC):
-            # A writable long-term pin of a shared mapping of a file that needs
-            # dirty tracking (a disk file) is refused by the kernel's GUP.
-            os.close(fd)
-            raise Errno(errno.EFAULT, f"{vma.path}: writable long-term pin of a shared file mapping")
         try:
-            m = mmap.mmap(
-                fd,
-                end - pos,
-                flags=mmap.MAP_SHARED | _populate_flag(end - pos),
-                prot=mmap.PROT_READ | (mmap.PROT_WRITE if mode == os.O_RDWR else 0),
-                offset=vma.offset + (pos - vma.start),
-            )
+            if self.writable and _fs_type(fd)[0] not in (TMPFS_MAGIC, HUGETLBFS_MAGIC):
+                # A writable long-term pin of a shared mapping of a file that needs
+                # dirty tracking (a disk file) is refused by the kernel's GUP.
+                raise Errno(errno.EFAULT, f"{vma.path}: writable long-term pin of a shared file mapping")
+            prot = mmap.PROT_READ | (mmap.PROT_WRITE if mode == os.O_RDWR else 0)
+            addr = self._map_file(fd, vma.offset + (pos - vma.start), end - pos, prot)
         finally:
             os.close(fd)
-        self._resources.append(m)
-        if not _populate_flag(len(m)):
-            self._unpopulated.append((m, mode == os.O_RDWR))
-        addr = ffi.cast("uint64_t", ffi.from_buffer(m))
-        self._set_backing(first, n, lib.ICUSE_BACKING_MEM, -1, int(addr))
+        self._set_backing(first, n, lib.ICUSE_BACKING_MEM, -1, addr)
 
 
 def _populate_flag(length: int) -> int:
@@ -407,13 +427,14 @@ TMPFS_MAGIC = 0x01021994
 HUGETLBFS_MAGIC = 0x958458F6
 
 
-def _fs_type(fd: int) -> int:
-    """f_type of the file system holding fd (fstatfs)."""
-    buf = ctypes.create_string_buffer(120)  # struct statfs; f_type is its first word
+def _fs_type(fd: int) -> tuple[int, int]:
+    """(f_type, f_bsize) of the file system holding fd (fstatfs); (-1, 0) if unknown.
+    On hugetlbfs f_bsize is the huge page size."""
+    buf = ctypes.create_string_buffer(120)  # struct statfs: f_type, f_bsize are its first two words
     libc = ctypes.CDLL(None, use_errno=True)
     if libc.fstatfs(fd, buf) != 0:
-        return -1
-    return int.from_bytes(buf.raw[:8], "little")
+        return -1, 0
+    return int.from_bytes(buf.raw[:8], "little"), int.from_bytes(buf.raw[8:16], "little")
 
 
 class FilePages(Pages):
@@ -444,23 +465,14 @@ class FilePages(Pages):
         st = os.fstat(self.file_fd)
         # The kernel pins file folios with memfd_pin_folios(): shmem or hugetlbfs only
         # (a memfd, a file of a tmpfs or hugetlbfs mount), never a disk file.
-        if not stat.S_ISREG(st.st_mode) or _fs_type(self.file_fd) not in (TMPFS_MAGIC, HUGETLBFS_MAGIC):
+        if not stat.S_ISREG(st.st_mode) or _fs_type(self.file_fd)[0] not in (TMPFS_MAGIC, HUGETLBFS_MAGIC):
             raise Errno(errno.EINVAL, "not a memfd (shmem or hugetlbfs file)")
         offset = self.start + first * PAGE_SIZE
         length = n * PAGE_SIZE
         if offset + length > st.st_size:
             raise Errno(errno.EINVAL, "range beyond the end of the file")
         prot = mmap.PROT_READ | (mmap.PROT_WRITE if self.writable else 0)
-        try:
-            flags = mmap.MAP_SHARED | _populate_flag(length)
-            m = mmap.mmap(self.file_fd, length, flags=flags, prot=prot, offset=offset)
-        except OSError as e:
-            raise Errno(e.errno or errno.EINVAL) from None
-        self._resources.append(m)
-        if not _populate_flag(length):
-            self._unpopulated.append((m, self.writable))
-        addr = ffi.cast("uint64_t", ffi.from_buffer(m))
-        self._set_backing(first, n, lib.ICUSE_BACKING_MEM, -1, int(addr))
+        self._set_backing(first, n, lib.ICUSE_BACKING_MEM, -1, self._map_file(self.file_fd, offset, length, prot))
 
 
 async def dmabuf_get(fd: int) -> Any:

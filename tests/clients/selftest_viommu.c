@@ -186,6 +186,8 @@ int main(int argc, char **argv)
 		/* FUSE answers mmap() of the direct-I/O iommufd itself */
 		step0("mmap", xres(mmap(NULL, data.out_mmap_length, PROT_READ, MAP_SHARED, fd, data.out_mmap_offset) ==
 					   MAP_FAILED ? -1 : 0));
+		/* left for the release: destroying the device there takes its vdevice too */
+		step0("vdev", vdevice_alloc(viommu, idev, 0x99, &vdev));
 		return 0;
 	}
 

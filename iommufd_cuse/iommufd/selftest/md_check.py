@@ -310,9 +310,7 @@ async def op_dirty(t: SelftestCall) -> int:
             bitmap = bytearray((nbits + 63) // 64 * 8)  # whole words, zero past nbytes
             if caller.read_into(a.uptr, bitmap, nbytes):
                 raise Errno(errno.EFAULT)
-            return lib.icuse_pt_mark_dirty_bitmap(
-                domain.pt, a.iova, a.page_size, ffi.from_buffer("uint64_t[]", bitmap), nbits
-            )
+            return domain.mark_dirty_bitmap(a.iova, a.page_size, bitmap, nbits)
 
         a.out_nr_dirty = await trio.to_thread.run_sync(mark) if nbytes > 4096 else mark()
         t.respond()

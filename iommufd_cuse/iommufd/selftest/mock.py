@@ -12,7 +12,7 @@ from typing import Any
 import trio
 
 from ... import uapi
-from ..._native import lib
+from ..._native import ffi, lib
 from ...config import DeviceConfig, IommuConfig
 from ...errors import Errno
 from ...iommu.core import Device, Group, Iommu
@@ -56,8 +56,46 @@ class MockDomain(PagingDomain):
 
     def set_dirty(self, iova: int) -> bool:
         """Mark the leaf holding iova dirty, as the mock does to any present entry
-        (read-only ones included); False when iova is not mapped."""
-        return lib.icuse_pt_mark_dirty(self.pt, iova) == 0
+        (read-only ones included); False when iova is not mapped.
+
+        The mock's amdv1 table holds a PAGE_SIZE mapping of its 2 KiB granule as one
+        contiguous entry, whose dirty bit covers both halves; the native table has
+        two 2 KiB leaves there, so both are marked when they form such a page (iova
+        and pa PAGE_SIZE aligned, pa contiguous)."""
+        if lib.icuse_pt_mark_dirty(self.pt, iova):
+            return False
+        if self.pagetable_type != uapi.MOCK_IOMMUPT_HUGE and MOCK_PAGE_SIZE < PAGE_SIZE:
+            first = iova & ~(PAGE_SIZE - 1)
+            lo, hi = self.walk(first), self.walk(first + MOCK_PAGE_SIZE)
+            if (
+                lo is not None
+                and hi is not None
+                and lo[2] == hi[2] == MOCK_PAGE_SIZE
+                and lo[0] % PAGE_SIZE == 0
+                and hi[0] == lo[0] + MOCK_PAGE_SIZE
+            ):
+                lib.icuse_pt_mark_dirty(self.pt, (iova & ~(MOCK_PAGE_SIZE - 1)) ^ MOCK_PAGE_SIZE)  # the other half
+        return True
+
+    def mark_dirty_bitmap(self, iova: int, page_size: int, bitmap: bytearray, nbits: int) -> int:
+        """set_dirty for each page_size page of iova whose bit is set in bitmap (whole
+        u64 words); the number of bits set. In C where no leaf needs its pair marked
+        (the huge mock); else a set_dirty per set bit, only the non-zero words visited."""
+        if self.pagetable_type == uapi.MOCK_IOMMUPT_HUGE or MOCK_PAGE_SIZE >= PAGE_SIZE:
+            return lib.icuse_pt_mark_dirty_bitmap(
+                self.pt, iova, page_size, ffi.from_buffer("uint64_t[]", bitmap), nbits
+            )
+        count = 0
+        words = memoryview(bitmap).cast("Q")
+        for wi, w in enumerate(words):
+            if wi == nbits // 64:
+                w &= (1 << (nbits % 64)) - 1
+            while w:
+                low = w & -w
+                self.set_dirty(iova + (wi * 64 + low.bit_length() - 1) * page_size)
+                count += 1
+                w ^= low
+        return count
 
     def __repr__(self) -> str:
         kind = "huge" if self.pagetable_type == uapi.MOCK_IOMMUPT_HUGE else "default"
