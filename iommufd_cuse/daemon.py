@@ -520,4 +520,4 @@ class Daemon:
         for dev in self.system.devices:
             if dev.vfio is not None:
                 dev.vfio.model.close()
-        log.info("stopped")
+        log.info("stopped, %d pages pinned", self.system.pinned_pages())

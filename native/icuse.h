@@ -20,6 +20,29 @@
 int icuse_vm_read(int tid, uint64_t addr, void *buf, size_t len);
 int icuse_vm_write(int tid, uint64_t addr, const void *buf, size_t len);
 
+/* Scans and fills of caller memory, O(1) per byte, stopping at the first fault.
+ * The caller bounds len per call (and goes off its event loop for long ones).
+ * check_zero: 0 if all len bytes at addr are zero, 1 at the first non-zero
+ * byte (found before any fault after it), -EFAULT or -ESRCH.
+ * clear: write len zero bytes at addr (clear_user); 0, -EFAULT at the first
+ * page that cannot be written (those before it are cleared), or -ESRCH. */
+int64_t icuse_vm_check_zero(int tid, uint64_t addr, uint64_t len);
+int64_t icuse_vm_clear(int tid, uint64_t addr, uint64_t len);
+
+/* ---------------------------------------------------------------------------
+ * IOVA range lists: n (start, last) pairs, as struct iommu_iova_range arrays.
+ * ranges_check: the index of the first range that is empty (start >= last)
+ * or overlaps an earlier one, n if none, or -ENOMEM; when n, sorted (room for
+ * 2n words, may be NULL) gets the ranges sorted by start.
+ * iova_alloc: the lowest iova inside one of the sorted windows (each clipped
+ * to [lo, hi]) that misses every used range (sorted, merged) and is align
+ * aligned, or'ed with page_offset, with room for length bytes: 0 and *out,
+ * or -ENOSPC. */
+int64_t icuse_ranges_check(const uint64_t *ranges, uint64_t n, uint64_t *sorted);
+int icuse_iova_alloc(const uint64_t *windows, uint64_t nwin, const uint64_t *used, uint64_t nused,
+		     uint64_t lo, uint64_t hi, uint64_t length, uint64_t align, uint64_t page_offset,
+		     uint64_t *out);
+
 /* Issue ioctl(fd, cmd, arg) from a forked child that keeps no other file
  * open; returns the child's pid (it exits 0 when the ioctl returned 0) or
  * -errno. For I/O on the daemon's own mount, which must never be done by a
@@ -96,6 +119,12 @@ int64_t icuse_pt_unmap(struct icuse_pt *pt, uint64_t iova, uint64_t length);
  * selftest's IOMMU_TEST_OP_DIRTY, which the mock does to any present entry).
  * 0, or -ENOENT when unmapped. */
 int icuse_pt_mark_dirty(struct icuse_pt *pt, uint64_t iova);
+
+/* The same for every page_size page of iova whose bit is set in bitmap (bit i:
+ * the page at iova + i * page_size, little-endian u64 words, nbits bits);
+ * returns the number of bits set, mapped or not (the selftest's IOMMU_TEST_OP_DIRTY). */
+uint64_t icuse_pt_mark_dirty_bitmap(struct icuse_pt *pt, uint64_t iova, uint64_t page_size,
+				    const uint64_t *bitmap, uint64_t nbits);
 
 /* Translation of one iova: 0, or -ENOENT when unmapped. Does not touch A/D bits. */
 int icuse_pt_walk(struct icuse_pt *pt, uint64_t iova, struct icuse_pte_info *out);

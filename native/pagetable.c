@@ -461,6 +461,31 @@ int icuse_pt_mark_dirty(struct icuse_pt *pt, uint64_t iova)
 	return ep ? 0 : -ENOENT;
 }
 
+uint64_t icuse_pt_mark_dirty_bitmap(struct icuse_pt *pt, uint64_t iova, uint64_t page_size,
+				    const uint64_t *bitmap, uint64_t nbits)
+{
+	uint64_t count = 0, i;
+
+	pthread_rwlock_rdlock(&pt->lock);
+	for (i = 0; i < (nbits + 63) / 64; i++) {
+		uint64_t w = bitmap[i];
+
+		if (i == nbits / 64)
+			w &= (1ull << (nbits % 64)) - 1; /* bits past nbits do not count */
+		while (w) {
+			unsigned level;
+			uint64_t *ep = find_leaf(pt, iova + (i * 64 + (uint64_t)__builtin_ctzll(w)) * page_size, &level);
+
+			if (ep)
+				__atomic_fetch_or(ep, PTE_D, __ATOMIC_RELAXED);
+			count++;
+			w &= w - 1;
+		}
+	}
+	pthread_rwlock_unlock(&pt->lock);
+	return count;
+}
+
 int icuse_pt_walk(struct icuse_pt *pt, uint64_t iova, struct icuse_pte_info *out)
 {
 	unsigned level;

@@ -98,19 +98,14 @@ class PagingDomain(Domain):
             return None
         return info.pa, info.prot, info.leaf_size
 
-    def read_dirty(self, iova: int, length: int, page_size: int, base: int, bitmap: bytearray, no_clear: bool) -> None:
-        """OR the dirty pages of [iova, iova+length) into bitmap, whose bit 0 is
-        the page at base (page_size granular), clearing them unless no_clear."""
-        first_bit = (iova - base) // page_size
-        nbits = (length + page_size - 1) // page_size
-        words = ffi.new("uint64_t[]", (nbits + 63) // 64 + 1)
+    def read_dirty_into(self, iova: int, length: int, page_size: int, bitmap: bytearray, no_clear: bool) -> None:
+        """Set the bits of the dirty pages of [iova, iova+length) in bitmap (bit 0:
+        the page at iova; the others are left as they are), clearing them unless
+        no_clear. bitmap is a whole number of u64 words."""
+        words = ffi.from_buffer("uint64_t[]", bitmap)
         rc = lib.icuse_pt_read_and_clear_dirty(self.pt, iova, length, page_size, words, int(no_clear))
         if rc < 0:
             raise Errno(-rc)
-        found = int.from_bytes(ffi.buffer(words), "little") & ((1 << nbits) - 1)
-        if found:
-            merged = int.from_bytes(bitmap, "little") | found << first_bit
-            bitmap[:] = merged.to_bytes(len(bitmap), "little")
 
     def clear_dirty(self) -> None:
         """Forget every dirty bit (tracking is being switched on)."""

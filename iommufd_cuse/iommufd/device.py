@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import errno
 import logging
+from collections.abc import Awaitable
 from dataclasses import dataclass, field
 
 import trio
@@ -23,6 +24,7 @@ from .. import uapi
 from ..errors import Errno
 from ..iommu.core import Device, Group
 from .hw_pagetable import HwptNested, HwptPaging, hwpt_paging_alloc
+from .io_pagetable import ULONG_MAX
 from .ioas import Ioas
 from .object import Context, Object, ObjType, Ucmd
 
@@ -263,10 +265,20 @@ def get_hw_info(ucmd: Ucmd) -> int:
     if in_type not in (uapi.IOMMU_HW_INFO_TYPE_DEFAULT, out_type):
         raise Errno(errno.EOPNOTSUPP)
     n = min(cmd.data_len, len(data))
-    if cmd.data_len:
-        ucmd.caller.write(cmd.data_uptr, data[:n] + bytes(cmd.data_len - n))
-    cmd.data_len = len(data)
+    ucmd.caller.write(cmd.data_uptr, data[:n])
     cmd.out_data_type = out_type
     cmd.out_capabilities, cmd.out_max_pasid_log2 = iommu.hw_caps(idev.device)
+    # The rest of the caller's buffer is cleared (clear_user): a long one off the loop.
+    pending = ucmd.caller.clear((cmd.data_uptr + n) & ULONG_MAX, cmd.data_len - n) if n < cmd.data_len else None
+    if pending is not None:
+        return _hw_info_finish(ucmd, len(data), pending)
+    cmd.data_len = len(data)
+    ucmd.respond()
+    return 0
+
+
+async def _hw_info_finish(ucmd: Ucmd, data_len: int, pending: Awaitable[None]) -> int:
+    await pending
+    ucmd.cmd.data_len = data_len
     ucmd.respond()
     return 0

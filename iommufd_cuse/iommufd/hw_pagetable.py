@@ -297,7 +297,7 @@ async def hwpt_alloc(ucmd: Ucmd) -> int:
 HWPT_INVALIDATE_ENTRY_NUM_MAX = 1 << 19  # mainline's cap on entry_num
 
 
-def hwpt_invalidate(ucmd: Ucmd) -> int:
+async def hwpt_invalidate(ucmd: Ucmd) -> int:
     """IOMMU_HWPT_INVALIDATE: hand an array of entry_num driver-defined entries of
     entry_len bytes to the nested domain's cache_invalidate_user. entry_num is
     written back as the number of entries handled, whatever the outcome (if that
@@ -333,7 +333,8 @@ def hwpt_invalidate(ucmd: Ucmd) -> int:
             raise Errno(errno.EOPNOTSUPP)
         array = UserDataArray(ucmd.caller, cmd.data_type, cmd.data_uptr, cmd.entry_len, cmd.entry_num)
         try:
-            invalidate(array)
+            with ucmd.ctx.hold(obj):  # the driver may await between entries
+                await invalidate(array)
         finally:
             done = array.entry_num
     except Errno as e:
@@ -393,14 +394,32 @@ async def hwpt_get_dirty_bitmap(ucmd: Ucmd) -> int:
         raise Errno(errno.EINVAL)  # the drivers refuse a bitmap while tracking is off
     nbits = cmd.length // cmd.page_size
     nbytes = (nbits + 63) // 64 * 8
-    if nbytes > 64 << 20:
-        raise Errno(errno.ENOMEM)
+    no_clear = bool(cmd.flags & uapi.IOMMU_HWPT_GET_DIRTY_BITMAP_NO_CLEAR)
+    # Streamed as the kernel's iova_bitmap: a chunk of the caller's bitmap at a time
+    # is read, gets the dirty bits of its IOVA range, and is written back; so neither
+    # memory nor time on the loop grows with the caller's length.
     with ctx.hold(hwpt):
-        bitmap = bytearray(ucmd.caller.read(cmd.data, nbytes))
-        no_clear = bool(cmd.flags & uapi.IOMMU_HWPT_GET_DIRTY_BITMAP_NO_CLEAR)
-        # Only the areas are walked, as the kernel does (holes are never dirty).
-        for area in iopt.areas_in(cmd.iova, last):
-            s, e = max(area.start, cmd.iova), min(area.last, last)
-            await trio.to_thread.run_sync(domain.read_dirty, s, e - s + 1, cmd.page_size, cmd.iova, bitmap, no_clear)
-        ucmd.caller.write(cmd.data, bitmap)
+        done = 0
+        while done < nbytes:
+            n = min(DIRTY_CHUNK, nbytes - done)
+            iova = cmd.iova + done * 8 * cmd.page_size
+            length = min(n * 8 * cmd.page_size, cmd.length - done * 8 * cmd.page_size)
+            args = (ucmd.caller, cmd.data + done, n, domain, iova, length, cmd.page_size, no_clear)
+            if nbytes > DIRTY_INLINE:
+                await trio.to_thread.run_sync(_dirty_chunk, *args)
+            else:
+                _dirty_chunk(*args)
+            done += n
     return 0
+
+
+DIRTY_CHUNK = 1 << 20  # bytes of the caller's bitmap per step (8 Mi pages)
+DIRTY_INLINE = 4096  # bitmaps up to this size are done on the loop
+
+
+def _dirty_chunk(caller, uptr: int, n: int, domain, iova: int, length: int, page_size: int, no_clear: bool) -> None:  # noqa: ANN001
+    """One step of GET_DIRTY_BITMAP: n bytes of the caller's bitmap at uptr, whose bit 0
+    is the page at iova, OR'ed with the dirty pages of [iova, iova + length)."""
+    bitmap = caller.read(uptr, n)
+    domain.read_dirty_into(iova, length, page_size, bitmap, no_clear)
+    caller.write(uptr, bitmap)

@@ -8,6 +8,7 @@ an area are pinned while at least one domain holds them.
 
 from __future__ import annotations
 
+import array
 import bisect
 import errno
 import logging
@@ -32,6 +33,10 @@ THREAD_CHUNK = 64 << 20
 
 IOMMU_READ = lib.ICUSE_PROT_READ
 IOMMU_WRITE = lib.ICUSE_PROT_WRITE
+
+
+def _area_start(area: Area) -> int:
+    return area.start
 
 
 @dataclass(eq=False)
@@ -98,7 +103,7 @@ def _check_add(a: int, b: int) -> int:
 class IoPagetable:
     areas: list[Area] = field(default_factory=list)  # sorted by start, disjoint
     reserved: list[Reserved] = field(default_factory=list)
-    allowed: list[tuple[int, int]] = field(default_factory=list)  # sorted, disjoint
+    allowed: Allowed = field(default_factory=lambda: Allowed())
     domains: list[PagingDomain] = field(default_factory=list)
     iova_alignment: int = 1
     disable_large_pages: bool = False
@@ -109,8 +114,7 @@ class IoPagetable:
     # -- lookups ---------------------------------------------------------------
     def areas_in(self, start: int, last: int) -> Iterator[Area]:
         """Areas intersecting [start, last], in IOVA order."""
-        starts = [a.start for a in self.areas]
-        i = bisect.bisect_right(starts, start) - 1
+        i = bisect.bisect_right(self.areas, start, key=_area_start) - 1
         if i < 0 or self.areas[i].last < start:
             i += 1
         while i < len(self.areas) and self.areas[i].start <= last:
@@ -127,7 +131,7 @@ class IoPagetable:
         return None
 
     def allowed_hit(self, start: int, last: int) -> bool:
-        return any(s <= last and start <= e for s, e in self.allowed)
+        return self.allowed.hit(start, last)
 
     @staticmethod
     def _merge(ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
@@ -185,36 +189,33 @@ class IoPagetable:
             raise Errno(errno.EINVAL)
 
         lo, hi = PAGE_SIZE, ULONG_MAX - PAGE_SIZE
-        windows = (
-            [(max(s, lo), min(e, hi)) for s, e in self.allowed if e >= lo and s <= hi] if self.allowed else [(lo, hi)]
-        )
         used = self._merge([(r.start, r.last) for r in self.reserved] + [(a.start, a.last) for a in self.areas])
-        for ws, we in windows:
-            fit = self._fit(ws, we, length, align, page_offset)
-            if fit is None:
-                continue
-            for hs, he in self._holes(used, ws, we):
-                fit = self._fit(hs, he, length, align, page_offset)
-                if fit is not None:
-                    return fit
-        raise Errno(errno.ENOSPC)
-
-    @staticmethod
-    def _fit(start: int, last: int, length: int, align: int, page_offset: int) -> int | None:
-        if last - start < length - 1:
-            return None
-        start = _align_up(start, align) | page_offset
-        if start > last or last - start < length - 1:
-            return None
-        return start
+        used_words = ffi.new("uint64_t[]", [x for r in used for x in r] or [0])
+        allowed = self.allowed
+        if len(allowed):
+            first = allowed.first_from(lo)
+            windows = ffi.from_buffer("uint64_t[]", allowed.words) + 2 * first
+            nwin = len(allowed) - first
+        else:
+            windows, nwin = ffi.new("uint64_t[]", [lo, hi]), 1
+        out = ffi.new("uint64_t *")
+        # One C pass over the windows and the used ranges: linear in both, with
+        # no Python object per window (a caller may have set a million).
+        rc = lib.icuse_iova_alloc(windows, nwin, used_words, len(used), lo, hi, length, align, page_offset, out)
+        if rc:
+            raise Errno(-rc)
+        return out[0]
 
     # -- areas ---------------------------------------------------------------------
     def _insert_area(self, area: Area) -> None:
-        starts = [a.start for a in self.areas]
-        self.areas.insert(bisect.bisect_left(starts, area.start), area)
+        bisect.insort_left(self.areas, area, key=_area_start)
 
     def _remove_area(self, area: Area) -> None:
-        self.areas.remove(area)
+        i = bisect.bisect_left(self.areas, area.start, key=_area_start)  # areas are disjoint
+        if i < len(self.areas) and self.areas[i] is area:
+            del self.areas[i]
+        else:
+            self.areas.remove(area)
 
     def alloc_areas(self, slices: list[PagesSlice], length: int, iova: int | None, prot: int) -> list[Area]:
         """iopt_alloc_area_pages: check or allocate the IOVA and insert the areas
@@ -269,6 +270,7 @@ class IoPagetable:
         area.pages.pin(area.first_index, area.num_pages)
         done: list[PagingDomain] = []
         try:
+            await area.pages.populate()
             for d in domains:
                 await self._map_into(area, d)
                 done.append(d)
@@ -386,11 +388,12 @@ class IoPagetable:
     def remove_reserved(self, owner: object) -> None:
         self.reserved = [r for r in self.reserved if r.owner is not owner]
 
-    def set_allowed(self, ranges: list[tuple[int, int]]) -> None:
-        for s, e in ranges:
-            if self.reserved_hit(s, e):
+    def set_allowed(self, allowed: Allowed) -> None:
+        """iopt_set_allow_iova: no new range may cover a reserved one."""
+        for r in self.reserved:
+            if allowed.hit(r.start, r.last):
                 raise Errno(errno.EADDRINUSE)
-        self.allowed = sorted(ranges)
+        self.allowed = allowed
 
     # -- alignment and domains -------------------------------------------------------
     def _check_alignment(self, align: int) -> None:
@@ -534,3 +537,51 @@ class IoPagetable:
             if pos > last:
                 return
         raise Errno(errno.ENOENT)
+
+
+class Allowed:
+    """The allowed IOVA ranges of an IOAS (IOMMU_IOAS_ALLOW_IOVAS): sorted, disjoint,
+    kept as one flat array (start, last, start, last, ...) so that a million of them
+    cost neither Python objects nor more than a bisection per lookup. Empty: every
+    IOVA is allowed."""
+
+    __slots__ = ("words",)
+
+    def __init__(self, words: array.array | None = None) -> None:
+        self.words = words if words is not None else array.array("Q")
+
+    @classmethod
+    def of(cls, ranges: list[tuple[int, int]]) -> Allowed:
+        """From sorted, disjoint (start, last) pairs."""
+        return cls(array.array("Q", [x for r in ranges for x in r]))
+
+    def __len__(self) -> int:
+        return len(self.words) // 2
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        w = self.words
+        return ((w[i], w[i + 1]) for i in range(0, len(w), 2))
+
+    def first_from(self, lo: int) -> int:
+        """Index of the first range that ends at or after lo."""
+        return bisect.bisect_left(_Lasts(self.words), lo)
+
+    def hit(self, start: int, last: int) -> bool:
+        """Some allowed range intersects [start, last]."""
+        i = self.first_from(start)
+        return i < len(self) and self.words[2 * i] <= last
+
+
+class _Lasts:
+    """The last IOVAs of a flat range array, as a sequence bisect can search."""
+
+    __slots__ = ("words",)
+
+    def __init__(self, words: array.array) -> None:
+        self.words = words
+
+    def __len__(self) -> int:
+        return len(self.words) // 2
+
+    def __getitem__(self, i: int) -> int:
+        return self.words[2 * i + 1]

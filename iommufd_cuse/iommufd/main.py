@@ -14,12 +14,13 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from .. import uapi
+from .._native import ffi, lib
 from ..errors import Errno
 from ..transport.caller import Caller
 from ..transport.nodes import FileHandle
 from ..transport.protocol import FOPEN_DIRECT_IO, FOPEN_NONSEEKABLE
 from . import device, fault, hw_pagetable, ioas, mmap, vfio_compat, viommu
-from .object import Context, Ucmd, copy_struct_from_user
+from .object import Context, Ucmd, check_zeroed_user, copy_struct_from_user
 from .pages import AccountMode
 from .selftest import iommufd_test
 
@@ -39,6 +40,7 @@ class IoctlOp:
     handler: Handler
     struct: Any
     min_size: int
+    cbuf: Any  # the struct's bytes as read from the caller (reused: dispatch runs on the loop only)
 
 
 IOMMUFD_CMD_BASE = 0x80
@@ -55,7 +57,7 @@ class IoctlTable:
 
     def register(self, number: int, handler: Handler) -> None:
         struct, min_size = uapi.IOCTL_STRUCTS[number]
-        self.ops[number & _IOC_NRMASK] = IoctlOp(number, handler, struct, min_size)
+        self.ops[number & _IOC_NRMASK] = IoctlOp(number, handler, struct, min_size, ffi.new("char[]", struct.SIZE))
         self.last_nr = max(self.last_nr, number & _IOC_NRMASK)
 
     def in_range(self, cmd: int) -> bool:
@@ -68,23 +70,42 @@ class IoctlTable:
             caller.read(arg, 4)  # the size word is read first: a bad pointer is EFAULT
             raise Errno(errno.ENOTTY)
         ksize = op.struct.SIZE
-        buf = bytearray(ksize)
         # One read of the whole known struct in the common case; exact reads
         # when that fails (a shorter struct may end just before unmapped memory).
-        if caller.read_into(arg, buf, ksize) == 0:
-            user_size = int.from_bytes(buf[:4], "little")
+        if lib.icuse_vm_read(caller.tid, arg, op.cbuf, ksize) == 0:
+            raw = ffi.buffer(op.cbuf)
+            user_size = int.from_bytes(raw[0:4], "little")
             if user_size < op.min_size:
                 raise Errno(errno.EINVAL)
             if user_size < ksize:
-                buf[user_size:] = bytes(ksize - user_size)
-            elif user_size > ksize:
-                buf = copy_struct_from_user(caller, arg, ksize, user_size)
+                buf = raw[:user_size] + bytes(ksize - user_size)
+            else:
+                buf = raw[:]
+                if user_size > ksize:
+                    pending = check_zeroed_user(caller, arg + ksize, user_size - ksize)
+                    if pending is not None:
+                        return self._dispatch_after(pending, op, ctx, caller, arg, user_size)
         else:
             user_size = int.from_bytes(caller.read(arg, 4), "little")
             if user_size < op.min_size:
                 raise Errno(errno.EINVAL)
-            buf = copy_struct_from_user(caller, arg, ksize, user_size)
+            if user_size > ksize:
+                pending = check_zeroed_user(caller, arg + ksize, user_size - ksize)
+                if pending is not None:
+                    return self._dispatch_after(pending, op, ctx, caller, arg, user_size)
+            buf = copy_struct_from_user(caller, arg, ksize, min(user_size, ksize))
         return op.handler(Ucmd(ctx, caller, arg, user_size, op.struct, op.struct.unpack(buf)))
+
+    async def _dispatch_after(
+        self, pending: Awaitable[None], op: IoctlOp, ctx: Context, caller: Caller, arg: int, user_size: int
+    ) -> int:
+        """The rest of dispatch once a long zero tail has been checked off the loop."""
+        await pending
+        buf = copy_struct_from_user(caller, arg, op.struct.SIZE, op.struct.SIZE)
+        result = op.handler(Ucmd(ctx, caller, arg, user_size, op.struct, op.struct.unpack(buf)))
+        if not isinstance(result, int):
+            result = await result
+        return result
 
 
 # -- the ioctl table and the file ----------------------------------------------------
@@ -160,8 +181,9 @@ class IommufdFile(FileHandle):
         system.contexts.add(self.ctx)
 
     def ioctl(self, req: Request, cmd: int, arg: int) -> int | Awaitable[int]:
-        if self.table.in_range(cmd):
-            return self.table.dispatch(self.ctx, req.caller, cmd, arg)
+        table = self.table
+        if IOMMUFD_CMD_BASE <= cmd & _IOC_NRMASK <= table.last_nr:  # table.in_range, inline: every call
+            return table.dispatch(self.ctx, req.caller, cmd, arg)
         if cmd == mmap.MMAP_REGION:
             return mmap.mmap_region(self.ctx, req.caller, arg)  # the companion's mmap()
         # Outside the table: the VFIO type1 container ioctls.

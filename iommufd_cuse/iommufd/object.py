@@ -17,13 +17,14 @@ import enum
 import errno
 import logging
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeVar
 
+from .._native import lib
 from ..errors import Errno
-from ..transport.caller import Caller
+from ..transport.caller import INLINE_SCAN, Caller, scan_off_loop
 from .pages import AccountMode
 
 if TYPE_CHECKING:
@@ -252,21 +253,38 @@ class Ucmd:
         self.caller.write(self.arg + off, data[off : off + size])
 
 
-_TAIL_CHUNK = 64 * 1024
+def check_zeroed_user(caller: Caller, addr: int, size: int) -> Awaitable[None] | None:
+    """The tail check of copy_struct_from_user: E2BIG at a non-zero byte, EFAULT at
+    an unreadable one. A short tail is scanned now (None); a long one is scanned
+    off the loop by the awaitable returned."""
+    if addr >= 1 << 64:
+        raise Errno(errno.EFAULT)
+    if size <= INLINE_SCAN:
+        _zero_result(lib.icuse_vm_check_zero(caller.tid, addr, size))
+        return None
+    return check_zeroed_user_async(caller, addr, size)
+
+
+async def check_zeroed_user_async(caller: Caller, addr: int, size: int) -> None:
+    _zero_result(await scan_off_loop(lib.icuse_vm_check_zero, caller, addr, size))
+
+
+def _zero_result(rc: int) -> None:
+    if rc == 1:
+        raise Errno(errno.E2BIG)
+    if rc:
+        raise Errno(errno.EFAULT)
 
 
 def copy_struct_from_user(caller: Caller, addr: int, ksize: int, usize: int) -> bytes:
-    """The kernel's copy_struct_from_user: a shorter user struct is zero-extended,
-    a longer one must have only zero bytes past ksize (else E2BIG)."""
+    """The kernel's copy_struct_from_user for tails short enough to check on the
+    loop (at most INLINE_SCAN bytes past ksize; longer: check_zeroed_user first):
+    a shorter user struct is zero-extended, a longer one must have only zero bytes
+    past ksize (else E2BIG)."""
     if usize <= ksize:
         data = caller.read(addr, usize)
         return bytes(data) + bytes(ksize - usize)
-    data = caller.read(addr, ksize)
-    pos = addr + ksize
-    end = addr + usize
-    while pos < end:
-        n = min(_TAIL_CHUNK, end - pos)
-        if any(caller.read(pos, n)):
-            raise Errno(errno.E2BIG)
-        pos += n
-    return bytes(data)
+    if usize - ksize > INLINE_SCAN:
+        raise ValueError("a long tail is checked off the loop (check_zeroed_user)")
+    check_zeroed_user(caller, addr + ksize, usize - ksize)
+    return bytes(caller.read(addr, ksize))

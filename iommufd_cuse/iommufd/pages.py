@@ -16,12 +16,16 @@ from __future__ import annotations
 import ctypes
 import enum
 import errno
+import fcntl
 import logging
 import mmap
 import os
 import stat
+import struct
 from dataclasses import dataclass
 from typing import Any
+
+import trio
 
 from .._native import ffi, lib
 from ..errors import Errno
@@ -39,6 +43,11 @@ class AccountMode(enum.Enum):
 
 
 GIB = 1 << 30
+POPULATE_INLINE = 64 << 20  # file mappings up to this are faulted in by mmap itself
+POPULATE_CHUNK = 64 << 20  # longer ones in a worker thread, this much at a time
+MADV_POPULATE_READ = getattr(mmap, "MADV_POPULATE_READ", 22)
+MADV_POPULATE_WRITE = getattr(mmap, "MADV_POPULATE_WRITE", 23)
+USER_VA_END = 1 << 57  # above every TASK_SIZE Linux has (5-level x86-64: 2^56 - 4 KiB)
 
 
 @dataclass
@@ -83,6 +92,58 @@ def read_maps(proc_dir: int, start: int = 0, end: int = 1 << 64) -> list[Vma]:
     return out
 
 
+_PROCMAP_QUERY_SIZE = 104  # struct procmap_query (Linux 6.11)
+PROCMAP_QUERY = (3 << 30) | (_PROCMAP_QUERY_SIZE << 16) | (ord("f") << 8) | 17
+_PROCMAP_QUERY_COVERING_OR_NEXT_VMA = 0x10
+_procmap_query_works = True
+
+
+def maps_in(proc_dir: int, start: int, end: int) -> list[Vma]:
+    """The mappings of the process that intersect [start, end), in address order:
+    asked one by one with PROCMAP_QUERY (a lookup each, however many mappings the
+    process has), or, on kernels without it (before 6.11), found in /proc/<pid>/maps."""
+    global _procmap_query_works
+    if not _procmap_query_works:
+        return read_maps(proc_dir, start, end)
+    fd = os.open("maps", os.O_RDONLY | os.O_CLOEXEC, dir_fd=proc_dir)
+    try:
+        name = ctypes.create_string_buffer(4096)
+        out: list[Vma] = []
+        pos = start
+        while pos < end:
+            q = bytearray(
+                _PROCMAP_QUERY.pack(
+                    _PROCMAP_QUERY_SIZE, _PROCMAP_QUERY_COVERING_OR_NEXT_VMA, pos, 0, 0, 0, 0, 0, 0, 0, 0,
+                    len(name), 0, ctypes.addressof(name), 0,
+                )
+            )  # fmt: skip
+            try:
+                fcntl.ioctl(fd, PROCMAP_QUERY, q)
+            except OSError as e:
+                if e.errno == errno.ENOENT:
+                    break  # nothing at or after pos
+                if e.errno in (errno.ENOTTY, errno.EINVAL):
+                    _procmap_query_works = False
+                    return maps_in(proc_dir, start, end)
+                raise
+            f = _PROCMAP_QUERY.unpack(q)
+            vstart, vend, flags, offset, inode, name_size = f[3], f[4], f[5], f[7], f[8], f[11]
+            if vstart >= end:
+                break
+            perms = "".join(c if flags & bit else "-" for c, bit in (("r", 1), ("w", 2), ("x", 4))) + (
+                "s" if flags & 8 else "p"
+            )
+            path = name.raw[: max(0, name_size - 1)].decode(errors="replace") if name_size else ""
+            out.append(Vma(vstart, vend, perms, offset, inode, path))
+            pos = vend
+        return out
+    finally:
+        os.close(fd)
+
+
+_PROCMAP_QUERY = struct.Struct("<QQQQQQQQQIIIIQQ")
+
+
 class Pages:
     """struct iopt_pages."""
 
@@ -118,6 +179,7 @@ class Pages:
         self._backed: list[tuple[int, int]] = []  # index ranges with a backing set
         self.areas: dict[Any, Any] = {}  # area -> its io_pagetable, the areas using these pages
         self._resources: list[object] = []  # fds and mmaps the backings use
+        self._unpopulated: list[tuple[mmap.mmap, bool]] = []  # long file mappings not yet faulted in
 
     # -- backing ---------------------------------------------------------------
     def resolve(self, first: int, n: int) -> None:
@@ -145,6 +207,16 @@ class Pages:
                     nxt.append((b1, a1))
             todo = nxt
         return todo
+
+    async def populate(self) -> None:
+        """Fault in the long file mappings the last pins made (what MAP_POPULATE does
+        for short ones), in a worker thread a chunk at a time: the pages of a 64 GiB
+        memfd are not allocated on the loop. Best effort, as MAP_POPULATE."""
+        while self._unpopulated:
+            m, writable = self._unpopulated.pop()
+            advice = MADV_POPULATE_WRITE if writable else MADV_POPULATE_READ
+            for off in range(0, len(m), POPULATE_CHUNK):
+                await trio.to_thread.run_sync(_madvise, m, advice, off, min(POPULATE_CHUNK, len(m) - off))
 
     # -- pins ------------------------------------------------------------------
     def pin(self, first: int, n: int, charge: bool = True) -> None:
@@ -227,10 +299,12 @@ class Pages:
         lo = offset - offset % align
         hi = -(-(offset + length) // align) * align
         try:
-            m = mmap.mmap(fd, hi - lo, flags=mmap.MAP_SHARED | mmap.MAP_POPULATE, prot=prot, offset=lo)
+            m = mmap.mmap(fd, hi - lo, flags=mmap.MAP_SHARED | _populate_flag(hi - lo), prot=prot, offset=lo)
         except OSError as e:
             raise Errno(e.errno or errno.EINVAL, f"cannot map the memory's file: {e}") from None
         self._resources.append(m)
+        if not _populate_flag(hi - lo):
+            self._unpopulated.append((m, bool(prot & mmap.PROT_WRITE)))
         return int(ffi.cast("uint64_t", ffi.from_buffer(m))) + (offset - lo)
 
     # -- lifetime -----------------------------------------------------------------
@@ -279,11 +353,15 @@ class UserPages(Pages):
     def resolve(self, first: int, n: int) -> None:
         start = self.uptr + first * PAGE_SIZE
         end = start + n * PAGE_SIZE
+        if end > USER_VA_END:
+            # No process has memory there (GUP's EFAULT), and it is past what a
+            # file offset of /proc/<pid>/mem can say.
+            raise Errno(errno.EFAULT, f"{start:#x}-{end:#x} is beyond any user address space")
         # The mm must still be the one we mapped from (exit or exec: EFAULT).
         if os.pread(self.mem_fd, 0, start) == b"" and not self._mm_alive(start):
             raise Errno(errno.EFAULT, "the mapping process is gone")
         try:
-            vmas = read_maps(self.proc_dir, start, end)
+            vmas = maps_in(self.proc_dir, start, end)
         except OSError:
             raise Errno(errno.EFAULT, "the mapping process is gone") from None
         pos = start
@@ -331,6 +409,18 @@ class UserPages(Pages):
         finally:
             os.close(fd)
         self._set_backing(first, n, lib.ICUSE_BACKING_MEM, -1, addr)
+
+
+def _populate_flag(length: int) -> int:
+    """MAP_POPULATE for mappings short enough to fault in on the loop."""
+    return mmap.MAP_POPULATE if length <= POPULATE_INLINE else 0
+
+
+def _madvise(m: mmap.mmap, advice: int, off: int, length: int) -> None:
+    try:
+        m.madvise(advice, off, length)
+    except (OSError, ValueError) as e:  # closed, or no memory left: faulted in later, or not
+        log.debug("populate of %d bytes at %d: %s", length, off, e)
 
 
 TMPFS_MAGIC = 0x01021994

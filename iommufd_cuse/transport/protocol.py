@@ -71,6 +71,8 @@ DT_REG = 8
 DT_LNK = 10
 
 IN_HEADER = struct.Struct("<IIQQIIIHH")  # len opcode unique nodeid uid gid pid total_extlen pad
+IN_HEADER_PID = struct.Struct("<I")
+IN_HEADER_PID_OFFSET = 32  # of pid in the header
 OUT_HEADER = struct.Struct("<IiQ")  # len error unique
 INIT_IN = struct.Struct("<IIII")  # major minor max_readahead flags (the rest is ignored)
 # major minor max_readahead flags max_background congestion_threshold max_write

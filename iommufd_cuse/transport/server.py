@@ -8,6 +8,7 @@ already abandoned (ENOENT from the device) are dropped.
 
 from __future__ import annotations
 
+import collections
 import errno
 import inspect
 import logging
@@ -28,6 +29,7 @@ log = logging.getLogger(__name__)
 ATTR_TIMEOUT = 1  # seconds the kernel may cache names and attributes
 MAX_WRITE = 128 * 1024
 BUFSIZE = MAX_WRITE + 4096  # the kernel refuses reads into less than header + max_write
+MAX_QUEUED = 256  # requests read ahead of being served (a bound on the daemon's memory)
 
 
 class Request:
@@ -54,6 +56,7 @@ class FuseServer:
         self._next_fh = 1
         self._inflight: dict[int, tuple[trio.CancelScope, int]] = {}
         self._nursery: trio.Nursery | None = None
+        self._tgids: dict[int, int] = {}  # thread id -> thread group id, for fair queues
         self.initialized = trio.Event()
         self.removed = False  # the device is being removed: ENODEV for all but what closes a file
         self.start_time = int(time.time())
@@ -84,37 +87,97 @@ class FuseServer:
 
     # -- the loop -----------------------------------------------------------
     async def serve(self, fd: int) -> None:
-        """Serve requests from the fuse device fd until it is unmounted or cancelled."""
+        """Serve requests from the fuse device fd until it is unmounted or cancelled.
+
+        Fair service: every request waiting in the kernel is read (up to
+        MAX_QUEUED) into a queue of its process, and the queues are served
+        round robin, one request each per round. A process with many threads
+        blocked on the daemon then delays another's single request by at most
+        one of its own requests, not by all of them (the kernel's queue is FIFO)."""
         self.fd = fd
-        buf = bytearray(BUFSIZE)
-        view = memoryview(buf)
+        bufs = (bytearray(BUFSIZE), bytearray(BUFSIZE))
+        views = (memoryview(bufs[0]), memoryview(bufs[1]))
         readv = os.readv
-        streak = 0
-        async with trio.open_nursery() as nursery:
-            self._nursery = nursery
-            try:
-                while True:
-                    try:
-                        n = readv(fd, [buf])
-                    except BlockingIOError:
-                        streak = 0
-                        await trio.lowlevel.wait_readable(fd)
-                        continue
-                    except OSError as e:
-                        if e.errno in (errno.ENOENT, errno.EINTR):
-                            continue  # a request abandoned before we read it
-                        if e.errno == errno.ENODEV:
-                            log.info("file system unmounted")
-                            break
-                        raise
-                    self._dispatch(view[:n])
-                    streak += 1
-                    if streak >= 16:  # let spawned handlers run under a steady stream
-                        streak = 0
-                        await trio.lowlevel.checkpoint()
-            finally:
-                nursery.cancel_scope.cancel()
-                await self._release_all()
+        queues: dict[int, collections.deque[bytes]] = {}
+        queued = 0
+        rounds = 0
+        try:
+            async with trio.open_nursery() as nursery:
+                self._nursery = nursery
+                try:
+                    while True:
+                        # Read what the kernel has, up to MAX_QUEUED, alternating two
+                        # buffers: a request found alone (the common case) is served
+                        # from its buffer, with no copy and no queue.
+                        drained = False  # the kernel had nothing more when we last read
+                        last = -1  # size of the request read last and not yet queued
+                        b = 0
+                        while queued < MAX_QUEUED:
+                            try:
+                                n = readv(fd, [bufs[b]])
+                            except BlockingIOError:
+                                drained = True
+                                break
+                            except OSError as e:
+                                if e.errno in (errno.ENOENT, errno.EINTR):
+                                    continue  # a request abandoned before we read it
+                                if e.errno == errno.ENODEV:
+                                    log.info("file system unmounted")
+                                    return
+                                raise
+                            if last >= 0:
+                                self._enqueue(queues, views[b ^ 1][:last])
+                                queued += 1
+                            last = n
+                            b ^= 1
+                        if last >= 0:
+                            if not queued:
+                                self._dispatch(views[b ^ 1][:last])  # alone: served at once
+                                if drained:
+                                    await trio.lowlevel.wait_readable(fd)
+                                continue
+                            self._enqueue(queues, views[b ^ 1][:last])
+                            queued += 1
+                        if not queued:
+                            rounds = 0
+                            await trio.lowlevel.wait_readable(fd)
+                            continue
+                        for key in list(queues):  # one round: one request of each process
+                            q = queues[key]
+                            msg = q.popleft()
+                            queued -= 1
+                            if not q:
+                                del queues[key]
+                            self._dispatch(memoryview(msg))
+                        rounds += 1
+                        if rounds >= 16:  # let spawned handlers run under a steady stream
+                            rounds = 0
+                            await trio.lowlevel.checkpoint()
+                        if drained and not queued:
+                            rounds = 0
+                            await trio.lowlevel.wait_readable(fd)
+                finally:
+                    nursery.cancel_scope.cancel()
+        finally:
+            # Once every handler has unwound (none holds an object any more).
+            await self._release_all()
+
+    def _enqueue(self, queues: dict[int, collections.deque[bytes]], msg: memoryview) -> None:
+        key = self._queue_key(msg)
+        q = queues.get(key)
+        if q is None:
+            q = queues[key] = collections.deque()
+        q.append(bytes(msg))
+
+    def _queue_key(self, msg: memoryview) -> int:
+        """The process (thread group) a request comes from: the header names the thread."""
+        tid = P.IN_HEADER_PID.unpack_from(msg, P.IN_HEADER_PID_OFFSET)[0]
+        tgid = self._tgids.get(tid)
+        if tgid is None:
+            if len(self._tgids) >= 4096:  # threads come and go: forget them all now and then
+                self._tgids.clear()
+            tgid = self._tgids[tid] = _tgid_of(tid)
+        return tgid
 
     def _dispatch(self, msg: memoryview) -> None:
         _len, opcode, unique, nodeid, uid, gid, pid, _ext, _pad = P.IN_HEADER.unpack_from(msg)
@@ -361,8 +424,23 @@ class FuseServer:
                     log.exception("release at shutdown failed")
 
 
+def _tgid_of(tid: int) -> int:
+    """The thread group of tid (tid itself when /proc no longer has it)."""
+    try:
+        with open(f"/proc/{tid}/status", "rb") as f:
+            for line in f:
+                if line.startswith(b"Tgid:"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return tid
+
+
 def _pack_ioctl(result: int) -> bytes:
-    return P.IOCTL_OUT.pack(result, 0, 0, 0)
+    return _IOCTL_OK if result == 0 else P.IOCTL_OUT.pack(result, 0, 0, 0)
+
+
+_IOCTL_OK = P.IOCTL_OUT.pack(0, 0, 0, 0)  # most answers
 
 
 def _pack_write(n: int) -> bytes:

@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from iommufd_cuse.errors import Errno
-from iommufd_cuse.iommufd.io_pagetable import ULONG_MAX, Area, IoPagetable
+from iommufd_cuse.iommufd.io_pagetable import ULONG_MAX, Allowed, Area, IoPagetable
 
 SPACE = 1 << 20  # everything happens below 1 MiB; the rest is reserved
 UNIT = 1 << 10  # model cells of 1 KiB
@@ -90,7 +90,7 @@ def test_alloc_iova_matches_the_model(reserved, mapped, allowed, addr, length, i
         iopt._insert_area(Area(s, e, pages=None, start_byte=0, prot=3))  # type: ignore[arg-type]
     # allowed ranges may not cover reserved ones
     allowed = [(s, e) for s, e in allowed if not iopt.reserved_hit(s, e)]
-    iopt.set_allowed(allowed)
+    iopt.set_allowed(Allowed.of(allowed))
     used = [(r.start, r.last) for r in iopt.reserved if r.start < SPACE] + [(a.start, a.last) for a in iopt.areas]
     want = model_alloc(used, allowed, addr, length, iova_alignment)
     try:

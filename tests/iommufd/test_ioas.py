@@ -101,7 +101,7 @@ async def test_allow_iovas(daemon, fd):
     await expect_errno(errno.EADDRINUSE, fd.allow_iovas(ioas, [(0xFE000000, 0xFEFFFFFF)]))
     # the empty list clears the restriction
     await fd.allow_iovas(ioas, [])
-    assert iopt(daemon, ioas).allowed == []
+    assert len(iopt(daemon, ioas).allowed) == 0
     r = await fd.raw(
         uapi.IOMMU_IOAS_ALLOW_IOVAS, uapi.iommu_ioas_allow_iovas, ioas_id=ioas, num_iovas=1, allowed_iovas=8
     )
@@ -696,3 +696,24 @@ async def test_a_long_map_does_not_stall_other_clients(daemon, scripted, monkeyp
         assert not result  # the first map is still being loaded
         release.set()
     assert result.get("ok"), result
+
+
+async def test_long_memfd_map_is_faulted_in_off_the_loop(daemon, fd):
+    """A memfd longer than what mmap populates on the loop is faulted in by a worker
+    (MADV_POPULATE_WRITE) when it is pinned: its pages are then the file's, in RAM."""
+    from iommufd_cuse.iommufd import pages as pages_mod
+
+    ioas = await fd.ioas_alloc()
+    await attach_domain(daemon, ioas)
+    size = pages_mod.POPULATE_INLINE + (1 << 20)
+    mfd = os.memfd_create("long")
+    try:
+        os.ftruncate(mfd, size)
+        os.pwrite(mfd, b"tail-data", size - 4096)
+        iova = await fd.map_file(ioas, mfd, 0, size)
+        assert daemon.system.pinned_pages() == size // 4096
+        assert debug.read(iopt(daemon, ioas), iova + size - 4096, 9) == b"tail-data"
+        st = os.fstat(mfd)
+        assert st.st_blocks * 512 >= size  # every page of the file allocated: populated
+    finally:
+        os.close(mfd)

@@ -20,7 +20,7 @@ import pytest
 from clientkit import outcomes, parse_steps
 from harness import INCLUDE, ROOT, run, scratch_dir
 
-from iommufd_cuse import uapi
+from iommufd_cuse import config, uapi
 from iommufd_cuse.transport import cuse
 from iommufd_cuse.transport import protocol as P
 
@@ -92,6 +92,7 @@ echo "RESULT view_dev $(cat $view/bus/pci/devices/0000:00:04.0/vfio-dev/vfio0/de
 echo "RESULT sysfs_dev $(cat '/sys/class/cuse/vfio!devices!vfio0/dev')"
 echo "RESULT char_link $(readlink /dev/char/$rdev)"
 echo "RESULT distinct $(stat -c '%Hr:%Lr' /dev/iommu /dev/vfio/vfio /dev/vfio/devices/vfio* | sort -u | wc -l)"
+echo "RESULT nodes $(ls -d /dev/iommu /dev/vfio/vfio /dev/vfio/devices/vfio* | wc -l)"
 .venv/bin/iommufd-cuse status --control-socket $sock | grep '^nodes:' | sed 's/^/RESULT status /'
 {ioas_alloc} /dev/iommu >/run/ioas.out 2>&1; echo "RESULT ioas_alloc $? $(tr '\\n' '|' </run/ioas.out)"
 {qemu_startup} /dev/iommu /dev/vfio/devices/vfio0 startup
@@ -167,7 +168,8 @@ async def test_cuse_in_a_guest(daemon, cbuild) -> None:
     assert r["type"] == "character special file", guest
     assert all(r[f"type:{n}"] == "character special file" for n in ("vfio/vfio", "vfio/devices/vfio0")), guest
     assert r["mode"] == "660 0 0", guest  # the configured mode and owner
-    assert r["distinct"] == "6", guest  # iommu, vfio/vfio, vfio0..3: a major:minor each
+    # iommu, vfio/vfio and a cdev per device of the default topology: a major:minor each
+    assert r["distinct"] == r["nodes"] == str(2 + len(config.load(None).devices)), guest
     assert "character devices by CUSE" in r["status"], guest
     assert r["ioas_alloc"].startswith("0 ioas id 1|"), guest
     steps = parse_steps(guest.console)

@@ -28,7 +28,7 @@ from .stdev import SelftestCall
 log = logging.getLogger(__name__)
 
 
-MAX_DIRTY_BITMAP = 64 << 20  # bytes of DIRTY bitmap read from the caller (else ENOMEM)
+MAX_DIRTY_BITMAP = 16 << 20  # bytes of DIRTY bitmap at most (SZ_16M, else EOVERFLOW)
 
 
 # -- domain inspection: MD_CHECK_MAP, MD_CHECK_REFS, MD_CHECK_IOTLB, DIRTY ------------------------
@@ -295,35 +295,23 @@ async def op_dirty(t: SelftestCall) -> int:
     a = t.arg
     if not a.page_size or not a.length or a.iova % a.page_size or a.length % a.page_size or not a.uptr:
         raise Errno(errno.EINVAL)
+    nbits = a.length // a.page_size
+    if nbits > MAX_DIRTY_BITMAP * 8:
+        raise Errno(errno.EOVERFLOW)  # checked before the lookup, as the kernel does
     hwpt = _get_md_pagetable(t.ctx, t.id)
     domain = hwpt.domain
     if not domain.dirty_tracking:
         raise Errno(errno.EINVAL)
-    nbits = a.length // a.page_size
     nbytes = (nbits + 7) // 8
-    if nbytes > MAX_DIRTY_BITMAP:
-        raise Errno(errno.ENOMEM)
     with t.ctx.hold(hwpt):
-        bitmap = int.from_bytes(t.ucmd.caller.read(a.uptr, nbytes), "little") & ((1 << nbits) - 1)
-        bits = [i for i in range(nbits) if bitmap >> i & 1] if nbits <= 64 else _set_bits(bitmap)
+        caller = t.ucmd.caller
 
-        def mark() -> None:
-            for i in bits:
-                domain.set_dirty(a.iova + i * a.page_size)
+        def mark() -> int:
+            bitmap = bytearray((nbits + 63) // 64 * 8)  # whole words, zero past nbytes
+            if caller.read_into(a.uptr, bitmap, nbytes):
+                raise Errno(errno.EFAULT)
+            return domain.mark_dirty_bitmap(a.iova, a.page_size, bitmap, nbits)
 
-        if len(bits) > 4096:
-            await trio.to_thread.run_sync(mark)
-        else:
-            mark()
-        a.out_nr_dirty = len(bits)
+        a.out_nr_dirty = await trio.to_thread.run_sync(mark) if nbytes > 4096 else mark()
         t.respond()
     return 0
-
-
-def _set_bits(x: int) -> list[int]:
-    out = []
-    while x:
-        low = x & -x
-        out.append(low.bit_length() - 1)
-        x ^= low
-    return out

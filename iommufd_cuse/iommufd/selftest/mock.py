@@ -9,8 +9,10 @@ import logging
 from dataclasses import dataclass, field
 from typing import Any
 
+import trio
+
 from ... import uapi
-from ..._native import lib
+from ..._native import ffi, lib
 from ...config import DeviceConfig, IommuConfig
 from ...errors import Errno
 from ...iommu.core import Device, Group, Iommu
@@ -18,7 +20,7 @@ from ...iommu.domain import Domain, PagingDomain
 from ...system import PAGE_SIZE
 from ..hw_pagetable import UserData, UserDataArray
 from ..mmap import alloc_mmap, free_mmap
-from ..object import copy_struct_from_user
+from ..object import check_zeroed_user, copy_struct_from_user
 
 log = logging.getLogger(__name__)
 
@@ -75,6 +77,26 @@ class MockDomain(PagingDomain):
                 lib.icuse_pt_mark_dirty(self.pt, (iova & ~(MOCK_PAGE_SIZE - 1)) ^ MOCK_PAGE_SIZE)  # the other half
         return True
 
+    def mark_dirty_bitmap(self, iova: int, page_size: int, bitmap: bytearray, nbits: int) -> int:
+        """set_dirty for each page_size page of iova whose bit is set in bitmap (whole
+        u64 words); the number of bits set. In C where no leaf needs its pair marked
+        (the huge mock); else a set_dirty per set bit, only the non-zero words visited."""
+        if self.pagetable_type == uapi.MOCK_IOMMUPT_HUGE or MOCK_PAGE_SIZE >= PAGE_SIZE:
+            return lib.icuse_pt_mark_dirty_bitmap(
+                self.pt, iova, page_size, ffi.from_buffer("uint64_t[]", bitmap), nbits
+            )
+        count = 0
+        words = memoryview(bitmap).cast("Q")
+        for wi, w in enumerate(words):
+            if wi == nbits // 64:
+                w &= (1 << (nbits % 64)) - 1
+            while w:
+                low = w & -w
+                self.set_dirty(iova + (wi * 64 + low.bit_length() - 1) * page_size)
+                count += 1
+                w ^= low
+        return count
+
     def __repr__(self) -> str:
         kind = "huge" if self.pagetable_type == uapi.MOCK_IOMMUPT_HUGE else "default"
         return f"<MockDomain {self.serial} {kind}>"
@@ -110,7 +132,7 @@ class MockNestedDomain(Domain):
         self.viommu = viommu  # the vIOMMU it was allocated on (mock_nested->mock_viommu)
         self.iotlb = [iotlb] * uapi.MOCK_NESTED_DOMAIN_IOTLB_NUM
 
-    def cache_invalidate_user(self, array: UserDataArray) -> None:
+    async def cache_invalidate_user(self, array: UserDataArray) -> None:
         """mock_domain_cache_invalidate_user: entries of iommu_hwpt_invalidate_selftest.
         Another data type is EINVAL; per entry, an unknown flag EOPNOTSUPP, an iotlb_id
         past MOCK_NESTED_DOMAIN_IOTLB_ID_MAX EINVAL; IOMMU_TEST_INVALIDATE_FLAG_ALL clears
@@ -127,6 +149,8 @@ class MockNestedDomain(Domain):
                 check_invalidation(inv.flags, inv.iotlb_id, uapi.MOCK_NESTED_DOMAIN_IOTLB_ID_MAX)
                 invalidate(self.iotlb, inv.flags, inv.iotlb_id)
                 processed += 1
+                if processed % ENTRIES_PER_CHECKPOINT == 0:
+                    await trio.lowlevel.checkpoint()  # entry_num is the caller's: let others run
         finally:
             array.entry_num = processed
 
@@ -230,7 +254,7 @@ class MockIommu(Iommu):
         cfg = user_data.copy_struct(uapi.IOMMU_HWPT_DATA_SELFTEST, uapi.iommu_hwpt_selftest, "iotlb")
         return MockNestedDomain(self, viommu.hwpt.domain, cfg.iotlb, viommu)
 
-    def viommu_cache_invalidate(self, viommu: Any, array: UserDataArray) -> None:
+    async def viommu_cache_invalidate(self, viommu: Any, array: UserDataArray) -> None:
         """mock_viommu_cache_invalidate: iommu_viommu_invalidate_selftest entries, all
         copied first (another type EINVAL; an entry that is unreadable EFAULT, or longer
         than the struct with a non-zero tail E2BIG; shorter ones are zero-extended),
@@ -249,7 +273,15 @@ class MockIommu(Iommu):
             cmds = []
             for i in range(array.entry_num):
                 addr = (array.uptr + array.entry_len * i) & ULONG_MAX
-                cmds.append(struct.unpack(copy_struct_from_user(array.caller, addr, struct.SIZE, array.entry_len)))
+                if array.entry_len > struct.SIZE:
+                    pending = check_zeroed_user(array.caller, addr + struct.SIZE, array.entry_len - struct.SIZE)
+                    if pending is not None:
+                        await pending
+                    cmds.append(struct.unpack(copy_struct_from_user(array.caller, addr, struct.SIZE, struct.SIZE)))
+                else:
+                    cmds.append(struct.unpack(copy_struct_from_user(array.caller, addr, struct.SIZE, array.entry_len)))
+                if (i + 1) % ENTRIES_PER_CHECKPOINT == 0:
+                    await trio.lowlevel.checkpoint()
             for cur in cmds:
                 check_invalidation(cur.flags, cur.cache_id, uapi.MOCK_DEV_CACHE_ID_MAX)
                 dev = viommu.find_dev(cur.vdev_id)
@@ -325,6 +357,7 @@ class MockIommu(Iommu):
         return caps, (uapi.MOCK_PASID_WIDTH if flags & uapi.MOCK_FLAGS_DEVICE_PASID else 0)
 
 
+ENTRIES_PER_CHECKPOINT = 64  # invalidation entries handled between checkpoints of the loop
 KMALLOC_MAX_SIZE = 4 << 20  # a bigger kcalloc of invalidation entries is ENOMEM
 
 
