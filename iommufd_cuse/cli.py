@@ -13,6 +13,7 @@ import trio
 
 from . import config as config_mod
 from . import install, service
+from . import run as run_mod
 from .daemon import Daemon, StartupError
 
 log = logging.getLogger("iommufd_cuse")
@@ -145,6 +146,26 @@ def cmd_companion(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_run(args: argparse.Namespace) -> int:
+    argv = args.argv[1:] if args.argv[:1] == ["--"] else args.argv
+    if not argv:
+        _error("run: no command")
+        return 2
+    companion = None
+    if not args.no_companion:
+        try:
+            companion = companion_path()
+        except FileNotFoundError as e:
+            _error(e)
+            return 1
+    try:
+        run_mod.run(args.mountpoint, argv, companion)
+    except run_mod.RunError as e:
+        _error(f"run: {e}")
+        return 1
+    return 1  # not reached: run() execs the command
+
+
 def cmd_install(args: argparse.Namespace) -> int:
     try:
         done = install.install(args.root)
@@ -219,6 +240,16 @@ def main(argv: list[str] | None = None) -> int:
         "receive access fds (see docs/selftest.md)",
     )
     s.set_defaults(func=cmd_companion)
+
+    s = sub.add_parser(
+        "run",
+        help="run CMD in a private mount namespace where /dev/iommu, /dev/vfio/... and the sysfs paths of the "
+        "emulated devices are the daemon's, with the companion preloaded (root only)",
+    )
+    s.add_argument("--mountpoint", default=config_mod.DEFAULT_MOUNTPOINT, help="the daemon's mountpoint")
+    s.add_argument("--no-companion", action="store_true", help="do not preload the companion library")
+    s.add_argument("argv", nargs=argparse.REMAINDER, metavar="[--] CMD ARGS")
+    s.set_defaults(func=cmd_run)
 
     s = sub.add_parser("install", help="install the systemd unit and the default configuration")
     s.add_argument("--root", default="/", help="install under this directory (default /)")

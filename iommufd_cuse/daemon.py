@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 
 import trio
 
+from . import sysfs
 from .config import Config
 from .errors import Errno
 from .iommu.core import VFIO_DRIVER, Device, Group, Iommu
@@ -20,10 +21,11 @@ from .iommufd.selftest import ACCESS_NODE, AccessFile
 from .iommufd.viommu import VEVENTQ_NODE, VeventqFile
 from .system import System
 from .transport.loopback import prime_no_flush
-from .transport.mount import fuse_mount, fuse_umount, mounted_here
-from .transport.nodes import Tree
+from .transport.mount import fuse_mount, fuse_umount, mount_dev, mounted_here, register_own, unregister_own
+from .transport.nodes import Node, Tree
 from .transport.server import MAX_WRITE, FuseServer, Request
 from .vfio.device_cdev import VfioDeviceFile
+from .vfio.group import DEVICE_NODE, GroupDeviceFile, VfioGroup, group_opener
 from .vfio.pci.core import VfioPciDevice
 
 log = logging.getLogger(__name__)
@@ -91,6 +93,7 @@ class Daemon:
         self.links = Links()
         self._fd = -1
         self._mounted = False
+        self.fs_dev: tuple[int, int] | None = None
         self.ready = trio.Event()
         self._nursery: trio.Nursery | None = None
         self._build_topology()
@@ -161,6 +164,26 @@ class Daemon:
         for i, dev in enumerate(self.system.devices):
             nc = dev.cfg.node
             dev.node = self.tree.add(f"vfio/devices/vfio{i}", nc.mode, nc.uid, nc.gid, self._open_device(dev))
+        # VFIO groups, /dev/vfio/<N>, with the owner and mode of their first member's node.
+        for gid in sorted(self.system.groups):
+            group = self.system.groups[gid]
+            group.vfio = VfioGroup(self.system, group, self.iommufd_inodes)
+            nc = group.devices[0].cfg.node
+            self.tree.add(f"vfio/{gid}", nc.mode, nc.uid, nc.gid, group_opener(group.vfio))
+        # Where the companion claims a device file of VFIO_GROUP_GET_DEVICE_FD: open to
+        # all, as the file holds nothing until a token of the opening process is claimed.
+        node = self.tree.add(
+            DEVICE_NODE, 0o666, 0, 0, lambda req, flags: GroupDeviceFile(self.system, self.iommufd_inodes)
+        )
+        self.system.node_inos[GroupDeviceFile.kind] = node.ino
+        # The sysfs view (sys/ in the mount, never linked into dev_dir). The nodes are
+        # regular files here, no char devices: their device number is 0:0.
+        cdevs = {i: dev.node for i, dev in enumerate(self.system.devices)}
+        sysfs.build(self.tree, self.system, cdevs, lambda node: 0)
+
+    def dev_nodes(self) -> list[Node]:
+        """The nodes linked at their /dev paths: every file but the sysfs view's."""
+        return [n for n in self.tree.files() if not n.path().startswith(sysfs.ROOT + "/")]
 
     def _open_device(self, dev: Device):  # noqa: ANN202
         def opener(req: Request, flags: int) -> VfioDeviceFile:
@@ -211,7 +234,7 @@ class Daemon:
             raise StartupError(f"mountpoint {self.mountpoint} is busy (another daemon?)")
         if os.listdir(self.mountpoint):
             raise StartupError(f"mountpoint {self.mountpoint} is not empty")
-        for node in self.tree.files():
+        for node in self.dev_nodes():
             path = self.link_path(node.path())
             if os.path.islink(path) and _is_ours(path, self.mountpoint):
                 log.warning("removing the stale link %s", path)
@@ -229,7 +252,7 @@ class Daemon:
                 raise StartupError(f"{path} exists and was not created by iommufd-cuse")
 
     def _make_links(self) -> None:
-        for node in self.tree.files():
+        for node in self.dev_nodes():
             path = self.link_path(node.path())
             parent = os.path.dirname(path)
             missing = []
@@ -245,11 +268,16 @@ class Daemon:
     async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:  # noqa: ANN001
         """Serve until cancelled. task_status.started() once the nodes answer."""
         self.check_and_clean()
+        self._real_mountpoint = os.path.realpath(self.mountpoint)  # before the mount: no lookup on it after
         try:
             self._fd = fuse_mount(self.mountpoint, MAX_WRITE)
         except OSError as e:
             raise StartupError(f"cannot mount {self.mountpoint}: {e.strerror}") from None
         self._mounted = True
+        # Files of this mount are recognised by its superblock, from any namespace.
+        self.fs_dev = mount_dev(self._real_mountpoint)
+        if self.fs_dev is not None:
+            register_own(self.fs_dev)
         try:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
@@ -258,7 +286,7 @@ class Daemon:
                     await self.server.initialized.wait()
                 await prime_no_flush(os.path.join(self.mountpoint, "iommu"))
                 self._make_links()
-                log.info("serving %s", ", ".join(self.link_path(n.path()) for n in self.tree.files()))
+                log.info("serving %s", ", ".join(self.link_path(n.path()) for n in self.dev_nodes()))
                 self.ready.set()
                 task_status.started(self)
         finally:
@@ -284,4 +312,7 @@ class Daemon:
         for ctx in list(self.system.contexts):
             ctx.destroy_all()
         self.system.contexts.clear()
+        if self.fs_dev is not None:
+            unregister_own(self.fs_dev)
+            self.fs_dev = None
         log.info("stopped")

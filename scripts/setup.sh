@@ -11,6 +11,9 @@ command -v systemd-analyze >/dev/null || need_apt+=(systemd)
 # tests/test_service.py checks the unit's SystemCallFilter= against what strace sees
 command -v strace >/dev/null || need_apt+=(strace)
 command -v setpriv >/dev/null || need_apt+=(util-linux)
+# tests/test_run.py: real sysfs readers under `iommufd-cuse run` (lspci, DPDK's devbind)
+command -v lspci >/dev/null || need_apt+=(pciutils)
+command -v dpdk-devbind.py >/dev/null || need_apt+=(dpdk)
 PY=${PYTHON:-python3}
 command -v "$PY" >/dev/null || need_apt+=(python3)
 # Debian's own python3 needs these for a venv and for compiling the C core.

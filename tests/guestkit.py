@@ -241,11 +241,14 @@ async def boot(
     cmdline: str = "",
     timeout: float = 180,
     kit: Kit | None = None,
+    wrapper: Sequence[str] = (),
 ) -> GuestRun:
     """Boot the kit's kernel with `initrd` (q35, TCG, one CPU, no default devices), the serial console on a pipe;
-    return when the guest powers off, dies or runs out of time (QEMU is killed in every case)."""
+    return when the guest powers off, dies or runs out of time (QEMU is killed in every case). wrapper: a command
+    QEMU runs under (e.g. `iommufd-cuse run --`)."""
     kit = kit or require()
     argv = [
+        *wrapper,
         QEMU,
         "-accel",
         "tcg",

@@ -20,6 +20,12 @@
  * out_veventq_fd, claimed on the daemon's vEVENT queue node); read/poll on the
  * new descriptor are served by the daemon.
  *
+ * VFIO_GROUP_GET_DEVICE_FD on a group that is a FUSE file goes out as the daemon's
+ * GROUP_GET_DEVICE_TOKEN with the same name; the answer is a token, claimed on the
+ * daemon's device node, and the call returns the new descriptor (close-on-exec, as
+ * the kernel's). The daemon opens the device when the token is claimed, so an error
+ * of that open is the call's errno.
+ *
  * Every other call passes through untouched. Against a real kernel the library
  * does nothing: it ignores __reserved in IOMMU_TEST_CMD and returns a real
  * descriptor, never a token; and a real /dev/iommu is no FUSE file, so
@@ -54,6 +60,8 @@
 #define ACCESS_NODE "iommufd-selftest/access"
 #define FAULT_NODE "iommufd-cuse/fault"
 #define VEVENTQ_NODE "iommufd-cuse/veventq"
+#define DEVICE_NODE "iommufd-cuse/vfio-device"
+#define GROUP_GET_DEVICE_TOKEN _IO(VFIO_TYPE, 0xE1)	/* arg: the device's name */
 #define FUSE_SUPER_MAGIC 0x65735546
 
 typedef int (*ioctl_fn)(int, unsigned long, ...);
@@ -159,6 +167,22 @@ static int veventq_alloc(int fd, unsigned long request, struct iommu_veventq_all
 	return receive_file(fd, VEVENTQ_NODE, &cmd->out_veventq_fd, rc, err);
 }
 
+static int on_fuse(int fd);
+
+/* VFIO_GROUP_GET_DEVICE_FD on a group of the daemon: a token, claimed on its device node. */
+static int group_get_device_fd(int fd, const char *name)
+{
+	__u32 token;
+	int rc = real_ioctl()(fd, GROUP_GET_DEVICE_TOKEN, name);
+
+	if (rc < 0)
+		return rc;
+	token = (__u32)rc;
+	if (receive_file(fd, DEVICE_NODE, &token, 0, 0))
+		return -1;
+	return (int)token;
+}
+
 static int on_fuse(int fd)
 {
 	struct statfs st;
@@ -196,5 +220,7 @@ int ioctl(int fd, unsigned long request, ...)
 	if (request == IOMMU_VEVENTQ_ALLOC && !peek(arg, &qalloc, sizeof(qalloc)) &&
 	    qalloc.size >= sizeof(qalloc) && qalloc.flags == 0 && on_fuse(fd))
 		return veventq_alloc(fd, request, arg);
+	if (request == VFIO_GROUP_GET_DEVICE_FD && on_fuse(fd))
+		return group_get_device_fd(fd, arg);
 	return real_ioctl()(fd, request, arg);
 }

@@ -104,6 +104,7 @@ class Group:
     domain: Domain | None = None
     default_domain: Domain | None = None
     blocking_domain: Domain = field(default_factory=BlockingDomain)
+    vfio: object | None = None  # the VFIO group (vfio/group.py) once created
 
     def __post_init__(self) -> None:
         # The kernel's default domain serves DMA API users; the daemon emulates no

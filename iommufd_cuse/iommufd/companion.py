@@ -33,15 +33,53 @@ TOKEN_BASE = 0x40000000  # tokens are never fd numbers
 CLAIM = uapi._IO(uapi.IOMMUFD_TYPE, 0xE0)  # on an object's node, arg: the token
 
 
+# VFIO_GROUP_GET_DEVICE_FD as the companion sends it: the same name argument, the
+# answer a token instead of a descriptor (the group's own number has no field to mark).
+GROUP_GET_DEVICE_TOKEN = uapi._IO(uapi.VFIO_TYPE, 0xE1)
+
+
 def refuse_without_companion(log: logging.Logger, command: str, what: str) -> NoReturn:
-    """A command whose answer is a new file, called without the companion: EOPNOTSUPP, logged."""
+    """A command whose answer is a new file, called with no way to hand it back:
+    EOPNOTSUPP, logged with the ways there are."""
     log.warning(
-        "%s: %s is a new file descriptor in the caller, which this daemon cannot create "
-        "without the companion library (docs/selftest.md): EOPNOTSUPP",
+        "%s: %s is a new file descriptor in the caller, which a FUSE server cannot create; "
+        "preload the companion library (LD_PRELOAD=$(iommufd-cuse companion) CMD) or run the "
+        'client under `iommufd-cuse run` (docs/selftest.md, "Files handed back"): EOPNOTSUPP',
         command,
         what,
     )
     raise Errno(errno.EOPNOTSUPP)
+
+
+class Carrier:
+    """A way a new file reaches the caller. The companion's: the call answers a token,
+    which the companion claims on the file's node (HandedFile). Another carrier (the
+    seccomp user notification of `iommufd-cuse run`) answers with what it installed;
+    every carrier goes through hand_back(), so the semantics stay in one place."""
+
+    def deliver(self, file_cls: type[HandedFile], system: Any, obj: Any, caller: Any) -> int:
+        return file_cls.issue(system, obj, caller.tgid)
+
+
+COMPANION = Carrier()
+
+
+def hand_back(
+    file_cls: type[HandedFile],
+    system: Any,
+    obj: Any,
+    caller: Any,
+    carrier: Carrier | None,
+    log: logging.Logger,
+    command: str,
+    what: str,
+) -> int:
+    """The one path by which a call answers with a new file: obj's file of kind
+    file_cls through carrier (None: the call came by no carrier: EOPNOTSUPP, logged).
+    Returns what the call answers (for the companion, a token)."""
+    if carrier is None:
+        refuse_without_companion(log, command, what)
+    return carrier.deliver(file_cls, system, obj, caller)
 
 
 class Pending(dict):

@@ -86,7 +86,7 @@ async def _read_all(stream: trio.abc.ReceiveStream | None) -> bytes:
 
 async def wait_ready(daemon: Daemon) -> None:
     """Return once every iommufd node answers an ioctl through its link."""
-    files = {n.path() for n in daemon.tree.files()}
+    files = {n.path() for n in daemon.dev_nodes()}
     for node, expect in _PROBES.items():
         if node not in files:
             continue

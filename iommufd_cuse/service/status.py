@@ -117,7 +117,7 @@ def collect_status(daemon: Daemon) -> dict[str, Any]:
             "pid": os.getpid(),
             "uptime_s": round(now - daemon.server.start_time, 1),
             "mountpoint": daemon.mountpoint,
-            "nodes": [daemon.link_path(n.path()) for n in daemon.tree.files()],
+            "nodes": [daemon.link_path(n.path()) for n in daemon.dev_nodes()],
         },
         "pinned_pages": pinned,
         "pinned_mib": round(pinned * PAGE_SIZE / MIB, 3),

@@ -10,6 +10,7 @@ import os
 _libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
 _libc.mount.argtypes = [ctypes.c_char_p] * 3 + [ctypes.c_ulong, ctypes.c_char_p]
 _libc.umount2.argtypes = [ctypes.c_char_p, ctypes.c_int]
+_libc.statx.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_uint, ctypes.c_void_p]
 
 MS_NOSUID = 2
 MS_NODEV = 4
@@ -83,17 +84,54 @@ def fd_inode(fd: int) -> int | None:
     return _fdinfo(fd, "ino")
 
 
+# statx(2): with an empty request mask FUSE answers from the inode and its superblock
+# and never asks the server (fuse_update_get_attr), so it is safe on our own files.
+_AT_EMPTY_PATH = 0x1000
+_AT_STATX_DONT_SYNC = 0x4000
+_STATX = ctypes.c_uint8 * 256  # struct statx; stx_dev_major/minor at 136/140
+
+
+def fd_dev(fd: int) -> tuple[int, int] | None:
+    """(major, minor) of the superblock an open file lives on, without any request
+    to its file system (for ours: no request to ourselves)."""
+    buf = _STATX()
+    if _libc.statx(fd, b"", _AT_EMPTY_PATH | _AT_STATX_DONT_SYNC, 0, buf) != 0:
+        return None
+    raw = bytes(buf)
+    return int.from_bytes(raw[136:140], "little"), int.from_bytes(raw[140:144], "little")
+
+
+# The superblocks of this process's FUSE file systems: a file of one of them is
+# ours in whatever mount namespace, and through whatever mount, the caller has it.
+_our_devs: set[tuple[int, int]] = set()
+
+
+def mount_dev(mountpoint: str) -> tuple[int, int] | None:
+    """(major, minor) of our file system mounted at mountpoint (a path without
+    symlinks: resolving it would ask the file system), from our mountinfo (the
+    last such mount there: the one on top)."""
+    target = mountpoint
+    dev = None
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            fields = line.split()
+            if len(fields) > 4 and _unescape(fields[4]) == target and f" - fuse.{FSNAME} " in line:
+                major, minor = fields[2].split(":")
+                dev = (int(major), int(minor))
+    return dev
+
+
+def register_own(dev: tuple[int, int]) -> None:
+    _our_devs.add(dev)
+
+
+def unregister_own(dev: tuple[int, int]) -> None:
+    _our_devs.discard(dev)
+
+
 def fd_on_our_mount(fd: int) -> bool:
-    """Whether an open file lives on a file system of this daemon (any mount of
-    it). Such a file must never be touched by a daemon thread: see loopback.py."""
-    mnt_id = _fdinfo(fd, "mnt_id")
-    if mnt_id is None:
-        return False
-    try:
-        with open("/proc/self/mountinfo") as f:
-            for line in f:
-                if line.split(maxsplit=1)[0] == str(mnt_id):
-                    return f" - fuse.{FSNAME} " in line
-    except OSError:
-        pass
-    return False
+    """Whether an open file lives on a file system of this daemon (any mount of it,
+    in any mount namespace). Such a file must never be touched by a daemon thread:
+    see loopback.py."""
+    dev = fd_dev(fd)
+    return dev is not None and dev in _our_devs

@@ -58,6 +58,7 @@ class FuseServer:
             P.FORGET: self._forget,
             P.BATCH_FORGET: self._forget,
             P.GETATTR: self._getattr,
+            P.READLINK: self._readlink,
             P.SETATTR: self._setattr,
             P.OPEN: self._open,
             P.OPENDIR: self._opendir,
@@ -211,12 +212,13 @@ class FuseServer:
     def _attr(self, node: Node) -> bytes:
         t = self.start_time
         nlink = 2 if node.is_dir else 1
-        return P.ATTR.pack(node.ino, 0, 0, t, t, t, 0, 0, 0, node.full_mode, nlink, node.uid, node.gid, 0, 4096, 0)
+        size = len(node.link_target().encode()) if node.is_link else node.size
+        return P.ATTR.pack(node.ino, size, 0, t, t, t, 0, 0, 0, node.full_mode, nlink, node.uid, node.gid, 0, 4096, 0)
 
     def _lookup(self, req: Request, body: memoryview) -> None:
         name = bytes(body).split(b"\0", 1)[0].decode(errors="surrogateescape")
         child = self._node(req.nodeid).children.get(name)
-        if child is None:
+        if child is None or not child.visible():
             raise Errno(errno.ENOENT)
         head = P.ENTRY_OUT_HEAD.pack(child.ino, 0, ATTR_TIMEOUT, ATTR_TIMEOUT, 0, 0)
         self.reply(req.unique, head + self._attr(child))
@@ -228,6 +230,12 @@ class FuseServer:
         node = self._node(req.nodeid)
         self.reply(req.unique, P.ATTR_OUT_HEAD.pack(ATTR_TIMEOUT, 0, 0) + self._attr(node))
 
+    def _readlink(self, req: Request, body: memoryview) -> None:
+        node = self._node(req.nodeid)
+        if not node.is_link:
+            raise Errno(errno.EINVAL)
+        self.reply(req.unique, node.link_target().encode())
+
     def _setattr(self, req: Request, body: memoryview) -> None:
         # Truncation of a device node (open with O_TRUNC) is a no-op, as for a char device.
         self._getattr(req, body)
@@ -237,6 +245,8 @@ class FuseServer:
         node = self._node(req.nodeid)
         if node.is_dir:
             raise Errno(errno.EISDIR)
+        if node.opener is None:
+            raise Errno(errno.ELOOP)  # a link: the kernel follows it before OPEN
         assert node.opener is not None
         handle = node.opener(req, flags)
         fh = self._next_fh
@@ -253,7 +263,7 @@ class FuseServer:
         _fh, offset, size, *_ = P.READ_IN.unpack_from(body)
         node = self._node(req.nodeid)
         entries = [(node.ino, b".", P.DT_DIR), ((node.parent or node).ino, b"..", P.DT_DIR)]
-        entries += [(c.ino, c.name.encode(), P.DT_DIR if c.is_dir else P.DT_REG) for c in node.children.values()]
+        entries += [(c.ino, c.name.encode(), c.dirent_type) for c in node.children.values() if c.visible()]
         out = bytearray()
         for i, (ino, name, kind) in enumerate(entries[offset:], start=offset + 1):
             rec = P.dirent(ino, i, name, kind)

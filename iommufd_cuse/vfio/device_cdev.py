@@ -83,6 +83,7 @@ class VfioDeviceFile(FileHandle):
         self.ctx: Context | None = None
         self.iommufd_fd = -1  # our reference on the bound iommufd file
         self._busy = False
+        self._blocking = False  # this file counts in its group's cdev_device_open_cnt
 
     # -- dispatch ---------------------------------------------------------------------
     def ioctl(self, req, cmd: int, arg: int):  # noqa: ANN001, ANN201
@@ -126,6 +127,24 @@ class VfioDeviceFile(FileHandle):
                 raise Errno(errno.EINVAL)
             # A VF token only means something to an SR-IOV PF/VF; these are neither.
             raise Errno(errno.EINVAL)
+        vgroup = self.device.group.vfio  # vfio_device_block_group: not while the group is open
+        if vgroup is not None and not self._blocking:
+            vgroup.block()
+            self._blocking = True
+        try:
+            return await self._bind_blocked(caller, arg, bind)
+        except BaseException:
+            if self.idev is None:
+                self._unblock_group()
+            raise
+
+    def _unblock_group(self) -> None:
+        if self._blocking:
+            self._blocking = False
+            self.device.group.vfio.unblock()
+
+    async def _bind_blocked(self, caller: Caller, arg: int, bind: Any) -> int:
+        s = u.vfio_device_bind_iommufd
         if self.idev is not None or self._busy:
             raise Errno(errno.EINVAL)  # this file is bound already
         if self.device.driver != VFIO_DRIVER:
@@ -177,6 +196,7 @@ class VfioDeviceFile(FileHandle):
             self.ctx = None
             # A file of our own mount: closing it never waits for us (no FLUSH).
             os.close(fd)
+            self._unblock_group()
         log.info("%s unbound", self.device.bdf)
 
     # -- attach / detach ------------------------------------------------------------------
