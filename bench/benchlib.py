@@ -80,11 +80,12 @@ def fuse_server(
 
 @contextmanager
 def serve_daemon(
-    prefix: str, *, profile: str | None = None, stop_timeout: float = 30
+    prefix: str, *, profile: str | None = None, stop_timeout: float = 30, selftest: bool = False
 ) -> Iterator[tuple[subprocess.Popen, Path]]:
     """`iommufd-cuse serve` on a new scratch directory /tmp/<prefix>*: yields the
     process, once <dev>/iommu opens, and the dev dir; stops it and removes the
-    scratch directory at the end. With `profile`, under cProfile writing to it."""
+    scratch directory at the end. With `profile`, under cProfile writing to it;
+    with `selftest`, in test mode (--selftest)."""
     scratch = Path(tempfile.mkdtemp(prefix=prefix, dir="/tmp"))
     try:
         scratch.chmod(0o755)
@@ -99,6 +100,7 @@ def serve_daemon(
             str(mnt),
             "--log-level",
             "warning",
+            *(["--selftest"] if selftest else []),
         ]
         if profile:
             cmd = [sys.executable, "-m", "cProfile", "-o", profile, "-m", "iommufd_cuse.cli", *cmd[1:]]

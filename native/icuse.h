@@ -26,6 +26,17 @@ int icuse_vm_write(int tid, uint64_t addr, const void *buf, size_t len);
  * thread of the daemon itself. */
 int icuse_loopback_ioctl(int fd, unsigned long cmd, unsigned long arg);
 
+/* The same, and when the ioctl returned 0 the child also registers the file in the
+ * epoll set epfd under target number slot (events 0): the set then refers to the
+ * file without holding it, until its last close. The child exits 0 (ioctl and
+ * registration done), 1 (the ioctl failed) or 2 (no registration). */
+int icuse_loopback_ioctl_register(int fd, unsigned long cmd, unsigned long arg, int epfd, int slot);
+
+/* Whether the file behind descriptor fd of process pid is the one registered under
+ * slot in this process's epoll set epfd (kcmp KCMP_EPOLL_TFD): 1, 0, or -errno (none
+ * registered there any more: -ENOENT). One syscall. */
+int icuse_same_file_as_slot(int pid, int fd, int epfd, int slot);
+
 /* ---------------------------------------------------------------------------
  * I/O page table: a radix tree of 512-entry tables. The granule is
  * 1 << granule_shift (11: 2 KiB, 12: 4 KiB); level k leaves are

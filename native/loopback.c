@@ -9,8 +9,11 @@
 #define _GNU_SOURCE
 #include <errno.h>
 #include <signal.h>
+#include <stdint.h>
+#include <sys/epoll.h>
 #include <sys/ioctl.h>
 #include <sys/prctl.h>
+#include <sys/resource.h>
 #include <sys/syscall.h>
 #include <unistd.h>
 
@@ -20,7 +23,25 @@
 #define SYS_close_range 436
 #endif
 
-int icuse_loopback_ioctl(int fd, unsigned long cmd, unsigned long arg)
+/* Closes every descriptor but keep_a and keep_b (either may be -1). */
+static void close_all_but(int keep_a, int keep_b)
+{
+	int lo = keep_a < keep_b ? keep_a : keep_b, hi = keep_a < keep_b ? keep_b : keep_a;
+
+	if (lo < 0)
+		lo = hi, hi = -1;
+	if (lo > 0)
+		syscall(SYS_close_range, 0, lo - 1, 0);
+	if (hi < 0) {
+		syscall(SYS_close_range, lo + 1, ~0u, 0);
+		return;
+	}
+	if (hi > lo + 1)
+		syscall(SYS_close_range, lo + 1, hi - 1, 0);
+	syscall(SYS_close_range, hi + 1, ~0u, 0);
+}
+
+int icuse_loopback_ioctl_register(int fd, unsigned long cmd, unsigned long arg, int epfd, int slot)
 {
 	pid_t parent = getpid();
 	pid_t pid = fork();
@@ -32,10 +53,45 @@ int icuse_loopback_ioctl(int fd, unsigned long cmd, unsigned long arg)
 		prctl(PR_SET_PDEATHSIG, SIGKILL);
 		if (getppid() != parent)
 			_exit(126);
-		if (fd > 0)
-			syscall(SYS_close_range, 0, fd - 1, 0);
-		syscall(SYS_close_range, fd + 1, ~0u, 0);
-		_exit(ioctl(fd, cmd, arg) == 0 ? 0 : 1);
+		close_all_but(fd, epfd);
+		if (ioctl(fd, cmd, arg) != 0)
+			_exit(1);
+		if (epfd < 0)
+			_exit(0);
+		struct rlimit rl;
+		struct epoll_event ev = { .events = 0 };
+
+		/* The slot is a descriptor number of this child: allow it, put the file there. */
+		if (slot == fd || slot == epfd || getrlimit(RLIMIT_NOFILE, &rl))
+			_exit(2);
+		rl.rlim_cur = rl.rlim_max;
+		if (setrlimit(RLIMIT_NOFILE, &rl) || dup2(fd, slot) != slot)
+			_exit(2);
+		_exit(epoll_ctl(epfd, EPOLL_CTL_ADD, slot, &ev) == 0 ? 0 : 2);
 	}
 	return pid;
+}
+
+int icuse_loopback_ioctl(int fd, unsigned long cmd, unsigned long arg)
+{
+	return icuse_loopback_ioctl_register(fd, cmd, arg, -1, -1);
+}
+
+#ifndef SYS_kcmp
+#define SYS_kcmp 312
+#endif
+#define KCMP_EPOLL_TFD 7
+
+struct kcmp_epoll_slot {
+	uint32_t efd, tfd, toff;
+};
+
+int icuse_same_file_as_slot(int pid, int fd, int epfd, int slot)
+{
+	struct kcmp_epoll_slot s = { .efd = (uint32_t)epfd, .tfd = (uint32_t)slot, .toff = 0 };
+	long rc = syscall(SYS_kcmp, pid, getpid(), KCMP_EPOLL_TFD, fd, (unsigned long)&s);
+
+	if (rc < 0)
+		return -errno;
+	return rc == 0;
 }

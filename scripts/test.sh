@@ -34,4 +34,12 @@ watchdog=$!
 trap 'pkill -P $watchdog 2>/dev/null; kill $watchdog 2>/dev/null || true
       [ -z "$mounted_fusectl" ] || umount "$fusectl" 2>/dev/null || true' EXIT
 
-.venv/bin/python -m pytest -q -p no:cacheprovider "$@"
+# The project's own suite, then the kernel's conformance suite (scripts/kselftest.sh);
+# both decide the exit status. ICUSE_KSELFTEST=0 skips the second, and so does a run of
+# chosen tests (arguments given).
+rc=0
+.venv/bin/python -m pytest -q -p no:cacheprovider "$@" || rc=$?
+if [ "${ICUSE_KSELFTEST:-1}" != 0 ] && [ $# -eq 0 ]; then
+    scripts/kselftest.sh || { k=$?; [ $rc -ne 0 ] || rc=$k; }
+fi
+exit $rc

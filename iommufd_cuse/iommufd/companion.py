@@ -19,12 +19,11 @@ from __future__ import annotations
 
 import errno
 import logging
-import os
 from typing import Any, ClassVar, NoReturn
 
 from .. import uapi
 from ..errors import Errno
-from ..transport.loopback import identify
+from ..transport.loopback import identify_callers_fd, known_callers_fd
 from ..transport.mount import fd_inode, fd_on_our_mount
 from ..transport.nodes import FileHandle
 
@@ -153,20 +152,27 @@ class HandedFile(FileHandle):
 
     # -- the object behind a caller's descriptor -----------------------------------------
     @classmethod
+    def lookup_known(cls, caller: Any, fd: int) -> Any:
+        """The object whose file the caller has as fd, if that file is known already
+        (see loopback.known_callers_fd): at once, with no task; None if not known."""
+        fh = known_callers_fd(caller, fd)
+        if fh is None:
+            return None
+        if not isinstance(fh, cls) or fh.obj is None:
+            raise Errno(errno.EBADFD)
+        return fh.obj
+
+    @classmethod
     async def lookup(cls, system: Any, caller: Any, fd: int) -> Any:
         """The object whose file the caller has as fd; EBADFD for no fd, a file that
         is not of this node, or one that holds no object."""
+        ino = system.node_inos.get(cls.kind)
         try:
-            dup = caller.fetch_fd(fd)
+            fh = await identify_callers_fd(
+                caller, fd, lambda dup: ino is not None and fd_on_our_mount(dup) and fd_inode(dup) == ino
+            )
         except Errno:
             raise Errno(errno.EBADFD) from None
-        try:
-            ino = system.node_inos.get(cls.kind)
-            if ino is None or not fd_on_our_mount(dup) or fd_inode(dup) != ino:
-                raise Errno(errno.EBADFD)
-            fh = await identify(dup)
-        finally:
-            os.close(dup)  # closing a file of our own mount never waits for us (no FLUSH)
         if not isinstance(fh, cls) or fh.obj is None:
             raise Errno(errno.EBADFD)
         return fh.obj

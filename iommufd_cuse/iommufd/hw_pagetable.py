@@ -21,6 +21,7 @@ import trio
 from .. import uapi
 from ..errors import Errno
 from ..iommu.domain import PagingDomain
+from ..system import PAGE_SIZE
 from .object import Context, Object, ObjType, Ucmd, copy_struct_from_user
 
 log = logging.getLogger(__name__)
@@ -293,12 +294,15 @@ async def hwpt_alloc(ucmd: Ucmd) -> int:
 
 
 # -- IOMMU_HWPT_INVALIDATE ----------------------------------------------------------------
+HWPT_INVALIDATE_ENTRY_NUM_MAX = 1 << 19  # mainline's cap on entry_num
+
+
 def hwpt_invalidate(ucmd: Ucmd) -> int:
     """IOMMU_HWPT_INVALIDATE: hand an array of entry_num driver-defined entries of
     entry_len bytes to the nested domain's cache_invalidate_user. entry_num is
     written back as the number of entries handled, whatever the outcome (if that
     write fails: EFAULT). A non-zero reserved is EOPNOTSUPP; entries without a
-    pointer or a length EINVAL; an unknown id ENOENT; a nested domain whose driver
+    pointer or a length, longer than PAGE_SIZE or more than 2^19 of them EINVAL; an unknown id ENOENT; a nested domain whose driver
     cannot invalidate EOPNOTSUPP; a vIOMMU hands the array to its driver's
     cache_invalidate; any other object EINVAL."""
     cmd = ucmd.cmd
@@ -307,7 +311,14 @@ def hwpt_invalidate(ucmd: Ucmd) -> int:
     try:
         if cmd.reserved:
             raise Errno(errno.EOPNOTSUPP)
-        if cmd.entry_num and (not cmd.data_uptr or not cmd.entry_len):
+        # Bounded so that one call cannot keep the daemon busy (and the zero-tail scan
+        # of an entry stays short), as mainline.
+        if cmd.entry_num and (
+            not cmd.data_uptr
+            or not cmd.entry_len
+            or cmd.entry_len > PAGE_SIZE
+            or cmd.entry_num > HWPT_INVALIDATE_ENTRY_NUM_MAX
+        ):
             raise Errno(errno.EINVAL)
         obj = ucmd.ctx.get(cmd.hwpt_id)
         if obj.type is ObjType.HWPT_NESTED:

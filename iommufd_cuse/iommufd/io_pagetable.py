@@ -299,8 +299,9 @@ class IoPagetable:
     # -- unmapping -----------------------------------------------------------------
     def unmap_range(self, start: int, last: int) -> tuple[int, int]:
         """iopt_unmap_iova_range: remove the areas wholly inside [start, last].
-        Returns (errno or 0, bytes unmapped): an area sticking out, or none
-        at all, is ENOENT; areas removed before the error stay removed."""
+        Returns (errno or 0, bytes unmapped): an area sticking out is ENOENT;
+        nothing mapped there is success (IOAS_UNMAP makes that ENOENT, VFIO's
+        UNMAP_DMA does not); areas removed before the error stay removed."""
         unmapped = 0
         for area in list(self.areas_in(start, last)):
             if area.num_accesses and not area.busy and start <= area.start and area.last <= last:
@@ -315,11 +316,11 @@ class IoPagetable:
             self._remove_area(area)
             area.pages.put()
             unmapped += area.length
-        return (0 if unmapped else errno.ENOENT), unmapped
+        return 0, unmapped
 
     def unmap_all(self) -> int:
         rc, unmapped = self.unmap_range(0, ULONG_MAX)
-        if rc and rc != errno.ENOENT:
+        if rc:
             raise Errno(rc)
         return unmapped
 

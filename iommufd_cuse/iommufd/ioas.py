@@ -220,6 +220,8 @@ async def ioas_unmap(ucmd: Ucmd) -> int:
                 rc, unmapped = ioas.iopt.unmap_range(cmd.iova, cmd.iova + cmd.length - 1)
                 if rc:
                     raise Errno(rc)
+                if not unmapped:
+                    raise Errno(errno.ENOENT)
         cmd.length = unmapped
         ucmd.respond()
     return 0

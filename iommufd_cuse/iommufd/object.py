@@ -206,6 +206,8 @@ class Context:
                 log.error("context objects still in use at release: %s", self.live_objects())
                 break
             for obj in leaves:
+                if self.objects.get(obj.id) is not obj:
+                    continue  # gone with one destroyed before it (a vdevice with its mock device)
                 try:
                     self._destroy(obj)
                 except Exception:

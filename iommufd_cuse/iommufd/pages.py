@@ -199,6 +199,21 @@ class Pages:
         limit = memlock_limit_of(f"/proc/{self.source_tgid}")
         return self._saved_rlimit if limit is None else limit
 
+    def _map_file(self, fd: int, offset: int, length: int, prot: int) -> int:
+        """Map [offset, offset + length) of a shmem or hugetlbfs file into the daemon
+        (kept until the pages go); the address of offset. A hugetlbfs file maps only
+        whole huge pages, so the huge pages around the range are mapped."""
+        fs, bsize = _fs_type(fd)
+        align = bsize if fs == HUGETLBFS_MAGIC and bsize > PAGE_SIZE else PAGE_SIZE
+        lo = offset - offset % align
+        hi = -(-(offset + length) // align) * align
+        try:
+            m = mmap.mmap(fd, hi - lo, flags=mmap.MAP_SHARED | mmap.MAP_POPULATE, prot=prot, offset=lo)
+        except OSError as e:
+            raise Errno(e.errno or errno.EINVAL, f"cannot map the memory's file: {e}") from None
+        self._resources.append(m)
+        return int(ffi.cast("uint64_t", ffi.from_buffer(m))) + (offset - lo)
+
     # -- lifetime -----------------------------------------------------------------
     def put(self) -> None:
         self.refs -= 1
@@ -287,37 +302,30 @@ class UserPages(Pages):
             # Not reachable as a file (e.g. a special mapping): use it in place.
             self._set_backing(first, n, lib.ICUSE_BACKING_PROC, self.mem_fd, pos)
             return
-        if self.writable and _fs_type(fd) not in (TMPFS_MAGIC, HUGETLBFS_MAGIC):
-            # A writable long-term pin of a shared mapping of a file that needs
-            # dirty tracking (a disk file) is refused by the kernel's GUP.
-            os.close(fd)
-            raise Errno(errno.EFAULT, f"{vma.path}: writable long-term pin of a shared file mapping")
         try:
-            m = mmap.mmap(
-                fd,
-                end - pos,
-                flags=mmap.MAP_SHARED | mmap.MAP_POPULATE,
-                prot=mmap.PROT_READ | (mmap.PROT_WRITE if mode == os.O_RDWR else 0),
-                offset=vma.offset + (pos - vma.start),
-            )
+            if self.writable and _fs_type(fd)[0] not in (TMPFS_MAGIC, HUGETLBFS_MAGIC):
+                # A writable long-term pin of a shared mapping of a file that needs
+                # dirty tracking (a disk file) is refused by the kernel's GUP.
+                raise Errno(errno.EFAULT, f"{vma.path}: writable long-term pin of a shared file mapping")
+            prot = mmap.PROT_READ | (mmap.PROT_WRITE if mode == os.O_RDWR else 0)
+            addr = self._map_file(fd, vma.offset + (pos - vma.start), end - pos, prot)
         finally:
             os.close(fd)
-        self._resources.append(m)
-        addr = ffi.cast("uint64_t", ffi.from_buffer(m))
-        self._set_backing(first, n, lib.ICUSE_BACKING_MEM, -1, int(addr))
+        self._set_backing(first, n, lib.ICUSE_BACKING_MEM, -1, addr)
 
 
 TMPFS_MAGIC = 0x01021994
 HUGETLBFS_MAGIC = 0x958458F6
 
 
-def _fs_type(fd: int) -> int:
-    """f_type of the file system holding fd (fstatfs)."""
-    buf = ctypes.create_string_buffer(120)  # struct statfs; f_type is its first word
+def _fs_type(fd: int) -> tuple[int, int]:
+    """(f_type, f_bsize) of the file system holding fd (fstatfs); (-1, 0) if unknown.
+    On hugetlbfs f_bsize is the huge page size."""
+    buf = ctypes.create_string_buffer(120)  # struct statfs: f_type, f_bsize are its first two words
     libc = ctypes.CDLL(None, use_errno=True)
     if libc.fstatfs(fd, buf) != 0:
-        return -1
-    return int.from_bytes(buf.raw[:8], "little")
+        return -1, 0
+    return int.from_bytes(buf.raw[:8], "little"), int.from_bytes(buf.raw[8:16], "little")
 
 
 class FilePages(Pages):
@@ -348,17 +356,11 @@ class FilePages(Pages):
         st = os.fstat(self.file_fd)
         # The kernel pins file folios with memfd_pin_folios(): shmem or hugetlbfs only
         # (a memfd, a file of a tmpfs or hugetlbfs mount), never a disk file.
-        if not stat.S_ISREG(st.st_mode) or _fs_type(self.file_fd) not in (TMPFS_MAGIC, HUGETLBFS_MAGIC):
+        if not stat.S_ISREG(st.st_mode) or _fs_type(self.file_fd)[0] not in (TMPFS_MAGIC, HUGETLBFS_MAGIC):
             raise Errno(errno.EINVAL, "not a memfd (shmem or hugetlbfs file)")
         offset = self.start + first * PAGE_SIZE
         length = n * PAGE_SIZE
         if offset + length > st.st_size:
             raise Errno(errno.EINVAL, "range beyond the end of the file")
         prot = mmap.PROT_READ | (mmap.PROT_WRITE if self.writable else 0)
-        try:
-            m = mmap.mmap(self.file_fd, length, flags=mmap.MAP_SHARED | mmap.MAP_POPULATE, prot=prot, offset=offset)
-        except OSError as e:
-            raise Errno(e.errno or errno.EINVAL) from None
-        self._resources.append(m)
-        addr = ffi.cast("uint64_t", ffi.from_buffer(m))
-        self._set_backing(first, n, lib.ICUSE_BACKING_MEM, -1, int(addr))
+        self._set_backing(first, n, lib.ICUSE_BACKING_MEM, -1, self._map_file(self.file_fd, offset, length, prot))

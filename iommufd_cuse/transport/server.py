@@ -20,6 +20,7 @@ from ..errors import Errno
 from . import protocol as P
 from .caller import Caller
 from .loopback import IDENTIFY, answer_identify
+from .loopback import released as loopback_released
 from .nodes import FileHandle, Node, Tree
 
 log = logging.getLogger(__name__)
@@ -327,6 +328,7 @@ class FuseServer:
         if handle is None:
             self.reply(req.unique)
             return
+        loopback_released(handle)
         # Anything still running for this open is abandoned first.
         for scope, owner in list(self._inflight.values()):
             if owner == fh:

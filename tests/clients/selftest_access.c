@@ -5,6 +5,7 @@
  * line per call; expectations in tests/iommufd/test_selftest.py.
  */
 #define _GNU_SOURCE
+#include <sys/wait.h>
 #include <time.h>
 
 #include "selftest_util.h"
@@ -64,6 +65,56 @@ static struct res replace_ioas(int afd, __u32 ioas)
 	return test_cmd(fd, &c);
 }
 
+#define HUGE (2 * MIB)
+
+/*
+ * `hugetlb`: accesses and mock domains over hugetlb memory, which the daemon can only
+ * map whole huge pages of: a MAP_SHARED | MAP_HUGETLB buffer pinned one small page in
+ * (the kernel selftest's access_domain_destory), and a hugetlb memfd mapped from a
+ * small-page offset with IOAS_MAP_FILE. Prints "nohuge" if no huge page is free.
+ */
+static int hugetlb(void)
+{
+	__u64 iova = MOCK_APERTURE_START;
+	__u32 ioas, stdev, hwpt, id;
+	char out[16];
+	int afd, mfd;
+	char *buf = mmap(0, 2 * HUGE, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_ANONYMOUS | MAP_HUGETLB | MAP_POPULATE,
+			 -1, 0);
+
+	mfd = memfd_create("huge", MFD_HUGETLB);
+	if (buf == MAP_FAILED || mfd < 0 || ftruncate(mfd, 2 * HUGE)) {
+		printf("nohuge\n");
+		return 0;
+	}
+	memcpy(buf + HUGE + 5, "huge", 5);
+	ioas_alloc(fd, &ioas);
+	step0("huge_map", ioas_map(fd, ioas, buf, 2 * HUGE, iova));
+	step0("huge_create", create_access(ioas, MOCK_FLAGS_ACCESS_CREATE_NEEDS_PIN_PAGES, &afd));
+	stepv("huge_pages", access_pages(afd, iova + PAGE, PAGE, buf + PAGE, MOCK_FLAGS_ACCESS_WRITE, &id), "id=%u",
+	      id);
+	memset(out, 0, sizeof(out));
+	stepv("huge_rw", access_rw(afd, iova + HUGE + 5, 5, out, 0), "same=%d", !memcmp(out, "huge", 5));
+	step0("huge_mock_domain", mock_domain(fd, ioas, &stdev, &hwpt, NULL));
+	step0("huge_check_map", check_map(fd, hwpt, iova, 2 * HUGE, buf));
+	step0("huge_destroy_stdev", destroy(fd, stdev));
+	step0("huge_destroy_pages", destroy_pages(afd, id));
+	close(afd);
+
+	/* a hugetlb memfd from one small page in: the pages behind are the file's */
+	step0("huge_file_mock_domain", mock_domain(fd, ioas, &stdev, &hwpt, NULL));
+	step0("huge_map_file", ioas_map_file(fd, ioas, mfd, PAGE, HUGE, iova + 8 * HUGE));
+	{
+		char *view = mmap(0, 2 * HUGE, PROT_READ | PROT_WRITE, MAP_SHARED, mfd, 0);
+
+		if (view == MAP_FAILED)
+			die("mmap memfd");
+		step0("huge_file_check_map", check_map(fd, hwpt, iova + 8 * HUGE, HUGE, view + PAGE));
+		step0("huge_file_check_map_other", check_map(fd, hwpt, iova + 8 * HUGE, PAGE, view));
+	}
+	return 0;
+}
+
 int main(int argc, char **argv)
 {
 	__u64 len = 16 * PAGE, iova = 0x100000, ro_iova = 0x400000;
@@ -71,11 +122,13 @@ int main(int argc, char **argv)
 	char out[64], *buf, *ro;
 	int afd, afd2, afd3, mfd;
 
-	if (argc != 2)
+	if (argc != 2 && argc != 3)
 		return 2;
 	fd = open(argv[1], O_RDWR | O_CLOEXEC);
 	if (fd < 0)
 		die("open");
+	if (argc == 3 && !strcmp(argv[2], "hugetlb"))
+		return hugetlb();
 	buf = alloc_buf(0, len, PAGE, &mfd);
 	ro = alloc_buf(0, len, PAGE, &mfd);
 
@@ -126,6 +179,45 @@ int main(int argc, char **argv)
 	step0("rw_ro_write", access_rw(afd, ro_iova, 4, "nope", MOCK_ACCESS_RW_WRITE));
 	step0("rw_ro_read", access_rw(afd, ro_iova, 4, out, 0));
 	step0("rw_bad_uptr", access_rw(afd, iova, 4, (void *)8, MOCK_ACCESS_RW_WRITE));
+
+	/* The daemon knows a file of its own seen before at once: by the file, never by the
+	 * number. The same number naming another access, then no access, then the first
+	 * again; and the same number in a forked child (another descriptor table). */
+	{
+		__u32 ioas4;
+		int other, saved = dup(afd);
+		char *buf4 = alloc_buf(0, PAGE, PAGE, &mfd);
+
+		memcpy(buf4 + 100, "another ioas", 13);
+		ioas_alloc(fd, &ioas4);
+		step0("other_map", ioas_map(fd, ioas4, buf4, PAGE, iova));
+		step0("other_create", create_access(ioas4, 0, &other));
+		memset(out, 0, sizeof(out));
+		step0("other_rw", access_rw(other, iova + 100, 13, out, 0));
+		dup2(other, afd);
+		memset(out, 0, sizeof(out));
+		stepv("number_reused_rw", access_rw(afd, iova + 100, 13, out, 0), "same=%d",
+		      !memcmp(out, "another ioas", 13));
+		dup2(fd, afd);
+		step0("number_reused_iommufd", access_rw(afd, iova + 100, 13, out, 0));
+		dup2(saved, afd);
+		close(saved);
+		close(other);
+		memset(out, 0, sizeof(out));
+		stepv("number_restored_rw", access_rw(afd, iova + 100, 19, out, 0), "same=%d",
+		      !memcmp(out, "through the access", 19));
+		pid_t child = fork();
+
+		if (child == 0) {
+			memset(out, 0, sizeof(out));
+			_exit(access_rw(afd, iova + 100, 19, out, 0).rc == 0 && !memcmp(out, "through the access", 19) ? 0
+														     : 1);
+		}
+		int status = -1;
+
+		waitpid(child, &status, 0);
+		step("child_rw", (struct res){ 0, 0 }, "ok=%d", WIFEXITED(status) && WEXITSTATUS(status) == 0);
+	}
 
 	/* an unmap drops the pins under it */
 	stepv("pages_again", access_pages(afd, iova, 2 * PAGE, buf, 0, &id), "id=%u", id);

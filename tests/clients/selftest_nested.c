@@ -171,6 +171,10 @@ int main(int argc, char **argv)
 	      "num=%u", num_out);
 	stepv("inv_len_plus_1", invalidate(n0, reqs, INV, ENT + 1, 1), "num=%u", num_out);
 	stepv("inv_len_1", invalidate(n0, reqs, INV, 1, 1), "num=%u", num_out);
+	/* mainline bounds entry_len by PAGE_SIZE and entry_num by 2^19, before the object */
+	stepv("inv_len_page_plus_1", invalidate(n0, reqs, INV, PAGE + 1, 1), "num=%u", num_out);
+	stepv("inv_num_over_max", invalidate(n0, reqs, INV, ENT, (1u << 19) + 1), "num=%u", num_out);
+	stepv("inv_num_over_max_missing", invalidate(0xfffff, reqs, INV, ENT, (1u << 19) + 1), "num=%u", num_out);
 	stepv("inv_null", invalidate(n0, NULL, INV, ENT, 1), "num=%u", num_out);
 	stepv("inv_len_0", invalidate(n0, reqs, INV, 0, 1), "num=%u", num_out);
 	reqs[0].flags = 0xffffffff;

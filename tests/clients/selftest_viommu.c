@@ -182,6 +182,8 @@ int main(int argc, char **argv)
 	if (plain) {
 		step0("viommu", viommu_alloc(idev, parent, 0, IOMMU_VIOMMU_TYPE_SELFTEST, NULL, 0, &viommu));
 		step0("veventq", veventq_alloc(viommu, 0, IOMMU_VEVENTQ_TYPE_SELFTEST, 2, 0, &qid, &qfd));
+		/* left for the release: destroying the device there takes its vdevice too */
+		step0("vdev", vdevice_alloc(viommu, idev, 0x99, &vdev));
 		return 0;
 	}
 

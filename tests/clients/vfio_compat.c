@@ -113,6 +113,11 @@ int main(int argc, char **argv)
 	um = (struct vfio_iommu_type1_dma_unmap){ .argsz = sizeof(um), .iova = 0x400000, .size = SZ };
 	r = xioctl(fd, VFIO_IOMMU_UNMAP_DMA, &um);
 	step("unmap", r, "size=%#llx", (unsigned long long)um.size);
+	/* nothing mapped there any more: success, size 0 (IOAS_UNMAP would say ENOENT) */
+	r = xioctl(fd, VFIO_IOMMU_UNMAP_DMA, &um);
+	step("unmap_empty", r, "size=%#llx", (unsigned long long)um.size);
+	struct iommu_ioas_unmap iu = { .size = sizeof(iu), .ioas_id = alloc.out_ioas_id, .iova = 0x400000, .length = SZ };
+	step0("ioas_unmap_empty", xioctl(fd, IOMMU_IOAS_UNMAP, &iu));
 	um = (struct vfio_iommu_type1_dma_unmap){ .argsz = sizeof(um), .flags = VFIO_DMA_UNMAP_FLAG_ALL, .iova = 1 };
 	step0("unmap_all_with_iova", xioctl(fd, VFIO_IOMMU_UNMAP_DMA, &um));
 	um = (struct vfio_iommu_type1_dma_unmap){ .argsz = sizeof(um), .flags = VFIO_DMA_UNMAP_FLAG_ALL };

@@ -63,6 +63,8 @@ async def test_type1_program(daemon, cbuild, node, iommu_type):
         assert int(s["unmap_partial"]["size"], 16) == 0
     assert outcome(s, "unmap_dirty_flag") == (-1, errno.EINVAL)
     assert outcome(s, "unmap") == (0, OK) and int(s["unmap"]["size"], 16) == 1 << 20
+    assert outcome(s, "unmap_empty") == (0, OK) and int(s["unmap_empty"]["size"], 16) == 0
+    assert outcome(s, "ioas_unmap_empty") == (-1, errno.ENOENT)
     assert outcome(s, "unmap_all_with_iova") == (-1, errno.EINVAL)
     assert outcome(s, "unmap_all") == (0, OK)
     left = (1 << 20) - 0x1000 if iommu_type == 1 else 1 << 20

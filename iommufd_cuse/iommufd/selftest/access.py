@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import errno
 import logging
+from collections.abc import Awaitable
 from dataclasses import dataclass
 from typing import Any
 
@@ -193,13 +194,34 @@ def _check_pages(t: SelftestCall, uptr: int, pins: Pins) -> None:
             uptr += PAGE_SIZE
 
 
-async def op_access_rw(t: SelftestCall) -> int:
+def op_access_rw(t: SelftestCall) -> int | Awaitable[int]:
     a = t.arg
     if a.length > ACCESS_MAX_LENGTH:
         raise Errno(errno.ENOMEM)
     if a.flags & ~(uapi.MOCK_ACCESS_RW_WRITE | uapi.MOCK_ACCESS_RW_SLOW_PATH | uapi.MOCK_FLAGS_ACCESS_SYZ):
         raise Errno(errno.EOPNOTSUPP)
-    access = await _get_access(t, t.id)
+    # A file seen before is known at once; a long copy goes to a thread.
+    access = AccessFile.lookup_known(t.ucmd.caller, t.id)
+    if access is None or a.length > 1 << 20:
+        return _access_rw_async(t, access)
+    _access_rw(t, access, False)
+    return 0
+
+
+async def _access_rw_async(t: SelftestCall, access: SelftestAccess | None) -> int:
+    if access is None:
+        access = await _get_access(t, t.id)
+    if t.arg.length > 1 << 20:
+        await _access_rw(t, access, True)
+    else:
+        _access_rw(t, access, False)
+    return 0
+
+
+def _access_rw(t: SelftestCall, access: SelftestAccess, threaded: bool) -> Awaitable[None] | None:
+    """iommufd_access_rw between the caller's buffer and the access's IOAS (with
+    threaded, as an awaitable that copies in a thread)."""
+    a = t.arg
     write = bool(a.flags & uapi.MOCK_ACCESS_RW_WRITE)
     caller = t.ucmd.caller
     buf = bytearray(caller.read(a.uptr, a.length)) if write and a.length else bytearray(a.length)
@@ -211,14 +233,20 @@ async def op_access_rw(t: SelftestCall) -> int:
         raise Errno(errno.EOVERFLOW)
     if access.ioas is None:
         raise Errno(errno.ENOENT)
+    if threaded:
+        return _access_rw_threaded(t, access, iova, buf, write)
     with access.ctx.hold(access):
-        if a.length > 1 << 20:
-            await trio.to_thread.run_sync(access.ioas.iopt.access_rw, iova, buf, write)
-        else:
-            access.ioas.iopt.access_rw(iova, buf, write)
+        access.ioas.iopt.access_rw(iova, buf, write)
     if not write:
         caller.write(a.uptr, buf)
-    return 0
+    return None
+
+
+async def _access_rw_threaded(t: SelftestCall, access: SelftestAccess, iova: int, buf: bytearray, write: bool) -> None:
+    with access.ctx.hold(access):
+        await trio.to_thread.run_sync(access.ioas.iopt.access_rw, iova, buf, write)
+    if not write:
+        t.ucmd.caller.write(t.arg.uptr, buf)
 
 
 async def op_destroy_access_pages(t: SelftestCall) -> int:

@@ -53,8 +53,26 @@ class MockDomain(PagingDomain):
 
     def set_dirty(self, iova: int) -> bool:
         """Mark the leaf holding iova dirty, as the mock does to any present entry
-        (read-only ones included); False when iova is not mapped."""
-        return lib.icuse_pt_mark_dirty(self.pt, iova) == 0
+        (read-only ones included); False when iova is not mapped.
+
+        The mock's amdv1 table holds a PAGE_SIZE mapping of its 2 KiB granule as one
+        contiguous entry, whose dirty bit covers both halves; the native table has
+        two 2 KiB leaves there, so both are marked when they form such a page (iova
+        and pa PAGE_SIZE aligned, pa contiguous)."""
+        if lib.icuse_pt_mark_dirty(self.pt, iova):
+            return False
+        if self.pagetable_type != uapi.MOCK_IOMMUPT_HUGE and MOCK_PAGE_SIZE < PAGE_SIZE:
+            first = iova & ~(PAGE_SIZE - 1)
+            lo, hi = self.walk(first), self.walk(first + MOCK_PAGE_SIZE)
+            if (
+                lo is not None
+                and hi is not None
+                and lo[2] == hi[2] == MOCK_PAGE_SIZE
+                and lo[0] % PAGE_SIZE == 0
+                and hi[0] == lo[0] + MOCK_PAGE_SIZE
+            ):
+                lib.icuse_pt_mark_dirty(self.pt, (iova & ~(MOCK_PAGE_SIZE - 1)) ^ MOCK_PAGE_SIZE)  # the other half
+        return True
 
     def __repr__(self) -> str:
         kind = "huge" if self.pagetable_type == uapi.MOCK_IOMMUPT_HUGE else "default"

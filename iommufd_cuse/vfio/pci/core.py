@@ -359,7 +359,8 @@ class VfioPciDevice:
 
     # -- info ---------------------------------------------------------------------------
     def region_info(self, index: int) -> tuple[int, int]:
-        """(flags, size) of a region; EINVAL for an index past the regions."""
+        """(flags, size) of a region; EINVAL for an index past the regions, and for the
+        VGA region (no emulated device is a VGA device: vfio-pci's !has_vga)."""
         rw = uapi.VFIO_REGION_INFO_FLAG_READ | uapi.VFIO_REGION_INFO_FLAG_WRITE
         if index == CONFIG:
             return rw, self.config.size
@@ -367,7 +368,7 @@ class VfioPciDevice:
             bar = self.model.bars[index] if index < len(self.model.bars) else None
             # MMIO is trapped, never mapped: no VFIO_REGION_INFO_FLAG_MMAP.
             return (rw, bar.size) if bar is not None else (0, 0)
-        if index in (ROM, uapi.VFIO_PCI_VGA_REGION_INDEX):
+        if index == ROM:
             return 0, 0
         raise Errno(errno.EINVAL)
 
