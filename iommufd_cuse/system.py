@@ -92,6 +92,7 @@ class System:
         self.pending_files: dict[str, Pending] = {}
         self.file_seqs: dict[str, int] = {}
         self.node_inos: dict[str, int] = {}
+        self.mountpoint = ""  # the daemon's mount (set by the daemon)
         # Test mode only (iommufd/selftest/), globals of the kernel's selftest.c: the
         # mock IOMMU (made at first use) and iommufd_test_memory_limit.
         self.mock_iommu: Iommu | None = None

@@ -8,12 +8,15 @@
  */
 #define _GNU_SOURCE
 #include <errno.h>
+#include <fcntl.h>
+#include <string.h>
 #include <signal.h>
 #include <stdint.h>
 #include <sys/epoll.h>
 #include <sys/ioctl.h>
 #include <sys/prctl.h>
 #include <sys/resource.h>
+#include <sys/socket.h>
 #include <sys/syscall.h>
 #include <unistd.h>
 
@@ -75,6 +78,43 @@ int icuse_loopback_ioctl_register(int fd, unsigned long cmd, unsigned long arg, 
 int icuse_loopback_ioctl(int fd, unsigned long cmd, unsigned long arg)
 {
 	return icuse_loopback_ioctl_register(fd, cmd, arg, -1, -1);
+}
+
+int icuse_loopback_open_ioctl(const char *path, unsigned long cmd, unsigned long arg, int sock)
+{
+	pid_t parent = getpid();
+	pid_t pid = fork();
+
+	if (pid < 0)
+		return -errno;
+	if (pid == 0) {
+		/* Only async-signal-safe calls from here on: the parent is threaded. */
+		char cbuf[CMSG_SPACE(sizeof(int))];
+		char byte = 0;
+		struct iovec iov = { &byte, 1 };
+		struct msghdr msg = { .msg_iov = &iov, .msg_iovlen = 1, .msg_control = cbuf,
+				      .msg_controllen = sizeof(cbuf) };
+		struct cmsghdr *cm;
+		int fd;
+
+		prctl(PR_SET_PDEATHSIG, SIGKILL);
+		if (getppid() != parent)
+			_exit(ESRCH);
+		close_all_but(sock, -1);
+		fd = open(path, O_RDWR | O_CLOEXEC);
+		if (fd < 0)
+			_exit(errno & 0xff);
+		if (ioctl(fd, cmd, arg) != 0)
+			_exit(errno & 0xff);
+		memset(cbuf, 0, sizeof(cbuf));
+		cm = CMSG_FIRSTHDR(&msg);
+		cm->cmsg_level = SOL_SOCKET;
+		cm->cmsg_type = SCM_RIGHTS;
+		cm->cmsg_len = CMSG_LEN(sizeof(int));
+		memcpy(CMSG_DATA(cm), &fd, sizeof(int));
+		_exit(sendmsg(sock, &msg, MSG_NOSIGNAL) == 1 ? 0 : errno & 0xff);
+	}
+	return pid;
 }
 
 #ifndef SYS_kcmp
