@@ -37,12 +37,18 @@ int icuse_loopback_ioctl_register(int fd, unsigned long cmd, unsigned long arg, 
  * registered there any more: -ENOENT). One syscall. */
 int icuse_same_file_as_slot(int pid, int fd, int epfd, int slot);
 
-/* Open path (a node of the daemon's own mount) from a forked child that keeps no
- * other file than sock, issue ioctl(fd, cmd, arg) on it, and send the open file
- * over the unix socket sock (SCM_RIGHTS). Returns the child's pid or -errno; the
- * child exits 0 when the file was sent, else with the errno of the step that failed
- * (open, ioctl, sendmsg). For files the daemon hands to a caller (seccomp ADDFD). */
-int icuse_loopback_open_ioctl(const char *path, unsigned long cmd, unsigned long arg, int sock);
+/* A forked child that keeps no other file than sock (a SOCK_SEQPACKET socket) and,
+ * for each request read from it, opens path (a node of the daemon's own mount),
+ * issues ioctl(fd, cmd, arg) on it and answers: int32 0 with the open file attached
+ * (SCM_RIGHTS), or int32 errno of the step that failed. It exits when sock reaches
+ * EOF or the daemon dies. Returns the child's pid or -errno. For files the daemon
+ * hands to a caller (seccomp ADDFD): one child for all, not a fork per file. */
+struct icuse_open_request {
+	uint64_t cmd;
+	uint64_t arg;
+	char path[4096];
+};
+int icuse_opener_start(int sock);
 
 /* ---------------------------------------------------------------------------
  * I/O page table: a radix tree of 512-entry tables. The granule is

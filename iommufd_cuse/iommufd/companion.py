@@ -20,15 +20,11 @@ from __future__ import annotations
 import errno
 import logging
 import os
-import socket
 from typing import Any, ClassVar, NoReturn
 
-import trio
-
 from .. import uapi
-from .._native import lib
 from ..errors import Errno
-from ..transport.loopback import identify_callers_fd, known_callers_fd
+from ..transport.loopback import identify_callers_fd, known_callers_fd, opener
 from ..transport.mount import fd_inode, fd_on_our_mount
 from ..transport.nodes import FileHandle
 
@@ -82,35 +78,18 @@ class SeccompCarrier(Carrier):
     async def deliver(self, file_cls: type[HandedFile], system: Any, obj: Any, caller: Any, returns_fd: bool) -> int:
         pending = file_cls.pending(system)
         token = file_cls.issue(system, obj, caller.tgid)
-        ours, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
         try:
             caller.check()  # nothing is made for a caller that is gone
-            path = os.path.join(system.mountpoint, file_cls.node)
-            pid = lib.icuse_loopback_open_ioctl(path.encode(), CLAIM, token, child.fileno())
-            if pid < 0:
-                raise Errno(-pid)
-            # The child's claim is served by this loop only once this task waits, so the
-            # token is the child's to claim before it can ask: it acts for the caller.
-            pending[token] = (obj, pid)
-            child.close()
-            _, status = await trio.to_thread.run_sync(os.waitpid, pid, 0)
-            code = os.waitstatus_to_exitcode(status)
-            if code:
-                raise Errno(code if code > 0 else errno.EIO)
-            _msg, fds, _flags, _addr = socket.recv_fds(ours, 1, 1, socket.MSG_DONTWAIT)
-            if not fds:
-                raise Errno(errno.EIO)
+            pending[token] = (obj, opener.child_pid())  # the daemon's child claims it, for the caller
+            fd = await opener.open_ioctl(os.path.join(system.mountpoint, file_cls.node), CLAIM, token)
         finally:
             pending.pop(token, None)
-            ours.close()
-            child.close()
         try:
             # ENOENT if the caller died since: the daemon's copy is then the last, and
             # closing it releases the file and what it holds.
-            newfd = caller.listener.addfd(caller.notif_id, fds[0], send=returns_fd)
+            newfd = caller.listener.addfd(caller.notif_id, fd, send=returns_fd)
         finally:
-            for fd in fds:
-                os.close(fd)
+            os.close(fd)
         self.replied = returns_fd
         return newfd
 
