@@ -65,8 +65,11 @@ def _out_fd_field(caller: NotifiedCaller, cmd: int, arg: int) -> int | None:
     size = int.from_bytes(buf[:4], "little")
     second = int.from_bytes(buf[4:], "little")
     if cmd == uapi.IOMMU_TEST_CMD:
-        ok = size >= _TEST_CMD_MIN and second == uapi.IOMMU_TEST_OP_CREATE_ACCESS
-        return _CREATE_ACCESS_FD if ok else None
+        if size < _TEST_CMD_MIN:
+            return None
+        if second == uapi.IOMMU_TEST_OP_CREATE_ACCESS:
+            return _CREATE_ACCESS_FD
+        return -1 if second == uapi.IOMMU_TEST_OP_DMABUF_GET else None  # the dma-buf is the return value
     s = uapi.iommu_fault_alloc if cmd == uapi.IOMMU_FAULT_QUEUE_ALLOC else uapi.iommu_veventq_alloc
     if size < s.SIZE or second:  # flags 0 only: others are the handler's EOPNOTSUPP
         return None
