@@ -6,7 +6,7 @@ may be a new file (NOTIFIED_CMDS; every other call runs at the kernel's cost), a
 the listener to the daemon with REGISTER_LISTENER on LISTENER_NODE (the daemon fetches
 it with pidfd_getfd, as any descriptor a caller passes). For each notified call the
 daemon decides, as the companion would, whether it needs a file handed back at all (the
-selftest's CREATE_ACCESS among IOMMU_TEST_CMD's ops; FAULT_QUEUE_ALLOC and VEVENTQ_ALLOC
+selftest's CREATE_ACCESS and DMABUF_GET among IOMMU_TEST_CMD's ops; FAULT_QUEUE_ALLOC and VEVENTQ_ALLOC
 with flags 0) and whether the descriptor is a file of its mount in that process; if not,
 the call continues to the kernel unchanged (SECCOMP_USER_NOTIF_FLAG_CONTINUE), so a file
 that is not ours gets the kernel's own answer. Otherwise the daemon serves the call
