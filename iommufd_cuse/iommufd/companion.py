@@ -1,4 +1,5 @@
-"""Files a FUSE server hands back through the companion library.
+"""Files a FUSE server hands back: through the companion library, or through the
+seccomp user notification of `iommufd-cuse run` (SeccompCarrier; notified.py).
 
 Some commands answer with a new file descriptor in the caller (IOMMU_TEST_OP_CREATE_ACCESS,
 IOMMU_FAULT_QUEUE_ALLOC, IOMMU_VEVENTQ_ALLOC), which a FUSE server cannot create.
@@ -8,7 +9,7 @@ number) instead of the descriptor, and the companion opens the object's node in 
 same mount and claims the token on that file (CLAIM), putting the new fd in the
 answer. A token is claimed once, by the process that created the object, and a file
 holds one object (else EINVAL). Every semantic stays in the daemon. Without the
-companion: EOPNOTSUPP. See docs/selftest.md, "Files handed back".
+companion (or run): EOPNOTSUPP. See docs/selftest.md, "Files handed back".
 
 This module holds what the three have in common: the per-System registry of
 unclaimed tokens, token issue, the claim ioctl (HandedFile) and the lookup of the
