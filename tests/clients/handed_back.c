@@ -4,15 +4,11 @@
  * by the tests, so no companion can reach it: under `iommufd-cuse run` the files come
  * through the seccomp filter.
  *
- *   handed_back <dev dir> <group> <bdf> [hold]
- *
- * With "hold", the process stops (SIGSTOP to itself) after its first handed-back file,
- * so that a test can look at the daemon while it holds one.
+ *   handed_back <dev dir> <group> <bdf>
  */
 #define _GNU_SOURCE
 #include <fcntl.h>
 #include <poll.h>
-#include <signal.h>
 #include <stdint.h>
 #include <string.h>
 #include <unistd.h>
@@ -39,7 +35,6 @@ int main(int argc, char **argv)
 	if (argc < 4)
 		return 2;
 	const char *bdf = argv[3];
-	int hold = argc > 4 && !strcmp(argv[4], "hold");
 
 	snprintf(path, sizeof(path), "%s/vfio/vfio", argv[1]);
 	int c = open(path, O_RDWR);
@@ -56,8 +51,6 @@ int main(int argc, char **argv)
 	step0("get_device_fd", xres(dev));
 	if (dev < 0)
 		return 1;
-	if (hold)
-		raise(SIGSTOP);
 	step("device_cloexec", xres(fcntl(dev, F_GETFD)), "set=%d", !!(fcntl(dev, F_GETFD) & FD_CLOEXEC));
 	struct vfio_device_info info = { .argsz = sizeof(info) };
 	struct res r = xioctl(dev, VFIO_DEVICE_GET_INFO, &info);

@@ -54,10 +54,8 @@ async def nothing_left(daemon) -> None:  # noqa: ANN001
     assert not any(system.pending_files.values())
 
 
-async def test_static_client_gets_and_uses_handed_back_files(daemon, static_client):
-    # Through a shell that forks: the filter is inherited by children.
-    p = await run(in_run(daemon, "sh", "-c", '"$0" "$@"; exit $?', static_client, "/dev", GROUP, BDF))
-    s = parse_steps(p.stdout)
+def check_handed_back(s) -> None:  # noqa: ANN001
+    """The steps of handed_back.c, whichever way its files came."""
     assert s["get_device_fd"].rc >= 3
     assert s["device_cloexec"]["set"] == "1"
     assert outcome(s, "device_info") == (0, 0) and s["device_info"]["regions"] == "9"
@@ -76,6 +74,22 @@ async def test_static_client_gets_and_uses_handed_back_files(daemon, static_clie
     assert outcome(s, "fault_alloc_bad_fd") == (-1, errno.EBADF)
     assert outcome(s, "get_device_fd_devnull") == (-1, errno.ENOTTY)
     assert outcome(s, "get_device_fd_on_iommufd") == (-1, errno.ENOTTY)
+
+
+async def test_static_client_gets_and_uses_handed_back_files(daemon, static_client):
+    # Through a shell that forks: the filter is inherited by children.
+    p = await run(in_run(daemon, "sh", "-c", '"$0" "$@"; exit $?', static_client, "/dev", GROUP, BDF))
+    check_handed_back(parse_steps(p.stdout))
+    await nothing_left(daemon)
+
+
+async def test_same_answers_through_the_companion(daemon, cbuild):
+    """The dynamic build with the companion, outside run: the same handler and hand_back()."""
+    exe = cbuild("handed_back")
+    out = await run([EXE, "companion"])
+    env = dict(os.environ, LD_PRELOAD=out.stdout.decode().strip())
+    p = await run([exe, daemon.dev_dir, GROUP, BDF], env=env)
+    check_handed_back(parse_steps(p.stdout))
     await nothing_left(daemon)
 
 
