@@ -94,7 +94,7 @@ class System:
         self.node_inos: dict[str, int] = {}
         self.mountpoint = ""  # the daemon's mount (set by the daemon)
         # Test mode only (iommufd/selftest/), globals of the kernel's selftest.c: the
-        # mock IOMMU (made at first use) and iommufd_test_memory_limit.
+        # mock IOMMU (made at first use) and iommufd_test_memory_limit (its default).
         self.mock_iommu: Iommu | None = None
         self.selftest_memory_limit = 65536
 

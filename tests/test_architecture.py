@@ -100,3 +100,136 @@ def test_imports_are_at_the_top_of_their_module():
 def test_function_imports_are_found():
     tree = ast.parse("import os\nif TYPE_CHECKING:\n    import sys\ndef f():\n    import json\n")
     assert _function_imports(tree) == [5]
+
+
+# -- the layers and what each may import (docs/architecture.md) ----------------------------
+# Module (or package) -> the package's modules it may import at run time (prefixes;
+# imports under `if TYPE_CHECKING:` are for annotations only and not counted). The
+# longest matching key rules a module.
+LAYERS: dict[str, tuple[str, ...]] = {
+    "errors": (),
+    "uapi": (),
+    "config": (),
+    "_native": (),
+    "transport": ("errors", "_native", "transport"),
+    "iommu": ("errors", "_native", "uapi", "config", "iommu"),
+    "system": ("errors", "_native"),
+    "iommufd": ("errors", "_native", "uapi", "config", "transport", "iommu", "system", "iommufd"),
+    # device models see their DMA port, interrupt sink and config space, nothing else
+    "vfio.pci": ("vfio.pci.model", "vfio.pci.config"),
+    # the vfio-pci driver: DMA through the IOMMU layer's domains, never the native library
+    "vfio.pci.core": ("errors", "uapi", "iommu.core", "iommu.domain", "system", "transport.caller", "vfio.pci"),
+    "vfio": ("errors", "uapi", "transport", "iommu", "iommufd", "vfio"),
+    "daemon": ("errors", "config", "system", "transport", "iommu", "iommufd", "vfio"),
+    "service": ("errors", "uapi", "system", "daemon", "iommufd.debug", "service"),
+    "install": ("config",),
+    "cli": ("config", "daemon", "install", "service"),
+    # a client of the uAPI works against the kernel too: nothing of the daemon
+    "client": ("uapi",),
+    "pytest_plugin": ("client", "service"),
+}
+
+
+def _module_of(path: Path) -> str:
+    parts = path.relative_to(PACKAGE).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def _known_modules() -> set[str]:
+    return {_module_of(p) for p in PACKAGE.rglob("*.py")}
+
+
+def _runtime_imports(source: str, mod: str, is_package: bool, known: set[str]) -> set[str]:
+    """The package's modules (relative names) that the source of module mod imports
+    when it runs."""
+    pkg = mod.split(".") if is_package else mod.split(".")[:-1]
+    tree = ast.parse(source)
+    skipped = {
+        id(n)
+        for node in tree.body
+        if isinstance(node, ast.If) and isinstance(node.test, ast.Name) and node.test.id == "TYPE_CHECKING"
+        for n in ast.walk(node)
+    }
+    out: set[str] = set()
+    for n in ast.walk(tree):
+        if id(n) in skipped:
+            continue
+        if isinstance(n, ast.Import):
+            out.update(a.name.removeprefix("iommufd_cuse.") for a in n.names if a.name.startswith("iommufd_cuse."))
+        elif isinstance(n, ast.ImportFrom):
+            if n.level:
+                base = pkg[: len(pkg) - (n.level - 1)] + (n.module.split(".") if n.module else [])
+                target = ".".join(base)
+            elif n.module and n.module.startswith("iommufd_cuse"):
+                target = n.module.removeprefix("iommufd_cuse").lstrip(".")
+            else:
+                continue
+            for a in n.names:  # `from . import device` imports the module device
+                sub = f"{target}.{a.name}" if target else a.name
+                out.add(sub if sub in known else target)
+    out.discard("")
+    return out
+
+
+def _rule(mod: str) -> tuple[str, tuple[str, ...]]:
+    keys = [k for k in LAYERS if mod == k or mod.startswith(k + ".")]
+    assert keys, f"{mod} is in no layer of LAYERS (docs/architecture.md)"
+    key = max(keys, key=len)
+    return key, LAYERS[key]
+
+
+def _allowed(dep: str, allowed: tuple[str, ...]) -> bool:
+    return any(dep == a or dep.startswith(a + ".") for a in allowed)
+
+
+def _layer_violations(mod: str, deps: set[str]) -> list[str]:
+    key, allowed = _rule(mod)
+    return [
+        f"{mod} imports {dep} (layer {key} may import {', '.join(allowed) or 'nothing'})"
+        for dep in sorted(deps)
+        if not _allowed(dep, allowed) and not (dep == mod or dep.startswith(mod + "."))
+    ]
+
+
+def test_each_layer_imports_only_what_it_may():
+    known = _known_modules()
+    wrong = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        mod = _module_of(path)
+        if mod:
+            wrong += _layer_violations(mod, _runtime_imports(path.read_text(), mod, path.name == "__init__.py", known))
+    assert wrong == []
+
+
+def test_the_layer_rules_would_catch_a_wrong_import():
+    known = _known_modules()
+    src = (
+        "from ... import uapi\n"
+        "from ..._native import lib\n"
+        "from ...iommu.domain import dma_copy\n"
+        "if TYPE_CHECKING:\n"
+        "    from ...iommufd import main\n"
+    )
+    deps = _runtime_imports(src, "vfio.pci.core", False, known)
+    assert deps == {"uapi", "_native", "iommu.domain"}
+    assert _layer_violations("vfio.pci.core", deps) == [
+        "vfio.pci.core imports _native (layer vfio.pci.core may import " + ", ".join(LAYERS["vfio.pci.core"]) + ")"
+    ]
+    assert _layer_violations("vfio.pci.edu", {"iommu.domain"}) != []
+    assert (
+        _layer_violations(
+            "transport.server", _runtime_imports("from ..iommufd import main\n", "transport.server", False, known)
+        )
+        != []
+    )
+
+
+def test_device_models_and_vfio_never_touch_a_page_table():
+    """The vfio layer reaches memory through iommu/domain.py's DMA calls only: no
+    attribute pt (a domain's native page table) anywhere under vfio/."""
+    found = []
+    for path in sorted((PACKAGE / "vfio").rglob("*.py")):
+        for n in ast.walk(ast.parse(path.read_text())):
+            if isinstance(n, ast.Attribute) and n.attr == "pt":
+                found.append(f"{path.relative_to(PACKAGE)}:{n.lineno}")
+    assert found == []

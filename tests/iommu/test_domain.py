@@ -4,42 +4,12 @@ names the first page refused, the direction and why."""
 
 from __future__ import annotations
 
-import mmap
-import os
 from collections.abc import Iterator
 
 import pytest
-from iommufd_cuse._native import ffi, lib
+from memhelp import PAGE, Memory, R, W
 
 from iommufd_cuse.iommu.domain import IoFault, PagingDomain, dma_copy
-
-PAGE = 4096
-R, W = lib.ICUSE_PROT_READ, lib.ICUSE_PROT_WRITE
-
-
-class Memory:
-    """npages of a memfd, pinned in a page store of their own."""
-
-    def __init__(self, npages: int) -> None:
-        fd = os.memfd_create("icuse-domain-test")
-        try:
-            os.ftruncate(fd, npages * PAGE)
-            self.mm = mmap.mmap(fd, npages * PAGE, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
-        finally:
-            os.close(fd)
-        self.store = ffi.gc(lib.icuse_store_new(), lib.icuse_store_free)
-        pa = ffi.new("uint64_t *")
-        self.npages = npages
-        self.id = lib.icuse_pages_new(self.store, npages, 0, pa)
-        self.pa = pa[0]
-        addr = int(ffi.cast("uintptr_t", ffi.from_buffer(self.mm)))
-        assert lib.icuse_pages_set_backing(self.store, self.id, 0, npages, lib.ICUSE_BACKING_MEM, -1, addr) == 0
-        assert lib.icuse_pages_pin(self.store, self.id, 0, npages) == npages
-
-    def close(self) -> None:
-        assert lib.icuse_pages_unpin(self.store, self.id, 0, self.npages) == self.npages
-        assert lib.icuse_pages_remove(self.store, self.id) == 0
-        self.mm.close()
 
 
 @pytest.fixture

@@ -5,7 +5,8 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import pytest
-from devhelp import IrqLog, Memory, Port
+from devhelp import IrqLog, Port
+from memhelp import Memory
 
 
 @pytest.fixture

@@ -9,8 +9,9 @@ import threading
 import pytest
 import trio
 import trio.testing
-from devhelp import PAGE, IrqLog, Memory, Port, R
+from devhelp import IrqLog, Port
 from iommufd_cuse._native import ffi, lib
+from memhelp import PAGE, Memory, R
 
 from iommufd_cuse.vfio.pci import config as C
 from iommufd_cuse.vfio.pci import dmaengine as D

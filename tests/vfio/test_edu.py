@@ -4,7 +4,8 @@ page table into real memory."""
 from __future__ import annotations
 
 import pytest
-from devhelp import RW, IrqLog, Memory, Port, R
+from devhelp import IrqLog, Port
+from memhelp import RW, Memory, R
 
 from iommufd_cuse.vfio.pci import config as C
 from iommufd_cuse.vfio.pci.edu import BUF_SIZE, BUF_START, Edu, factorial32

@@ -24,8 +24,6 @@ from .stdev import SelftestCall, SelftestObj, _get_selftest_obj, _unbind
 log = logging.getLogger(__name__)
 
 
-# The default limit of the kernel's temporary batch memory (iommufd_test_memory_limit).
-DEFAULT_MEMORY_LIMIT = 65536
 # SET_TEMP_MEMORY_LIMIT below one batch element (an unsigned long and a u32) is EINVAL.
 MIN_MEMORY_LIMIT = 8 + 4
 DMABUF_MAX_LENGTH = PAGE_SIZE * 512
