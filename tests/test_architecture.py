@@ -120,10 +120,14 @@ LAYERS: dict[str, tuple[str, ...]] = {
     # the vfio-pci driver: DMA through the IOMMU layer's domains, never the native library
     "vfio.pci.core": ("errors", "uapi", "iommu.core", "iommu.domain", "system", "transport.caller", "vfio.pci"),
     "vfio": ("errors", "uapi", "transport", "iommu", "iommufd", "vfio"),
-    "daemon": ("errors", "config", "system", "transport", "iommu", "iommufd", "vfio"),
+    # the sysfs view in the mount: content files of the topology
+    "sysfs": ("uapi", "iommu.core", "transport"),
+    "daemon": ("errors", "config", "system", "transport", "iommu", "iommufd", "vfio", "sysfs"),
     "service": ("errors", "uapi", "system", "daemon", "iommufd.debug", "service"),
     "install": ("config",),
-    "cli": ("config", "daemon", "install", "service"),
+    # `iommufd-cuse run`: the namespace, and the filter whose listener goes to the daemon
+    "run": ("iommufd.notified", "transport.usernotif"),
+    "cli": ("config", "daemon", "install", "service", "run"),
     # a client of the uAPI works against the kernel too: nothing of the daemon
     "client": ("uapi",),
     "pytest_plugin": ("client", "service"),
