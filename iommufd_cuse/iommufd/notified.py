@@ -77,46 +77,62 @@ def _out_fd_field(caller: NotifiedCaller, cmd: int, arg: int) -> int | None:
 
 
 async def handle_notification(listener: Listener, notif: Notification) -> None:
-    """Serve one notified call, or let it continue; never raises."""
+    """Serve one notified call, or let it continue; never raises (it runs in the
+    daemon's nursery)."""
     carrier = SeccompCarrier()
     try:
-        fd, cmd, arg = notif.args[0] & 0xFFFFFFFF, notif.args[1] & 0xFFFFFFFF, notif.args[2]
-        if notif.nr != listener.nr_ioctl or cmd not in NOTIFIED_CMDS:
-            listener.cont(notif.id)
-            return
-        caller = NotifiedCaller(listener, notif, carrier)
-        out = _out_fd_field(caller, cmd, arg)
-        handle: Any = None
-        if out is not None and fd < 0x80000000:
-            try:
-                handle = await identify_callers_fd(caller, fd, fd_on_our_mount)
-            except Errno:
-                handle = None  # no such descriptor: the kernel's EBADF
-        if not isinstance(handle, FileHandle):
-            listener.cont(notif.id)  # not a file of ours (or no file): the kernel answers
-            return
-        if out >= 0:
-            # The number goes there after the file is installed: a struct that cannot
-            # be written is refused before anything is made (the kernel's EFAULT).
-            caller.write(arg + out, caller.read(arg + out, 4))
-        result = handle.ioctl(Request(0, P.IOCTL, 0, caller), cmd, arg)
-        if inspect.isawaitable(result):
-            result = await result
-        if not carrier.replied:
-            listener.answer(notif.id, result)
+        await _serve(listener, notif, carrier)
+        return
     except Errno as e:
-        if not carrier.replied:
-            listener.fail(notif.id, e.errno)
+        err = e.errno
     except Exception:
         log.exception("notified call of %d failed", notif.pid)
-        if not carrier.replied:
-            listener.fail(notif.id, errno.EIO)
+        err = errno.EIO
+    if not carrier.replied:
+        try:
+            listener.fail(notif.id, err)
+        except OSError as e:
+            log.warning("notified call of %d: no answer: %s", notif.pid, e.strerror)
+
+
+async def _serve(listener: Listener, notif: Notification, carrier: SeccompCarrier) -> None:
+    fd, cmd, arg = notif.args[0] & 0xFFFFFFFF, notif.args[1] & 0xFFFFFFFF, notif.args[2]
+    if notif.nr != listener.nr_ioctl or cmd not in NOTIFIED_CMDS:
+        listener.cont(notif.id)
+        return
+    caller = NotifiedCaller(listener, notif, carrier)
+    out = _out_fd_field(caller, cmd, arg)
+    handle: Any = None
+    if out is not None and fd < 0x80000000:
+        try:
+            handle = await identify_callers_fd(caller, fd, fd_on_our_mount)
+        except Errno:
+            handle = None  # no such descriptor: the kernel's EBADF
+    if out is None or not isinstance(handle, FileHandle):
+        listener.cont(notif.id)  # not a file of ours (or no file, or no file to hand back): the kernel answers
+        return
+    if out >= 0:
+        # The number goes there after the file is installed: a struct that cannot
+        # be written is refused before anything is made (the kernel's EFAULT).
+        caller.write(arg + out, caller.read(arg + out, 4))
+    result = handle.ioctl(Request(0, P.IOCTL, 0, caller), cmd, arg)
+    if inspect.isawaitable(result):
+        result = await result
+    if not carrier.replied:
+        listener.answer(notif.id, result)
 
 
 async def serve_listener(listener: Listener, registrar: int) -> None:
-    async with trio.open_nursery() as nursery:
-        await listener.serve(handle_notification, nursery)
-    log.info("seccomp listener of %d: no process left under its filter", registrar)
+    """Serve a listener until no process is left under its filter (or the daemon stops)."""
+    try:
+        async with trio.open_nursery() as nursery:
+            await listener.serve(handle_notification, nursery)
+        log.info("seccomp listener of %d: no process left under its filter", registrar)
+    except OSError as e:
+        log.error("seccomp listener of %d: %s; its calls get ENOSYS from now on", registrar, e.strerror)
+    finally:
+        trio.lowlevel.notify_closing(listener.fd)
+        listener.close()
 
 
 class ListenerFile(FileHandle):

@@ -203,22 +203,19 @@ class Listener:
 
     async def serve(self, handle: Callable[[Listener, Notification], Awaitable[None]], nursery: trio.Nursery) -> None:
         """Receive notifications until the filter has no process left (POLLHUP); each is
-        handled by its own task, so a slow one holds up no other and never the loop."""
+        handled by its own task in nursery, so a slow one holds up no other and never the
+        loop. The listener stays open: its owner closes it once nursery is done."""
         poller = select.poll()
         poller.register(self.fd, select.POLLIN)
-        try:
-            while True:
-                await trio.lowlevel.wait_readable(self.fd)
-                events = dict(poller.poll(0)).get(self.fd, 0)
-                if events & select.POLLIN:
-                    notif = self.recv()
-                    if notif is not None:
-                        nursery.start_soon(handle, self, notif)
-                elif events & (select.POLLHUP | select.POLLERR):
-                    return
-        finally:
-            trio.lowlevel.notify_closing(self.fd)
-            self.close()
+        while True:
+            await trio.lowlevel.wait_readable(self.fd)
+            events = dict(poller.poll(0)).get(self.fd, 0)
+            if events & select.POLLIN:
+                notif = self.recv()
+                if notif is not None:
+                    nursery.start_soon(handle, self, notif)
+            elif events & (select.POLLHUP | select.POLLERR):
+                return
 
 
 class NotifiedCaller(Caller):
