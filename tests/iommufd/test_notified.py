@@ -151,24 +151,27 @@ async def wait_gone(caller) -> None:  # noqa: ANN001
             await trio.sleep(0.01)
 
 
+@pytest.mark.parametrize("kind", ["vfio-device", "fault"])
 @pytest.mark.parametrize("when", ["before_claim", "before_addfd"])
-async def test_caller_killed_between_notification_and_answer(daemon, static_client, monkeypatch, when):
-    """The caller dies while the daemon serves its notified GET_DEVICE_FD: before the
-    daemon acts (the token), or after the file was claimed and before it is installed
-    (ADDFD fails: the daemon's copy is the last, and its release closes the device)."""
+async def test_caller_killed_between_notification_and_answer(daemon, static_client, monkeypatch, when, kind):
+    """The caller dies while the daemon serves its notified GET_DEVICE_FD (or, later,
+    FAULT_QUEUE_ALLOC): before the daemon acts (the token), or after the file was claimed
+    and before it is installed (ADDFD fails: the daemon's copy is the last, and its
+    release closes the device, or drops the queue)."""
     callers = []
     deliver = companion.SeccompCarrier.deliver
     addfd = usernotif.Listener.addfd
 
     async def deliver_after_kill(self, file_cls, system, obj, caller, returns_fd):  # noqa: ANN001, ANN202
-        callers.append(caller)
-        if when == "before_claim":
-            kill_caller(caller)
-            await wait_gone(caller)
+        if file_cls.kind == kind:
+            callers.append(caller)
+            if when == "before_claim":
+                kill_caller(caller)
+                await wait_gone(caller)
         return await deliver(self, file_cls, system, obj, caller, returns_fd)
 
     def addfd_after_kill(self, notif_id, srcfd, send, cloexec=True):  # noqa: ANN001, ANN202
-        if when == "before_addfd":
+        if when == "before_addfd" and callers:
             kill_caller(callers[0])
             while self.id_valid(notif_id):
                 os.sched_yield()
@@ -179,5 +182,9 @@ async def test_caller_killed_between_notification_and_answer(daemon, static_clie
     p = await run(in_run(daemon, static_client, "/dev", GROUP, BDF), check=False)
     assert p.returncode == -signal.SIGKILL
     assert len(callers) == 1
-    assert b"STEP get_device_fd" not in p.stdout
+    steps = parse_steps(p.stdout)
+    if kind == "vfio-device":
+        assert "get_device_fd" not in steps
+    else:
+        assert steps["get_device_fd"].rc >= 3 and "fault_alloc" not in steps
     await nothing_left(daemon)
