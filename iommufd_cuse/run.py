@@ -197,7 +197,10 @@ def enter(mountpoint: str) -> None:
 def hand_listener_to_daemon(mountpoint: str) -> None:
     """Install the seccomp filter of the calls that hand back a file in this process
     (CMD inherits it across exec) and give its listener to the daemon of mountpoint."""
-    node = os.open(os.path.join(mountpoint, LISTENER_NODE), os.O_RDWR | os.O_CLOEXEC)
+    try:
+        node = os.open(os.path.join(mountpoint, LISTENER_NODE), os.O_RDWR | os.O_CLOEXEC)
+    except OSError as e:
+        raise RunError(f"seccomp: {LISTENER_NODE} of the daemon: {e.strerror} (--no-seccomp runs without)") from None
     try:
         listener = install_filter(NOTIFIED_CMDS)
         try:
