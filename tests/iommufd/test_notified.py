@@ -8,6 +8,7 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import shutil
 import signal
 import sys
 import textwrap
@@ -16,7 +17,7 @@ from pathlib import Path
 import pytest
 import trio
 from clientkit import parse_steps
-from harness import run
+from harness import NOBODY, run, scratch_dir
 
 from iommufd_cuse.iommufd import companion
 from iommufd_cuse.iommufd.fault import FaultFile
@@ -111,6 +112,22 @@ async def test_no_new_privs_and_filter_under_run(daemon):
         [EXE, "run", "--no-seccomp", "--mountpoint", daemon.mountpoint, "--", "grep", "Seccomp:", "/proc/self/status"]
     )
     assert p.stdout.decode().split() == ["Seccomp:", "0"]
+
+
+async def test_setuid_cmd_runs_without_its_privilege(daemon):
+    """no_new_privs: a set-uid CMD keeps the caller's ids under the filter (documented)."""
+    base = scratch_dir()
+    try:
+        exe = base / "id"
+        shutil.copy("/usr/bin/id", exe)
+        os.chown(exe, NOBODY, NOBODY)
+        exe.chmod(0o4755)
+        p = await run([EXE, "run", "--no-seccomp", "--mountpoint", daemon.mountpoint, "--", exe, "-u"])
+        assert p.stdout.decode().strip() == str(NOBODY)  # the set-uid bit works without the filter
+        p = await run(in_run(daemon, exe, "-u"))
+        assert p.stdout.decode().strip() == "0"
+    finally:
+        shutil.rmtree(base)
 
 
 PY_CLIENT = textwrap.dedent(
