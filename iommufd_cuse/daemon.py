@@ -16,9 +16,10 @@ from .errors import Errno
 from .iommu.core import VFIO_DRIVER, Device, Group, Iommu
 from .iommufd.fault import FAULT_NODE, FaultFile
 from .iommufd.main import IommufdFile
+from .iommufd.mmap import MMAP_DIR, MmapNodes
 from .iommufd.notified import LISTENER_NODE, ListenerFile
 from .iommufd.pages import AccountMode
-from .iommufd.selftest import ACCESS_NODE, AccessFile
+from .iommufd.selftest import ACCESS_NODE, DMABUF_NODE, AccessFile, DmabufFile
 from .iommufd.viommu import VEVENTQ_NODE, VeventqFile
 from .system import System
 from .transport.loopback import prime_no_flush
@@ -153,6 +154,9 @@ class Daemon:
             n = self.config.nodes["iommu"]
             node = self.tree.add(ACCESS_NODE, n.mode, n.uid, n.gid, lambda req, flags: AccessFile(self.system))
             self.system.node_inos[AccessFile.kind] = node.ino
+            # And the node of dma-bufs (IOMMU_TEST_OP_DMABUF_GET).
+            node = self.tree.add(DMABUF_NODE, n.mode, n.uid, n.gid, lambda req, flags: DmabufFile(self.system))
+            self.system.node_inos[DmabufFile.kind] = node.ino
         # The node the companion opens to receive the file of a fault object
         # (IOMMU_FAULT_QUEUE_ALLOC), see docs/selftest.md; in every mode.
         n = self.config.nodes["iommu"]
@@ -166,6 +170,10 @@ class Daemon:
         self.tree.add(
             VEVENTQ_NODE, n.mode, n.uid, n.gid, lambda req, flags: VeventqFile(self.system, self.server.notify_poll)
         )
+        # The directory of the nodes behind mmap() of an iommufd region (iommufd/mmap.py).
+        n = self.config.nodes["iommu"]
+        self.tree.add(MMAP_DIR + "/", 0o755)  # made now: only its files come and go
+        self.system.mmap_nodes = MmapNodes(self.tree, n.mode, n.uid, n.gid)
         for i, dev in enumerate(self.system.devices):
             nc = dev.cfg.node
             dev.node = self.tree.add(f"vfio/devices/vfio{i}", nc.mode, nc.uid, nc.gid, self._open_device(dev))

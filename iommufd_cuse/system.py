@@ -18,6 +18,7 @@ if TYPE_CHECKING:
     from .iommu.core import Device, Group, Iommu
     from .iommufd.companion import Pending
     from .iommufd.main import IoctlTable
+    from .iommufd.mmap import MmapNodes
     from .iommufd.object import Context
 
 log = logging.getLogger(__name__)
@@ -93,6 +94,8 @@ class System:
         self.file_seqs: dict[str, int] = {}
         self.node_inos: dict[str, int] = {}
         self.mountpoint = ""  # the daemon's mount (set by the daemon)
+        # The nodes behind mmap() of iommufd regions (iommufd/mmap.py), set by the daemon.
+        self.mmap_nodes: MmapNodes | None = None
         # Test mode only (iommufd/selftest/), globals of the kernel's selftest.c: the
         # mock IOMMU (made at first use) and iommufd_test_memory_limit (its default).
         self.mock_iommu: Iommu | None = None

@@ -99,6 +99,8 @@ def pin_pages(access: Access, iova: int, length: int, write: bool) -> Pins:
                 raise Errno(errno.EINVAL)
             if not area.prot & (IOMMU_WRITE if write else IOMMU_READ):
                 raise Errno(errno.EPERM)
+            if area.pages.is_dmabuf:
+                raise Errno(errno.EINVAL)  # no struct pages to hand out
             first = first_byte // PAGE_SIZE
             n = (area.start_byte + (end - area.start)) // PAGE_SIZE - first + 1
             area.pages.pin(first, n)

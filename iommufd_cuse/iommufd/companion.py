@@ -25,13 +25,16 @@ from typing import Any, ClassVar, NoReturn
 
 from .. import uapi
 from ..errors import Errno
-from ..transport.loopback import identify_callers_fd, known_callers_fd, opener
+from ..transport.loopback import identify, identify_callers_fd, known_callers_fd, opener
 from ..transport.mount import fd_inode, fd_on_our_mount
 from ..transport.nodes import FileHandle
 
 COMPANION_MAGIC = 0x49435553  # "ICUS"
 TOKEN_BASE = 0x40000000  # tokens are never fd numbers
 CLAIM = uapi._IO(uapi.IOMMUFD_TYPE, 0xE0)  # on an object's node, arg: the token
+# On a vEVENT queue's file: what read(fd, buf, 0) answers. FUSE never sends a read of
+# 0 bytes (it answers 0 itself), so the companion asks with this instead.
+ZERO_READ = uapi._IO(uapi.IOMMUFD_TYPE, 0xE1)
 
 
 # VFIO_GROUP_GET_DEVICE_FD as the companion sends it: the same name argument, the
@@ -219,3 +222,13 @@ class HandedFile(FileHandle):
         if not isinstance(fh, cls) or fh.obj is None:
             raise Errno(errno.EBADFD)
         return fh.obj
+
+    @classmethod
+    async def of_dup(cls, system: Any, dup: int) -> Any:
+        """The object of the file dup (the daemon's own descriptor) if it is a claimed
+        file of this node, else None."""
+        ino = system.node_inos.get(cls.kind)
+        if ino is None or not fd_on_our_mount(dup) or fd_inode(dup) != ino:
+            return None
+        fh = await identify(dup)
+        return fh.obj if isinstance(fh, cls) else None

@@ -246,19 +246,26 @@ class IoPagetable:
             raise
         for area in areas:
             area.pages.refs += 1
+            area.pages.areas[area] = self
         return areas
 
     def abort_areas(self, areas: list[Area]) -> None:
         for area in areas:
             self._remove_area(area)
-            area.pages.put()
+            self._put_pages(area)
+
+    @staticmethod
+    def _put_pages(area: Area) -> None:
+        """The area lets go of its pages (which track their areas, for a dma-buf's revoke)."""
+        area.pages.areas.pop(area, None)
+        area.pages.put()
 
     # -- loading into domains ------------------------------------------------------
     async def fill_area(self, area: Area, domains: list[PagingDomain] | None = None) -> None:
         """Pin the area's pages and map them into every domain (all or nothing)."""
         domains = self.domains if domains is None else domains
-        if not domains:
-            return
+        if not domains or area.pages.revoked:
+            return  # a revoked dma-buf has nothing to load (iopt_area_fill_domains)
         area.pages.pin(area.first_index, area.num_pages)
         done: list[PagingDomain] = []
         try:
@@ -314,7 +321,7 @@ class IoPagetable:
                 return errno.ENOENT, unmapped
             self.unfill_area(area)
             self._remove_area(area)
-            area.pages.put()
+            self._put_pages(area)
             unmapped += area.length
         return 0, unmapped
 
@@ -333,6 +340,8 @@ class IoPagetable:
                 continue
             if area.busy or area.num_accesses:
                 raise Errno(errno.EBUSY)
+            if area.pages.is_dmabuf:
+                raise Errno(errno.EOPNOTSUPP)  # iopt_area_split does not split dma-buf areas
             if (iova + 1) & (self.iova_alignment - 1) or (iova + 1) % PAGE_SIZE:
                 raise Errno(errno.EINVAL)
             first_len = iova - area.start + 1
@@ -345,6 +354,7 @@ class IoPagetable:
                 area.pages.unpin(area.first_index, area.num_pages)
             area.last = iova
             area.pages.refs += 1
+            area.pages.areas[rest] = self
             self._insert_area(rest)
 
     def get_pages(self, iova: int, length: int) -> list[PagesSlice]:
@@ -434,6 +444,8 @@ class IoPagetable:
             filled: list[Area] = []
             try:
                 for area in list(self.areas):
+                    if area.pages.revoked:
+                        continue
                     if self.domains:
                         await self._map_into(area, domain)
                     else:
@@ -504,6 +516,8 @@ class IoPagetable:
                 break
             if write and not area.prot & IOMMU_WRITE or not write and not area.prot & IOMMU_READ:
                 raise Errno(errno.EPERM)
+            if area.pages.is_dmabuf:
+                raise Errno(errno.EINVAL)  # iopt_pages_rw_access refuses dma-bufs
             end = min(last, area.last)
             n = end - pos + 1
             off = area.start_byte + (pos - area.start)

@@ -12,7 +12,7 @@ from ..errors import Errno
 from ..transport.caller import CAP_SYS_RESOURCE
 from .io_pagetable import IOMMU_READ, IOMMU_WRITE, ULONG_MAX, IoPagetable, PagesSlice
 from .object import Context, Object, ObjType, Ucmd
-from .pages import AccountMode, FilePages, UserPages
+from .pages import AccountMode, DmabufPages, FilePages, UserPages, dmabuf_get
 
 log = logging.getLogger(__name__)
 
@@ -162,10 +162,17 @@ async def ioas_map_file(ucmd: Ucmd) -> int:
             if cmd.length == 0:
                 raise Errno(errno.EINVAL)
             writable = bool(cmd.flags & uapi.IOMMU_IOAS_MAP_WRITEABLE)
-            pages = FilePages(ctx.system, ucmd.caller, ctx.account_mode, fd, cmd.start, cmd.length, writable)
+            dmabuf = await dmabuf_get(fd)
+            if dmabuf is None:
+                pages: FilePages = FilePages(
+                    ctx.system, ucmd.caller, ctx.account_mode, fd, cmd.start, cmd.length, writable
+                )
         except BaseException:
             os.close(fd)
             raise
+        if dmabuf is not None:
+            os.close(fd)  # the pages hold the dma-buf's memory, not the caller's file
+            pages = DmabufPages(ctx.system, ucmd.caller, dmabuf, cmd.start, cmd.length, writable)
         try:
             cmd.iova = await _map(ioas, [PagesSlice(pages, pages.start_byte, cmd.length)], cmd)
         finally:

@@ -18,7 +18,7 @@ from ..errors import Errno
 from ..transport.caller import Caller
 from ..transport.nodes import FileHandle
 from ..transport.protocol import FOPEN_DIRECT_IO, FOPEN_NONSEEKABLE
-from . import device, fault, hw_pagetable, ioas, vfio_compat, viommu
+from . import device, fault, hw_pagetable, ioas, mmap, vfio_compat, viommu
 from .object import Context, Ucmd, copy_struct_from_user
 from .pages import AccountMode
 from .selftest import iommufd_test
@@ -162,6 +162,8 @@ class IommufdFile(FileHandle):
     def ioctl(self, req: Request, cmd: int, arg: int) -> int | Awaitable[int]:
         if self.table.in_range(cmd):
             return self.table.dispatch(self.ctx, req.caller, cmd, arg)
+        if cmd == mmap.MMAP_REGION:
+            return mmap.mmap_region(self.ctx, req.caller, arg)  # the companion's mmap()
         # Outside the table: the VFIO type1 container ioctls.
         return vfio_compat.vfio_ioctl(self.ctx, req.caller, cmd, arg)
 

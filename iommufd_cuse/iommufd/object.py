@@ -42,6 +42,7 @@ class ObjType(enum.Enum):
     VIOMMU = "viommu"
     VDEVICE = "vdevice"
     VEVENTQ = "veventq"
+    HW_QUEUE = "hw_queue"
     SELFTEST = "selftest"
 
 
@@ -107,6 +108,8 @@ class Context:
         # Called first at release: holders from outside the context (selftest
         # accesses, files of their own) let go of their objects.
         self.release_hooks: list[Callable[[], None]] = []
+        # Regions of objects mappable with mmap() of the iommufd, by offset (mmap.py).
+        self.mmap_regions: dict[int, Any] = {}
         # Files handed back for objects of this context (access, fault and vEVENT
         # queue files) keep it alive after its own file is released, as the
         # kernel's iommufd_ctx_get() does: it goes with the last of them.

@@ -21,11 +21,13 @@ import mmap
 import os
 import stat
 from dataclasses import dataclass
+from typing import Any
 
 from .._native import ffi, lib
 from ..errors import Errno
 from ..system import PAGE_SIZE, System, memlock_limit_pages
 from ..transport.caller import CAP_IPC_LOCK, Caller, memlock_limit_of
+from ..transport.loopback import identify
 from ..transport.mount import fd_on_our_mount
 
 log = logging.getLogger(__name__)
@@ -71,6 +73,9 @@ def read_maps(proc_dir: int) -> list[Vma]:
 class Pages:
     """struct iopt_pages."""
 
+    is_dmabuf = False  # IOPT_ADDRESS_DMABUF (DmabufPages)
+    revoked = False  # a dma-buf's exporter took the memory back (iopt_dmabuf_revoked)
+
     def __init__(
         self,
         system: System,
@@ -98,6 +103,7 @@ class Pages:
         self.id = pid
         self.pa_base = base[0]
         self._backed: list[tuple[int, int]] = []  # index ranges with a backing set
+        self.areas: dict[Any, Any] = {}  # area -> its io_pagetable, the areas using these pages
         self._resources: list[object] = []  # fds and mmaps the backings use
 
     # -- backing ---------------------------------------------------------------
@@ -364,3 +370,52 @@ class FilePages(Pages):
             raise Errno(errno.EINVAL, "range beyond the end of the file")
         prot = mmap.PROT_READ | (mmap.PROT_WRITE if self.writable else 0)
         self._set_backing(first, n, lib.ICUSE_BACKING_MEM, -1, self._map_file(self.file_fd, offset, length, prot))
+
+
+async def dmabuf_get(fd: int) -> Any:
+    """dma_buf_get: the dma-buf behind fd (the daemon's own duplicate) if it is a file of
+    a dma-buf exporter of this daemon, else None. An exporter's file has a `dmabuf`
+    attribute: here only the selftest's (IOMMU_TEST_OP_DMABUF_GET), as the kernel asks
+    iommufd_test_dma_buf_iommufd_map first."""
+    if not fd_on_our_mount(fd):
+        return None
+    return getattr(await identify(fd), "dmabuf", None)
+
+
+class DmabufPages(FilePages):
+    """Pages of a dma-buf (IOMMU_IOAS_MAP_FILE of one; IOPT_ADDRESS_DMABUF): the
+    exporter's memory, attached for the pages' lifetime, never accounted. When the
+    exporter revokes it (revoke_notify) every domain loses the areas' translations
+    and the pages stay revoked: nothing loads them again, and accesses are refused
+    (EINVAL) as for any dma-buf. The exporter (dmabuf) gives the memory as a memfd
+    of its own (memfd()) and is told when the pages go (detach(pages))."""
+
+    is_dmabuf = True
+
+    def __init__(self, system: System, caller: Caller, dmabuf: Any, start: int, length: int, writable: bool) -> None:
+        # iopt_alloc_dmabuf_pages: the range must lie inside the dma-buf
+        if dmabuf.length <= start + length - 1:
+            raise Errno(errno.EINVAL)
+        if dmabuf.revoked:
+            raise Errno(errno.ENODEV, "the dma-buf is revoked")
+        super().__init__(system, caller, AccountMode.USER, os.dup(dmabuf.memfd()), start, length, writable)
+        self.account = None  # dma-bufs use no pinned-page accounting
+        self.dmabuf = dmabuf
+        dmabuf.attach(self)
+
+    async def revoke_notify(self) -> None:
+        """iopt_revoke_notify: revoked (nothing loads the pages again), then every area
+        unmapped from every domain, under each io_pagetable's lock so that no load is
+        half done."""
+        if self.revoked:
+            return
+        self.revoked = True
+        for iopt in {id(t): t for t in self.areas.values()}.values():
+            async with iopt.lock:
+                for area, owner in list(self.areas.items()):
+                    if owner is iopt:
+                        iopt.unfill_area(area)
+
+    def _free(self) -> None:
+        super()._free()
+        self.dmabuf.detach(self)

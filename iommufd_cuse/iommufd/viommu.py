@@ -24,10 +24,14 @@ from typing import Any
 
 from .. import uapi
 from ..errors import Errno
-from .companion import CLAIM, COMPANION_MAGIC, carrier_of, refuse_without_companion
+from ..system import PAGE_SIZE
+from .access import Access, pin_pages, unpin_pages
+from .companion import CLAIM, COMPANION_MAGIC, ZERO_READ, carrier_of, refuse_without_companion
 from .device import get_idev
 from .fault import Eventq, EventqFile, respond_eventq
 from .hw_pagetable import UserData
+from .io_pagetable import ULONG_MAX
+from .mmap import free_mmap
 from .object import Context, Object, ObjType, Ucmd
 
 log = logging.getLogger(__name__)
@@ -35,6 +39,7 @@ log = logging.getLogger(__name__)
 VEVENTQ_NODE = "iommufd-cuse/veventq"
 VEVENTQ_CLAIM = CLAIM  # on VEVENTQ_NODE, arg: the token
 INT_MAX = (1 << 31) - 1
+VEVENTQ_MAX_DEPTH = 1 << 19  # mainline's bound on veventq_depth (eventq.c)
 
 POLLIN = 0x1
 POLLRDNORM = 0x40
@@ -54,7 +59,8 @@ class Viommu(Object):
         self.viommu_type = viommu_type
         self.vdevs: dict[int, Vdevice] = {}  # virt_id -> vdevice
         self.veventqs: list[Veventq] = []
-        self.mmap: tuple[int, int] | None = None  # (offset, length) the driver registered
+        self.mmap_offset: int | None = None  # of the region the driver registered (mmap.py)
+        self.hw_queues: dict[int, Any] = {}  # index -> HwQueue, kept by the driver
         hwpt.users += 1  # released by destroy
 
     def status(self) -> dict:
@@ -90,9 +96,9 @@ class Viommu(Object):
         if self.hwpt is not None:
             self.hwpt.users -= 1
             self.hwpt = None
-        if self.mmap is not None:
-            self.ctx.__dict__.get("mmap_regions", {}).pop(self.mmap[0], None)
-            self.mmap = None
+        if self.mmap_offset is not None:
+            free_mmap(self.ctx, self.mmap_offset)
+            self.mmap_offset = None
         self.vdevs.clear()
 
 
@@ -134,6 +140,12 @@ class VeventqFile(EventqFile):
         if q is None:
             raise Errno(errno.EBADFD)
         return q.read(size)
+
+    def ioctl(self, req: Any, cmd: int, arg: int) -> int:
+        if cmd == ZERO_READ and self.obj is not None:
+            self.obj.read(0)  # EINVAL: a read below a header's size
+            return 0
+        return super().ioctl(req, cmd, arg)
 
     def write(self, req: Any, offset: int, data: bytes) -> int:
         raise Errno(errno.EINVAL)  # the kernel's file has no write: the VFS says EINVAL
@@ -191,12 +203,19 @@ class Veventq(Eventq):
 
     def read(self, count: int) -> bytes:
         """iommufd_veventq_fops_read: whole records (header, then the event data) that
-        fit in count bytes; nothing that fits reads 0."""
+        fit in count bytes. A count below a header, or a first event that does not
+        fit, is EINVAL; a lost-events header needs only its own room."""
+        if count < HEADER_SIZE:
+            raise Errno(errno.EINVAL)
         out = bytearray()
         while self.deliver:
             flags, seq, data = self.deliver[0]
             room = count - len(out)
-            if room < HEADER_SIZE or (data is not None and HEADER_SIZE + len(data) > room):
+            if room < HEADER_SIZE:
+                break
+            if data is not None and HEADER_SIZE + len(data) > room:
+                if not out:
+                    raise Errno(errno.EINVAL)
                 break
             self.deliver.popleft()
             out += uapi.iommufd_vevent_header.pack(uapi.iommufd_vevent_header.new(flags=flags, sequence=seq))
@@ -255,21 +274,118 @@ def viommu_alloc(ucmd: Ucmd) -> int:
 
 
 # -- IOMMU_HW_QUEUE_ALLOC ---------------------------------------------------------------------
+class InternalAccess(Access):
+    """An access of the core's own (iommufd_access_create_internal): an object id in
+    the context, PAGE_SIZE alignment, never asked to let go of its pins (an unmap
+    under them is EBUSY: iommufd_access_notify_unmap skips internal accesses)."""
+
+    def __init__(self, ctx: Context) -> None:
+        super().__init__(ctx, needs_pin_pages=True)
+        self.users += 1  # the core's reference, dropped by release()
+        self.pins: list = []
+
+    def release(self) -> None:
+        """Unpin, detach and destroy (iommufd_hw_queue_destroy_access)."""
+        unpin_pages(self.pins)
+        self.pins = []
+        self.detach()
+        self.users -= 1
+        if self.ctx.objects.get(self.id) is self:
+            self.ctx._destroy(self)
+
+
+class HwQueue(Object):
+    """struct iommufd_hw_queue: a queue the vIOMMU's hardware reads at an IOVA of the
+    nesting parent, physically contiguous and kept pinned by an internal access."""
+
+    type = ObjType.HW_QUEUE
+
+    def __init__(self, ctx: Context, viommu: Viommu, queue_type: int, iova: int, length: int) -> None:
+        super().__init__()
+        self.ctx = ctx
+        self.viommu: Viommu | None = None
+        self.queue_type = queue_type
+        self.base_addr = iova
+        self.length = length
+        self.access: InternalAccess | None = None
+        self.driver_destroy: Any = None  # set by the driver's hw_queue_init_phys
+
+    def status(self) -> dict:
+        return {"viommu": self.viommu.id if self.viommu else 0, "iova": self.base_addr, "length": self.length}
+
+    def destroy(self) -> None:
+        """iommufd_hw_queue_destroy: the driver's part, the access, the vIOMMU."""
+        if self.driver_destroy is not None:
+            self.driver_destroy(self)
+            self.driver_destroy = None
+        if self.access is not None:
+            self.access.release()
+            self.access = None
+        if self.viommu is not None:
+            self.viommu.users -= 1
+            self.viommu = None
+
+
+def _hw_queue_alloc_phys(ctx: Context, cmd: Any, viommu: Viommu) -> tuple[InternalAccess, int]:
+    """iommufd_hw_queue_alloc_phys: pin the queue's pages (read) through an internal
+    access to the parent's IOAS; they must be physically contiguous (else EFAULT).
+    Returns the access and the queue's physical address."""
+    offset = cmd.nesting_parent_iova % PAGE_SIZE
+    aligned_iova = cmd.nesting_parent_iova - offset
+    length = offset + cmd.length + PAGE_SIZE - 1
+    if length > ULONG_MAX:
+        raise Errno(errno.ERANGE)
+    length -= length % PAGE_SIZE
+    access = ctx.alloc(InternalAccess(ctx))
+    ctx.finalize(access)
+    try:
+        access.attach(viommu.hwpt.ioas)
+        access.pins = pin_pages(access, aligned_iova, length, False)
+        pa = None
+        for area, first, n in access.pins:
+            start = area.pages.pa_base + first * PAGE_SIZE
+            if pa is not None and start != pa:
+                raise Errno(errno.EFAULT)
+            pa = start + n * PAGE_SIZE
+        area, first, _n = access.pins[0]
+        return access, area.pages.pa_base + first * PAGE_SIZE + offset
+    except BaseException:
+        access.release()
+        raise
+
+
 def hw_queue_alloc(ucmd: Ucmd) -> int:
-    """IOMMU_HW_QUEUE_ALLOC with mainline's checks up to the vIOMMU: flags or the
-    DEFAULT type EOPNOTSUPP; length 0 EINVAL; an IOVA range that wraps EOVERFLOW;
-    no vIOMMU ENOENT. No vIOMMU here has HW queues (mainline's mock has): then
-    EOPNOTSUPP, logged, as from a driver without them."""
+    """IOMMU_HW_QUEUE_ALLOC, in mainline's order: flags or the DEFAULT type EOPNOTSUPP;
+    length 0 EINVAL; an IOVA range that wraps EOVERFLOW; no vIOMMU ENOENT; a driver
+    without HW queues of that type EOPNOTSUPP (logged); then the pin (an IOVA not
+    mapped ENOENT), then the driver's hw_queue_init_phys."""
     cmd = ucmd.cmd
+    ctx = ucmd.ctx
     if cmd.flags or cmd.type == uapi.IOMMU_HW_QUEUE_TYPE_DEFAULT:
         raise Errno(errno.EOPNOTSUPP)
     if not cmd.length:
         raise Errno(errno.EINVAL)
-    if cmd.nesting_parent_iova + cmd.length - 1 > (1 << 64) - 1:
+    if cmd.nesting_parent_iova + cmd.length - 1 > ULONG_MAX:
         raise Errno(errno.EOVERFLOW)
-    viommu = get_viommu(ucmd.ctx, cmd.viommu_id)
-    log.info("IOMMU_HW_QUEUE_ALLOC: the vIOMMU of %s has no HW queues: EOPNOTSUPP", viommu.iommu.name)
-    raise Errno(errno.EOPNOTSUPP)
+    viommu = get_viommu(ctx, cmd.viommu_id)
+    iommu = viommu.iommu
+    supported = getattr(iommu, "hw_queue_supported", None)
+    if supported is None or not supported(viommu, cmd.type):
+        log.info("IOMMU_HW_QUEUE_ALLOC: the vIOMMU of %s has no HW queue of type %#x: EOPNOTSUPP", iommu.name, cmd.type)
+        raise Errno(errno.EOPNOTSUPP)
+    with ctx.hold(viommu):
+        q = ctx.alloc(HwQueue(ctx, viommu, cmd.type, cmd.nesting_parent_iova, cmd.length))
+        try:
+            q.access, base_pa = _hw_queue_alloc_phys(ctx, cmd, viommu)
+            q.viommu = viommu
+            viommu.users += 1
+            iommu.hw_queue_init_phys(q, cmd.index, base_pa)
+        except BaseException:
+            ctx.abort(q)
+            raise
+        cmd.out_hw_queue_id = q.id
+        ucmd.respond_and_finalize(q)
+    return 0
 
 
 # -- IOMMU_VDEVICE_ALLOC ----------------------------------------------------------------------
@@ -312,14 +428,14 @@ def remove_vdev(idev: Any) -> None:
 # -- IOMMU_VEVENTQ_ALLOC ----------------------------------------------------------------------
 async def veventq_alloc(ucmd: Ucmd) -> int:
     """IOMMU_VEVENTQ_ALLOC: flags, __reserved or the DEFAULT type EOPNOTSUPP; depth 0
-    EINVAL; no vIOMMU ENOENT; a queue of that type on the vIOMMU EEXIST. Needs the
+    or over VEVENTQ_MAX_DEPTH EINVAL; no vIOMMU ENOENT; a queue of that type on the vIOMMU EEXIST. Needs the
     companion (flags = COMPANION_MAGIC); without it EOPNOTSUPP, logged."""
     cmd = ucmd.cmd
     marked = cmd.flags == COMPANION_MAGIC
     carrier = carrier_of(ucmd.caller, marked)
     if (cmd.flags and not marked) or cmd.reserved or cmd.type == uapi.IOMMU_VEVENTQ_TYPE_DEFAULT:
         raise Errno(errno.EOPNOTSUPP)
-    if not cmd.veventq_depth:
+    if not cmd.veventq_depth or cmd.veventq_depth > VEVENTQ_MAX_DEPTH:
         raise Errno(errno.EINVAL)
     ctx = ucmd.ctx
     viommu = get_viommu(ctx, cmd.viommu_id)

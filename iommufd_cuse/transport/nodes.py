@@ -62,7 +62,7 @@ class Node:
     ino: int = 0
     parent: Node | None = None
     target: str | Callable[[], str] | None = None  # a symbolic link's target (or what makes it)
-    size: int = 0  # what stat() shows
+    size: int = 0  # st_size: a file mapped through the page cache faults only below it
     present: Callable[[], bool] | None = None  # a node that comes and goes (None: always there)
 
     @property
@@ -150,6 +150,12 @@ class Tree:
         parent.children[node.name] = node
         self.by_ino[node.ino] = node
         return node
+
+    def remove(self, node: Node) -> None:
+        """Take a file node out (a later lookup is ENOENT, a cached one finds no inode)."""
+        if node.parent is not None and node.parent.children.get(node.name) is node:
+            del node.parent.children[node.name]
+        self.by_ino.pop(node.ino, None)
 
     def files(self) -> list[Node]:
         return [n for n in self.root.walk() if n.opener is not None]

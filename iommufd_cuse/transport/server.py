@@ -214,7 +214,10 @@ class FuseServer:
         t = self.start_time
         nlink = 2 if node.is_dir else 1
         size = len(node.link_target().encode()) if node.is_link else node.size
-        return P.ATTR.pack(node.ino, size, 0, t, t, t, 0, 0, 0, node.full_mode, nlink, node.uid, node.gid, 0, 4096, 0)
+        blocks = (size + 511) // 512
+        return P.ATTR.pack(
+            node.ino, size, blocks, t, t, t, 0, 0, 0, node.full_mode, nlink, node.uid, node.gid, 0, 4096, 0
+        )
 
     def _lookup(self, req: Request, body: memoryview) -> None:
         name = bytes(body).split(b"\0", 1)[0].decode(errors="surrogateescape")

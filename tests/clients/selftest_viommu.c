@@ -9,6 +9,7 @@
 #define _GNU_SOURCE
 #include <poll.h>
 #include <pthread.h>
+#include <sys/wait.h>
 #include <time.h>
 
 #include "selftest_util.h"
@@ -180,10 +181,13 @@ int main(int argc, char **argv)
 	step0("paging", hwpt_alloc(fd, idev, ioas, 0, IOMMU_HWPT_DATA_NONE, NULL, 0, &paging));
 
 	if (plain) {
-		step0("viommu", viommu_alloc(idev, parent, 0, IOMMU_VIOMMU_TYPE_SELFTEST, NULL, 0, &viommu));
+		step0("viommu", viommu_alloc(idev, parent, 0, IOMMU_VIOMMU_TYPE_SELFTEST, &data, sizeof(data), &viommu));
 		step0("veventq", veventq_alloc(viommu, 0, IOMMU_VEVENTQ_TYPE_SELFTEST, 2, 0, &qid, &qfd));
 		/* left for the release: destroying the device there takes its vdevice too */
 		step0("vdev", vdevice_alloc(viommu, idev, 0x99, &vdev));
+		/* FUSE answers mmap() of the direct-I/O iommufd itself */
+		step0("mmap", xres(mmap(NULL, data.out_mmap_length, PROT_READ, MAP_SHARED, fd, data.out_mmap_offset) ==
+					   MAP_FAILED ? -1 : 0));
 		return 0;
 	}
 
@@ -200,6 +204,47 @@ int main(int argc, char **argv)
 	      "out_data=0x%x mmap_len=%llu mmap_off_ok=%d", data.out_data, (unsigned long long)data.out_mmap_length,
 	      data.out_mmap_offset >= PAGE && data.out_mmap_offset % PAGE == 0);
 	step0("viommu2", viommu_alloc(idev, parent, 0, IOMMU_VIOMMU_TYPE_SELFTEST, NULL, 0, &viommu2));
+
+	/* mmap() of the vIOMMU's region, through the companion */
+	{
+		struct iommu_viommu_selftest d3 = { .in_data = 0x5eed };
+		__u32 viommu3;
+		__u64 off, len;
+		__u32 *m, *m2;
+		int status;
+		pid_t child;
+
+		step0("viommu3", viommu_alloc(idev, parent, 0, IOMMU_VIOMMU_TYPE_SELFTEST, &d3, sizeof(d3), &viommu3));
+		off = d3.out_mmap_offset;
+		len = d3.out_mmap_length;
+		step0("mmap_past_start", xres(mmap(NULL, len, PROT_READ, MAP_SHARED, fd, off + PAGE) == MAP_FAILED ? -1 : 0));
+		step0("mmap_half", xres(mmap(NULL, len / 2, PROT_READ, MAP_SHARED, fd, off) == MAP_FAILED ? -1 : 0));
+		step0("mmap_double", xres(mmap(NULL, len * 2, PROT_READ, MAP_SHARED, fd, off) == MAP_FAILED ? -1 : 0));
+		step0("mmap_none", xres(mmap(NULL, len, PROT_READ, MAP_SHARED, fd, 64 * MIB) == MAP_FAILED ? -1 : 0));
+		step0("mmap_private", xres(mmap(NULL, len, PROT_READ, MAP_PRIVATE, fd, off) == MAP_FAILED ? -1 : 0));
+		step0("mmap_exec", xres(mmap(NULL, len, PROT_READ | PROT_EXEC, MAP_SHARED, fd, off) == MAP_FAILED ? -1 : 0));
+		m = mmap(NULL, len, PROT_READ | PROT_WRITE, MAP_SHARED, fd, off);
+		stepv("mmap", xres(m == MAP_FAILED ? -1 : 0), "in_data=0x%x", m == MAP_FAILED ? 0 : *m);
+		m2 = mmap(NULL, len, PROT_READ, MAP_SHARED, fd, off);
+		stepv("mmap_twice", xres(m2 == MAP_FAILED ? -1 : 0), "in_data=0x%x", m2 == MAP_FAILED ? 0 : *m2);
+		step0("mmap_destroy_busy", destroy(fd, viommu3));
+		if (m != MAP_FAILED)
+			munmap(m, len);
+		if (m2 != MAP_FAILED) {
+			/* a forked child keeps the mapping (and the vIOMMU) after the parent's munmap */
+			child = fork();
+			if (child == 0) {
+				sleep(1);
+				_exit(*m2 == 0x5eed ? 0 : 1);
+			}
+			munmap(m2, len);
+			step0("mmap_child_busy", destroy(fd, viommu3));
+			waitpid(child, &status, 0);
+			stepv("mmap_child", xres(0), "ok=%d", WIFEXITED(status) && WEXITSTATUS(status) == 0);
+		}
+		step0("mmap_destroy", destroy_eventually(fd, viommu3));
+		step0("mmap_gone", xres(mmap(NULL, len, PROT_READ, MAP_SHARED, fd, off) == MAP_FAILED ? -1 : 0));
+	}
 	step0("destroy_parent_busy", destroy(fd, parent));
 
 	/* IOMMU_VDEVICE_ALLOC */
@@ -263,7 +308,44 @@ int main(int argc, char **argv)
 	step0("hwq_length0", hw_queue_alloc(viommu, 0, IOMMU_HW_QUEUE_TYPE_SELFTEST, 0, 0));
 	step0("hwq_wraps", hw_queue_alloc(viommu, 0, IOMMU_HW_QUEUE_TYPE_SELFTEST, ~0ull - 4095, 8192));
 	step0("hwq_bad_viommu", hw_queue_alloc(ioas, 0, IOMMU_HW_QUEUE_TYPE_SELFTEST, 0, 4096));
-	step0("hwq", hw_queue_alloc(viommu, 0, IOMMU_HW_QUEUE_TYPE_SELFTEST, 0, 4096));
+	{
+		/* the mock's HW queues, on memory of the parent's IOAS (two areas, one page each) */
+		__u64 iova = MOCK_APERTURE_START;
+		char *buf = mmap(NULL, 2 * PAGE, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+		struct iommu_hw_queue_alloc a = {
+			.size = sizeof(a), .viommu_id = viommu, .type = IOMMU_HW_QUEUE_TYPE_SELFTEST,
+			.nesting_parent_iova = iova, .length = PAGE,
+		};
+		__u32 q0 = 0, q1 = 0;
+
+		memset(buf, 1, 2 * PAGE);
+		step0("hwq_unmapped", hw_queue_alloc(viommu, 0, IOMMU_HW_QUEUE_TYPE_SELFTEST, iova, PAGE));
+		step0("hwq_map", ioas_map(fd, ioas, buf, PAGE, iova));
+		step0("hwq_map2", ioas_map(fd, ioas, buf + PAGE, PAGE, iova + PAGE));
+		step0("hwq_other_type", hw_queue_alloc(viommu, 0, IOMMU_HW_QUEUE_TYPE_TEGRA241_CMDQV, iova, PAGE));
+		a.index = 1;
+		step0("hwq_index1_first", xioctl(fd, IOMMU_HW_QUEUE_ALLOC, &a));
+		a.index = IOMMU_TEST_HW_QUEUE_MAX;
+		step0("hwq_index_max", xioctl(fd, IOMMU_HW_QUEUE_ALLOC, &a));
+		a.index = 0;
+		a.length = 2 * PAGE; /* two maps: not physically contiguous */
+		step0("hwq_not_contiguous", xioctl(fd, IOMMU_HW_QUEUE_ALLOC, &a));
+		a.length = PAGE;
+		stepv("hwq0", xioctl(fd, IOMMU_HW_QUEUE_ALLOC, &a), "id_ok=%d", (q0 = a.out_hw_queue_id) != 0);
+		step0("hwq0_again", xioctl(fd, IOMMU_HW_QUEUE_ALLOC, &a));
+		step0("hwq_unmap_pinned", ioas_unmap(fd, ioas, iova, PAGE));
+		step0("hwq_unmap_other", ioas_unmap(fd, ioas, iova + PAGE, PAGE));
+		a.index = 1;
+		a.nesting_parent_iova = iova + PAGE / 2; /* unaligned, inside the same page */
+		a.length = PAGE / 2;
+		stepv("hwq1", xioctl(fd, IOMMU_HW_QUEUE_ALLOC, &a), "id_ok=%d", (q1 = a.out_hw_queue_id) != 0);
+		step0("hwq_destroy_busy", destroy(fd, q0)); /* queue 1 depends on it */
+		step0("hwq_destroy_viommu_busy", destroy(fd, viommu));
+		step0("hwq_destroy1", destroy(fd, q1));
+		step0("hwq_destroy0", destroy(fd, q0));
+		step0("hwq_unmap", ioas_unmap(fd, ioas, iova, PAGE));
+		munmap(buf, 2 * PAGE);
+	}
 
 	/* vEVENT queues */
 	step0("trigger_no_queue", trigger(idev));
@@ -272,6 +354,12 @@ int main(int argc, char **argv)
 	step0("veventq_reserved", veventq_alloc(viommu, 0, IOMMU_VEVENTQ_TYPE_SELFTEST, 2, 1, &id, &qfd));
 	step0("veventq_type_default", veventq_alloc(viommu, 0, IOMMU_VEVENTQ_TYPE_DEFAULT, 2, 0, &id, &qfd));
 	step0("veventq_depth0", veventq_alloc(viommu, 0, IOMMU_VEVENTQ_TYPE_SELFTEST, 0, 0, &id, &qfd));
+	step0("veventq_depth_over", veventq_alloc(viommu, 0, IOMMU_VEVENTQ_TYPE_SELFTEST, (1u << 19) + 1, 0, &id, &qfd));
+	step0("veventq_depth_max", veventq_alloc(viommu, 0, IOMMU_VEVENTQ_TYPE_SELFTEST, 1u << 19, 0, &id, &qfd));
+	if (qfd >= 0) {
+		close(qfd);
+		step0("destroy_veventq_max", destroy_eventually(fd, id));
+	}
 	step0("veventq_bad_viommu", veventq_alloc(ioas, 0, IOMMU_VEVENTQ_TYPE_SELFTEST, 2, 0, &id, &qfd));
 	stepv("veventq", veventq_alloc(viommu, 0, IOMMU_VEVENTQ_TYPE_SELFTEST, 2, 0, &qid, &qfd),
 	      "fd_ok=%d cloexec=%d", qfd > 2, qfd >= 0 && (fcntl(qfd, F_GETFD) & FD_CLOEXEC) != 0);
@@ -281,6 +369,8 @@ int main(int argc, char **argv)
 	step0("veventq_other_type", veventq_alloc(viommu, 0, IOMMU_VEVENTQ_TYPE_ARM_SMMUV3, 2, 0, &qid2, &qfd2));
 	stepv("poll_empty", xres(0), "revents=%d", revents(qfd, 0));
 	step0("read_empty", xres(read(qfd, ev, sizeof(ev))));
+	step0("read_zero", xres(read(qfd, ev, 0)));
+	step0("read_below_header", xres(read(qfd, ev, sizeof(struct iommufd_vevent_header) - 1)));
 	step0("write", xres(write(qfd, ev, sizeof(ev[0]))));
 
 	step0("trigger", trigger(idev));

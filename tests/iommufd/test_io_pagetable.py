@@ -139,6 +139,9 @@ class _NoPages:
 
     refs = 1
 
+    def __init__(self) -> None:
+        self.areas: dict = {}  # the areas using the pages, as Pages keeps them
+
     def put(self) -> None:
         pass
 

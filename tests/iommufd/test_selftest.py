@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import errno
 import logging
+import os
 import shutil
 import subprocess
 import sys
@@ -25,6 +26,7 @@ from harness import run, scratch_dir
 from iommufd_cuse import config, uapi
 from iommufd_cuse.daemon import Daemon
 from iommufd_cuse.iommufd.main import IOMMUFD_CMD_BASE, ioctl_table
+from iommufd_cuse.transport.caller import Errno
 
 OK = "OK"
 
@@ -57,6 +59,13 @@ async def plain_daemon() -> AsyncIterator[Daemon]:
 async def client(d: Daemon, cbuild, name: str, *args: str) -> dict[str, Step]:  # noqa: ANN001
     exe = cbuild(name)
     p = await run([exe, Path(d.dev_dir) / "iommu", *args])
+    return parse_steps(p.stdout)
+
+
+async def companion_client(d: Daemon, cbuild, preload: Path, name: str, *args: str) -> dict[str, Step]:  # noqa: ANN001
+    """client() with the companion library preloaded."""
+    env = dict(os.environ, LD_PRELOAD=str(preload))
+    p = await run([cbuild(name), Path(d.dev_dir) / "iommu", *args], env=env)
     return parse_steps(p.stdout)
 
 
@@ -235,8 +244,8 @@ async def test_mock_domain(selftest_daemon, cbuild):
 
 
 async def test_access_and_dmabuf(selftest_daemon, cbuild, caplog):
-    """What needs a new fd in the caller: CREATE_ACCESS and DMABUF_GET answer
-    EOPNOTSUPP (mainline: a new fd), after mainline's own checks; the ops that take
+    """What needs a new fd in the caller, without the companion: CREATE_ACCESS and
+    DMABUF_GET answer EOPNOTSUPP (mainline: a new fd), after mainline's own checks; the ops that take
     an access fd find none, as mainline for an fd that is not an access."""
     with caplog.at_level(logging.WARNING, logger="iommufd_cuse.iommufd.selftest"):
         steps = await client(selftest_daemon, cbuild, "selftest_ops", "files")
@@ -256,7 +265,7 @@ async def test_access_and_dmabuf(selftest_daemon, cbuild, caplog):
             "access_replace_no_fd": "EBADFD",
             "dmabuf_zero": "EINVAL",
             "dmabuf_too_long": "EINVAL",
-            "dmabuf_get": "EOPNOTSUPP",  # mainline: a new dma-buf fd
+            "dmabuf_get": "EOPNOTSUPP",  # without the companion (mainline: a new dma-buf fd)
             "dmabuf_revoke_no_fd": "EBADF",
             "dmabuf_revoke_not_dmabuf": "EINVAL",
         },
@@ -799,12 +808,7 @@ def preload() -> Path:
 
 
 async def test_access_with_companion(selftest_daemon, cbuild, preload):
-    import os
-
-    exe = cbuild("selftest_access")
-    env = dict(os.environ, LD_PRELOAD=str(preload))
-    p = await run([exe, Path(selftest_daemon.dev_dir) / "iommu"], env=env)
-    steps = parse_steps(p.stdout)
+    steps = await companion_client(selftest_daemon, cbuild, preload, "selftest_access")
     assert_kernel(
         steps,
         {
@@ -1014,7 +1018,7 @@ async def test_access_protocol_and_context_close(selftest_daemon):
         await trio.to_thread.run_sync(os.close, other)
     # With the last file the context goes, its pins and its unclaimed token with it.
     await wait_until(lambda: not system.contexts and system.pinned_pages() == 0, what="context released")
-    assert not getattr(system, "selftest_pending_accesses", {})
+    assert not system.pending_files.get("access")
     del buf
 
 
@@ -1023,12 +1027,7 @@ POLLIN = 0x1
 
 
 async def test_fault_queue_with_companion(selftest_daemon, cbuild, preload):
-    import os
-
-    exe = cbuild("selftest_iopf")
-    env = dict(os.environ, LD_PRELOAD=str(preload))
-    p = await run([exe, Path(selftest_daemon.dev_dir) / "iommu"], env=env)
-    steps = parse_steps(p.stdout)
+    steps = await companion_client(selftest_daemon, cbuild, preload, "selftest_iopf")
     assert_kernel(
         steps,
         {
@@ -1132,12 +1131,7 @@ async def test_fault_queue_without_companion(selftest_daemon, plain_daemon, cbui
 
 async def test_fault_queue_normal_mode(plain_daemon, cbuild, preload):
     """The companion works without the test mode too (the node is in every mount)."""
-    import os
-
-    exe = cbuild("selftest_iopf")
-    env = dict(os.environ, LD_PRELOAD=str(preload))
-    p = await run([exe, Path(plain_daemon.dev_dir) / "iommu", "plain"], env=env)
-    steps = parse_steps(p.stdout)
+    steps = await companion_client(plain_daemon, cbuild, preload, "selftest_iopf", "plain")
     assert_kernel(
         steps,
         {
@@ -1155,22 +1149,128 @@ async def test_fault_queue_normal_mode(plain_daemon, cbuild, preload):
     assert steps["read_empty"].rc == 0
 
 
-# -- vIOMMUs, vdevices, vEVENT queues --------------------------------------------------------------
-async def test_viommu_with_companion(selftest_daemon, cbuild, preload):
-    import os
+# -- pages of a process that is gone (the kernel's fork_gone) -----------------------------------------
+async def test_fork_gone(selftest_daemon, cbuild, preload):
+    """Pages a child mapped and then exited: shared memory (the kernel selftest's
+    buffer) was mapped into the daemon at pin time and stays reachable, as in the
+    kernel; with no domain nothing was pinned and the pin after the exit is EFAULT,
+    as in the kernel. Private anonymous memory is reached in place in the child's mm,
+    which is gone: the kernel would still have the pinned pages (docs/selftest.md)."""
+    steps = await companion_client(selftest_daemon, cbuild, preload, "selftest_fork")
+    expected = {}
+    for case in ("shared", "shared_no_domain", "private", "private_no_domain"):
+        expected[f"{case}_child_map"] = OK
+        expected[f"{case}_unmap"] = OK
+    expected.update(
+        {
+            "shared_new_domain": OK,
+            "shared_read": OK,
+            "shared_write": OK,
+            "shared_no_domain_new_domain": "EFAULT",  # the kernel's fork_gone without a domain
+            "shared_no_domain_read": "EFAULT",
+            "shared_no_domain_write": "EFAULT",
+            "private_new_domain": OK,
+            "private_read": "ESRCH",  # divergence: the kernel reads the pinned pages
+            "private_write": "ESRCH",
+            "private_no_domain_new_domain": "EFAULT",
+            "private_no_domain_read": "EFAULT",
+            "private_no_domain_write": "EFAULT",
+        }
+    )
+    assert_kernel(steps, expected)
+    assert fields(steps, "shared_read") == {"same": "1"}
+    assert fields(steps, "shared_write") == {"seen": "1"}  # the same shared pages
 
-    exe = cbuild("selftest_viommu")
-    env = dict(os.environ, LD_PRELOAD=str(preload))
-    p = await run([exe, Path(selftest_daemon.dev_dir) / "iommu"], env=env)
-    steps = parse_steps(p.stdout)
+
+# -- dma-bufs ---------------------------------------------------------------------------------------
+def _dmabuf_memfds() -> int:
+    """Memfds of the selftest's dma-bufs open in this process (the daemon's)."""
+    n = 0
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            n += "iommufd-test-dmabuf" in os.readlink(f"/proc/self/fd/{fd}")
+        except OSError:
+            pass
+    return n
+
+
+async def test_dmabuf_with_companion(selftest_daemon, cbuild, preload):
+    """DMABUF_GET through the companion, IOAS_MAP_FILE of the dma-buf and
+    DMABUF_REVOKE with mainline's semantics: a revoke takes the translations out of
+    every domain for good, a map of a revoked dma-buf is ENODEV, the pages are no
+    access's. Nothing is left once the client is gone."""
+    steps = await companion_client(selftest_daemon, cbuild, preload, "selftest_dmabuf")
     assert_kernel(
         steps,
         {
             "ioas": OK,
             "mock": OK,
+            "dirty_hwpt": OK,
+            "dirty_on": OK,
+            "get_zero": "EINVAL",
+            "get_too_long": "EINVAL",  # 513 pages once rounded up
+            "get_max": OK,
+            "get": OK,
+            "get_no_cloexec": OK,
+            "map_zero": "EINVAL",
+            "map_past_end": "EINVAL",
+            "map_too_long": "EINVAL",
+            "map": OK,
+            "map_again_fixed": "EEXIST",
+            "access": OK,
+            "access_rw": "EINVAL",  # iopt_pages_rw_access: not for a dma-buf
+            "access_pages": "EINVAL",
+            "revoke_no_fd": "EBADF",
+            "revoke_memfd": "EINVAL",
+            "revoke_iommufd": "EINVAL",
+            "revoke": OK,
+            "revoked_domain": OK,
+            "map_revoked": "ENODEV",
+            "hwpt_after_revoke": OK,  # the revoked area is skipped, not an error
+            "revoke_again": OK,
+            "unrevoke": OK,
+            "map_restored": OK,
+            "old_area": OK,
+            "unmap_old": OK,
+            "map_fixed_again": OK,
+            "closed": OK,
+            "revoke_closed": "EBADF",
+            "ioas2": OK,
             "mock2": OK,
-            "parent": OK,
-            "paging": OK,
+            "map2": OK,
+            "copy2": OK,
+            "revoke2": OK,
+            "unmap_copy": OK,
+            "destroy_stdev2": OK,
+            "destroy_ioas2": OK,
+            "unmap_all": OK,
+            "destroy_hwpt2": OK,
+            "destroy_dirty_hwpt": OK,
+        },
+    )
+    assert fields(steps, "get") == {"fd_ok": "1", "cloexec": "1"}
+    assert fields(steps, "get_no_cloexec") == {"fd_ok": "1", "cloexec": "0"}
+    assert fields(steps, "map")["translated"] == "0xf"
+    assert fields(steps, "revoked_domain")["translated"] == "0"
+    assert fields(steps, "map_restored")["translated"] == "0xf"
+    assert fields(steps, "old_area")["translated"] == "0"  # revoked for good
+    assert fields(steps, "map_fixed_again")["translated"] == "0xf"
+    assert fields(steps, "closed")["translated"] == "0xf"  # the mapping holds the dma-buf
+    await wait_until(lambda: not selftest_daemon.system.contexts)
+    assert not selftest_daemon.system.pending_files.get("dmabuf")
+    await wait_until(lambda: _dmabuf_memfds() == 0)
+
+
+# -- vIOMMUs, vdevices, vEVENT queues --------------------------------------------------------------
+VIOMMU_SETUP = {"ioas": OK, "mock": OK, "mock2": OK, "parent": OK, "paging": OK}  # selftest_viommu's first steps
+
+
+async def test_viommu_with_companion(selftest_daemon, cbuild, preload):
+    steps = await companion_client(selftest_daemon, cbuild, preload, "selftest_viommu")
+    assert_kernel(
+        steps,
+        {
+            **VIOMMU_SETUP,
             # IOMMU_VIOMMU_ALLOC, in mainline's order
             "viommu_flags": "EOPNOTSUPP",
             "viommu_type_default": "EOPNOTSUPP",
@@ -1182,6 +1282,21 @@ async def test_viommu_with_companion(selftest_daemon, cbuild, preload):
             "viommu_data_null": "EFAULT",
             "viommu": OK,
             "viommu2": OK,
+            # mmap() of its region, through the companion: iommufd_fops_mmap's checks
+            "viommu3": OK,
+            "mmap_past_start": "ENXIO",
+            "mmap_half": "ENXIO",
+            "mmap_double": "ENXIO",
+            "mmap_none": "ENXIO",
+            "mmap_private": "EINVAL",
+            "mmap_exec": "EPERM",
+            "mmap": OK,
+            "mmap_twice": OK,
+            "mmap_destroy_busy": "EBUSY",  # a mapping holds the vIOMMU
+            "mmap_child_busy": "EBUSY",  # so does a forked copy of one
+            "mmap_child": OK,
+            "mmap_destroy": OK,
+            "mmap_gone": "ENXIO",
             "destroy_parent_busy": "EBUSY",
             # IOMMU_VDEVICE_ALLOC
             "vdev_bad_viommu": "ENOENT",
@@ -1219,7 +1334,23 @@ async def test_viommu_with_companion(selftest_daemon, cbuild, preload):
             "hwq_length0": "EINVAL",
             "hwq_wraps": "EOVERFLOW",
             "hwq_bad_viommu": "ENOENT",
-            "hwq": "EOPNOTSUPP",  # mainline's mock vIOMMU has HW queues: a new object
+            "hwq_unmapped": "ENOENT",  # the internal access pins nothing there
+            "hwq_map": OK,
+            "hwq_map2": OK,
+            "hwq_other_type": "EOPNOTSUPP",  # the mock has only IOMMU_HW_QUEUE_TYPE_SELFTEST
+            "hwq_index1_first": "EIO",  # index 1 needs index 0
+            "hwq_index_max": "EINVAL",
+            "hwq_not_contiguous": "EFAULT",
+            "hwq0": OK,
+            "hwq0_again": "EEXIST",
+            "hwq_unmap_pinned": "EBUSY",  # the queue's access locks the area
+            "hwq_unmap_other": OK,
+            "hwq1": OK,
+            "hwq_destroy_busy": "EBUSY",  # queue 1 depends on queue 0
+            "hwq_destroy_viommu_busy": "EBUSY",
+            "hwq_destroy1": OK,
+            "hwq_destroy0": OK,
+            "hwq_unmap": OK,
             # vEVENT queues
             "trigger_no_queue": "EOPNOTSUPP",
             "trigger_not_attached": "ENOENT",
@@ -1227,16 +1358,21 @@ async def test_viommu_with_companion(selftest_daemon, cbuild, preload):
             "veventq_reserved": "EOPNOTSUPP",
             "veventq_type_default": "EOPNOTSUPP",
             "veventq_depth0": "EINVAL",
+            "veventq_depth_over": "EINVAL",  # VEVENTQ_MAX_DEPTH is 1 << 19
+            "veventq_depth_max": OK,
+            "destroy_veventq_max": OK,
             "veventq_bad_viommu": "ENOENT",
             "veventq": OK,
             "veventq_same_type": "EEXIST",
             "veventq_other_type": OK,
             "poll_empty": OK,
             "read_empty": OK,
+            "read_zero": "EINVAL",  # below a header: asked of the daemon by the companion
+            "read_below_header": "EINVAL",
             "write": "EINVAL",
             "trigger": OK,
             "poll_ready": OK,
-            "read_too_short": OK,
+            "read_too_short": "EINVAL",  # the header fits, the event's data does not
             "read": OK,
             "poll_drained": OK,
             "trigger_a": OK,
@@ -1271,7 +1407,11 @@ async def test_viommu_with_companion(selftest_daemon, cbuild, preload):
         },
     )
     assert fields(steps, "viommu") == {"out_data": "0xbadbeef", "mmap_len": "8192", "mmap_off_ok": "1"}
+    assert fields(steps, "mmap") == fields(steps, "mmap_twice") == {"in_data": "0x5eed"}  # the loopback page
+    assert fields(steps, "mmap_child") == {"ok": "1"}
+    assert not selftest_daemon.tree.root.children["iommufd-cuse"].children["mmap"].children
     assert fields(steps, "cache_default") == {"first_changed": "-1"}
+    assert fields(steps, "hwq0") == fields(steps, "hwq1") == {"id_ok": "1"}
     for name in (
         "inv_empty",
         "inv_empty_bad_type",
@@ -1287,7 +1427,7 @@ async def test_viommu_with_companion(selftest_daemon, cbuild, preload):
     assert fields(steps, "inv_all") == {"num": "1", "mask": "15"}
     assert fields(steps, "veventq") == {"fd_ok": "1", "cloexec": "1"}
     assert fields(steps, "poll_empty") == {"revents": "0"}  # no POLLOUT: the file has no write
-    assert steps["read_empty"].rc == 0 and steps["read_too_short"].rc == 0
+    assert steps["read_empty"].rc == 0
     assert fields(steps, "poll_ready") == {"revents": str(POLLIN)}
     # iommufd_vevent_header (8 bytes) + iommu_viommu_event_selftest (4 bytes)
     assert steps["read"].rc == 12
@@ -1309,7 +1449,7 @@ async def test_viommu_with_companion(selftest_daemon, cbuild, preload):
     assert fields(steps, "read_rest") == {"seq0": "6", "seq1": "9", "flags1": "0"}
     assert fields(steps, "poll_wakeup") == {"revents": str(POLLIN), "fast": "1"}
     assert steps["read_woken"].rc == 12 and fields(steps, "read_woken") == {"virt_id": "0x99"}
-    assert not getattr(selftest_daemon.system, "pending_veventq_files", {})
+    assert not selftest_daemon.system.pending_files.get("veventq")
 
 
 async def test_viommu_without_companion(selftest_daemon, cbuild, caplog):
@@ -1321,14 +1461,11 @@ async def test_viommu_without_companion(selftest_daemon, cbuild, caplog):
     assert_kernel(
         steps,
         {
-            "ioas": OK,
-            "mock": OK,
-            "mock2": OK,
-            "parent": OK,
-            "paging": OK,
+            **VIOMMU_SETUP,
             "viommu": OK,
             "veventq": "EOPNOTSUPP",
             "vdev": OK,
+            "mmap": "ENODEV",  # FUSE's answer for MAP_SHARED of a direct-I/O file
         },
     )
     assert "companion" in caplog.text
@@ -1357,8 +1494,13 @@ def test_veventq_queue_semantics():
     assert lost.flags == uapi.IOMMU_VEVENTQ_FLAG_LOST_EVENTS and lost.sequence == 2
     assert q.read(100) == b"" and not q.readable()
     q.report(b"mnop")
-    assert q.read(11) == b""  # the whole record must fit
+    q.report(b"qrst")  # lost: a header of 8 bytes after the event
+    for short in (0, 7, 11):  # below a header; the first event's data does not fit
+        with pytest.raises(Errno) as e:
+            q.read(short)
+        assert e.value.errno == errno.EINVAL
     assert q.read(12)[8:] == b"mnop"
+    assert hdr.unpack(q.read(8)).flags == uapi.IOMMU_VEVENTQ_FLAG_LOST_EVENTS  # a lost header needs only 8
     q.users = 0
     q.destroy()
     assert vi.users == 1 and vi.veventqs == []

@@ -13,16 +13,15 @@ a group of its own. Its paging domains have the kernel mock's geometry:
     so 1 MiB leaves exist), while iommufd sees a 4 KiB granule as in mainline.
 
 A file handed back to the caller (CREATE_ACCESS, DMABUF_GET) cannot be created
-by a FUSE server: CREATE_ACCESS works with the companion library in the caller
+by a FUSE server: both work with the companion library in the caller
 (tools/iommufd_selftest_preload.c, which turns a daemon-issued token into an open
-of the daemon's access node) and is EOPNOTSUPP, logged, without it; DMABUF_GET is
-EOPNOTSUPP. docs/selftest.md lists every op, what it does here and where it differs.
+of the daemon's access or dma-buf node) and are EOPNOTSUPP, logged, without it. docs/selftest.md lists every op, what it does here and where it differs.
 
 The package follows selftest.c's sections: the mock IOMMU (mock.py), the selftest
 object and the call every op takes (stdev.py), the domain inspection ops
 (md_check.py), the accesses (access.py; the access object itself is the core's,
 iommufd/access.py, as iommufd_access_* are device.c's), the PASID ops (pasid.py),
-the other ops (ops.py); the command table is here.
+the dma-buf exporter (dmabuf.py), the other ops (ops.py); the command table is here.
 """
 
 from __future__ import annotations
@@ -44,13 +43,12 @@ from .access import (
     op_create_access,
     op_destroy_access_pages,
 )
+from .dmabuf import DMABUF_NODE, DmabufFile, op_dmabuf_get, op_dmabuf_revoke
 from .md_check import op_dirty, op_md_check_iotlb, op_md_check_map, op_md_check_refs
 from .mock import MockDomain, MockNestedDomain
 from .ops import (
     op_add_reserved,
     op_dev_check_cache,
-    op_dmabuf_get,
-    op_dmabuf_revoke,
     op_mock_domain,
     op_mock_domain_replace,
     op_set_temp_memory_limit,
@@ -66,6 +64,8 @@ __all__ = [
     "ACCESS_NODE",
     "ACCESS_TOKEN_BASE",
     "AccessFile",
+    "DMABUF_NODE",
+    "DmabufFile",
     "MockDomain",
     "MockNestedDomain",
     "iommufd_test",

@@ -17,7 +17,8 @@ from ...iommu.core import Device, Group, Iommu
 from ...iommu.domain import Domain, PagingDomain
 from ...system import PAGE_SIZE
 from ..hw_pagetable import UserData, UserDataArray
-from ..object import Context, copy_struct_from_user
+from ..mmap import alloc_mmap, free_mmap
+from ..object import copy_struct_from_user
 
 log = logging.getLogger(__name__)
 
@@ -198,15 +199,17 @@ class MockIommu(Iommu):
 
     def viommu_init(self, viommu: Any, parent_domain: Domain, user_data: UserData | None) -> None:
         """mock_viommu_init: with data, iommu_viommu_selftest (at least up to out_data):
-        out_data echoes in_data, and a two-page region is registered for mmap of the
-        iommufd at out_mmap_offset (not mappable here, see docs/selftest.md); the
+        out_data echoes in_data, and a two-page region (its first word in_data, the
+        loopback page) is registered for mmap of the iommufd at out_mmap_offset; the
         struct goes back (EFAULT if it cannot)."""
         if user_data is None:
             return
         data = user_data.copy_struct(uapi.IOMMU_VIOMMU_TYPE_SELFTEST, uapi.iommu_viommu_selftest, "out_data")
         length = 2 * PAGE_SIZE
-        offset = _mmap_alloc(viommu.ctx, length)
-        viommu.mmap = (offset, length)
+        page = bytearray(length)
+        page[:4] = data.in_data.to_bytes(4, "little")
+        offset = alloc_mmap(viommu.ctx, viommu, length, page)
+        viommu.mmap_offset = offset
         data.out_data = data.in_data
         data.out_mmap_offset = offset
         data.out_mmap_length = length
@@ -214,7 +217,7 @@ class MockIommu(Iommu):
         try:
             user_data.caller.write(user_data.uptr, out[: min(user_data.len, len(out))])
         except BaseException:
-            _mmap_free(viommu.ctx, offset)
+            free_mmap(viommu.ctx, offset)
             raise
 
     def viommu_alloc_domain_nested(self, viommu: Any, flags: int, user_data: UserData) -> Domain:
@@ -257,6 +260,38 @@ class MockIommu(Iommu):
         finally:
             array.entry_num = done
 
+    # -- HW queues of the mock vIOMMU (mock_viommu_get_hw_queue_size, mock_hw_queue_*) --------
+    def hw_queue_supported(self, viommu: Any, queue_type: int) -> bool:
+        return queue_type == uapi.IOMMU_HW_QUEUE_TYPE_SELFTEST
+
+    def hw_queue_init_phys(self, q: Any, index: int, base_pa: int) -> None:
+        """mock_hw_queue_init_phys: index past IOMMU_TEST_HW_QUEUE_MAX EINVAL, taken
+        EEXIST, index - 1 missing EIO; base_pa must be what the parent translates the
+        queue's IOVA to (else EFAULT). Queue index depends on index - 1 (which is
+        EBUSY to destroy until it goes)."""
+        if index >= uapi.IOMMU_TEST_HW_QUEUE_MAX:
+            raise Errno(errno.EINVAL)
+        viommu = q.viommu
+        queues = viommu.hw_queues
+        if index in queues:
+            raise Errno(errno.EEXIST)
+        prev = queues.get(index - 1) if index else None
+        if index and prev is None:
+            raise Errno(errno.EIO)
+        walk = viommu.hwpt.domain.walk(q.base_addr)
+        if walk is None or walk[0] != base_pa:
+            raise Errno(errno.EFAULT)
+        if prev is not None:
+            prev.users += 1  # iommufd_hw_queue_depend
+
+        def destroy(q: Any) -> None:
+            del queues[index]
+            if prev is not None:
+                prev.users -= 1
+
+        queues[index] = q
+        q.driver_destroy = destroy
+
     def attach_check(self, device: Device, domain: object) -> None:
         """mock_domain_nop_attach: a nested domain of a vIOMMU needs the device to have
         a vdevice on that vIOMMU (else ENOENT)."""
@@ -291,23 +326,6 @@ class MockIommu(Iommu):
 
 
 KMALLOC_MAX_SIZE = 4 << 20  # a bigger kcalloc of invalidation entries is ENOMEM
-
-
-def _mmap_alloc(ctx: Context, length: int) -> int:
-    """iommufd_viommu_alloc_mmap: the lowest free offset from PAGE_SIZE in the
-    context's mmap tree."""
-    regions = ctx.__dict__.setdefault("mmap_regions", {})
-    start = PAGE_SIZE
-    for off in sorted(regions):
-        if start + length <= off:
-            break
-        start = max(start, off + regions[off])
-    regions[start] = length
-    return start
-
-
-def _mmap_free(ctx: Context, offset: int) -> None:
-    ctx.__dict__.get("mmap_regions", {}).pop(offset, None)
 
 
 def _dev_flags(device: Device) -> int:

@@ -1,19 +1,17 @@
 """The ops with no section of their own: ADD_RESERVED, MOCK_DOMAIN(_FLAGS,
-_REPLACE), SET_TEMP_MEMORY_LIMIT, DEV_CHECK_CACHE, TRIGGER_IOPF, TRIGGER_VEVENT and
-the dma-buf ops.
+_REPLACE), SET_TEMP_MEMORY_LIMIT, DEV_CHECK_CACHE, TRIGGER_IOPF and TRIGGER_VEVENT
+(the dma-buf ops are dmabuf.py's).
 """
 
 from __future__ import annotations
 
 import errno
 import logging
-import os
 
 import trio
 
 from ... import uapi
 from ...errors import Errno
-from ...system import PAGE_SIZE
 from .. import device as device_mod
 from ..fault import report_device_fault
 from ..ioas import get_ioas
@@ -26,7 +24,6 @@ log = logging.getLogger(__name__)
 
 # SET_TEMP_MEMORY_LIMIT below one batch element (an unsigned long and a u32) is EINVAL.
 MIN_MEMORY_LIMIT = 8 + 4
-DMABUF_MAX_LENGTH = PAGE_SIZE * 512
 
 
 # -- ADD_RESERVED ----------------------------------------------------------------------------------
@@ -145,30 +142,3 @@ def op_trigger_vevent(t: SelftestCall) -> int:
     ev = uapi.iommu_viommu_event_selftest.new(virt_id=dev.vdev_id & 0xFFFFFFFF)
     viommu.report_event(uapi.IOMMU_VEVENTQ_TYPE_SELFTEST, uapi.iommu_viommu_event_selftest.pack(ev))
     return 0
-
-
-# -- dma-bufs: files handed back ----------------------------------------------------------------------
-def op_dmabuf_get(t: SelftestCall) -> int:
-    """DMABUF_GET returns a new dma-buf fd in the caller: EOPNOTSUPP (logged) once the
-    length passes the kernel's checks."""
-    length = (t.arg.length + PAGE_SIZE - 1) & ~(PAGE_SIZE - 1)
-    if length == 0 or length > DMABUF_MAX_LENGTH:
-        raise Errno(errno.EINVAL)
-    log.warning(
-        "IOMMU_TEST_OP_DMABUF_GET: a dma-buf is a new file descriptor in the caller, "
-        "which this daemon cannot create: EOPNOTSUPP"
-    )
-    raise Errno(errno.EOPNOTSUPP)
-
-
-def op_dmabuf_revoke(t: SelftestCall) -> int:
-    """DMABUF_REVOKE of the caller's fd: no fd is EBADF, not a dma-buf EINVAL, a
-    dma-buf that is not the selftest's (none can be) EOPNOTSUPP."""
-    fd = t.ucmd.caller.fetch_fd(t.arg.dmabuf_fd)
-    try:
-        target = os.readlink(f"/proc/self/fd/{fd}")
-    finally:
-        os.close(fd)
-    if target != "anon_inode:dmabuf":
-        raise Errno(errno.EINVAL)
-    raise Errno(errno.EOPNOTSUPP)
