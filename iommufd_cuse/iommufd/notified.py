@@ -39,7 +39,7 @@ from .companion import SeccompCarrier
 log = logging.getLogger(__name__)
 
 LISTENER_NODE = "iommufd-cuse/seccomp"  # where `run` registers its filter's listener
-REGISTER_LISTENER = uapi._IO(uapi.IOMMUFD_TYPE, 0xE2)  # arg: the listener's descriptor
+REGISTER_LISTENER = uapi._IO(uapi.IOMMUFD_TYPE, 0xE3)  # arg: the listener's descriptor
 
 # Commands whose answer may be a new file in the caller.
 NOTIFIED_CMDS = (
