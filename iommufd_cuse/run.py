@@ -202,7 +202,7 @@ def hand_listener_to_daemon(mountpoint: str) -> None:
     except OSError as e:
         raise RunError(f"seccomp: {LISTENER_NODE} of the daemon: {e.strerror} (--no-seccomp runs without)") from None
     try:
-        listener = install_filter(NOTIFIED_CMDS)
+        listener = install_filter(NOTIFIED_CMDS, zero_reads=True)
         try:
             fcntl.ioctl(node, REGISTER_LISTENER, listener)
         finally:

@@ -2,7 +2,9 @@
 is handed back; companion.py has the first and the one path behind both).
 
 `run` installs, before exec, a filter that notifies only the ioctl commands whose answer
-may be a new file (NOTIFIED_CMDS; every other call runs at the kernel's cost), and hands
+may be a new file (NOTIFIED_CMDS) and reads of 0 bytes (which FUSE answers without asking
+the daemon, where a vEVENT queue's file answers EINVAL); every other call runs at the
+kernel's cost. It hands
 the listener to the daemon with REGISTER_LISTENER on LISTENER_NODE (the daemon fetches
 it with pidfd_getfd, as any descriptor a caller passes). For each notified call the
 daemon decides, as the companion would, whether it needs a file handed back at all (the
@@ -34,7 +36,8 @@ from ..transport.mount import fd_on_our_mount
 from ..transport.nodes import FileHandle
 from ..transport.server import Request
 from ..transport.usernotif import Listener, Notification, NotifiedCaller, is_listener
-from .companion import SeccompCarrier
+from .companion import ZERO_READ, SeccompCarrier
+from .viommu import VeventqFile
 
 log = logging.getLogger(__name__)
 
@@ -97,6 +100,9 @@ async def handle_notification(listener: Listener, notif: Notification) -> None:
 
 async def _serve(listener: Listener, notif: Notification, carrier: SeccompCarrier) -> None:
     fd, cmd, arg = notif.args[0] & 0xFFFFFFFF, notif.args[1] & 0xFFFFFFFF, notif.args[2]
+    if notif.nr == listener.nr_read and notif.args[2] == 0:
+        await _zero_read(listener, notif, fd)
+        return
     if notif.nr != listener.nr_ioctl or cmd not in NOTIFIED_CMDS:
         listener.cont(notif.id)
         return
@@ -120,6 +126,23 @@ async def _serve(listener: Listener, notif: Notification, carrier: SeccompCarrie
         result = await result
     if not carrier.replied:
         listener.answer(notif.id, result)
+
+
+async def _zero_read(listener: Listener, notif: Notification, fd: int) -> None:
+    """read(fd, buf, 0): FUSE answers 0 itself, where the kernel's vEVENT queue file
+    answers EINVAL; on such a file of ours the answer is its handler's (ZERO_READ, as
+    the companion asks), on any other file the kernel's."""
+    caller = NotifiedCaller(listener, notif)
+    handle = None
+    if fd < 0x80000000:
+        try:
+            handle = await identify_callers_fd(caller, fd, fd_on_our_mount)
+        except Errno:
+            handle = None
+    if not isinstance(handle, VeventqFile):
+        listener.cont(notif.id)
+        return
+    listener.answer(notif.id, handle.ioctl(Request(0, P.IOCTL, 0, caller), ZERO_READ, 0))
 
 
 async def serve_listener(listener: Listener, registrar: int) -> None:

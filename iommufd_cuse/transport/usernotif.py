@@ -48,11 +48,12 @@ _BPF_LD_W_ABS = 0x20
 _BPF_JEQ_K = 0x15
 _BPF_RET_K = 0x06
 
-# (AUDIT_ARCH, __NR_seccomp, __NR_ioctl) of the architectures a filter is made for; a
-# call of another ABI (i386 on x86-64, x32) is allowed, so it gets no file back (EOPNOTSUPP).
+# (AUDIT_ARCH, __NR_seccomp, __NR_ioctl, __NR_read) of the architectures a filter is made
+# for; a call of another ABI (i386 on x86-64, x32) is allowed, so it gets no file back
+# (EOPNOTSUPP).
 _ARCHES = {
-    "x86_64": (0xC000003E, 317, 16),
-    "aarch64": (0xC00000B7, 277, 29),
+    "x86_64": (0xC000003E, 317, 16, 0),
+    "aarch64": (0xC00000B7, 277, 29, 63),
 }
 
 _NOTIF = struct.Struct("=QIIiIQ6Q")  # struct seccomp_notif: id pid flags, seccomp_data
@@ -70,45 +71,82 @@ NOTIF_ID_VALID = _ioc(1, 2, 8)
 NOTIF_ADDFD = _ioc(1, 3, _ADDFD.size)
 
 
-def _arch() -> tuple[int, int, int]:
+def _arch() -> tuple[int, int, int, int]:
     arch = _ARCHES.get(platform.machine())
     if arch is None:
         raise OSError(errno.ENOSYS, f"no seccomp filter for {platform.machine()}")
     return arch
 
 
-def build_filter(ioctl_cmds: Iterable[int]) -> bytes:
+def _assemble(prog: list[tuple]) -> bytes:
+    """Classic BPF from ("ld", offset), ("jeq", k, if_label, else_label) (None: the next
+    instruction), ("ret", value) and ("label", name) items (jumps go forward only)."""
+    at: dict[str, int] = {}
+    pc = 0
+    for item in prog:
+        if item[0] == "label":
+            at[item[1]] = pc
+        else:
+            pc += 1
+    out, pc = [], 0
+    for item in prog:
+        if item[0] == "label":
+            continue
+        if item[0] == "ld":
+            out.append((_BPF_LD_W_ABS, 0, 0, item[1]))
+        elif item[0] == "ret":
+            out.append((_BPF_RET_K, 0, 0, item[1]))
+        else:
+            _, k, jt, jf = item
+            out.append((_BPF_JEQ_K, 0 if jt is None else at[jt] - pc - 1, 0 if jf is None else at[jf] - pc - 1, k))
+        pc += 1
+    return b"".join(struct.pack("=HBBI", *ins) for ins in out)
+
+
+def build_filter(ioctl_cmds: Iterable[int], zero_reads: bool = False) -> bytes:
     """A classic BPF program: USER_NOTIF for ioctl(fd, cmd, ...) with cmd one of
-    ioctl_cmds (the kernel takes cmd as unsigned int: the low 32 bits), ALLOW for all else."""
-    audit_arch, _, nr_ioctl = _arch()
+    ioctl_cmds (the kernel takes cmd as unsigned int: the low 32 bits) and, with
+    zero_reads, for read(fd, buf, 0) (which FUSE answers 0 without asking its server);
+    ALLOW for all else."""
+    audit_arch, _, nr_ioctl, nr_read = _arch()
     cmds = sorted(set(c & 0xFFFFFFFF for c in ioctl_cmds))
     if not cmds or len(cmds) > 200:
         raise ValueError("1 to 200 commands")
-    n = len(cmds)
-    prog = [
-        (_BPF_LD_W_ABS, 0, 0, 4),  # arch
-        (_BPF_JEQ_K, 0, n + 3, audit_arch),  # another ABI: allow
-        (_BPF_LD_W_ABS, 0, 0, 0),  # nr
-        (_BPF_JEQ_K, 0, n + 1, nr_ioctl),
-        (_BPF_LD_W_ABS, 0, 0, 16 + 8),  # args[1], low word (little endian)
+    prog: list[tuple] = [
+        ("ld", 4),  # arch
+        ("jeq", audit_arch, None, "allow"),  # another ABI
+        ("ld", 0),  # nr
+        ("jeq", nr_ioctl, None, "read" if zero_reads else "allow"),
+        ("ld", 16 + 8),  # args[1], low word (little endian)
+        *(("jeq", cmd, "notify", None) for cmd in cmds),
+        ("label", "allow"),
+        ("ret", SECCOMP_RET_ALLOW),
     ]
-    for i, cmd in enumerate(cmds):
-        prog.append((_BPF_JEQ_K, n - i, 0, cmd))  # to the USER_NOTIF return
-    prog.append((_BPF_RET_K, 0, 0, SECCOMP_RET_ALLOW))
-    prog.append((_BPF_RET_K, 0, 0, SECCOMP_RET_USER_NOTIF))
-    return b"".join(struct.pack("=HBBI", *ins) for ins in prog)
+    if zero_reads:
+        prog += [
+            ("label", "read"),
+            ("jeq", nr_read, None, "allow_read"),
+            ("ld", 16 + 16),  # args[2], the count: low word, then high word
+            ("jeq", 0, None, "allow_read"),
+            ("ld", 16 + 16 + 4),
+            ("jeq", 0, "notify", None),
+            ("label", "allow_read"),
+            ("ret", SECCOMP_RET_ALLOW),
+        ]
+    prog += [("label", "notify"), ("ret", SECCOMP_RET_USER_NOTIF)]
+    return _assemble(prog)
 
 
 class _SockFprog(ctypes.Structure):
     _fields_ = [("len", ctypes.c_ushort), ("filter", ctypes.c_void_p)]
 
 
-def install_filter(ioctl_cmds: Iterable[int]) -> int:
+def install_filter(ioctl_cmds: Iterable[int], zero_reads: bool = False) -> int:
     """In this process (and, as with every seccomp filter, all it execs and forks): set
-    no_new_privs, as an unprivileged process must, and install build_filter(ioctl_cmds).
-    Returns the filter's listener (close-on-exec)."""
-    _, nr_seccomp, _ = _arch()
-    prog = build_filter(ioctl_cmds)
+    no_new_privs, as an unprivileged process must, and install build_filter(ioctl_cmds,
+    zero_reads). Returns the filter's listener (close-on-exec)."""
+    nr_seccomp = _arch()[1]
+    prog = build_filter(ioctl_cmds, zero_reads)
     buf = ctypes.create_string_buffer(prog, len(prog))
     fprog = _SockFprog(len(prog) // 8, ctypes.cast(buf, ctypes.c_void_p))
     if _libc.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0:
@@ -145,7 +183,7 @@ class Listener:
 
     def __init__(self, fd: int) -> None:
         self.fd = fd
-        self.nr_ioctl = _arch()[2]
+        _, _, self.nr_ioctl, self.nr_read = _arch()
 
     def close(self) -> None:
         if self.fd >= 0:
