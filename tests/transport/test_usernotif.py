@@ -26,21 +26,20 @@ CHILD = textwrap.dedent(
     import fcntl, os, socket, sys
     from iommufd_cuse.transport import usernotif
     sock = socket.socket(fileno=int(sys.argv[1]))
-    listener = usernotif.install_filter([int(sys.argv[2])])
+    listener = usernotif.install_filter([int(sys.argv[2])], zero_reads=True)
     socket.send_fds(sock, [b"l"], [listener])
     os.close(listener)
     fd = os.open("/dev/null", os.O_RDONLY)
     for line in sys.stdin:
-        cmd = int(line)
+        what, n = line.split()
+        cmd = int(n)
         try:
-            rc = fcntl.ioctl(fd, cmd, 0)
+            rc = len(os.read(fd, cmd)) if what == "read" else fcntl.ioctl(fd, cmd, 0)
         except OSError as e:
             rc = -e.errno
         if rc > 2:
             rc = "fd " + os.readlink(f"/proc/self/fd/{rc}")
         print(rc, flush=True)
-        if cmd == 0:
-            break
     """
 )
 
@@ -66,8 +65,8 @@ def child():  # noqa: ANN201
     ours.close()
 
 
-def call(p, cmd: int) -> None:  # noqa: ANN001
-    p.stdin.write(f"{cmd}\n")
+def call(p, cmd: int, what: str = "ioctl") -> None:  # noqa: ANN001
+    p.stdin.write(f"{what} {cmd}\n")
     p.stdin.flush()
 
 
@@ -91,6 +90,17 @@ def test_only_the_listed_commands_are_notified(child):
     n = notification(listener)
     listener.fail(n.id, errno.EOPNOTSUPP)
     assert p.stdout.readline().strip() == str(-errno.EOPNOTSUPP)
+
+
+def test_reads_of_zero_bytes_are_notified_and_no_other(child):
+    p, listener = child
+    call(p, 1, "read")  # read(fd, buf, 1): not notified, /dev/null answers 0 bytes
+    assert p.stdout.readline().strip() == "0"
+    call(p, 0, "read")
+    n = notification(listener)
+    assert (n.nr, n.args[2]) == (listener.nr_read, 0)
+    listener.fail(n.id, errno.EINVAL)
+    assert p.stdout.readline().strip() == str(-errno.EINVAL)
 
 
 def test_addfd_send_answers_with_the_new_descriptor(child, tmp_path):
