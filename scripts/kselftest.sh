@@ -197,5 +197,5 @@ compare=(--expected "$expected")
 # the companion, or either build under run); a static build with the companion only
 # preloaded gets no file back and compares nothing.
 if [ ${#extra[@]} -gt 0 ] || { [ "$variant" = static ] && [ "$via" = preload ]; }; then compare=(); fi
-"$root/.venv/bin/python" "$root/tests/kselftest/compare.py" "${compare[@]}" --daemon-log "$scratch/daemon.log" \
+"$root/.venv/bin/python" "$root/tests/kselftest/compare.py" "${compare[@]}" --via "$via" --daemon-log "$scratch/daemon.log" \
     "$scratch/tap.txt"
