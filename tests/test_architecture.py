@@ -120,13 +120,14 @@ LAYERS: dict[str, tuple[str, ...]] = {
     # the vfio-pci driver: DMA through the IOMMU layer's domains, never the native library
     "vfio.pci.core": ("errors", "uapi", "iommu.core", "iommu.domain", "system", "transport.caller", "vfio.pci"),
     "vfio": ("errors", "uapi", "transport", "iommu", "iommufd", "vfio"),
-    # the sysfs view in the mount: content files of the topology
-    "sysfs": ("uapi", "iommu.core", "transport"),
+    # the sysfs view: a node tree of the topology's values (driver core, not iommufd)
+    "sysfs": ("errors", "uapi", "transport", "iommu", "system"),
     "daemon": ("errors", "config", "system", "transport", "iommu", "iommufd", "vfio", "sysfs"),
+    # run: a mount namespace and an exec, and the seccomp filter whose listener goes to the
+    # daemon (the notified commands, the listener's node): nothing else of the daemon's insides
+    "run": ("iommufd.notified", "transport.usernotif"),
     "service": ("errors", "uapi", "system", "daemon", "iommufd.debug", "service"),
     "install": ("config",),
-    # `iommufd-cuse run`: the namespace, and the filter whose listener goes to the daemon
-    "run": ("iommufd.notified", "transport.usernotif"),
     "cli": ("config", "daemon", "install", "service", "run"),
     # a client of the uAPI works against the kernel too: nothing of the daemon
     "client": ("uapi",),

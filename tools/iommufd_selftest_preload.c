@@ -25,12 +25,6 @@
  * out_veventq_fd, claimed on the daemon's vEVENT queue node); read/poll on the
  * new descriptor are served by the daemon.
  *
- * VFIO_GROUP_GET_DEVICE_FD on a group that is a FUSE file goes out as the daemon's
- * GROUP_GET_DEVICE_TOKEN with the same name; the answer is a token, claimed on the
- * daemon's device node, and the call returns the new descriptor (close-on-exec, as
- * the kernel's). The daemon opens the device when the token is claimed, so an error
- * of that open is the call's errno.
- *
  * mmap() of a FUSE iommufd never reaches the daemon (FUSE answers itself, ENODEV
  * for MAP_SHARED on a direct-I/O file): the library asks the daemon with
  * MMAP_REGION (offset, length, prot, flags), which makes the kernel's checks and
@@ -41,6 +35,12 @@
  * A read() of 0 bytes never reaches a FUSE server (the kernel answers 0), where
  * the kernel's vEVENT queue file answers EINVAL: on a vEVENT queue file of the
  * daemon the library asks the daemon instead (the node's ZERO_READ ioctl).
+ *
+ * VFIO_GROUP_GET_DEVICE_FD on a group that is a FUSE file goes out as the daemon's
+ * GROUP_GET_DEVICE_TOKEN with the same name; the answer is a token, claimed on the
+ * daemon's device node, and the call returns the new descriptor (close-on-exec, as
+ * the kernel's). The daemon opens the device when the token is claimed, so an error
+ * of that open is the call's errno.
  *
  * Every other call passes through untouched. Against a real kernel the library
  * does nothing: it ignores __reserved in IOMMU_TEST_CMD and returns a real
@@ -82,7 +82,7 @@
 #define FAULT_NODE "iommufd-cuse/fault"
 #define VEVENTQ_NODE "iommufd-cuse/veventq"
 #define DEVICE_NODE "iommufd-cuse/vfio-device"
-#define GROUP_GET_DEVICE_TOKEN _IO(VFIO_TYPE, 0xE1)	/* arg: the device's name */
+#define GROUP_GET_DEVICE_TOKEN _IO(VFIO_TYPE, 0xE3)	/* arg: the device's name */
 #define FUSE_SUPER_MAGIC 0x65735546
 
 typedef int (*ioctl_fn)(int, unsigned long, ...);

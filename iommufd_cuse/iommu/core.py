@@ -155,13 +155,16 @@ class Group:
         self.domain = domain
 
     def status(self) -> dict:
-        return {
+        d = {
             "group": self.id,
             "iommu": self.iommu.name,
             "devices": [d.bdf for d in self.devices],
             "owner": "kernel" if self.owner is None else f"context {getattr(self.owner, 'opener_tid', '?')}",
             "domain": _domain_name(self.domain, self),
         }
+        if self.vfio is not None and hasattr(self.vfio, "status"):
+            d["vfio"] = self.vfio.status()
+        return d
 
 
 def _domain_name(d: Domain | None, g: Group) -> str:

@@ -35,11 +35,9 @@ CLAIM = uapi._IO(uapi.IOMMUFD_TYPE, 0xE0)  # on an object's node, arg: the token
 # On a vEVENT queue's file: what read(fd, buf, 0) answers. FUSE never sends a read of
 # 0 bytes (it answers 0 itself), so the companion asks with this instead.
 ZERO_READ = uapi._IO(uapi.IOMMUFD_TYPE, 0xE1)
-
-
 # VFIO_GROUP_GET_DEVICE_FD as the companion sends it: the same name argument, the
 # answer a token instead of a descriptor (the group's own number has no field to mark).
-GROUP_GET_DEVICE_TOKEN = uapi._IO(uapi.VFIO_TYPE, 0xE1)
+GROUP_GET_DEVICE_TOKEN = uapi._IO(uapi.VFIO_TYPE, 0xE3)
 
 
 def refuse_without_companion(log: logging.Logger, command: str, what: str) -> NoReturn:

@@ -62,7 +62,7 @@ class Node:
     ino: int = 0
     parent: Node | None = None
     target: str | Callable[[], str] | None = None  # a symbolic link's target (or what makes it)
-    size: int = 0  # st_size: a file mapped through the page cache faults only below it
+    size: int = 0  # st_size (a file mapped through the page cache faults only below it)
     present: Callable[[], bool] | None = None  # a node that comes and goes (None: always there)
 
     @property

@@ -209,9 +209,9 @@ class GroupFile(FileHandle):
     def ioctl(self, req, cmd: int, arg: int):  # noqa: ANN001, ANN201
         caller = req.caller
         if cmd == u.VFIO_GROUP_GET_DEVICE_FD:
-            return self._get_device_fd(caller, arg, carrier_of(caller, False))
+            return self.get_device_fd(caller, arg, carrier_of(caller, False))
         if cmd == GROUP_GET_DEVICE_TOKEN:
-            return self._get_device_fd(caller, arg, COMPANION)
+            return self.get_device_fd(caller, arg, COMPANION)
         if cmd == u.VFIO_GROUP_GET_STATUS:
             return self._get_status(caller, arg)
         if cmd == u.VFIO_GROUP_SET_CONTAINER:
@@ -267,7 +267,9 @@ class GroupFile(FileHandle):
         vg.detach_container()
         return 0
 
-    async def _get_device_fd(self, caller: Caller, arg: int, carrier: Carrier | None) -> int:
+    async def get_device_fd(self, caller: Caller, arg: int, carrier: Carrier | None) -> int:
+        """VFIO_GROUP_GET_DEVICE_FD: the device file through carrier (None: none, EOPNOTSUPP):
+        the companion's, or a notified call's (carrier_of the caller)."""
         vg = self.vgroup
         name = read_name(caller, arg)
         device = next((d for d in vg.members if match(d, name)), None)

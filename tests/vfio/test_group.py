@@ -120,3 +120,38 @@ async def test_unknown_group_and_cdev_exclusion(daemon, cbuild):
     assert outcome(s, "open_group_cdev_bound") == (-1, errno.EBUSY)
     assert s["open_group_after_close"].rc >= 0
     await no_owner_left(daemon)
+
+
+async def test_group_with_a_dma_driver_member(daemon, cbuild, companion):
+    """A member on a DMA-capable kernel driver: the group is not viable, and the
+    open of another member's device fails as the bind does (EPERM); the member on
+    that driver is no VFIO device of the group (ENODEV)."""
+    other = next(d for d in daemon.system.devices if d.bdf == "0000:00:06.1")
+    other.bind_driver("e1000e")
+    try:
+        exe = cbuild("vfio_group")
+        env = dict(os.environ, LD_PRELOAD=str(companion))
+        cdev = os.path.join(daemon.dev_dir, "vfio/devices/vfio2")
+        p = await run([exe, daemon.dev_dir, "6", "0000:00:06.0", "0000:00:06.1", cdev], env=env, check=False)
+        s = parse_steps(p.stdout)
+        assert s["status"]["flags"] == "0"  # not viable
+        assert s["status_set"]["flags"] == "3"  # with iommufd: reported viable once a container is set
+        assert outcome(s, "name_other_group") == (-1, errno.ENODEV)  # 06.1 is not vfio-pci's
+        assert outcome(s, "get_device_fd") == (-1, errno.EPERM)
+        await no_owner_left(daemon)
+        assert daemon.system.groups[6].owner_cnt == 1  # the kernel driver's use only
+    finally:
+        await no_owner_left(daemon)
+        other.bind_driver("vfio-pci")
+
+
+async def test_bind_from_another_mount_namespace(daemon, cbuild):
+    """A client in another mount namespace (its own copy of the daemon's mount, with
+    another mount id) binds a cdev to its iommufd: files of ours are known by their
+    superblock, not by the daemon's mount ids."""
+    exe = cbuild("group_cdev")
+    p = await run(["unshare", "-m", "--propagation", "private", exe, daemon.mountpoint, "4", "0"])
+    s = parse_steps(p.stdout)
+    assert outcome(s, "bind_cdev") == (0, OK)
+    assert outcome(s, "open_group_cdev_bound") == (-1, errno.EBUSY)
+    await no_owner_left(daemon)
