@@ -80,12 +80,18 @@ def fuse_server(
 
 @contextmanager
 def serve_daemon(
-    prefix: str, *, profile: str | None = None, stop_timeout: float = 30, selftest: bool = False
+    prefix: str,
+    *,
+    profile: str | None = None,
+    stop_timeout: float = 30,
+    selftest: bool = False,
+    config: Path | None = None,
 ) -> Iterator[tuple[subprocess.Popen, Path]]:
     """`iommufd-cuse serve` on a new scratch directory /tmp/<prefix>*: yields the
     process, once <dev>/iommu opens, and the dev dir; stops it and removes the
     scratch directory at the end. With `profile`, under cProfile writing to it;
-    with `selftest`, in test mode (--selftest)."""
+    with `selftest`, in test mode (--selftest); with `config`, serving that
+    configuration file instead of the embedded default."""
     scratch = Path(tempfile.mkdtemp(prefix=prefix, dir="/tmp"))
     try:
         scratch.chmod(0o755)
@@ -102,6 +108,8 @@ def serve_daemon(
             "warning",
             *(["--selftest"] if selftest else []),
         ]
+        if config is not None:
+            cmd += ["--config", str(config)]
         if profile:
             cmd = [sys.executable, "-m", "cProfile", "-o", profile, "-m", "iommufd_cuse.cli", *cmd[1:]]
         with fuse_server(cmd, dev / "iommu", mnt, name="the daemon", stop_timeout=stop_timeout) as proc:

@@ -66,6 +66,12 @@ bdf = "0000:00:06.1"
 model = "edu"
 iommu = "vtd0"
 group = 6
+
+[[device]]                # an NVMe controller: one namespace of 1 GiB sparse anonymous memory
+bdf = "0000:00:07.0"      # (size = bytes, backing = "FILE", serial = "...", model_name = "...")
+model = "nvme"
+iommu = "vtd0"
+group = 7
 """
 
 

@@ -328,4 +328,7 @@ class Daemon:
         if self.fs_dev is not None:
             unregister_own(self.fs_dev)
             self.fs_dev = None
+        for dev in self.system.devices:
+            if dev.vfio is not None:
+                dev.vfio.model.close()
         log.info("stopped")

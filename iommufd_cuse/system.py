@@ -80,6 +80,9 @@ class System:
         self.store = ffi.gc(lib.icuse_store_new(), lib.icuse_store_free)
         self.accounting = Accounting()
         self.contexts: set[Context] = set()
+        # IOAS map and unmap operations that succeeded, on every context ever (status).
+        self.maps = 0
+        self.unmaps = 0
         # Test mode (IOMMU_TEST_CMD, as CONFIG_IOMMUFD_TEST), set by the daemon before it serves.
         self.selftest = False
         # The topology, built by the daemon from its configuration.

@@ -27,9 +27,10 @@ int icuse_vm_write(int tid, uint64_t addr, const void *buf, size_t len);
 int icuse_loopback_ioctl(int fd, unsigned long cmd, unsigned long arg);
 
 /* The same, and when the ioctl returned 0 the child also registers the file in the
- * epoll set epfd under target number slot (events 0): the set then refers to the
- * file without holding it, until its last close. The child exits 0 (ioctl and
- * registration done), 1 (the ioctl failed) or 2 (no registration). */
+ * epoll set epfd under target number slot (events 0; a descriptor number below
+ * RLIMIT_NOFILE): the set then refers to the file without holding it, until its
+ * last close. The child exits 0 (ioctl and registration done), 1 (the ioctl
+ * failed) or 2 (no registration). */
 int icuse_loopback_ioctl_register(int fd, unsigned long cmd, unsigned long arg, int epfd, int slot);
 
 /* Whether the file behind descriptor fd of process pid is the one registered under
@@ -192,6 +193,33 @@ int64_t icuse_dma_rw(struct icuse_store *st, struct icuse_pt *pt, uint64_t iova,
 int64_t icuse_dma_copy(struct icuse_store *st, struct icuse_pt *src_pt, uint64_t src_iova,
 		       struct icuse_pt *dst_pt, uint64_t dst_iova, size_t len, uint64_t *fault_iova,
 		       int *fault_is_dst);
+
+/* ---------------------------------------------------------------------------
+ * NVMe data transfers: a batch of commands, each moving len bytes between a
+ * buffer of the daemon (the device's side: its namespace memory) and the host
+ * memory that PRP1, PRP2 and the PRP lists (read by DMA, as the controller
+ * does) describe, through one I/O page table. Memory pages are page_size
+ * bytes (CC.MPS). Contiguous data pointers are moved in one access.
+ * result: 0, a DMA fault (-ENOENT, -EACCES, -EFAULT, -ESRCH as above, with
+ * fault_iova/fault_write), or -EINVAL: a data pointer or list pointer with an
+ * offset the PRP rules forbid (NVMe "PRP Offset Invalid"). A transfer to the
+ * host stops at a fault; one from the host moves nothing of the faulting chunk.
+ */
+struct icuse_prp_io {
+	uint64_t prp1;
+	uint64_t prp2;
+	uint64_t len;         /* bytes, > 0 */
+	uint64_t buf;         /* daemon address of the device side */
+	uint32_t to_host;     /* 1: device -> host memory (a Read), 0: host -> device */
+	int32_t result;       /* out */
+	uint64_t fault_iova;  /* out, with a fault */
+	uint32_t fault_write; /* out, with a fault: the faulting access was a write to the host */
+	uint32_t pad;
+};
+
+/* Run n transfers; returns how many failed (each has its own result). */
+int64_t icuse_dma_prp_batch(struct icuse_store *st, struct icuse_pt *pt, uint64_t page_size,
+			    struct icuse_prp_io *ios, size_t n);
 
 /* ---------------------------------------------------------------------------
  * Testing: make the nth internal allocation from now fail (as if out of

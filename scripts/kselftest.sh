@@ -89,7 +89,8 @@ fetch() {
     fi
     if [ ! -f "$hdr/.done" ]; then
         rm -rf "$hdr" && mkdir -p "$hdr"
-        dpkg-deb -x "$cache"/deb/linux-libc-dev_*.deb "$hdr"
+        # A broken download (interrupted) is fetched again on the next run.
+        dpkg-deb -x "$cache"/deb/linux-libc-dev_*.deb "$hdr" || { rm -rf "$cache/deb" "$hdr"; exit 1; }
         touch "$hdr/.done"
     fi
     if [ ! -f "$src/.done" ]; then
@@ -103,7 +104,7 @@ fetch() {
             tar -xJ -C "$src" --strip-components=1 \
                 $t/tools/testing/selftests/iommu $t/tools/testing/selftests/lib.mk \
                 $t/tools/testing/selftests/kselftest.h $t/tools/testing/selftests/kselftest_harness.h \
-                $t/drivers/iommu/iommufd/iommufd_test.h
+                $t/drivers/iommu/iommufd/iommufd_test.h || { rm -rf "$cache/deb" "$src"; exit 1; }
         touch "$src/.done"
     fi
 }
@@ -127,9 +128,14 @@ build_variant() {  # build_variant dynamic|static: the path of the binary on std
 }
 
 build() {
+    # One fetch and build at a time (runs from several checkouts share the cache).
+    mkdir -p "$cache"
+    exec 9>"$cache/.lock"
+    flock 9
     fetch
     build_variant dynamic >/dev/null
     build_variant static >/dev/null
+    flock -u 9
 }
 
 # -- one run, inside a private mount namespace (scripts/devns.sh) -----------------------------

@@ -21,7 +21,7 @@
 
 #include <iommufd-cuse/uapi.h>
 
-#include "../timing.h"
+#include "../ioctl_latency/timing.h"
 
 static double median(double *v, long n)
 {

@@ -23,7 +23,8 @@
 
 #include <iommufd-cuse/uapi.h>
 
-#include "../timing.h"
+#include "timing.h"
+
 
 static void check(int rc, const char *what)
 {

@@ -19,7 +19,8 @@
 
 #include <iommufd-cuse/uapi.h>
 
-#include "../timing.h"
+#include "timing.h"
+
 
 static void call(int fd, struct iommu_option *o)
 {

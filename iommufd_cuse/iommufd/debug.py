@@ -121,6 +121,8 @@ def describe_context(ctx: Context, index: int, now: float) -> dict[str, Any]:
         "objects_by_kind": kinds,
         "objects": objects,
         "pinned_pages": sum(p.npinned for p in pages.values()),
+        "maps": ctx.maps,
+        "unmaps": ctx.unmaps,
     }
 
 

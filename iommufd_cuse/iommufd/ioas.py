@@ -144,9 +144,21 @@ async def ioas_map_user(
     pages = UserPages(ctx.system, caller, ctx.account_mode, user_va, length, bool(prot & IOMMU_WRITE))
     try:
         async with ioas.iopt.lock:
-            return await ioas.iopt.map_pages([PagesSlice(pages, pages.start_byte, length)], length, iova, prot)
+            iova = await ioas.iopt.map_pages([PagesSlice(pages, pages.start_byte, length)], length, iova, prot)
     finally:
         pages.put()
+    count_map(ctx)
+    return iova
+
+
+def count_map(ctx: Context, unmap: bool = False) -> None:
+    """One more map (or unmap) that succeeded, for status: a guest's DMA API shows here."""
+    if unmap:
+        ctx.unmaps += 1
+        ctx.system.unmaps += 1
+    else:
+        ctx.maps += 1
+        ctx.system.maps += 1
 
 
 async def ioas_map_file(ucmd: Ucmd) -> int:
@@ -177,6 +189,7 @@ async def ioas_map_file(ucmd: Ucmd) -> int:
             cmd.iova = await _map(ioas, [PagesSlice(pages, pages.start_byte, cmd.length)], cmd)
         finally:
             pages.put()
+        count_map(ctx)
         ucmd.respond()  # a faulting copy-out leaves the mapping, as in the kernel
     return 0
 
@@ -229,6 +242,7 @@ async def ioas_unmap(ucmd: Ucmd) -> int:
                     raise Errno(rc)
                 if not unmapped:
                     raise Errno(errno.ENOENT)
+        count_map(ucmd.ctx, unmap=True)
         cmd.length = unmapped
         ucmd.respond()
     return 0

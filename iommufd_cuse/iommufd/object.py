@@ -101,6 +101,7 @@ class Context:
         self.objects: dict[int, Any] = {}
         self.account_mode = account_mode
         self.vfio_ioas = None  # the compat layer's IOAS
+        self.maps = self.unmaps = 0  # IOAS map and unmap operations that succeeded (status)
         self.opener_tid = opener.tid
         self.opener_uid = opener.uid
         self.igroups: dict[int, Any] = {}  # group id -> device.Igroup

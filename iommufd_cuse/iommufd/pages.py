@@ -57,17 +57,30 @@ class Vma:
         return self.perms[3] == "s" and self.inode != 0
 
 
-def read_maps(proc_dir: int) -> list[Vma]:
+def read_maps(proc_dir: int, start: int = 0, end: int = 1 << 64) -> list[Vma]:
+    """The mappings of a process that overlap [start, end) (all of them by default).
+    Only their lines are parsed, found by bisection (the file is sorted by address):
+    a VMM has thousands of mappings, and a guest's DMA API maps a page at a time."""
     fd = os.open("maps", os.O_RDONLY | os.O_CLOEXEC, dir_fd=proc_dir)
-    with os.fdopen(fd) as f:
-        out = []
-        for line in f:
-            parts = line.split(maxsplit=5)
-            start, end = (int(x, 16) for x in parts[0].split("-"))
-            out.append(
-                Vma(start, end, parts[1], int(parts[2], 16), int(parts[4]), parts[5].strip() if len(parts) > 5 else "")
-            )
-        return out
+    with os.fdopen(fd, "rb") as f:
+        lines = f.read().splitlines()
+    lo, hi = 0, len(lines)
+    while lo < hi:  # the first line whose mapping ends above start
+        mid = (lo + hi) // 2
+        if int(lines[mid].split(b" ", 1)[0].split(b"-")[1], 16) <= start:
+            lo = mid + 1
+        else:
+            hi = mid
+    out = []
+    for raw in lines[lo:]:
+        parts = raw.decode(errors="surrogateescape").split(maxsplit=5)
+        vstart, vend = (int(x, 16) for x in parts[0].split("-"))
+        if vstart >= end:
+            break
+        out.append(
+            Vma(vstart, vend, parts[1], int(parts[2], 16), int(parts[4]), parts[5].strip() if len(parts) > 5 else "")
+        )
+    return out
 
 
 class Pages:
@@ -270,7 +283,7 @@ class UserPages(Pages):
         if os.pread(self.mem_fd, 0, start) == b"" and not self._mm_alive(start):
             raise Errno(errno.EFAULT, "the mapping process is gone")
         try:
-            vmas = read_maps(self.proc_dir)
+            vmas = read_maps(self.proc_dir, start, end)
         except OSError:
             raise Errno(errno.EFAULT, "the mapping process is gone") from None
         pos = start

@@ -17,7 +17,7 @@ from ..errors import Errno
 from ..system import PAGE_SIZE
 from ..transport.caller import Caller
 from .io_pagetable import IOMMU_READ, IOMMU_WRITE, ULONG_MAX
-from .ioas import Ioas, get_ioas, ioas_map_user
+from .ioas import Ioas, count_map, get_ioas, ioas_map_user
 from .object import Context, Ucmd
 
 log = logging.getLogger(__name__)
@@ -198,6 +198,7 @@ def _unmap_dma(ctx: Context, caller: Caller, arg: int):  # noqa: ANN202
             caller.write(arg, s.pack(um)[:minsz])  # the size is reported even on failure
             if rc:
                 raise Errno(rc)
+            count_map(ctx, unmap=True)
         return 0
 
     return unmap()

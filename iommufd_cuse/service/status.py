@@ -125,6 +125,8 @@ def collect_status(daemon: Daemon) -> dict[str, Any]:
             "user": [{"uid": u, "pages": n} for u, n in sorted(acct.user.items())],
             "mm": [{"pid": p, "pages": n} for p, n in sorted(acct.mm.items())],
         },
+        "maps": system.maps,  # IOAS map / unmap operations that succeeded, since the start
+        "unmaps": system.unmaps,
         "contexts": contexts,
         "devices": [_device(daemon, d, by_id, domains) for d in _members(system, "devices")],
         "groups": [_member(g, by_id, domains) for g in _members(system, "groups")],
@@ -175,6 +177,7 @@ def format_status(st: Mapping[str, Any]) -> str:
     users = ", ".join(f"{a.get('user', a['uid'])} {a['pages']} pages" for a in acct["user"]) or "none"
     procs = ", ".join(f"pid {a['pid']} {a['pages']} pages" for a in acct["mm"]) or "none"
     out.append(f"accounted: per user: {users}; per process: {procs}")
+    out.append(f"IOAS map/unmap operations: {st['maps']} maps, {st['unmaps']} unmaps")
 
     out.append("")
     if not st["contexts"]:
@@ -182,7 +185,8 @@ def format_status(st: Mapping[str, Any]) -> str:
     for c in st["contexts"]:
         out.append(
             f"context {c['index']}: pid {c['pid']} ({c['comm']}), tid {c['tid']}, user {c.get('user', c['uid'])}, "
-            f"open {_duration(c['age_s'])}, accounting {c['accounting']}, {c['pinned_pages']} pages pinned"
+            f"open {_duration(c['age_s'])}, accounting {c['accounting']}, {c['pinned_pages']} pages pinned, "
+            f"{c['maps']} maps, {c['unmaps']} unmaps"
         )
         out.append(f"  command: {' '.join(c['cmdline']) or '?'}")
         kinds = ", ".join(f"{n} {k}" for k, n in sorted(c["objects_by_kind"].items())) or "none"

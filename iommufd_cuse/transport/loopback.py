@@ -195,8 +195,9 @@ class _Known:
         if self.epoll is None:
             self.epoll = select.epoll()  # close-on-exec; forked children share it
             self.epfd = self.epoll.fileno()
-            hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
-            self.top = min(hard if hard != resource.RLIM_INFINITY else 1 << 20, 1 << 20)
+            # Descriptor numbers the forked child may use (its RLIMIT_NOFILE is ours).
+            soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+            self.top = min(soft if soft != resource.RLIM_INFINITY else 1 << 20, 1 << 20)
         if self.free:
             return self.free.pop()
         if self.next_slot >= min(self.MAX_SLOTS, self.top // 2):

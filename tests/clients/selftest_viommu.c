@@ -183,11 +183,11 @@ int main(int argc, char **argv)
 	if (plain) {
 		step0("viommu", viommu_alloc(idev, parent, 0, IOMMU_VIOMMU_TYPE_SELFTEST, &data, sizeof(data), &viommu));
 		step0("veventq", veventq_alloc(viommu, 0, IOMMU_VEVENTQ_TYPE_SELFTEST, 2, 0, &qid, &qfd));
-		/* left for the release: destroying the device there takes its vdevice too */
-		step0("vdev", vdevice_alloc(viommu, idev, 0x99, &vdev));
 		/* FUSE answers mmap() of the direct-I/O iommufd itself */
 		step0("mmap", xres(mmap(NULL, data.out_mmap_length, PROT_READ, MAP_SHARED, fd, data.out_mmap_offset) ==
 					   MAP_FAILED ? -1 : 0));
+		/* left for the release: destroying the device there takes its vdevice too */
+		step0("vdev", vdevice_alloc(viommu, idev, 0x99, &vdev));
 		return 0;
 	}
 

@@ -1464,8 +1464,8 @@ async def test_viommu_without_companion(selftest_daemon, cbuild, caplog):
             **VIOMMU_SETUP,
             "viommu": OK,
             "veventq": "EOPNOTSUPP",
-            "vdev": OK,
             "mmap": "ENODEV",  # FUSE's answer for MAP_SHARED of a direct-I/O file
+            "vdev": OK,
         },
     )
     assert "companion" in caplog.text

@@ -238,8 +238,7 @@ def _access_rw(t: SelftestCall, access: SelftestAccess, threaded: bool) -> Await
         raise Errno(errno.ENOENT)
     if threaded:
         return _access_rw_threaded(t, access, iova, buf, write)
-    with access.ctx.hold(access):
-        access.ioas.iopt.access_rw(iova, buf, write)
+    access.ioas.iopt.access_rw(iova, buf, write)  # no await: nothing can destroy it meanwhile
     if not write:
         caller.write(a.uptr, buf)
     return None

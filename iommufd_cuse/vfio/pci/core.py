@@ -21,6 +21,7 @@ from .config import ConfigAccessError, ConfigSpace
 from .dmaengine import DmaEngine
 from .edu import Edu
 from .model import DmaFault, PciFunction
+from .nvme import Nvme
 
 log = logging.getLogger(__name__)
 
@@ -34,7 +35,7 @@ DMA_CHUNK = 1 << 21  # a DMA runs off the event loop above this size
 
 
 def _models() -> dict[str, type[PciFunction]]:
-    return {"edu": Edu, "dma-engine": DmaEngine}
+    return {"edu": Edu, "dma-engine": DmaEngine, "nvme": Nvme}
 
 
 class GroupDmaPort:
@@ -71,6 +72,21 @@ class GroupDmaPort:
 
     def write(self, iova: int, data: bytes) -> None:
         self._rw(iova, bytearray(data), True)
+
+    def prp_batch(self, page_size: int, xfers: list[tuple[int, int, memoryview, bool]]) -> list[int | DmaFault]:
+        """NVMe data transfers (prp1, prp2, device-side buffer, to_host), walked and
+        copied in C in one call: per transfer 0, -EINVAL (a PRP offset the rules
+        forbid) or the DmaFault (recorded). Safe from a worker thread."""
+        if not xfers:
+            return []
+        try:
+            dom = self._domain(xfers[0][0], bool(xfers[0][3]))
+        except DmaFault as f:
+            return [f] * len(xfers)
+        out: list[int | DmaFault] = []
+        for r in dom.dma_prp_batch(self.vdev.system.store, page_size, xfers):
+            out.append(self._fault(r.iova, r.write, r.reason) if isinstance(r, IoFault) else r)
+        return out
 
     def _copy_piece(self, src_iova: int, dst_iova: int, n: int) -> None:
         # the domain is looked up for every piece: it may change in between (replace/detach)
@@ -419,7 +435,11 @@ class VfioPciDevice:
 
     def status(self) -> dict:
         dom = self.device.group.domain
-        return {"in_use": self.in_use, "dma_faults": self.fault_count, "domain": repr(dom)}
+        st = {"in_use": self.in_use, "dma_faults": self.fault_count, "domain": repr(dom)}
+        model_status = getattr(self.model, "status", None)
+        if callable(model_status):
+            st["model"] = model_status()
+        return st
 
 
 def _split(addr: int, n: int) -> list[tuple[int, int]]:

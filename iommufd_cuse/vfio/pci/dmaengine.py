@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import trio
 
 from .config import ConfigSpace
-from .model import Bar, DmaFault, DmaPort, IrqSink, PciFunction
+from .model import Bar, DmaFault, DmaPort, IrqSink, RegisterFunction
 
 log = logging.getLogger(__name__)
 
@@ -152,7 +152,7 @@ class _Halt(Exception):
         self.write = write
 
 
-class DmaEngine(PciFunction):
+class DmaEngine(RegisterFunction):
     vendor_id = 0x1DE5  # a test id, not registered to this project: see docs/dma-engine.md
     device_id = 0x0001
     revision = 0x01
@@ -177,7 +177,6 @@ class DmaEngine(PciFunction):
         self._active = False  # an engine task exists
         self._active_gen = -1  # the generation that task works for
         self._scope: trio.CancelScope | None = None
-        self._intx = False
         self.config = ConfigSpace(self)
         self._power_on()
 
@@ -227,33 +226,19 @@ class DmaEngine(PciFunction):
 
     # -- interrupts ---------------------------------------------------------------------
     def _update_intx(self) -> None:
-        pending = self.int_status != 0 and not self.config.msix_enabled
-        self.config.interrupt_status = pending
-        level = pending and not self.config.intx_disabled and self.intx_pin != 0
-        if level != self._intx:
-            self._intx = level
-            self.irq.set_intx(level)
+        self._drive_intx(self.int_status != 0 and not self.config.msix_enabled)
 
     def _signal(self, bit: int, vector: int) -> None:
         self.int_status |= bit
         if self.config.msix_enabled:
-            if self.config.msix_function_masked:
-                self.msix_pending |= 1 << vector
-            else:
-                self.irq.msi(vector)
+            self._msix_signal(vector)
         self._update_intx()
 
     def config_changed(self, what: str) -> None:
         if what == "flr":
             self.reset()
             return
-        if what == "msix" and self.config.msix_enabled and not self.config.msix_function_masked:
-            pending, self.msix_pending = self.msix_pending, 0
-            for v in range(MSIX_VECTORS):
-                if pending >> v & 1:
-                    self.irq.msi(v)
-        if what == "reset":
-            self.msix_pending = 0
+        self._msix_config_changed(what)
         self._update_intx()
 
     # -- faults ---------------------------------------------------------------------------
@@ -491,33 +476,10 @@ class DmaEngine(PciFunction):
                 log.info("dma-engine: error status not written back: %s", f)
         self._halt(h, index % self.ring_size if self.ring_size else index)
 
-    # -- MMIO --------------------------------------------------------------------------
-    def mmio_read(self, bar: int, offset: int, size: int) -> int:
-        if size == 8 and offset % 8 == 0:
-            return self.mmio_read(bar, offset, 4) | self.mmio_read(bar, offset + 4, 4) << 32
-        if size not in (1, 2, 4) or offset % size:
-            return (1 << (8 * size)) - 1
-        dword = self._read32(bar, offset & ~3)
-        shift = 8 * (offset & 3)
-        return dword >> shift & ((1 << (8 * size)) - 1)
-
-    def mmio_write(self, bar: int, offset: int, size: int, value: int) -> None:
-        if size == 8 and offset % 8 == 0:
-            self.mmio_write(bar, offset, 4, value & U32)
-            self.mmio_write(bar, offset + 4, 4, value >> 32 & U32)
-            return
-        if size != 4 or offset % 4:
-            return  # registers take 4- and 8-byte accesses only
-        self._write32(bar, offset, value & U32)
-
+    # -- MMIO (RegisterFunction splits the accesses) -------------------------------------
     def _read32(self, bar: int, off: int) -> int:
         if bar == self.msix_bar:
-            t = self.msix_table_offset
-            if t <= off < t + MSIX_VECTORS * 16:
-                return U32  # the host owns the vector table (vfio-pci: reads -1)
-            if off == self.msix_pba_offset:
-                return self.msix_pending
-            return 0
+            return self._msix_read32(off)
         if bar != 0:
             return U32
         if off >= FAULT_LOG_BASE:

@@ -109,7 +109,6 @@ class Edu(PciFunction):
         self.faults: list[DmaFault] = []
         self.fault_count = 0
         self.range_errors = 0
-        self._intx = False
         self.config = ConfigSpace(self)
         self._power_on()
 
@@ -126,12 +125,7 @@ class Edu(PciFunction):
 
     # -- interrupts -----------------------------------------------------------------
     def _update_intx(self) -> None:
-        pending = self.irq_status != 0 and not self.config.msi_enabled
-        self.config.interrupt_status = pending
-        level = pending and not self.config.intx_disabled and self.intx_pin != 0
-        if level != self._intx:
-            self._intx = level
-            self.irq.set_intx(level)
+        self._drive_intx(self.irq_status != 0 and not self.config.msi_enabled)
 
     def _raise(self, bits: int) -> None:
         self.irq_status |= bits & U32

@@ -43,6 +43,11 @@ class DmaPort(Protocol):
         """copy() for a model already off the event loop (in a worker thread of its own)."""
         ...
 
+    def prp_batch(self, page_size: int, xfers: list[tuple[int, int, memoryview, bool]]) -> list[int | DmaFault]:
+        """NVMe transfers (prp1, prp2, device-side buffer, to_host) through PRPs and PRP
+        lists, in C: per transfer 0, -EINVAL (a bad PRP offset) or its DmaFault."""
+        ...
+
 
 class IrqSink(Protocol):
     def set_intx(self, asserted: bool) -> None: ...
@@ -89,8 +94,83 @@ class PciFunction:
     def mmio_write(self, bar: int, offset: int, size: int, value: int) -> None:
         raise NotImplementedError
 
+    _intx = False  # the INTx level last given to the IrqSink
+
+    def _drive_intx(self, pending: bool) -> None:
+        """An interrupt is pending (or not) on the pin: the status register's Interrupt
+        Status bit follows it, and the line too unless the command register disables it."""
+        self.config.interrupt_status = pending  # type: ignore[attr-defined]
+        level = pending and not self.config.intx_disabled and self.intx_pin != 0  # type: ignore[attr-defined]
+        if level != self._intx:
+            self._intx = level
+            self.irq.set_intx(level)
+
     def reset(self) -> None:
         """Function-level reset: registers back to power-on values, engines stopped."""
 
     def stop(self) -> None:
         """The device is being closed or unbound: stop any work in progress."""
+
+    def close(self) -> None:
+        """The daemon stops: release what the model holds (files, memory)."""
+
+
+U32 = (1 << 32) - 1
+
+
+class RegisterFunction(PciFunction):
+    """A model whose BARs are 32-bit registers (8-byte accesses split in two halves,
+    narrower reads cut from a dword, narrower writes dropped) and whose MSI-X vectors
+    are held pending while the function is masked (the PBA). Subclasses give _read32
+    and _write32 and keep `self.config`."""
+
+    msix_pending = 0  # vectors signalled while the function was masked
+
+    def _read32(self, bar: int, off: int) -> int:
+        raise NotImplementedError
+
+    def _write32(self, bar: int, off: int, value: int) -> None:
+        raise NotImplementedError
+
+    def mmio_read(self, bar: int, offset: int, size: int) -> int:
+        if size == 8 and offset % 8 == 0:
+            return self.mmio_read(bar, offset, 4) | self.mmio_read(bar, offset + 4, 4) << 32
+        ones = (1 << (8 * size)) - 1
+        if size not in (1, 2, 4) or offset % size:
+            return ones
+        return self._read32(bar, offset & ~3) >> 8 * (offset & 3) & ones
+
+    def mmio_write(self, bar: int, offset: int, size: int, value: int) -> None:
+        if size == 8 and offset % 8 == 0:
+            self.mmio_write(bar, offset, 4, value & U32)
+            self.mmio_write(bar, offset + 4, 4, value >> 32 & U32)
+            return
+        if size != 4 or offset % 4:
+            return  # registers take 4- and 8-byte accesses only
+        self._write32(bar, offset, value & U32)
+
+    def _msix_read32(self, off: int) -> int:
+        """A dword of the BAR holding the MSI-X table and PBA."""
+        t = self.msix_table_offset
+        if t <= off < t + self.msix_vectors * 16:
+            return U32  # the host owns the vector table (vfio-pci: reads -1)
+        if off == self.msix_pba_offset:
+            return self.msix_pending & U32
+        return 0
+
+    def _msix_signal(self, vector: int) -> None:
+        if self.config.msix_function_masked:  # type: ignore[attr-defined]
+            self.msix_pending |= 1 << vector
+        else:
+            self.irq.msi(vector)
+
+    def _msix_config_changed(self, what: str) -> None:
+        """Unmasked with MSI-X on: the pending vectors fire; a reset forgets them."""
+        config = self.config  # type: ignore[attr-defined]
+        if what == "msix" and config.msix_enabled and not config.msix_function_masked:
+            pending, self.msix_pending = self.msix_pending, 0
+            for v in range(self.msix_vectors):
+                if pending >> v & 1:
+                    self.irq.msi(v)
+        if what == "reset":
+            self.msix_pending = 0
