@@ -81,7 +81,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
         path = config_mod.serve_config_path(args.config)
         log.debug("configuration: %s", path or "the embedded default")
         cfg = config_mod.load(path)
-        daemon = Daemon(cfg, dev_dir=args.dev_dir, mountpoint=args.mountpoint, selftest=args.selftest)
+        daemon = Daemon(
+            cfg, dev_dir=args.dev_dir, mountpoint=args.mountpoint, selftest=args.selftest, backend=args.backend
+        )
         trio.run(service.serve, daemon, control_socket or None)
     except BaseException as e:
         why = _startup_error(e)
@@ -211,6 +213,13 @@ def main(argv: list[str] | None = None) -> int:
         "--control-socket",
         help=f"the root-only control socket (default: control.sock beside the mountpoint, "
         f"{config_mod.DEFAULT_CONTROL_SOCKET}; '' for none)",
+    )
+    s.add_argument(
+        "--backend",
+        default="auto",
+        choices=["auto", "cuse", "fuse"],
+        help="character devices by CUSE, or files of a FUSE mount linked from the dev dir; "
+        "auto (the default): CUSE when /dev/cuse can be opened",
     )
     s.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     s.add_argument(

@@ -4,8 +4,10 @@ paths, serves until cancelled, and takes down exactly what it set up."""
 from __future__ import annotations
 
 import errno
+import hashlib
 import logging
 import os
+import stat
 from dataclasses import dataclass, field
 
 import trio
@@ -22,8 +24,17 @@ from .iommufd.pages import AccountMode
 from .iommufd.selftest import ACCESS_NODE, DMABUF_NODE, AccessFile, DmabufFile
 from .iommufd.viommu import VEVENTQ_NODE, VeventqFile
 from .system import System
+from .transport import cuse
 from .transport.loopback import prime_no_flush
-from .transport.mount import fuse_mount, fuse_umount, mount_dev, mounted_here, register_own, unregister_own
+from .transport.mount import (
+    cuse_devices,
+    fuse_mount,
+    fuse_umount,
+    mount_dev,
+    mounted_here,
+    register_own,
+    unregister_own,
+)
 from .transport.nodes import Node, Tree
 from .transport.server import MAX_WRITE, FuseServer, Request
 from .vfio.device_cdev import VfioDeviceFile
@@ -69,6 +80,10 @@ def _is_ours(path: str, mountpoint: str) -> bool:
     return target.startswith(mountpoint.rstrip("/") + "/")
 
 
+BACKENDS = ("auto", "cuse", "fuse")
+REMOVE_GRACE = 10  # seconds a removed CUSE device waits for its open files to close
+
+
 class Daemon:
     def __init__(
         self,
@@ -76,8 +91,19 @@ class Daemon:
         dev_dir: str = "/dev",
         mountpoint: str = "/run/iommufd-cuse/mnt",
         selftest: bool = False,
+        backend: str = "auto",
     ) -> None:
+        if backend not in BACKENDS:
+            raise ValueError(f"backend {backend!r}: one of {', '.join(BACKENDS)}")
         self.config = config
+        # "auto", "cuse" or "fuse" as asked; self.backend is what run() chose
+        self.requested_backend = backend
+        self.backend: str | None = None
+        self.backend_note = ""
+        # CUSE: per file node, its channel's server and fd, its device name and major:minor
+        self.channels: list[tuple[cuse.CuseServer, int]] = []
+        self.devts: dict[str, tuple[int, int]] = {}
+        self._dirs_before: set[str] = set()
         self.dev_dir = os.path.abspath(dev_dir)
         self.mountpoint = os.path.abspath(mountpoint)
         self.system = System()
@@ -161,14 +187,14 @@ class Daemon:
         # (IOMMU_FAULT_QUEUE_ALLOC), see docs/selftest.md; in every mode.
         n = self.config.nodes["iommu"]
         self.tree.add(
-            FAULT_NODE, n.mode, n.uid, n.gid, lambda req, flags: FaultFile(self.system, self.server.notify_poll)
+            FAULT_NODE, n.mode, n.uid, n.gid, lambda req, flags: FaultFile(self.system, req.server.notify_poll)
         )
         # Where `iommufd-cuse run` hands over the listener of its seccomp filter
         # (iommufd/notified.py): files handed back to binaries the companion cannot reach.
         self.tree.add(LISTENER_NODE, n.mode, n.uid, n.gid, lambda req, flags: ListenerFile(self._spawn))
         # Likewise the node of vEVENT queues (IOMMU_VEVENTQ_ALLOC).
         self.tree.add(
-            VEVENTQ_NODE, n.mode, n.uid, n.gid, lambda req, flags: VeventqFile(self.system, self.server.notify_poll)
+            VEVENTQ_NODE, n.mode, n.uid, n.gid, lambda req, flags: VeventqFile(self.system, req.server.notify_poll)
         )
         # The directory of the nodes behind mmap() of an iommufd region (iommufd/mmap.py).
         n = self.config.nodes["iommu"]
@@ -192,7 +218,7 @@ class Daemon:
         # The sysfs view (sys/ in the mount, never linked into dev_dir). The nodes are
         # regular files here, no char devices: their device number is 0:0.
         cdevs = {i: dev.node for i, dev in enumerate(self.system.devices)}
-        sysfs.build(self.tree, self.system, cdevs, lambda node: 0)
+        sysfs.build(self.tree, self.system, cdevs, self.node_rdev)
 
     def dev_nodes(self) -> list[Node]:
         """The nodes linked at their /dev paths: every file but the sysfs view's."""
@@ -267,19 +293,29 @@ class Daemon:
     def _make_links(self) -> None:
         for node in self.dev_nodes():
             path = self.link_path(node.path())
-            parent = os.path.dirname(path)
-            missing = []
-            while not os.path.isdir(parent):
-                missing.append(parent)
-                parent = os.path.dirname(parent)
-            for d in reversed(missing):
-                os.mkdir(d, 0o755)
-                self.links.made_dirs.append(d)
+            self._make_parents(path)
             os.symlink(os.path.join(self.mountpoint, node.path()), path)
             self.links.made_links.append(path)
 
+    def choose_backend(self) -> str:
+        """CUSE when asked for (a one-line StartupError without it) or, for auto, when /dev/cuse opens."""
+        if self.requested_backend == "fuse":
+            return "fuse"
+        why = cuse.available()
+        if why is None:
+            return "cuse"
+        if self.requested_backend == "cuse":
+            raise StartupError(why)
+        self.backend_note = f" (by FUSE: {why})"  # said once serving, not before a start-up error
+        return "fuse"
+
     async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:  # noqa: ANN001
         """Serve until cancelled. task_status.started() once the nodes answer."""
+        # By CUSE the nodes of /dev are character devices; the rest (the sysfs view, mmap nodes) stays on the
+        # FUSE mount either way.
+        self.backend = self.choose_backend()
+        if self.backend == "cuse" and os.geteuid() == 0:
+            self._check_cuse_paths()
         self.check_and_clean()
         self._real_mountpoint = os.path.realpath(self.mountpoint)  # before the mount: no lookup on it after
         try:
@@ -298,19 +334,177 @@ class Daemon:
                 with trio.fail_after(10):
                     await self.server.initialized.wait()
                 await prime_no_flush(os.path.join(self.mountpoint, "iommu"))
+                if self.backend == "cuse":
+                    await self._serve_cuse(nursery, task_status)
+                    return
                 self._make_links()
-                log.info("serving %s", ", ".join(self.link_path(n.path()) for n in self.dev_nodes()))
+                nodes = ", ".join(self.link_path(n.path()) for n in self.dev_nodes())
+                log.info("serving %s%s", nodes, self.backend_note)
                 self.ready.set()
                 task_status.started(self)
         finally:
             with trio.CancelScope(shield=True):
                 self.shutdown()
+                self._remove_made_parents()
+
+    # -- CUSE ----------------------------------------------------------------------
+    def devname(self, node_path: str) -> str:
+        """The CUSE device name of a node: its path under /dev when the nodes are to be there (devtmpfs makes
+        them), else a name of its own under /dev/iommufd-cuse/ (the daemon makes the node in dev_dir)."""
+        if self.dev_dir == "/dev":
+            return node_path
+        tag = hashlib.sha256(self.dev_dir.encode()).hexdigest()[:8]
+        return f"iommufd-cuse/{tag}/{node_path}"
+
+    def _check_cuse_paths(self) -> None:
+        for node in self.dev_nodes():
+            path = self.link_path(node.path())
+            parent = os.path.dirname(path)
+            while parent.startswith(self.dev_dir + "/"):
+                if os.path.isdir(parent):
+                    self._dirs_before.add(parent)
+                parent = os.path.dirname(parent)
+            if os.path.lexists(path):
+                st = os.lstat(path)
+                rdev = f"{os.major(st.st_rdev)}:{os.minor(st.st_rdev)}"
+                if stat.S_ISCHR(st.st_mode) and not os.path.exists(f"/sys/dev/char/{rdev}"):
+                    log.warning("removing the stale device node %s (%s)", path, rdev)
+                    os.unlink(path)
+                elif os.path.islink(path) and _is_ours(path, self.mountpoint):
+                    log.warning("removing the stale link %s", path)
+                    os.unlink(path)
+                else:
+                    raise StartupError(f"{path} exists and was not created by iommufd-cuse")
+
+    async def _serve_cuse(self, nursery: trio.Nursery, task_status) -> None:  # noqa: ANN001
+        """The /dev nodes as CUSE devices, served until cancelled; then removed as the kernel removes them."""
+        major = 0
+        for minor, node in enumerate(self.dev_nodes()):
+            # One major for all, as the first device got it, and a minor per node.
+            major = (await self._cuse_device(node, (major, minor) if major else (0, 0)))[0]
+        # An outer cancel (SIGTERM) does not stop the channels at once: the devices are removed first.
+        serving = trio.CancelScope(shield=True)
+        nursery.start_soon(self._serve_channels, serving, nursery.cancel_scope)
+        log.info(
+            "serving by CUSE %s",
+            ", ".join(f"{self.link_path(p)} ({d[0]}:{d[1]})" for p, d in self.devts.items()),
+        )
+        self.ready.set()
+        task_status.started(self)
+        try:
+            await trio.sleep_forever()
+        finally:
+            try:
+                with trio.CancelScope(shield=True):
+                    await self._remove_devices()
+            finally:
+                serving.cancel()
+
+    async def _serve_channels(self, serving: trio.CancelScope, stop: trio.CancelScope) -> None:
+        with serving:
+            async with trio.open_nursery() as channels:
+                for server, fd in self.channels:
+                    channels.start_soon(self._serve_channel, server, fd, channels.cancel_scope)
+        stop.cancel()  # a channel ended under us, or the devices are gone: stop
+
+    async def _remove_devices(self) -> None:
+        """As the kernel removes a device: its node leaves /dev at once, a file still open gets ENODEV for
+        everything but its release, and the device goes with the last close (or after REMOVE_GRACE s)."""
+        for server, _ in self.channels:
+            server.removed = True
+        for path in self.devts:
+            try:
+                os.unlink(self.link_path(path))  # devtmpfs's own, or made here
+            except FileNotFoundError:
+                pass
+        self.links.remove()
+        with trio.move_on_after(REMOVE_GRACE):
+            while any(server.handles for server, _ in self.channels):
+                await trio.sleep(0.05)
+        still = sum(len(server.handles) for server, _ in self.channels)
+        if still:
+            log.warning("%d files still open %s s after removal began: the devices go anyway", still, REMOVE_GRACE)
+
+    def _remove_made_parents(self) -> None:
+        """Directories above the nodes that were not there at start (devtmpfs leaves its own behind when a node
+        was unlinked before its device went)."""
+        for path in sorted({os.path.dirname(self.link_path(p)) for p in self.devts}, key=len, reverse=True):
+            while path.startswith(self.dev_dir + "/") and path not in self._dirs_before:
+                try:
+                    os.rmdir(path)
+                except OSError:
+                    break
+                path = os.path.dirname(path)
+
+    async def _cuse_device(self, node, devt: tuple[int, int]) -> tuple[int, int]:  # noqa: ANN001
+        """Create one node's device: its channel, the kernel's CUSE_INIT answered, the node's mode and owner."""
+        name = self.devname(node.path())
+        try:
+            fd = cuse.open_channel()
+        except OSError as e:
+            raise StartupError(f"{cuse.CUSE_DEVICE}: {e.strerror}") from None
+        server = cuse.CuseServer(self.tree, node, name, devt)
+        self.channels.append((server, fd))
+        with trio.fail_after(10):
+            await server.handshake(fd)
+        got = cuse.devt_of(name)
+        if got is None:
+            raise StartupError(f"CUSE refused the device {name} {devt[0]}:{devt[1]} (one of that name exists?)")
+        self.devts[node.path()] = got
+        rdev = os.makedev(*got)
+        cuse_devices[rdev] = node.ino
+        path = self.link_path(node.path())
+        if self.dev_dir != "/dev":
+            self._make_parents(path)
+            os.mknod(path, stat.S_IFCHR | 0o600, rdev)
+            self.links.made_links.append(path)
+        os.chown(path, node.uid, node.gid)
+        os.chmod(path, node.mode)
+        # what udev makes: /dev/char/MAJ:MIN -> the node
+        char = os.path.join(self.dev_dir, "char", f"{got[0]}:{got[1]}")
+        self._make_parents(char)
+        if os.path.lexists(char):
+            os.unlink(char)
+        os.symlink(os.path.relpath(path, os.path.dirname(char)), char)
+        self.links.made_links.append(char)
+        return got
+
+    def _make_parents(self, path: str) -> None:
+        """The missing directories above path (removed again at exit)."""
+        parent = os.path.dirname(path)
+        missing = []
+        while not os.path.isdir(parent):
+            missing.append(parent)
+            parent = os.path.dirname(parent)
+        for d in reversed(missing):
+            os.mkdir(d, 0o755)
+            self.links.made_dirs.append(d)
+
+    async def _serve_channel(self, server: cuse.CuseServer, fd: int, scope: trio.CancelScope) -> None:
+        await server.serve(fd)
+        scope.cancel()  # a channel ended under us: stop
+
+    def devt(self, node_path: str) -> tuple[int, int] | None:
+        """The major:minor of a node served by CUSE (None by FUSE)."""
+        return self.devts.get(node_path)
+
+    def node_rdev(self, node: Node) -> int:
+        """st_rdev of a node as clients see it (the sysfs view's `dev` files): its CUSE device's, 0 by FUSE."""
+        devt = self.devts.get(node.path())
+        return os.makedev(*devt) if devt else 0
 
     async def _serve_then_stop(self, scope: trio.CancelScope) -> None:
         await self.server.serve(self._fd)
         scope.cancel()  # unmounted under us: stop
 
     def shutdown(self) -> None:
+        # Closing a channel removes its device (and the node devtmpfs made for it).
+        for server, fd in self.channels:
+            os.close(fd)
+            server.fd = -1
+        self.channels.clear()
+        for devt in self.devts.values():
+            cuse_devices.pop(os.makedev(*devt), None)
         self.links.remove()
         if self._mounted:
             try:

@@ -224,12 +224,29 @@ class GuestRun:
     def __str__(self) -> str:
         return f"guest rc={self.rc} qemu rc={self.qemu_rc}\n--- console ---\n{self.console}"
 
+    __repr__ = __str__  # what an assertion message shows
+
 
 def virtfs(path: str = "/", tag: str = "host", *, readonly: bool = True) -> list[str]:
     """QEMU arguments sharing a host directory by 9p (the guest mounts it with
     `mount -t 9p -o trans=virtio,version=9p2000.L TAG DIR`; modules 9p and 9pnet_virtio)."""
     opts = f"local,path={path},mount_tag={tag},security_model=passthrough,multidevs=remap"
     return ["-virtfs", opts + (",readonly=on" if readonly else "")]
+
+
+def in_host_root(script: str) -> str:
+    """An init body that runs `script` (a file the initramfs has) chrooted into the host's root, shared by
+    `virtfs("/")` (add modules 9p and 9pnet_virtio): the host's programs, Python and this tree's .venv, with
+    the guest's own /proc, /sys, /dev (devtmpfs) and a tmpfs /run. The initramfs's /guest is copied to /run/guest.
+    The host's /tmp is the host's (read-only): programs compiled by a test can be run from there."""
+    return f"""
+mkdir -p /host
+mount -t 9p -o trans=virtio,version=9p2000.L,ro host /host || exit 10
+mount -t proc proc /host/proc && mount -t sysfs sys /host/sys && mount -t devtmpfs dev /host/dev || exit 11
+mount -t tmpfs run /host/run || exit 12
+[ ! -d /guest ] || cp -r /guest /host/run/guest
+chroot /host /bin/sh {script}
+"""
 
 
 async def boot(
@@ -302,6 +319,8 @@ async def boot(
             results[name] = value
     if qemu_rc is None:
         console += f"\n[guestkit: timed out after {timeout} s, QEMU killed]"
+    if os.environ.get("ICUSE_GUEST_CONSOLE"):  # for debugging: the last console, whole
+        Path(os.environ["ICUSE_GUEST_CONSOLE"]).write_text(console)
     return GuestRun(console, int(m.group(1)) if m else None, results, qemu_rc)
 
 

@@ -116,7 +116,9 @@ def collect_status(daemon: Daemon) -> dict[str, Any]:
             "version": version(),
             "pid": os.getpid(),
             "uptime_s": round(now - daemon.server.start_time, 1),
+            "backend": daemon.backend,
             "mountpoint": daemon.mountpoint,
+            "devices": {daemon.link_path(p): f"{d[0]}:{d[1]}" for p, d in daemon.devts.items()},
             "nodes": [daemon.link_path(n.path()) for n in daemon.dev_nodes()],
         },
         "pinned_pages": pinned,
@@ -171,7 +173,12 @@ def format_status(st: Mapping[str, Any]) -> str:
     out: list[str] = []
     d = st["daemon"]
     out.append(f"iommufd-cuse {d['version']}: pid {d['pid']}, up {_duration(d['uptime_s'])}")
-    out.append(f"nodes: {', '.join(d['nodes'])} (mounted at {d['mountpoint']})")
+    if d.get("backend") == "cuse":
+        devs = d["devices"]
+        nodes = ", ".join(f"{n} ({devs.get(n, '?')})" for n in d["nodes"])
+        out.append(f"nodes: {nodes} (character devices by CUSE)")
+    else:
+        out.append(f"nodes: {', '.join(d['nodes'])} (mounted at {d['mountpoint']}, by FUSE)")
     out.append(f"pinned: {st['pinned_pages']} pages ({st['pinned_mib']:.1f} MiB)")
     acct = st["accounting"]
     users = ", ".join(f"{a.get('user', a['uid'])} {a['pages']} pages" for a in acct["user"]) or "none"

@@ -6,6 +6,7 @@ import ctypes
 import ctypes.util
 import errno
 import os
+import stat
 
 _libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
 _libc.mount.argtypes = [ctypes.c_char_p] * 3 + [ctypes.c_ulong, ctypes.c_char_p]
@@ -78,10 +79,16 @@ def _fdinfo(fd: int, key: str) -> int | None:
     return None
 
 
+# The character devices this process serves by CUSE (transport/cuse.py): st_rdev -> the node's inode number
+# in the tree, which is what fd_inode() answers for them (a FUSE file's inode number is that already).
+cuse_devices: dict[int, int] = {}
+
+
 def fd_inode(fd: int) -> int | None:
-    """The inode number of an open file, from /proc: unlike fstat() no request
-    reaches the file's file system (which, for our own mount, is us)."""
-    return _fdinfo(fd, "ino")
+    """The node (inode number in the tree) of an open file, from /proc: unlike fstat() no request
+    reaches the file's file system (which, for our own mount, is us). For one of our CUSE devices, its node."""
+    ino = _cuse_node(fd)
+    return ino if ino is not None else _fdinfo(fd, "ino")
 
 
 # statx(2): with an empty request mask FUSE answers from the inode and its superblock
@@ -91,14 +98,31 @@ _AT_STATX_DONT_SYNC = 0x4000
 _STATX = ctypes.c_uint8 * 256  # struct statx; stx_dev_major/minor at 136/140
 
 
-def fd_dev(fd: int) -> tuple[int, int] | None:
-    """(major, minor) of the superblock an open file lives on, without any request
-    to its file system (for ours: no request to ourselves)."""
+def _statx(fd: int) -> bytes | None:
     buf = _STATX()
     if _libc.statx(fd, b"", _AT_EMPTY_PATH | _AT_STATX_DONT_SYNC, 0, buf) != 0:
         return None
-    raw = bytes(buf)
+    return bytes(buf)
+
+
+def fd_dev(fd: int) -> tuple[int, int] | None:
+    """(major, minor) of the superblock an open file lives on, without any request
+    to its file system (for ours: no request to ourselves)."""
+    raw = _statx(fd)
+    if raw is None:
+        return None
     return int.from_bytes(raw[136:140], "little"), int.from_bytes(raw[140:144], "little")
+
+
+def _cuse_node(fd: int) -> int | None:
+    """The node of one of our CUSE devices open as fd (its st_rdev, by the same request-free statx)."""
+    if not cuse_devices:
+        return None
+    raw = _statx(fd)
+    if raw is None or not stat.S_ISCHR(int.from_bytes(raw[28:30], "little")):  # stx_mode
+        return None
+    rdev = os.makedev(int.from_bytes(raw[128:132], "little"), int.from_bytes(raw[132:136], "little"))
+    return cuse_devices.get(rdev)
 
 
 # The superblocks of this process's FUSE file systems: a file of one of them is
@@ -130,8 +154,8 @@ def unregister_own(dev: tuple[int, int]) -> None:
 
 
 def fd_on_our_mount(fd: int) -> bool:
-    """Whether an open file lives on a file system of this daemon (any mount of it,
-    in any mount namespace). Such a file must never be touched by a daemon thread:
-    see loopback.py."""
+    """Whether an open file is one of this daemon's: on a file system of ours (any mount of it, in any mount
+    namespace), or one of our CUSE devices (wherever its node is). Such a file must never be touched by a
+    daemon thread in a way that waits for the daemon: see loopback.py."""
     dev = fd_dev(fd)
-    return dev is not None and dev in _our_devs
+    return (dev is not None and dev in _our_devs) or _cuse_node(fd) is not None

@@ -43,6 +43,8 @@ OPCODE_NAMES = {
 
 # requests that get no reply
 NO_REPLY = frozenset({FORGET, BATCH_FORGET, INTERRUPT})
+# what a removed device still serves: closing its files
+AFTER_REMOVAL = frozenset({RELEASE, FLUSH, INTERRUPT, FORGET, BATCH_FORGET, DESTROY})
 
 # init flags
 FUSE_ASYNC_READ = 1 << 0

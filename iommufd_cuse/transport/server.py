@@ -33,14 +33,17 @@ BUFSIZE = MAX_WRITE + 4096  # the kernel refuses reads into less than header + m
 class Request:
     """One FUSE request as handlers see it."""
 
-    __slots__ = ("unique", "opcode", "nodeid", "caller", "fh")
+    __slots__ = ("unique", "opcode", "nodeid", "caller", "fh", "server")
 
-    def __init__(self, unique: int, opcode: int, nodeid: int, caller: Caller, fh: int = 0) -> None:
+    def __init__(
+        self, unique: int, opcode: int, nodeid: int, caller: Caller, fh: int = 0, server: FuseServer | None = None
+    ) -> None:
         self.unique = unique
         self.opcode = opcode
         self.nodeid = nodeid
         self.caller = caller
         self.fh = fh
+        self.server = server  # the carrier it came by (its poll notifications go back the same way)
 
 
 class FuseServer:
@@ -52,6 +55,7 @@ class FuseServer:
         self._inflight: dict[int, tuple[trio.CancelScope, int]] = {}
         self._nursery: trio.Nursery | None = None
         self.initialized = trio.Event()
+        self.removed = False  # the device is being removed: ENODEV for all but what closes a file
         self.start_time = int(time.time())
         self._ops = {
             P.INIT: self._init,
@@ -120,7 +124,10 @@ class FuseServer:
             log.debug("opcode %d not served: ENOSYS", opcode)
             self.reply_error(unique, errno.ENOSYS)
             return
-        req = Request(unique, opcode, nodeid, Caller(pid, uid, gid))
+        if self.removed and opcode not in P.AFTER_REMOVAL:
+            self.reply_error(unique, errno.ENODEV)  # as a removed device answers its open files
+            return
+        req = Request(unique, opcode, nodeid, Caller(pid, uid, gid), server=self)
         try:
             op(req, body)
         except Errno as e:

@@ -194,8 +194,9 @@ class VfioDeviceFile(FileHandle):
             await iommufd_device.unbind(idev)
             fd, self.iommufd_fd = self.iommufd_fd, -1
             self.ctx = None
-            # A file of our own mount: closing it never waits for us (no FLUSH).
-            os.close(fd)
+            # A file of ours: by FUSE closing it never waits for us (no FLUSH), but by CUSE the last close
+            # waits for our answer to its RELEASE, so it is closed off the loop.
+            await trio.to_thread.run_sync(os.close, fd)
             self._unblock_group()
         log.info("%s unbound", self.device.bdf)
 
