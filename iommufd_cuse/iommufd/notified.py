@@ -42,7 +42,7 @@ from .viommu import VeventqFile
 log = logging.getLogger(__name__)
 
 LISTENER_NODE = "iommufd-cuse/seccomp"  # where `run` registers its filter's listener
-REGISTER_LISTENER = uapi._IO(uapi.IOMMUFD_TYPE, 0xE3)  # arg: the listener's descriptor
+REGISTER_LISTENER = uapi._IO(uapi.IOMMUFD_TYPE, 0xE4)  # arg: the listener's descriptor (0xE0-0xE3: the companion's)
 
 # Commands whose answer may be a new file in the caller.
 NOTIFIED_CMDS = (
