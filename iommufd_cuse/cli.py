@@ -161,7 +161,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             _error(e)
             return 1
     try:
-        run_mod.run(args.mountpoint, argv, companion)
+        run_mod.run(args.mountpoint, argv, companion, seccomp=not args.no_seccomp)
     except run_mod.RunError as e:
         _error(f"run: {e}")
         return 1
@@ -253,10 +253,16 @@ def main(argv: list[str] | None = None) -> int:
     s = sub.add_parser(
         "run",
         help="run CMD in a private mount namespace where /dev/iommu, /dev/vfio/... and the sysfs paths of the "
-        "emulated devices are the daemon's, with the companion preloaded (root only)",
+        "emulated devices are the daemon's, with the companion preloaded and files handed back to every binary by "
+        "seccomp user notification (root only; CMD runs with no_new_privs: a set-uid CMD gets no privilege)",
     )
     s.add_argument("--mountpoint", default=config_mod.DEFAULT_MOUNTPOINT, help="the daemon's mountpoint")
     s.add_argument("--no-companion", action="store_true", help="do not preload the companion library")
+    s.add_argument(
+        "--no-seccomp",
+        action="store_true",
+        help="no seccomp filter: files the daemon hands back then reach only binaries the companion is preloaded in",
+    )
     s.add_argument("argv", nargs=argparse.REMAINDER, metavar="[--] CMD ARGS")
     s.set_defaults(func=cmd_run)
 

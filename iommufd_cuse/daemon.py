@@ -19,6 +19,7 @@ from .iommu.core import VFIO_DRIVER, Device, Group, Iommu
 from .iommufd.fault import FAULT_NODE, FaultFile
 from .iommufd.main import IommufdFile
 from .iommufd.mmap import MMAP_DIR, MmapNodes
+from .iommufd.notified import LISTENER_NODE, ListenerFile
 from .iommufd.pages import AccountMode
 from .iommufd.selftest import ACCESS_NODE, DMABUF_NODE, AccessFile, DmabufFile
 from .iommufd.viommu import VEVENTQ_NODE, VeventqFile
@@ -106,6 +107,7 @@ class Daemon:
         self.dev_dir = os.path.abspath(dev_dir)
         self.mountpoint = os.path.abspath(mountpoint)
         self.system = System()
+        self.system.mountpoint = self.mountpoint  # where a child opens the nodes of handed-back files
         # Test mode: IOMMU_TEST_CMD and the mock IOMMU, as a kernel built with
         # CONFIG_IOMMUFD_TEST. Never for production: any client may then create
         # mock devices and inspect pinned pages.
@@ -187,6 +189,9 @@ class Daemon:
         self.tree.add(
             FAULT_NODE, n.mode, n.uid, n.gid, lambda req, flags: FaultFile(self.system, req.server.notify_poll)
         )
+        # Where `iommufd-cuse run` hands over the listener of its seccomp filter
+        # (iommufd/notified.py): files handed back to binaries the companion cannot reach.
+        self.tree.add(LISTENER_NODE, n.mode, n.uid, n.gid, lambda req, flags: ListenerFile(self._spawn))
         # Likewise the node of vEVENT queues (IOMMU_VEVENTQ_ALLOC).
         self.tree.add(
             VEVENTQ_NODE, n.mode, n.uid, n.gid, lambda req, flags: VeventqFile(self.system, req.server.notify_poll)

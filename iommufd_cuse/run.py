@@ -10,7 +10,12 @@ In that namespace only (mount propagation from it is cut, so nothing outside cha
   the host's entries, and on top of them links to the daemon's view (its sys/),
   which hide a host entry of the same name (an emulated 0000:00:04.0 hides a real one);
 - the companion library is preloaded (unless --no-companion), so files the daemon
-  hands back (VFIO_GROUP_GET_DEVICE_FD, fault queues) reach dynamic binaries.
+  hands back (VFIO_GROUP_GET_DEVICE_FD, fault queues) reach dynamic binaries;
+- a seccomp filter (unless --no-seccomp) notifies the daemon of those same ioctl calls
+  and of no other call, so that the daemon installs the new file in every binary: static
+  ones, set-uid ones, ones that clear their environment (iommufd/notified.py). As any
+  unprivileged process must, CMD runs with no_new_privs set: a set-uid or file-capability
+  CMD runs without that privilege. The filter is inherited by CMD's children.
 Then CMD replaces this process: run exits with CMD's status. Everything made goes
 with the namespace when its last process exits.
 
@@ -24,10 +29,14 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import errno
+import fcntl
 import os
 import shutil
 import stat
 from collections.abc import Callable
+
+from .iommufd.notified import LISTENER_NODE, NOTIFIED_CMDS, REGISTER_LISTENER
+from .transport.usernotif import install_filter
 
 _libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
 _libc.mount.argtypes = [ctypes.c_char_p] * 3 + [ctypes.c_ulong, ctypes.c_char_p]
@@ -185,7 +194,26 @@ def enter(mountpoint: str) -> None:
         raise RunError(str(e)) from None
 
 
-def run(mountpoint: str, argv: list[str], companion: str | None) -> int:
+def hand_listener_to_daemon(mountpoint: str) -> None:
+    """Install the seccomp filter of the calls that hand back a file in this process
+    (CMD inherits it across exec) and give its listener to the daemon of mountpoint."""
+    try:
+        node = os.open(os.path.join(mountpoint, LISTENER_NODE), os.O_RDWR | os.O_CLOEXEC)
+    except OSError as e:
+        raise RunError(f"seccomp: {LISTENER_NODE} of the daemon: {e.strerror} (--no-seccomp runs without)") from None
+    try:
+        listener = install_filter(NOTIFIED_CMDS, zero_reads=True)
+        try:
+            fcntl.ioctl(node, REGISTER_LISTENER, listener)
+        finally:
+            os.close(listener)  # the daemon has its own copy; CMD must not hold one
+    except OSError as e:
+        raise RunError(f"seccomp: {e.strerror}") from None
+    finally:
+        os.close(node)
+
+
+def run(mountpoint: str, argv: list[str], companion: str | None, seccomp: bool = True) -> int:
     """enter(), then exec argv; returns only on failure (the exit status to use)."""
     enter(mountpoint)
     env = dict(os.environ)
@@ -193,6 +221,8 @@ def run(mountpoint: str, argv: list[str], companion: str | None) -> int:
         env["LD_PRELOAD"] = f"{companion} {env['LD_PRELOAD']}" if env.get("LD_PRELOAD") else companion
     for hook in BEFORE_EXEC:
         hook(argv, env)
+    if seccomp:
+        hand_listener_to_daemon(os.path.abspath(mountpoint))  # last: nothing else runs under the filter
     try:
         os.execvpe(argv[0], argv, env)
     except OSError as e:

@@ -96,6 +96,7 @@ class System:
         self.pending_files: dict[str, Pending] = {}
         self.file_seqs: dict[str, int] = {}
         self.node_inos: dict[str, int] = {}
+        self.mountpoint = ""  # the daemon's mount (set by the daemon)
         # The nodes behind mmap() of iommufd regions (iommufd/mmap.py), set by the daemon.
         self.mmap_nodes: MmapNodes | None = None
         # Test mode only (iommufd/selftest/), globals of the kernel's selftest.c: the

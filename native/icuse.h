@@ -61,6 +61,19 @@ int icuse_loopback_ioctl_register(int fd, unsigned long cmd, unsigned long arg, 
  * registered there any more: -ENOENT). One syscall. */
 int icuse_same_file_as_slot(int pid, int fd, int epfd, int slot);
 
+/* A forked child that keeps no other file than sock (a SOCK_SEQPACKET socket) and,
+ * for each request read from it, opens path (a node of the daemon's own mount),
+ * issues ioctl(fd, cmd, arg) on it and answers: int32 0 with the open file attached
+ * (SCM_RIGHTS), or int32 errno of the step that failed. It exits when sock reaches
+ * EOF or the daemon dies. Returns the child's pid or -errno. For files the daemon
+ * hands to a caller (seccomp ADDFD): one child for all, not a fork per file. */
+struct icuse_open_request {
+	uint64_t cmd;
+	uint64_t arg;
+	char path[4096];
+};
+int icuse_opener_start(int sock);
+
 /* ---------------------------------------------------------------------------
  * I/O page table: a radix tree of 512-entry tables. The granule is
  * 1 << granule_shift (11: 2 KiB, 12: 4 KiB); level k leaves are

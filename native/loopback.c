@@ -8,11 +8,15 @@
  */
 #define _GNU_SOURCE
 #include <errno.h>
+#include <fcntl.h>
+#include <string.h>
 #include <signal.h>
 #include <stdint.h>
 #include <sys/epoll.h>
 #include <sys/ioctl.h>
 #include <sys/prctl.h>
+#include <sys/resource.h>
+#include <sys/socket.h>
 #include <sys/syscall.h>
 #include <unistd.h>
 
@@ -70,6 +74,72 @@ int icuse_loopback_ioctl_register(int fd, unsigned long cmd, unsigned long arg, 
 int icuse_loopback_ioctl(int fd, unsigned long cmd, unsigned long arg)
 {
 	return icuse_loopback_ioctl_register(fd, cmd, arg, -1, -1);
+}
+
+/* The answer to one request: err, and the file when err is 0. */
+static void opener_answer(int sock, int32_t err, int fd)
+{
+	char cbuf[CMSG_SPACE(sizeof(int))];
+	struct iovec iov = { &err, sizeof(err) };
+	struct msghdr msg = { .msg_iov = &iov, .msg_iovlen = 1 };
+	struct cmsghdr *cm;
+
+	if (!err) {
+		memset(cbuf, 0, sizeof(cbuf));
+		msg.msg_control = cbuf;
+		msg.msg_controllen = sizeof(cbuf);
+		cm = CMSG_FIRSTHDR(&msg);
+		cm->cmsg_level = SOL_SOCKET;
+		cm->cmsg_type = SCM_RIGHTS;
+		cm->cmsg_len = CMSG_LEN(sizeof(int));
+		memcpy(CMSG_DATA(cm), &fd, sizeof(int));
+	}
+	if (sendmsg(sock, &msg, MSG_NOSIGNAL) < 0)
+		_exit(0);
+}
+
+int icuse_opener_start(int sock)
+{
+	pid_t parent = getpid();
+	pid_t pid = fork();
+
+	if (pid < 0)
+		return -errno;
+	if (pid == 0) {
+		/* Only async-signal-safe calls from here on: the parent is threaded. */
+		static struct icuse_open_request req;
+
+		prctl(PR_SET_PDEATHSIG, SIGKILL);
+		if (getppid() != parent)
+			_exit(0);
+		close_all_but(sock, -1);
+		for (;;) {
+			ssize_t n = recv(sock, &req, sizeof(req), 0);
+			int fd;
+
+			if (n <= 0)
+				_exit(0);
+			if ((size_t)n != sizeof(req) || !memchr(req.path, 0, sizeof(req.path))) {
+				opener_answer(sock, EINVAL, -1);
+				continue;
+			}
+			fd = open(req.path, O_RDWR | O_CLOEXEC);
+			if (fd < 0) {
+				opener_answer(sock, errno, -1);
+				continue;
+			}
+			if (ioctl(fd, req.cmd, req.arg) != 0) {
+				int err = errno;
+
+				close(fd);
+				opener_answer(sock, err, -1);
+				continue;
+			}
+			opener_answer(sock, 0, fd);
+			close(fd);
+		}
+	}
+	return pid;
 }
 
 #ifndef SYS_kcmp

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# scripts/kselftest.sh [build|run] [--variant dynamic|static] [--via preload] [-- SELFTEST ARGS...]
+# scripts/kselftest.sh [build|run] [--variant dynamic|static] [--via preload|seccomp] [-- SELFTEST ARGS...]
 #
 # The kernel's own iommufd conformance suite (tools/testing/selftests/iommu/iommufd.c of
 # Linux 7.3.4), unmodified, against `iommufd-cuse serve --selftest`.
@@ -18,9 +18,12 @@
 #          The last line is "N passed, M failed, K skipped".
 #
 # --via says how files are handed back to the client (docs/selftest.md): `preload`
-# (LD_PRELOAD companion; dynamic binaries only). The static build exists for the
-# seccomp hand-back (`iommufd-cuse run`), which will be a second --via; until then
-# running it compares nothing and only reports.
+# (LD_PRELOAD companion; dynamic binaries only) or `seccomp` (the client runs under
+# `iommufd-cuse run --no-companion`, whose seccomp filter lets the daemon install the
+# files: every binary). The default variant's is preload, the static one's seccomp.
+# Without --variant and --via both runs are made, the dynamic build via preload and the
+# static build via seccomp, each compared with the same expectations: the exit status
+# is the first failure's.
 #
 # The host's apt configuration is not touched: apt runs with its own sources list,
 # lists and cache under the cache directory (the host's dpkg status is only read).
@@ -35,8 +38,8 @@ cache=${ICUSE_KSELFTEST_CACHE:-/var/cache/iommufd-cuse/kselftest}/$DEB_VERSION
 expected=$root/tests/kselftest/expected-$KVER.txt
 
 action=run
-variant=dynamic
-via=preload
+variant=
+via=
 extra=()
 while [ $# -gt 0 ]; do
     case $1 in
@@ -45,12 +48,24 @@ while [ $# -gt 0 ]; do
         --via) via=$2; shift ;;
         --inside) action=inside ;;
         --) shift; extra=("$@"); break ;;
-        *) echo "usage: $0 [build|run] [--variant dynamic|static] [--via preload] [-- ARGS]" >&2; exit 2 ;;
+        *) echo "usage: $0 [build|run] [--variant dynamic|static] [--via preload|seccomp] [-- ARGS]" >&2; exit 2 ;;
     esac
     shift
 done
+both=
+if [ -z "$variant" ] && [ -z "$via" ] && [ "$action" = run ]; then both=1; fi
+[ -n "$variant" ] || variant=dynamic
+[ -n "$via" ] || { [ "$variant" = static ] && via=seccomp || via=preload; }
 case $variant in dynamic | static) ;; *) echo "kselftest.sh: unknown variant $variant" >&2; exit 2 ;; esac
-case $via in preload) ;; *) echo "kselftest.sh: unknown --via $via" >&2; exit 2 ;; esac
+case $via in preload | seccomp) ;; *) echo "kselftest.sh: unknown --via $via" >&2; exit 2 ;; esac
+if [ -n "$both" ]; then
+    rc=0
+    "$0" run --variant dynamic --via preload -- "${extra[@]}" || rc=$?
+    r2=0
+    "$0" run --variant static --via seccomp -- "${extra[@]}" || r2=$?
+    [ $rc -ne 0 ] || rc=$r2
+    exit $rc
+fi
 
 log() { echo "kselftest.sh: $*" >&2; }
 
@@ -136,10 +151,11 @@ inside() {
         kill -0 $daemon 2>/dev/null || { log "the daemon exited"; cat "$scratch/daemon.log" >&2; return 1; }
         sleep 0.1
     done
-    local preload=
+    local preload= wrap=()
     [ "$via" = preload ] && preload=$("$root/.venv/bin/iommufd-cuse" companion)
+    [ "$via" = seccomp ] && wrap=("$root/.venv/bin/iommufd-cuse" run --no-companion --mountpoint "$scratch/mnt" --)
     local rc=0
-    (cd "$scratch/cwd" && LD_PRELOAD=$preload timeout "${ICUSE_KSELFTEST_TIMEOUT:-1500}" "$bin" "$@") \
+    (cd "$scratch/cwd" && LD_PRELOAD=$preload timeout "${ICUSE_KSELFTEST_TIMEOUT:-1500}" "${wrap[@]}" "$bin" "$@") \
         >"$scratch/tap.txt" 2>&1 || rc=$?
     kill -TERM $daemon
     wait $daemon || log "the daemon exited with status $?"
@@ -183,7 +199,9 @@ log "running $bin ($variant, via $via) against iommufd-cuse serve --selftest"
 [ -n "${ICUSE_KSELFTEST_LOG:-}" ] && cp "$scratch/daemon.log" "$ICUSE_KSELFTEST_LOG"
 
 compare=(--expected "$expected")
-# Expectations hold for the preloaded dynamic build of the whole suite only.
-if [ "$variant" != dynamic ] || [ ${#extra[@]} -gt 0 ]; then compare=(); fi
-"$root/.venv/bin/python" "$root/tests/kselftest/compare.py" "${compare[@]}" --daemon-log "$scratch/daemon.log" \
+# Expectations hold for the whole suite with files handed back (the dynamic build with
+# the companion, or either build under run); a static build with the companion only
+# preloaded gets no file back and compares nothing.
+if [ ${#extra[@]} -gt 0 ] || { [ "$variant" = static ] && [ "$via" = preload ]; }; then compare=(); fi
+"$root/.venv/bin/python" "$root/tests/kselftest/compare.py" "${compare[@]}" --via "$via" --daemon-log "$scratch/daemon.log" \
     "$scratch/tap.txt"

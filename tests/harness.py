@@ -44,7 +44,8 @@ def cbuild(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., Path]:
     def build(name: str, *extra: str, cflags: tuple[str, ...] = ()) -> Path:
         key = (name, *extra, *cflags)
         if key not in built:
-            exe = out / name
+            # a variant (cflags such as -static) is a binary of its own
+            exe = out / (name + "".join(f"_{f.strip('-').replace('=', '_')}" for f in cflags))
             srcs = [str(CLIENTS / f"{name}.c")] + [str(CLIENTS / e) for e in extra]
             subprocess.run(
                 [

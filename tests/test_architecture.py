@@ -123,8 +123,9 @@ LAYERS: dict[str, tuple[str, ...]] = {
     # the sysfs view: a node tree of the topology's values (driver core, not iommufd)
     "sysfs": ("errors", "uapi", "transport", "iommu", "system"),
     "daemon": ("errors", "config", "system", "transport", "iommu", "iommufd", "vfio", "sysfs"),
-    # run: a mount namespace and an exec, nothing of the daemon's insides
-    "run": (),
+    # run: a mount namespace and an exec, and the seccomp filter whose listener goes to the
+    # daemon (the notified commands, the listener's node): nothing else of the daemon's insides
+    "run": ("iommufd.notified", "transport.usernotif"),
     "service": ("errors", "uapi", "system", "daemon", "iommufd.debug", "service"),
     "install": ("config",),
     "cli": ("config", "daemon", "install", "service", "run"),

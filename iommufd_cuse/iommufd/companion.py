@@ -1,4 +1,5 @@
-"""Files a FUSE server hands back through the companion library.
+"""Files a FUSE server hands back: through the companion library, or through the
+seccomp user notification of `iommufd-cuse run` (SeccompCarrier; notified.py).
 
 Some commands answer with a new file descriptor in the caller (IOMMU_TEST_OP_CREATE_ACCESS,
 IOMMU_FAULT_QUEUE_ALLOC, IOMMU_VEVENTQ_ALLOC), which a FUSE server cannot create.
@@ -8,7 +9,7 @@ number) instead of the descriptor, and the companion opens the object's node in 
 same mount and claims the token on that file (CLAIM), putting the new fd in the
 answer. A token is claimed once, by the process that created the object, and a file
 holds one object (else EINVAL). Every semantic stays in the daemon. Without the
-companion: EOPNOTSUPP. See docs/selftest.md, "Files handed back".
+companion (or run): EOPNOTSUPP. See docs/selftest.md, "Files handed back".
 
 This module holds what the three have in common: the per-System registry of
 unclaimed tokens, token issue, the claim ioctl (HandedFile) and the lookup of the
@@ -19,11 +20,12 @@ from __future__ import annotations
 
 import errno
 import logging
+import os
 from typing import Any, ClassVar, NoReturn
 
 from .. import uapi
 from ..errors import Errno
-from ..transport.loopback import identify, identify_callers_fd, known_callers_fd
+from ..transport.loopback import identify, identify_callers_fd, known_callers_fd, opener
 from ..transport.mount import fd_inode, fd_on_our_mount
 from ..transport.nodes import FileHandle
 
@@ -53,18 +55,56 @@ def refuse_without_companion(log: logging.Logger, command: str, what: str) -> No
 
 class Carrier:
     """A way a new file reaches the caller. The companion's: the call answers a token,
-    which the companion claims on the file's node (HandedFile). Another carrier (the
-    seccomp user notification of `iommufd-cuse run`) answers with what it installed;
-    every carrier goes through hand_back(), so the semantics stay in one place."""
+    which the companion claims on the file's node (HandedFile). SeccompCarrier (the user
+    notification of `iommufd-cuse run`) claims it itself and answers with what it installed.
+    Every carrier goes through hand_back(), so the semantics stay in one place."""
 
-    def deliver(self, file_cls: type[HandedFile], system: Any, obj: Any, caller: Any) -> int:
+    async def deliver(self, file_cls: type[HandedFile], system: Any, obj: Any, caller: Any, returns_fd: bool) -> int:
         return file_cls.issue(system, obj, caller.tgid)
 
 
 COMPANION = Carrier()
 
 
-def hand_back(
+class SeccompCarrier(Carrier):
+    """A call notified to the daemon by the seccomp filter of `iommufd-cuse run`
+    (transport/usernotif.py): the token is claimed, on the file's node, by a child of
+    the daemon acting for the caller (a thread of the daemon must never wait on its own
+    mount), and the claimed file is installed in the caller with SECCOMP_IOCTL_NOTIF_ADDFD:
+    as the call's answer in the same step when the answer is the descriptor
+    (returns_fd), else before the handler writes its number into the caller's struct."""
+
+    def __init__(self) -> None:
+        self.replied = False  # the call was answered by ADDFD_FLAG_SEND
+
+    async def deliver(self, file_cls: type[HandedFile], system: Any, obj: Any, caller: Any, returns_fd: bool) -> int:
+        pending = file_cls.pending(system)
+        token = file_cls.issue(system, obj, caller.tgid)
+        try:
+            caller.check()  # nothing is made for a caller that is gone
+            pending[token] = (obj, opener.child_pid())  # the daemon's child claims it, for the caller
+            fd = await opener.open_ioctl(os.path.join(system.mountpoint, file_cls.node), CLAIM, token)
+        finally:
+            pending.pop(token, None)
+        try:
+            # ENOENT if the caller died since: the daemon's copy is then the last, and
+            # closing it releases the file and what it holds.
+            newfd = caller.listener.addfd(caller.notif_id, fd, send=returns_fd)
+        finally:
+            os.close(fd)
+        self.replied = returns_fd
+        return newfd
+
+
+def carrier_of(caller: Any, marked: bool) -> Carrier | None:
+    """How a call's new file reaches its caller: the companion when the call carries its
+    mark, a notified call's own carrier, or none."""
+    if marked:
+        return COMPANION
+    return getattr(caller, "carrier", None)
+
+
+async def hand_back(
     file_cls: type[HandedFile],
     system: Any,
     obj: Any,
@@ -73,13 +113,15 @@ def hand_back(
     log: logging.Logger,
     command: str,
     what: str,
+    returns_fd: bool = False,
 ) -> int:
     """The one path by which a call answers with a new file: obj's file of kind
     file_cls through carrier (None: the call came by no carrier: EOPNOTSUPP, logged).
-    Returns what the call answers (for the companion, a token)."""
+    Returns what the call answers (the companion's token, or the installed descriptor);
+    returns_fd: that is the call's return value, not a field of its struct."""
     if carrier is None:
         refuse_without_companion(log, command, what)
-    return carrier.deliver(file_cls, system, obj, caller)
+    return await carrier.deliver(file_cls, system, obj, caller, returns_fd)
 
 
 class Pending(dict):
@@ -97,6 +139,7 @@ class HandedFile(FileHandle):
     inode in System.pending_files, System.file_seqs and System.node_inos."""
 
     kind: ClassVar[str]
+    node: ClassVar[str]  # its node's path in the mount
 
     def __init__(self, system: Any) -> None:
         self.system = system

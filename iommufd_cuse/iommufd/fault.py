@@ -25,7 +25,16 @@ from typing import Any, ClassVar
 
 from .. import uapi
 from ..errors import Errno
-from .companion import CLAIM, COMPANION_MAGIC, HandedFile, refuse_without_companion
+from .companion import (
+    CLAIM,
+    COMPANION,
+    COMPANION_MAGIC,
+    Carrier,
+    HandedFile,
+    carrier_of,
+    hand_back,
+    refuse_without_companion,
+)
 from .object import Context, Object, ObjType, Ucmd
 
 log = logging.getLogger(__name__)
@@ -117,6 +126,7 @@ class FaultFile(EventqFile):
     """An open of FAULT_NODE: the file of one fault object once claimed."""
 
     kind = "fault"
+    node = FAULT_NODE
 
     def _claimed(self) -> Fault:
         if self.obj is None:
@@ -229,32 +239,42 @@ class Fault(Eventq):
 
 
 # -- IOMMU_FAULT_QUEUE_ALLOC ---------------------------------------------------------------
-def fault_alloc(ucmd: Ucmd) -> int:
-    """IOMMU_FAULT_QUEUE_ALLOC: a fault object, and its file through the companion."""
+async def fault_alloc(ucmd: Ucmd) -> int:
+    """IOMMU_FAULT_QUEUE_ALLOC: a fault object, and its file through the companion or
+    a notified call (companion.hand_back)."""
     cmd = ucmd.cmd
-    if cmd.flags != COMPANION_MAGIC:
-        if cmd.flags:
-            raise Errno(errno.EOPNOTSUPP)
+    carrier = carrier_of(ucmd.caller, cmd.flags == COMPANION_MAGIC)
+    if cmd.flags and carrier is not COMPANION:
+        raise Errno(errno.EOPNOTSUPP)
+    if carrier is None:
         refuse_without_companion(log, "IOMMU_FAULT_QUEUE_ALLOC", "a fault queue")
     ctx = ucmd.ctx
-    return respond_eventq(ucmd, ctx.alloc(Fault(ctx)), "out_fault_id", "out_fault_fd")
+    return await respond_eventq(
+        ucmd, ctx.alloc(Fault(ctx)), "out_fault_id", "out_fault_fd", carrier, "IOMMU_FAULT_QUEUE_ALLOC", "a fault queue"
+    )
 
 
-def respond_eventq(ucmd: Ucmd, q: Eventq, out_id: str, out_fd: str) -> int:
+async def respond_eventq(
+    ucmd: Ucmd, q: Eventq, out_id: str, out_fd: str, carrier: Carrier, command: str, what: str
+) -> int:
     """The end of an event queue's alloc: the file's reference (iommufd_eventq_init),
-    a token for the companion in out_fd, the answer (the token goes if it fails)."""
+    the file through carrier in out_fd, the answer (an unclaimed token goes if it fails)."""
     ctx = ucmd.ctx
     cmd = ucmd.cmd
     q.users += 1
     q.file_ref = True
-    token = q.file_cls.issue(ctx.system, q, ucmd.caller.tgid)
+    try:
+        fd = await hand_back(q.file_cls, ctx.system, q, ucmd.caller, carrier, log, command, what)
+    except BaseException:
+        ctx.abort(q)
+        raise
     cmd.flags = 0  # the companion restores its own copy; the answer carries none
     setattr(cmd, out_id, q.id)
-    setattr(cmd, out_fd, token)
+    setattr(cmd, out_fd, fd)
     try:
         ucmd.respond_and_finalize(q)
     except BaseException:
-        q.file_cls.pending(ctx.system).pop(token, None)
+        q.file_cls.pending(ctx.system).pop(fd, None)
         raise
     ctx.release_hooks.append(q.context_closing)
     return 0

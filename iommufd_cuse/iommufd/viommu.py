@@ -26,7 +26,7 @@ from .. import uapi
 from ..errors import Errno
 from ..system import PAGE_SIZE
 from .access import Access, pin_pages, unpin_pages
-from .companion import CLAIM, COMPANION_MAGIC, ZERO_READ, refuse_without_companion
+from .companion import CLAIM, COMPANION_MAGIC, ZERO_READ, carrier_of, refuse_without_companion
 from .device import get_idev
 from .fault import Eventq, EventqFile, respond_eventq
 from .hw_pagetable import UserData
@@ -133,6 +133,7 @@ class VeventqFile(EventqFile):
     """An open of VEVENTQ_NODE: the file of one vEVENT queue once claimed."""
 
     kind = "veventq"
+    node = VEVENTQ_NODE
 
     def read(self, req: Any, offset: int, size: int) -> bytes:
         q = self.obj
@@ -425,12 +426,13 @@ def remove_vdev(idev: Any) -> None:
 
 
 # -- IOMMU_VEVENTQ_ALLOC ----------------------------------------------------------------------
-def veventq_alloc(ucmd: Ucmd) -> int:
+async def veventq_alloc(ucmd: Ucmd) -> int:
     """IOMMU_VEVENTQ_ALLOC: flags, __reserved or the DEFAULT type EOPNOTSUPP; depth 0
     or over VEVENTQ_MAX_DEPTH EINVAL; no vIOMMU ENOENT; a queue of that type on the vIOMMU EEXIST. Needs the
     companion (flags = COMPANION_MAGIC); without it EOPNOTSUPP, logged."""
     cmd = ucmd.cmd
     marked = cmd.flags == COMPANION_MAGIC
+    carrier = carrier_of(ucmd.caller, marked)
     if (cmd.flags and not marked) or cmd.reserved or cmd.type == uapi.IOMMU_VEVENTQ_TYPE_DEFAULT:
         raise Errno(errno.EOPNOTSUPP)
     if not cmd.veventq_depth or cmd.veventq_depth > VEVENTQ_MAX_DEPTH:
@@ -439,7 +441,9 @@ def veventq_alloc(ucmd: Ucmd) -> int:
     viommu = get_viommu(ctx, cmd.viommu_id)
     if viommu.find_veventq(cmd.type) is not None:
         raise Errno(errno.EEXIST)
-    if not marked:
+    if carrier is None:
         refuse_without_companion(log, "IOMMU_VEVENTQ_ALLOC", "a vEVENT queue")
     q = ctx.alloc(Veventq(ctx, viommu, cmd.type, cmd.veventq_depth))
-    return respond_eventq(ucmd, q, "out_veventq_id", "out_veventq_fd")
+    return await respond_eventq(
+        ucmd, q, "out_veventq_id", "out_veventq_fd", carrier, "IOMMU_VEVENTQ_ALLOC", "a vEVENT queue"
+    )

@@ -9,17 +9,23 @@ FLUSH is answered ENOSYS, after which the kernel stops sending it.
 
 from __future__ import annotations
 
+import errno
 import os
 import resource
 import secrets
 import select
+import signal
+import socket
+import struct
 import subprocess
 import sys
+import threading
 from collections.abc import Callable
 
 import trio
 
-from .._native import lib
+from .._native import ffi, lib
+from ..errors import Errno
 
 
 async def loopback_ioctl(fd: int, cmd: int, arg: int) -> bool:
@@ -43,6 +49,85 @@ async def prime_no_flush(path: str) -> None:
             stderr=subprocess.DEVNULL,
             check=False,
         )
+
+
+class Opener:
+    """A child of the daemon that opens nodes of its mount for it (native
+    icuse_opener_start), started at first use and again if it died: a file the daemon
+    hands to a caller is opened by it, the daemon gets the open file back over a
+    socket. One request at a time; each answer is the daemon's to wait for on the loop."""
+
+    def __init__(self) -> None:
+        self.sock: socket.socket | None = None
+        self.pid = 0
+        self.lock = trio.Lock()
+
+    def child_pid(self) -> int:
+        """The child's pid (it is started now if need be): what it opens and asks is
+        done by that process."""
+        if self.sock is None:
+            ours, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+            try:
+                pid = lib.icuse_opener_start(child.fileno())
+            finally:
+                child.close()
+            if pid < 0:
+                ours.close()
+                raise Errno(-pid)
+            ours.setblocking(False)
+            self.sock, self.pid = ours, pid
+        return self.pid
+
+    def _stop(self) -> None:
+        """End the child (it may be waiting on our mount: SIGKILL ends that wait too);
+        reaped by a thread, as the end of such a wait needs this loop."""
+        if self.sock is not None:
+            self.sock.close()
+            self.sock = None
+            os.kill(self.pid, signal.SIGKILL)
+            threading.Thread(target=os.waitpid, args=(self.pid, 0), daemon=True).start()
+
+    async def open_ioctl(self, path: str, cmd: int, arg: int) -> int:
+        """path opened by the child, ioctl(cmd, arg) issued on it, the file returned as
+        a descriptor of the daemon; Errno of the step that failed."""
+        async with self.lock:
+            self.child_pid()
+            assert self.sock is not None
+            req = ffi.new("struct icuse_open_request *")
+            req.cmd, req.arg = cmd, arg
+            encoded = os.fsencode(path)
+            if len(encoded) >= len(req.path):
+                raise Errno(errno.ENAMETOOLONG)
+            req.path = encoded
+            try:
+                self.sock.send(bytes(ffi.buffer(req)))
+                while True:
+                    await trio.lowlevel.wait_readable(self.sock)
+                    try:
+                        data, fds, _flags, _addr = socket.recv_fds(self.sock, 4, 1)
+                        break
+                    except BlockingIOError:
+                        continue
+            except OSError:
+                self._stop()  # the child is gone: another is started next time
+                raise Errno(errno.EIO) from None
+            except BaseException:
+                self._stop()  # cancelled: its answer would be taken for the next one's
+                raise
+            if len(data) != 4:
+                for fd in fds:
+                    os.close(fd)
+                self._stop()
+                raise Errno(errno.EIO)
+            (err,) = struct.unpack("=i", data)
+            if err or not fds:
+                for fd in fds:
+                    os.close(fd)
+                raise Errno(err or errno.EIO)
+            return fds[0]
+
+
+opener = Opener()
 
 
 # "Which open of ours is this file?" A client hands the daemon a descriptor of a

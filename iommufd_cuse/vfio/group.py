@@ -26,7 +26,15 @@ from .. import uapi
 from ..errors import Errno
 from ..iommu.core import VFIO_DRIVER, Device, Group
 from ..iommufd import device as iommufd_device
-from ..iommufd.companion import CLAIM, COMPANION, GROUP_GET_DEVICE_TOKEN, Carrier, HandedFile, hand_back
+from ..iommufd.companion import (
+    CLAIM,
+    COMPANION,
+    GROUP_GET_DEVICE_TOKEN,
+    Carrier,
+    HandedFile,
+    carrier_of,
+    hand_back,
+)
 from ..iommufd.ioas import Ioas
 from ..iommufd.main import IommufdFile
 from ..iommufd.object import Context
@@ -201,7 +209,7 @@ class GroupFile(FileHandle):
     def ioctl(self, req, cmd: int, arg: int):  # noqa: ANN001, ANN201
         caller = req.caller
         if cmd == u.VFIO_GROUP_GET_DEVICE_FD:
-            return self.get_device_fd(caller, arg, None)
+            return self.get_device_fd(caller, arg, carrier_of(caller, False))
         if cmd == GROUP_GET_DEVICE_TOKEN:
             return self.get_device_fd(caller, arg, COMPANION)
         if cmd == u.VFIO_GROUP_GET_STATUS:
@@ -259,9 +267,9 @@ class GroupFile(FileHandle):
         vg.detach_container()
         return 0
 
-    def get_device_fd(self, caller: Caller, arg: int, carrier: Carrier | None) -> int:
-        """VFIO_GROUP_GET_DEVICE_FD: the device file through carrier (None: none, EOPNOTSUPP);
-        a carrier other than the companion (seccomp notification) calls this too."""
+    async def get_device_fd(self, caller: Caller, arg: int, carrier: Carrier | None) -> int:
+        """VFIO_GROUP_GET_DEVICE_FD: the device file through carrier (None: none, EOPNOTSUPP):
+        the companion's, or a notified call's (carrier_of the caller)."""
         vg = self.vgroup
         name = read_name(caller, arg)
         device = next((d for d in vg.members if match(d, name)), None)
@@ -272,8 +280,16 @@ class GroupFile(FileHandle):
         # done when the file is claimed, by the process that asked.
         if carrier is not None and not vg.has_iommu:
             raise Errno(errno.EINVAL, "no container set")
-        return hand_back(
-            GroupDeviceFile, vg.system, (vg, device), caller, carrier, log, "VFIO_GROUP_GET_DEVICE_FD", "a device"
+        return await hand_back(
+            GroupDeviceFile,
+            vg.system,
+            (vg, device),
+            caller,
+            carrier,
+            log,
+            "VFIO_GROUP_GET_DEVICE_FD",
+            "a device",
+            returns_fd=True,
         )
 
     def release(self) -> None:
@@ -306,6 +322,7 @@ class GroupDeviceFile(VfioDeviceFile, HandedFile):
     hand-back node; it has no BIND (EINVAL) and no ATTACH/DETACH_PT (ENOTTY)."""
 
     kind = "vfio-device"
+    node = DEVICE_NODE
 
     def __init__(self, system: Any, iommufd_inodes: set[int]) -> None:
         self.system = system  # the registry lives on the System

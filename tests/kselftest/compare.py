@@ -1,12 +1,16 @@
 """Compare the TAP output of the kernel's iommufd selftest with the expectations file.
 
-    compare.py [--expected FILE] [--daemon-log LOG] TAP
+    compare.py [--expected FILE] [--via preload|seccomp] [--daemon-log LOG] TAP
 
 The expectations file has one line per case (blank lines and `#` comments aside):
 
     pass NAME
     skip NAME
     fail NAME WHERE  REASON...
+
+An outcome may be for one way of handing files back only (kselftest.sh's --via):
+`fail@seccomp NAME WHERE REASON` holds for the run with --via seccomp, in place of the
+plain line of that case.
 
 WHERE is where the case fails: the `file:line` of its first failed assertion
 (`iommufd.c:179`), or `timeout` when the harness ended it. A case marked `fail` must
@@ -69,20 +73,23 @@ def parse_tap(text: str) -> dict[str, Outcome]:
     return outcomes
 
 
-def parse_expected(text: str) -> dict[str, Outcome]:
+def parse_expected(text: str, via: str = "preload") -> dict[str, Outcome]:
     expected: dict[str, Outcome] = {}
+    qualified: dict[str, Outcome] = {}
     for n, raw in enumerate(text.splitlines(), 1):
         line = raw.strip()
         if not line or line.startswith("#"):
             continue
         fields = line.split(None, 3)
-        if fields[0] in ("pass", "skip") and len(fields) == 2:
-            expected[fields[1]] = Outcome(fields[0])
-        elif fields[0] == "fail" and len(fields) == 4:
-            expected[fields[1]] = Outcome("fail", fields[2], fields[3])
+        result, _, only = fields[0].partition("@")
+        table = expected if not only else qualified if only == via else {}
+        if result in ("pass", "skip") and len(fields) == 2:
+            table[fields[1]] = Outcome(result)
+        elif result == "fail" and len(fields) == 4:
+            table[fields[1]] = Outcome("fail", fields[2], fields[3])
         else:
             raise SystemExit(f"expectations line {n}: want 'pass|skip NAME' or 'fail NAME WHERE REASON': {raw!r}")
-    return expected
+    return expected | qualified
 
 
 def tracebacks(log: str) -> list[str]:
@@ -110,6 +117,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("tap", type=Path)
     ap.add_argument("--expected", type=Path)
+    ap.add_argument("--via", default="preload", help="how files were handed back (qualified expectations)")
     ap.add_argument("--daemon-log", type=Path)
     args = ap.parse_args()
     got = parse_tap(args.tap.read_text(errors="replace"))
@@ -118,7 +126,7 @@ def main() -> int:
         if g.result == "fail":
             print(f"FAIL {name}: {g.detail}")
     if args.expected is not None:
-        mismatches = compare(got, parse_expected(args.expected.read_text()))
+        mismatches = compare(got, parse_expected(args.expected.read_text(), args.via))
         for m in mismatches:
             print(f"MISMATCH {m}")
         if mismatches:

@@ -16,7 +16,7 @@ from ... import uapi
 from ...errors import Errno
 from ...system import PAGE_SIZE
 from ..access import Access, Pins, pin_pages, unpin_pages
-from ..companion import CLAIM, COMPANION_MAGIC, TOKEN_BASE, HandedFile, refuse_without_companion
+from ..companion import CLAIM, COMPANION_MAGIC, TOKEN_BASE, HandedFile, carrier_of, hand_back, refuse_without_companion
 from ..ioas import get_ioas
 from ..object import Context
 from .md_check import _AddressSpace, _name_page
@@ -100,6 +100,7 @@ class AccessFile(HandedFile):
     destroys the access, as the kernel's staccess release)."""
 
     kind = "access"
+    node = ACCESS_NODE
 
     def on_release(self) -> None:
         if self.obj is not None:
@@ -128,7 +129,8 @@ async def op_create_access(t: SelftestCall) -> int:
     if t.arg.flags & ~uapi.MOCK_FLAGS_ACCESS_CREATE_NEEDS_PIN_PAGES:
         raise Errno(errno.EOPNOTSUPP)
     ctx = t.ctx
-    if t.ucmd.cmd.reserved != COMPANION_MAGIC:
+    carrier = carrier_of(t.ucmd.caller, t.ucmd.cmd.reserved == COMPANION_MAGIC)
+    if carrier is None:
         get_ioas(ctx, t.id)
         refuse_without_companion(log, "IOMMU_TEST_OP_CREATE_ACCESS", "an access")
     # iommufd_access_create makes the object visible at once, then attaches it.
@@ -140,9 +142,10 @@ async def op_create_access(t: SelftestCall) -> int:
         with ctx.hold(ioas):
             async with ioas.iopt.lock:
                 access.attach(ioas)
-        token = AccessFile.issue(t.system, access, t.ucmd.caller.tgid)
         ctx.release_hooks.append(access.close)
-        t.arg.out_access_fd = token
+        t.arg.out_access_fd = await hand_back(
+            AccessFile, t.system, access, t.ucmd.caller, carrier, log, "IOMMU_TEST_OP_CREATE_ACCESS", "an access"
+        )
         t.respond()
     except BaseException:
         access.close()

@@ -17,7 +17,7 @@ from typing import Any
 
 from ...errors import Errno
 from ...system import PAGE_SIZE
-from ..companion import COMPANION_MAGIC, HandedFile, refuse_without_companion
+from ..companion import COMPANION_MAGIC, HandedFile, carrier_of, hand_back, refuse_without_companion
 from .stdev import SelftestCall
 
 log = logging.getLogger(__name__)
@@ -70,6 +70,7 @@ class DmabufFile(HandedFile):
     not the iommufd context (a dma-buf outlives the iommufd that made it)."""
 
     kind = "dmabuf"
+    node = DMABUF_NODE
 
     def claimed(self, obj: Any) -> None:
         self.obj = obj
@@ -89,27 +90,39 @@ class DmabufFile(HandedFile):
             self.obj = None
 
 
-def op_dmabuf_get(t: SelftestCall) -> int:
+async def op_dmabuf_get(t: SelftestCall) -> int:
     """DMABUF_GET: length rounded up to pages, 0 or over 512 pages EINVAL; a new
-    dma-buf of zeroed memory whose fd is the return value (through the companion;
-    without it EOPNOTSUPP, logged)."""
+    dma-buf of zeroed memory whose fd is the return value (through the companion or a
+    notified call, companion.hand_back; without either EOPNOTSUPP, logged)."""
     length = (t.arg.length + PAGE_SIZE - 1) & ~(PAGE_SIZE - 1)
     if length == 0 or length > DMABUF_MAX_LENGTH:
         raise Errno(errno.EINVAL)
-    if t.ucmd.cmd.reserved != COMPANION_MAGIC:
+    carrier = carrier_of(t.ucmd.caller, t.ucmd.cmd.reserved == COMPANION_MAGIC)
+    if carrier is None:
         refuse_without_companion(log, "IOMMU_TEST_OP_DMABUF_GET", "a dma-buf")
     dmabuf = TestDmabuf(length)
     system = t.system
-    token = DmabufFile.issue(system, dmabuf, t.ucmd.caller.tgid)
 
     def unclaimed() -> None:
         # The context closes with the token never claimed: the dma-buf goes.
-        if DmabufFile.pending(system).pop(token, None) is not None:
-            dmabuf.put()
+        pending = DmabufFile.pending(system)
+        for token, (obj, _tgid) in list(pending.items()):
+            if obj is dmabuf:
+                del pending[token]
+                dmabuf.put()
 
     t.ctx.release_hooks.append(unclaimed)
     dmabuf.unclaimed = (t.ctx, unclaimed)
-    return token
+    try:
+        return await hand_back(
+            DmabufFile, system, dmabuf, t.ucmd.caller, carrier, log, "IOMMU_TEST_OP_DMABUF_GET", "a dma-buf", True
+        )
+    except BaseException:
+        if dmabuf.unclaimed is not None:  # no file holds it (a claimed one puts it at its release)
+            dmabuf.unclaimed = None
+            t.ctx.release_hooks.remove(unclaimed)
+            dmabuf.put()
+        raise
 
 
 async def op_dmabuf_revoke(t: SelftestCall) -> int:
