@@ -13,11 +13,13 @@ from harness import NOBODY, make_daemon, scratch_dir
 EXE = str(Path(sys.executable).parent / "iommufd-cuse")
 
 
-def serve(base: Path, *prefix: str) -> subprocess.CompletedProcess:
+def serve(base: Path, *prefix: str, options: tuple[str, ...] = ()) -> subprocess.CompletedProcess:
+    """`serve` on scratch paths under base (prefix: a command to run it under, options: more of serve's)."""
     argv = [
         *prefix,
         EXE,
         "serve",
+        *options,
         "--dev-dir",
         str(base / "dev"),
         "--mountpoint",
@@ -66,23 +68,7 @@ def test_bad_config() -> None:
     try:
         cfg = base / "bad.toml"
         cfg.write_text("[[device]]\nbdf = 1\n")
-        p = subprocess.run(
-            [
-                EXE,
-                "serve",
-                "--config",
-                str(cfg),
-                "--dev-dir",
-                str(base / "dev"),
-                "--mountpoint",
-                str(base / "mnt"),
-                "--control-socket",
-                "",
-            ],
-            capture_output=True,
-            text=True,
-            timeout=60,
-        )
+        p = serve(base, options=("--config", str(cfg)))
         one_line_error(p)
         assert not (base / "dev").exists()
     finally:
@@ -97,23 +83,7 @@ def test_unknown_model_option() -> None:
             "[[iommu]]\nname='a'\n[[device]]\nbdf='0000:00:01.0'\nmodel='dma-engine'\n"
             "iommu='a'\ngroup=1\nwarp_speed=9\n"
         )
-        p = subprocess.run(
-            [
-                EXE,
-                "serve",
-                "--config",
-                str(cfg),
-                "--dev-dir",
-                str(base / "dev"),
-                "--mountpoint",
-                str(base / "mnt"),
-                "--control-socket",
-                "",
-            ],
-            capture_output=True,
-            text=True,
-            timeout=60,
-        )
+        p = serve(base, options=("--config", str(cfg)))
         one_line_error(p, "0000:00:01.0", "warp_speed")
     finally:
         shutil.rmtree(base, ignore_errors=True)
