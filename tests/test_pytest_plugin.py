@@ -35,6 +35,15 @@ def project(tmp_path: Path) -> Path:
     return tmp_path
 
 
+def section(output: str, title: str) -> str:
+    """One test's report in pytest's output: from its header to the next header or summary line.
+    (On CI, pytest prints the summary's messages untruncated, so the rest of the output says more.)"""
+    start = output.index(title)
+    body = output.index("\n", start) + 1
+    end = re.search(r"^(_{3,} |={3,} )", output[body:], re.M)
+    return output[start : body + end.start()] if end else output[start:]
+
+
 def bases(output: str) -> set[str]:
     """The daemons' scratch directories named in a run's output."""
     return set(re.findall(r"(/tmp/iommufd-cuse-pytest-[\w-]+?)/dev/", output))
@@ -131,11 +140,11 @@ def test_every_kind_of_leak_is_named(project: Path) -> None:
     out = p.stdout
     assert p.returncode == 1, out + p.stderr
     assert "2 failed, 3 passed, 2 errors" in out
-    leak1 = out[out.index("ERROR at teardown of test_context_left_open") :]
+    leak1 = section(out, "ERROR at teardown of test_context_left_open")
     # the fixture's context is 1, the test's own 2
     assert "left state behind in the daemon:\n  - context 2 (pid " in leak1
     assert re.search(r"  - context 2 \(pid \d+ \S+, tid \d+\) is still open: close it\n\n", leak1)
-    leak2 = out[out.index("ERROR at teardown of test_device_left_open_pins_and_owns") :]
+    leak2 = section(out, "ERROR at teardown of test_device_left_open_pins_and_owns")
     assert re.search(
         r"  - context 2 \(pid \d+ \S+, tid \d+\) is still open, holding device 1, ioas 2 "
         r"\(1 area, 16 pages pinned\), hwpt_paging 3: close it\n"
@@ -145,12 +154,12 @@ def test_every_kind_of_leak_is_named(project: Path) -> None:
     )
     assert "the daemon's status after the test:" in leak2 and "0x0000000000100000       0x10000  rw" in leak2
     assert "PASSED test_leaks.py::test_then_the_daemon_is_clean_again" in out
-    failed = out[out.index("_ test_a_failure_carries_the_daemon_log _") :]
+    failed = section(out, "_ test_a_failure_carries_the_daemon_log _")
     assert "the test's own failure" in failed
     log = failed[failed.index("iommufd-cuse daemon log") :]
     assert "0000:00:04.0 bound to a context as device 1" in log
     assert "left state behind" not in failed  # it left nothing: the fixture's close released it
-    alone = out[out.index("_ test_so_does_one_with_the_daemon_alone _") :]
+    alone = section(out, "_ test_so_does_one_with_the_daemon_alone _")
     assert "a failure without the leak check" in alone
     log = alone[alone.index("iommufd-cuse daemon log") :]
     assert "0000:00:04.0 bound to a context as device 1" in log  # (its release is logged later, maybe after)
