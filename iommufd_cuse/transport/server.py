@@ -93,14 +93,22 @@ class FuseServer:
         MAX_QUEUED) into a queue of its process, and the queues are served
         round robin, one request each per round. A process with many threads
         blocked on the daemon then delays another's single request by at most
-        one of its own requests, not by all of them (the kernel's queue is FIFO)."""
+        one of its own requests, not by all of them (the kernel's queue is FIFO).
+
+        One exception keeps a client's back-to-back calls cheap: a request of
+        the thread served last, read while nothing is queued, is served at once.
+        A thread has one request outstanding at a time, so it was sent after
+        that one was answered and nothing waiting was ahead of it."""
         self.fd = fd
         bufs = (bytearray(BUFSIZE), bytearray(BUFSIZE))
         views = (memoryview(bufs[0]), memoryview(bufs[1]))
         readv = os.readv
+        pid_at = P.IN_HEADER_PID.unpack_from
+        pid_offset = P.IN_HEADER_PID_OFFSET
         queues: dict[int, collections.deque[bytes]] = {}
         queued = 0
-        rounds = 0
+        rounds = 0  # rounds (or requests served at once) since the last checkpoint
+        last_tid = -1  # the thread whose request was served last
         try:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
@@ -125,15 +133,28 @@ class FuseServer:
                                     log.info("file system unmounted")
                                     return
                                 raise
+                            if last < 0 and not queued and pid_at(bufs[b], pid_offset)[0] == last_tid:
+                                break  # the thread served last is back: served at once (see above)
                             if last >= 0:
                                 self._enqueue(queues, views[b ^ 1][:last])
                                 queued += 1
                             last = n
                             b ^= 1
+                        if last < 0 and not drained and not queued:
+                            # The request of the thread served last, alone in bufs[b].
+                            self._dispatch(views[b][:n])
+                            rounds += 1
+                            if rounds >= 16:  # let spawned handlers run under a steady stream
+                                rounds = 0
+                                await trio.lowlevel.checkpoint()
+                            continue
                         if last >= 0:
                             if not queued:
-                                self._dispatch(views[b ^ 1][:last])  # alone: served at once
+                                msg = views[b ^ 1][:last]
+                                last_tid = pid_at(msg, pid_offset)[0]
+                                self._dispatch(msg)  # alone: served at once
                                 if drained:
+                                    rounds = 0
                                     await trio.lowlevel.wait_readable(fd)
                                 continue
                             self._enqueue(queues, views[b ^ 1][:last])
@@ -148,6 +169,7 @@ class FuseServer:
                             queued -= 1
                             if not q:
                                 del queues[key]
+                            last_tid = pid_at(msg, pid_offset)[0]
                             self._dispatch(memoryview(msg))
                         rounds += 1
                         if rounds >= 16:  # let spawned handlers run under a steady stream
