@@ -11,6 +11,7 @@ import errno
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from struct import Struct
 from typing import TYPE_CHECKING, Any
 
 from .. import uapi
@@ -40,10 +41,12 @@ class IoctlOp:
     handler: Handler
     struct: Any
     min_size: int
-    cbuf: Any  # the struct's bytes as read from the caller (reused: dispatch runs on the loop only)
+    buf: bytearray  # the struct's bytes as read from the caller (reused: dispatch runs on the loop only)
+    cbuf: Any  # buf as C sees it
 
 
 IOMMUFD_CMD_BASE = 0x80
+_U32 = Struct("<I")  # the size word
 _IOC_NRMASK = 0xFF
 
 
@@ -57,7 +60,8 @@ class IoctlTable:
 
     def register(self, number: int, handler: Handler) -> None:
         struct, min_size = uapi.IOCTL_STRUCTS[number]
-        self.ops[number & _IOC_NRMASK] = IoctlOp(number, handler, struct, min_size, ffi.new("char[]", struct.SIZE))
+        buf = bytearray(struct.SIZE)
+        self.ops[number & _IOC_NRMASK] = IoctlOp(number, handler, struct, min_size, buf, ffi.from_buffer(buf))
         self.last_nr = max(self.last_nr, number & _IOC_NRMASK)
 
     def in_range(self, cmd: int) -> bool:
@@ -73,18 +77,16 @@ class IoctlTable:
         # One read of the whole known struct in the common case; exact reads
         # when that fails (a shorter struct may end just before unmapped memory).
         if lib.icuse_vm_read(caller.tid, arg, op.cbuf, ksize) == 0:
-            raw = ffi.buffer(op.cbuf)
-            user_size = int.from_bytes(raw[0:4], "little")
+            buf = op.buf
+            user_size = _U32.unpack_from(buf)[0]
             if user_size < op.min_size:
                 raise Errno(errno.EINVAL)
             if user_size < ksize:
-                buf = raw[:user_size] + bytes(ksize - user_size)
-            else:
-                buf = raw[:]
-                if user_size > ksize:
-                    pending = check_zeroed_user(caller, arg + ksize, user_size - ksize)
-                    if pending is not None:
-                        return self._dispatch_after(pending, op, ctx, caller, arg, user_size)
+                buf[user_size:] = bytes(ksize - user_size)  # what the caller's struct does not have
+            elif user_size > ksize:
+                pending = check_zeroed_user(caller, arg + ksize, user_size - ksize)
+                if pending is not None:
+                    return self._dispatch_after(pending, op, ctx, caller, arg, user_size)
         else:
             user_size = int.from_bytes(caller.read(arg, 4), "little")
             if user_size < op.min_size:

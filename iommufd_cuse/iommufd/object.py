@@ -249,6 +249,10 @@ class Ucmd:
     def respond_field(self, name: str) -> None:
         """Copy back a single field, as handlers that write one member do."""
         off, size = self.struct.FIELDS[name]
+        value = getattr(self.cmd, name)
+        if type(value) is int and size <= 8:  # a scalar: its bytes alone
+            self.caller.write(self.arg + off, value.to_bytes(size, "little", signed=value < 0))
+            return
         data = self.struct.pack(self.cmd)
         self.caller.write(self.arg + off, data[off : off + size])
 

@@ -13,6 +13,7 @@ import errno
 import inspect
 import logging
 import os
+import struct
 import time
 
 import trio
@@ -212,7 +213,7 @@ class FuseServer:
         if self.removed and opcode not in P.AFTER_REMOVAL:
             self.reply_error(unique, errno.ENODEV)  # as a removed device answers its open files
             return
-        req = Request(unique, opcode, nodeid, Caller(pid, uid, gid), server=self)
+        req = Request(unique, opcode, nodeid, Caller(pid, uid, gid), 0, self)
         try:
             op(req, body)
         except Errno as e:
@@ -377,11 +378,20 @@ class FuseServer:
     def _ioctl(self, req: Request, body: memoryview) -> None:
         fh, flags, cmd, arg, _in_size, _out_size = P.IOCTL_IN.unpack_from(body)
         req.fh = fh
-        handle = self._handle(fh)
+        handle = self.handles.get(fh)  # (self._handle, inline: every ioctl comes here)
+        if handle is None:
+            raise Errno(errno.EBADF)
         if cmd == IDENTIFY and answer_identify(cmd, arg, req.caller.ppid, handle):
             self.reply(req.unique, _pack_ioctl(0))
             return
         result = handle.ioctl(req, cmd, arg)
+        if type(result) is int:  # answered now, the common case: one write of header and result
+            try:
+                os.write(self.fd, _IOCTL_REPLY.pack(_IOCTL_REPLY.size, 0, req.unique, result, 0, 0, 0))
+            except OSError as e:
+                if e.errno != errno.ENOENT:
+                    log.warning("reply failed: %s", e)
+            return
         self._answer(req, result, _pack_ioctl)
 
     def _read(self, req: Request, body: memoryview) -> None:
@@ -463,6 +473,7 @@ def _pack_ioctl(result: int) -> bytes:
 
 
 _IOCTL_OK = P.IOCTL_OUT.pack(0, 0, 0, 0)  # most answers
+_IOCTL_REPLY = struct.Struct("<" + P.OUT_HEADER.format[1:] + P.IOCTL_OUT.format[1:])  # out header + ioctl out
 
 
 def _pack_write(n: int) -> bytes:
