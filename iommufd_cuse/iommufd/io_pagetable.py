@@ -547,7 +547,7 @@ class Allowed:
 
     __slots__ = ("words",)
 
-    def __init__(self, words: array.array | None = None) -> None:
+    def __init__(self, words: array.array | memoryview | None = None) -> None:
         self.words = words if words is not None else array.array("Q")
 
     @classmethod
