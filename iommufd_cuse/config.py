@@ -72,6 +72,12 @@ bdf = "0000:00:07.0"      # (size = bytes, backing = "FILE", serial = "...", mod
 model = "nvme"
 iommu = "vtd0"
 group = 7
+
+[[device]]                # a virtio-blk disk (virtio 1.2, 1af4:1042): 1 GiB of sparse anonymous memory
+bdf = "0000:00:08.0"      # (size, backing = "FILE", serial = "...", read_only, num_queues = 1..16)
+model = "virtio-blk"
+iommu = "vtd0"
+group = 8
 """
 
 

@@ -116,7 +116,7 @@ LAYERS: dict[str, tuple[str, ...]] = {
     "system": ("errors", "_native"),
     "iommufd": ("errors", "_native", "uapi", "config", "transport", "iommu", "system", "iommufd"),
     # device models see their DMA port, interrupt sink and config space, nothing else
-    "vfio.pci": ("vfio.pci.model", "vfio.pci.config"),
+    "vfio.pci": ("vfio.pci.model", "vfio.pci.config", "vfio.pci.blockstore"),
     # the vfio-pci driver: DMA through the IOMMU layer's domains, never the native library
     "vfio.pci.core": ("errors", "uapi", "iommu.core", "iommu.domain", "system", "transport.caller", "vfio.pci"),
     "vfio": ("errors", "uapi", "transport", "iommu", "iommufd", "vfio"),

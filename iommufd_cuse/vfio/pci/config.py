@@ -76,6 +76,7 @@ PCI_CAP_LIST_ID = 0
 PCI_CAP_LIST_NEXT = 1
 PCI_CAP_ID_PM = 0x01
 PCI_CAP_ID_MSI = 0x05
+PCI_CAP_ID_VNDR = 0x09
 PCI_CAP_ID_EXP = 0x10
 PCI_CAP_ID_MSIX = 0x11
 
@@ -235,6 +236,10 @@ class ConfigSpace:
             caps.append((PCI_CAP_ID_MSIX, PCI_CAP_MSIX_SIZEOF, lambda off: self._build_msix(off, fn)))
         if self.express:
             caps.append((PCI_CAP_ID_EXP, PCI_CAP_EXP_ENDPOINT_SIZEOF_V2, self._build_exp))
+        # Vendor-specific capabilities (virtio's structures): read-only bytes after the id and
+        # next pointer, the first of them the capability's length as the vendor defines it.
+        for body in getattr(fn, "vendor_caps", ()):
+            caps.append((PCI_CAP_ID_VNDR, 2 + len(body), lambda off, b=bytes(body): self._build_vendor(off, b)))
         pos = PCI_STD_HEADER_SIZEOF
         prev = PCI_CAPABILITY_LIST
         for cap_id, length, build in caps:
@@ -242,7 +247,7 @@ class ConfigSpace:
             self._set(pos + PCI_CAP_LIST_ID, 1, cap_id)
             self._set(pos + PCI_CAP_LIST_NEXT, 1, 0)
             self._region[pos : pos + length] = [pos] * length
-            self._caps[cap_id] = pos
+            self._caps.setdefault(cap_id, pos)  # the first of an id (vendor capabilities may repeat)
             build(pos)
             prev = pos + PCI_CAP_LIST_NEXT
             pos = (pos + length + 3) & ~3
@@ -319,6 +324,9 @@ class ConfigSpace:
         self._set(off + PCI_MSIX_FLAGS, 2, self.msix_vectors - 1, PCI_MSIX_FLAGS_ENABLE | PCI_MSIX_FLAGS_MASKALL)
         self._set(off + PCI_MSIX_TABLE, 4, int(getattr(fn, "msix_table_offset", 0)) | bir)
         self._set(off + PCI_MSIX_PBA, 4, int(getattr(fn, "msix_pba_offset", 0)) | bir)
+
+    def _build_vendor(self, off: int, body: bytes) -> None:
+        self._cfg[off + 2 : off + 2 + len(body)] = body
 
     def _build_exp(self, off: int) -> None:
         self._set(off + PCI_EXP_FLAGS, 2, EXP_FLAGS)

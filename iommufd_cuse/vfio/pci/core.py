@@ -22,6 +22,7 @@ from .dmaengine import DmaEngine
 from .edu import Edu
 from .model import DmaFault, PciFunction
 from .nvme import Nvme
+from .virtio_blk import VirtioBlk
 
 log = logging.getLogger(__name__)
 
@@ -35,7 +36,7 @@ DMA_CHUNK = 1 << 21  # a DMA runs off the event loop above this size
 
 
 def _models() -> dict[str, type[PciFunction]]:
-    return {"edu": Edu, "dma-engine": DmaEngine, "nvme": Nvme}
+    return {"edu": Edu, "dma-engine": DmaEngine, "nvme": Nvme, "virtio-blk": VirtioBlk}
 
 
 class GroupDmaPort:
@@ -72,6 +73,10 @@ class GroupDmaPort:
 
     def write(self, iova: int, data: bytes) -> None:
         self._rw(iova, bytearray(data), True)
+
+    def transfer(self, iova: int, buf: memoryview, to_host: bool) -> None:
+        """Between host memory at iova and a device-side buffer, without a copy in between."""
+        self._rw(iova, buf, to_host)
 
     def prp_batch(self, page_size: int, xfers: list[tuple[int, int, memoryview, bool]]) -> list[int | DmaFault]:
         """NVMe data transfers (prp1, prp2, device-side buffer, to_host), walked and

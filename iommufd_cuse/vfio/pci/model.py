@@ -43,6 +43,11 @@ class DmaPort(Protocol):
         """copy() for a model already off the event loop (in a worker thread of its own)."""
         ...
 
+    def transfer(self, iova: int, buf: memoryview, to_host: bool) -> None:
+        """Read host memory into buf (to_host False) or write buf to it, through the IOMMU;
+        raises DmaFault. For device-side memory (a disk) without a copy in between."""
+        ...
+
     def prp_batch(self, page_size: int, xfers: list[tuple[int, int, memoryview, bool]]) -> list[int | DmaFault]:
         """NVMe transfers (prp1, prp2, device-side buffer, to_host) through PRPs and PRP
         lists, in C: per transfer 0, -EINVAL (a bad PRP offset) or its DmaFault."""
@@ -82,6 +87,7 @@ class PciFunction:
     msix_table_offset = 0  # in that BAR, 8-byte aligned; 16 bytes per vector
     msix_pba_offset = 0x800  # in that BAR, 8-byte aligned; one bit per vector
     intx_pin = 1  # INTA#; 0 for none
+    vendor_caps: list[bytes] = []  # vendor-specific capabilities: each one's bytes after its id and next pointer
 
     def __init__(self, dma: DmaPort, irq: IrqSink, spawn: Callable[[Callable[[], Awaitable[None]]], None]) -> None:
         self.dma = dma
