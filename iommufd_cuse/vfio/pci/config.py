@@ -183,6 +183,12 @@ class ConfigSpace:
         # drive them with set_msi_enabled()/set_msix_enabled().
         self.msi_enable_writable = True
         self.msix_control_writable = True
+        # A model's registers inside its vendor capabilities: on_vendor_read(offset, count) runs
+        # before a read that reaches one (to fill it in), on_vendor_write(offset, count) after a
+        # write to one.
+        self.vendor_cap_offsets: list[int] = []
+        self.on_vendor_read: Callable[[int, int], None] | None = None
+        self.on_vendor_write: Callable[[int, int], None] | None = None
 
         self._cfg = bytearray(self.size)
         self._wmask = bytearray(self.size)
@@ -236,10 +242,13 @@ class ConfigSpace:
             caps.append((PCI_CAP_ID_MSIX, PCI_CAP_MSIX_SIZEOF, lambda off: self._build_msix(off, fn)))
         if self.express:
             caps.append((PCI_CAP_ID_EXP, PCI_CAP_EXP_ENDPOINT_SIZEOF_V2, self._build_exp))
-        # Vendor-specific capabilities (virtio's structures): read-only bytes after the id and
-        # next pointer, the first of them the capability's length as the vendor defines it.
-        for body in getattr(fn, "vendor_caps", ()):
-            caps.append((PCI_CAP_ID_VNDR, 2 + len(body), lambda off, b=bytes(body): self._build_vendor(off, b)))
+        # Vendor-specific capabilities (virtio's structures): the bytes after the id and next
+        # pointer, the first of them the capability's length as the vendor defines it; read-only,
+        # or (body, write mask) where the vendor's registers are writable (vfio-pci passes them
+        # through raw).
+        for cap in getattr(fn, "vendor_caps", ()):
+            body, wmask = (cap, b"") if isinstance(cap, bytes) else cap
+            caps.append((PCI_CAP_ID_VNDR, 2 + len(body), lambda off, b=body, m=wmask: self._build_vendor(off, b, m)))
         pos = PCI_STD_HEADER_SIZEOF
         prev = PCI_CAPABILITY_LIST
         for cap_id, length, build in caps:
@@ -325,8 +334,10 @@ class ConfigSpace:
         self._set(off + PCI_MSIX_TABLE, 4, int(getattr(fn, "msix_table_offset", 0)) | bir)
         self._set(off + PCI_MSIX_PBA, 4, int(getattr(fn, "msix_pba_offset", 0)) | bir)
 
-    def _build_vendor(self, off: int, body: bytes) -> None:
+    def _build_vendor(self, off: int, body: bytes, wmask: bytes) -> None:
         self._cfg[off + 2 : off + 2 + len(body)] = body
+        self._wmask[off + 2 : off + 2 + len(wmask)] = wmask
+        self.vendor_cap_offsets.append(off)
 
     def _build_exp(self, off: int) -> None:
         self._set(off + PCI_EXP_FLAGS, 2, EXP_FLAGS)
@@ -363,6 +374,10 @@ class ConfigSpace:
     def read_bytes(self, offset: int, count: int) -> bytes:
         """pread of the config region: any offset and length inside it."""
         self._chunks(offset, count)
+        if self.on_vendor_read is not None and any(
+            offset < cap + self._cfg[cap + 2] and cap < offset + count for cap in self.vendor_cap_offsets
+        ):
+            self.on_vendor_read(offset, count)
         return bytes(self._cfg[offset : offset + count])
 
     def write_bytes(self, offset: int, data: bytes) -> None:
@@ -435,6 +450,9 @@ class ConfigSpace:
                 self._put(ctrl_at, 2, (ctrl & ~PCI_PM_CTRL_STATE_MASK) | pm_old)
             elif state != pm_old:
                 self._tell("pm")
+        elif region in self.vendor_cap_offsets:
+            if self.on_vendor_write is not None:
+                self.on_vendor_write(pos, n)
         elif region == self._caps.get(PCI_CAP_ID_EXP) and touches(region + PCI_EXP_DEVCTL, 2):
             ctl_at = region + PCI_EXP_DEVCTL
             ctl = self._get(ctl_at, 2)
@@ -470,6 +488,14 @@ class ConfigSpace:
     def restore(self, snap: bytes) -> None:
         """Put a snapshot back (pci_restore_state around a function reset)."""
         self._cfg[:] = snap
+
+    def get_bytes(self, offset: int, count: int) -> bytes:
+        """The bytes as they are, for the function itself (no access rules, no hooks)."""
+        return bytes(self._cfg[offset : offset + count])
+
+    def put_bytes(self, offset: int, data: bytes) -> None:
+        """The function sets bytes of its own registers (a vendor capability's)."""
+        self._cfg[offset : offset + len(data)] = data
 
     def cap_offset(self, cap_id: int) -> int | None:
         return self._caps.get(cap_id)

@@ -42,7 +42,8 @@ F_SIZE_MAX, F_SEG_MAX, F_RO, F_BLK_SIZE, F_FLUSH, F_MQ, F_WRITE_ZEROES = 1, 2, 5
 F_INDIRECT_DESC, F_VERSION_1, F_ACCESS_PLATFORM = 28, 32, 33
 
 # The virtio PCI capabilities (4.1.4): cfg_type, and where each structure is in BAR4
-CAP_COMMON, CAP_NOTIFY, CAP_ISR, CAP_DEVICE = 1, 2, 3, 4
+CAP_COMMON, CAP_NOTIFY, CAP_ISR, CAP_DEVICE, CAP_PCI_CFG = 1, 2, 3, 4, 5
+PCI_CFG_BAR, PCI_CFG_OFFSET, PCI_CFG_LENGTH, PCI_CFG_DATA = 4, 8, 12, 16  # in struct virtio_pci_cfg_cap
 CAPS_BAR = 4
 COMMON_AT, ISR_AT, DEVICE_AT, NOTIFY_AT = 0x0000, 0x1000, 0x2000, 0x3000
 STRUCT_SPAN = 0x1000
@@ -183,26 +184,59 @@ class VirtioBlk(RegisterFunction):
         self._active = False
         self._scope: trio.CancelScope | None = None
         self.config = ConfigSpace(self)
+        self._pci_cfg = self.config.vendor_cap_offsets[-1]
+        self.config.on_vendor_read = self._pci_cfg_read
+        self.config.on_vendor_write = self._pci_cfg_write
         self._power_on()
 
     @staticmethod
-    def _capabilities() -> list[bytes]:
+    def _capabilities() -> list[bytes | tuple[bytes, bytes]]:
         """The bodies of the vendor capabilities (struct virtio_pci_cap after cap_vndr and cap_next)."""
 
-        def cap(cfg_type: int, offset: int, length: int, extra: bytes = b"") -> bytes:
-            body = struct.pack("<BBBB2xII", 16 + len(extra), cfg_type, CAPS_BAR, 0, offset, length) + extra
-            return body
+        def cap(cfg_type: int, offset: int, length: int, extra: bytes = b"", bar: int = CAPS_BAR) -> bytes:
+            return struct.pack("<BBBB2xII", 16 + len(extra), cfg_type, bar, 0, offset, length) + extra
 
+        # the PCI configuration access capability: bar, offset, length and the data window are the driver's
+        window = cap(CAP_PCI_CFG, 0, 0, bytes(4), bar=0)
+        writable = bytes([0, 0, 0xFF, 0, 0, 0]) + b"\xff" * 12
         return [
             cap(CAP_COMMON, COMMON_AT, COMMON_SIZE),
             cap(CAP_ISR, ISR_AT, 1),
             cap(CAP_DEVICE, DEVICE_AT, len(VirtioBlk._device_config_layout())),
             cap(CAP_NOTIFY, NOTIFY_AT, STRUCT_SPAN, struct.pack("<I", NOTIFY_MULTIPLIER)),
+            (window, writable),
         ]
 
     @staticmethod
     def _device_config_layout() -> bytes:
         return bytes(0x3C)  # struct virtio_blk_config up to write_zeroes_may_unmap and its padding
+
+    # -- the PCI configuration access capability (4.1.4.9) -----------------------------
+    def _pci_cfg_window(self) -> tuple[int, int, int] | None:
+        """(bar, offset, length) the driver set, if it is an access the device makes."""
+        bar, offset, length = struct.unpack("<B3xII", self.config.get_bytes(self._pci_cfg + PCI_CFG_BAR, 12))
+        if length not in (1, 2, 4) or offset % length or bar > 5 or self.bars[bar] is None:
+            return None
+        return bar, offset, length
+
+    def _touches_data(self, offset: int, count: int) -> bool:
+        data = self._pci_cfg + PCI_CFG_DATA
+        return offset < data + 4 and data < offset + count
+
+    def _pci_cfg_read(self, offset: int, count: int) -> None:
+        window = self._pci_cfg_window()
+        if window and self._touches_data(offset, count):
+            bar, off, length = window
+            value = self.mmio_read(bar, off, length) if off + length <= self.bars[bar].size else 0
+            self.config.put_bytes(self._pci_cfg + PCI_CFG_DATA, value.to_bytes(length, "little"))
+
+    def _pci_cfg_write(self, offset: int, count: int) -> None:
+        window = self._pci_cfg_window()
+        if window and self._touches_data(offset, count):
+            bar, off, length = window
+            if off + length <= self.bars[bar].size:
+                data = self.config.get_bytes(self._pci_cfg + PCI_CFG_DATA, length)
+                self.mmio_write(bar, off, length, int.from_bytes(data, "little"))
 
     # -- state -----------------------------------------------------------------------
     def _power_on(self) -> None:
