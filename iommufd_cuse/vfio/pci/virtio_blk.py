@@ -77,6 +77,7 @@ REQUEST_MAX = SIZE_MAX * SEG_MAX
 WRITE_ZEROES_MAX = 32768  # sectors in one WRITE_ZEROES (16 MiB)
 QUEUES_MAX = 16
 FETCH_MAX = 64  # requests taken from one queue per turn
+DESC_BUDGET = 2048  # descriptors followed per turn, whatever the chains' lengths (the loop's time is everyone's)
 THREAD_MIN = 2 << 20  # a batch moving more than this runs in a worker thread
 
 SERIAL_DEFAULT = "ICUSE-VBLK0001"
@@ -510,12 +511,15 @@ class VirtioBlk(RegisterFunction):
             return []
         ring = self.dma.read(q.driver + 4, 2 * q.size)
         table = self.dma.read(q.desc, 16 * q.size)
-        reqs = []
-        for k in range(n):
-            slot = (q.last_avail + k) % q.size
+        reqs: list[Request] = []
+        walked = 0
+        while len(reqs) < n and walked < DESC_BUDGET:
+            slot = (q.last_avail + len(reqs)) % q.size
             head = int.from_bytes(ring[2 * slot : 2 * slot + 2], "little")
-            reqs.append(self._chain(q, head, table))
-        q.last_avail = (q.last_avail + n) & U16
+            req = self._chain(q, head, table)
+            reqs.append(req)
+            walked += len(req.readable) + len(req.writable)
+        q.last_avail = (q.last_avail + len(reqs)) & U16
         return reqs
 
     def _chain(self, q: VirtQueue, head: int, table: bytes) -> Request:
