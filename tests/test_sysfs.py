@@ -68,8 +68,18 @@ async def test_edu_as_sysfs_shows_it(daemon):
     assert v["reserved"] == "0x00000000fee00000 0x00000000feefffff msi\n"
     assert {"vfio", "vfio_pci"} <= set(v["modules"])
     assert v["noiommu"] == "N\n"
-    assert v["bound"] == ["0000:00:04.0", "0000:00:05.0", "0000:00:06.0", "0000:00:06.1", "0000:00:07.0", "module"]
+    bound = ["0000:00:04.0", "0000:00:05.0", "0000:00:06.0", "0000:00:06.1", "0000:00:07.0", "0000:00:08.0"]
+    assert v["bound"] == [*bound, "module"]
     assert v["write_errno"] == 13  # EACCES: no store
+
+
+async def test_the_virtio_blk_disk_as_sysfs_shows_it(daemon):
+    v = await read_view(daemon, "0000:00:08.0")
+    assert (v["vendor"], v["device"], v["class"]) == ("0x1af4\n", "0x1042\n", "0x018000\n")
+    assert v["modalias"].startswith("pci:v00001AF4d00001042sv00001DE5sd00000040bc01sc80i00")
+    assert v["iommu_group"] == "../../../kernel/iommu_groups/8" and v["group_devices"] == ["0000:00:08.0"]
+    assert v["vfio_dev"] == ["vfio5"] and v["driver"] == "../../../bus/pci/drivers/vfio-pci"
+    assert v["config_len"] == 4096  # PCI Express
 
 
 async def test_the_nvme_controller_as_sysfs_shows_it(daemon):

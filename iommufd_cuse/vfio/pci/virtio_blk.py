@@ -56,6 +56,7 @@ Q_SELECT, Q_SIZE, Q_MSIX, Q_ENABLE, Q_NOTIFY_OFF = 0x16, 0x18, 0x1A, 0x1C, 0x1E
 Q_DESC, Q_DRIVER, Q_DEVICE = 0x20, 0x28, 0x30
 COMMON_SIZE = 0x38
 NO_VECTOR = 0xFFFF
+ISR_QUEUE, ISR_CONFIG = 1, 2
 
 # Split virtqueues (2.7)
 DESC = struct.Struct("<QIHH")  # addr, len, flags, next
@@ -293,7 +294,9 @@ class VirtioBlk(RegisterFunction):
             self._update_intx()
 
     def _config_interrupt(self) -> None:
-        self._vector(self.config_vector, 2)
+        # the configuration bit is set with MSI-X too, before the vector (4.1.4.5.1)
+        self.isr |= ISR_CONFIG
+        self._vector(self.config_vector, ISR_CONFIG)
 
     def config_changed(self, what: str) -> None:
         if what == "flr":
@@ -493,6 +496,8 @@ class VirtioBlk(RegisterFunction):
                 await trio.lowlevel.checkpoint()  # fair to the event loop between rounds
 
     def _note_fault(self, f: DmaFault) -> None:
+        # kept without its traceback: its frames hold views of the disk, which could then never be closed
+        f.__traceback__ = f.__context__ = None
         self.fault_count += 1
         self.faults.append(f)
         del self.faults[:-256]
@@ -531,8 +536,9 @@ class VirtioBlk(RegisterFunction):
         for _ in range(count + 1):
             addr, length, flags, nxt = DESC.unpack_from(descs, 16 * i)
             if flags & DESC_INDIRECT:
-                if indirect or flags & DESC_NEXT or req.readable or req.writable:
-                    raise ChainError("an indirect descriptor that is not alone in the chain")
+                # zero or more direct descriptors may come before it (2.7.5.3.2), none after, none inside
+                if indirect or flags & DESC_NEXT:
+                    raise ChainError("an indirect descriptor with NEXT, or inside an indirect table")
                 if length % 16 or not 16 <= length <= 16 * INDIRECT_MAX:
                     raise ChainError(f"indirect table of {length} bytes")
                 descs, count, i, indirect = self.dma.read(addr, length), length // 16, 0, True
@@ -650,7 +656,7 @@ class VirtioBlk(RegisterFunction):
             self._needs_reset(f"queue {q.index}: completing: {f}")
             return
         if not no_interrupt:
-            self._vector(q.vector, 1)
+            self._vector(q.vector, ISR_QUEUE)
 
     # -- lifecycle ---------------------------------------------------------------------------
     def stop(self) -> None:
