@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import trio
 
 from .config import ConfigSpace
-from .model import Bar, DmaFault, DmaPort, IrqSink, RegisterFunction
+from .model import Bar, DmaFault, DmaPort, IrqSink, QueuedWork, RegisterFunction
 
 log = logging.getLogger(__name__)
 
@@ -152,7 +152,7 @@ class _Halt(Exception):
         self.write = write
 
 
-class DmaEngine(RegisterFunction):
+class DmaEngine(QueuedWork, RegisterFunction):
     vendor_id = 0x1DE5  # a test id, not registered to this project: see docs/dma-engine.md
     device_id = 0x0001
     revision = 0x01
@@ -173,10 +173,6 @@ class DmaEngine(RegisterFunction):
         super().__init__(dma, irq, spawn)
         self.faults: list[DmaFault] = []  # every DmaFault the engine met (the newest 256)
         self.fault_total = 0  # how many, since the model was made
-        self._gen = 0  # bumped when work in flight must be forgotten (reset, stop, ring change)
-        self._active = False  # an engine task exists
-        self._active_gen = -1  # the generation that task works for
-        self._scope: trio.CancelScope | None = None
         self.config = ConfigSpace(self)
         self._power_on()
 
@@ -204,27 +200,13 @@ class DmaEngine(RegisterFunction):
     def status(self) -> int:
         # BUSY: working for the current generation, or with work to start once the
         # task of a forgotten one (a copy in flight at a reset) has returned
-        busy = self._active and (self._active_gen == self._gen or self._can_run())
+        busy = self._active and (self._active_gen == self._gen or self._has_work())
         st = (ST_BUSY if busy else 0) | (ST_HALTED if self.halted else 0)
         return st | self.error << ST_ERROR_SHIFT
 
-    def _can_run(self) -> bool:
+    def _has_work(self) -> bool:
         return bool(self.control & CTL_ENABLE) and not self.halted and self.ring_valid and self.head != self.tail
 
-    def _kick(self) -> None:
-        if self._active or not self._can_run():
-            return
-        self._active = True
-        self._active_gen = self._gen
-        self.spawn(self._engine)
-
-    def _forget_work(self) -> None:
-        """Whatever the engine task is doing, it must not touch the device again."""
-        self._gen += 1
-        if self._scope is not None:
-            self._scope.cancel()
-
-    # -- interrupts ---------------------------------------------------------------------
     def _update_intx(self) -> None:
         self._drive_intx(self.int_status != 0 and not self.config.msix_enabled)
 
@@ -269,27 +251,8 @@ class DmaEngine(RegisterFunction):
         return _Halt(fault_reason_code(f.reason), source, f.iova, f.write)
 
     # -- the engine -----------------------------------------------------------------------
-    async def _engine(self) -> None:
-        gen = self._gen
-        self._active_gen = gen
-        scope = trio.CancelScope()
-        self._scope = scope
-        finished = False
-        try:
-            with scope:
-                try:
-                    await self._process(gen)
-                except Exception:  # a bug must halt this device, not the daemon
-                    log.exception("dma-engine: engine failed")
-                    if gen == self._gen:
-                        self._halt(_Halt(ERR_OTHER, SRC_FETCH, 0, False), self.head)
-            finished = True  # drained, halted, disabled, or cancelled by reset/stop
-        finally:
-            if self._scope is scope:
-                self._scope = None
-            self._active = False
-        if finished:
-            self._kick()  # work queued for a new generation meanwhile gets a new task
+    def _failed(self) -> None:
+        self._halt(_Halt(ERR_OTHER, SRC_FETCH, 0, False), self.head)
 
     async def _process(self, gen: int) -> None:
         """Work through the ring from HEAD until it is empty, the engine is
@@ -313,7 +276,7 @@ class DmaEngine(RegisterFunction):
         """
         while True:
             await trio.lowlevel.checkpoint()  # fair to the event loop between batches
-            if gen != self._gen or not self._can_run():
+            if gen != self._gen or not self._has_work():
                 return
             index, size = self.head, self.ring_size
             desc_iova = (self.ring_base + index * DESC_SIZE) & U64
@@ -354,7 +317,7 @@ class DmaEngine(RegisterFunction):
         for n, (i, j, total) in enumerate(pieces):
             if n:
                 await trio.lowlevel.checkpoint()
-                if b.gen != self._gen or not self._can_run():
+                if b.gen != self._gen or not self._has_work():
                     return _STOPPED
             if total:
                 try:

@@ -11,9 +11,14 @@ hardware.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Protocol
+
+import trio
+
+log = logging.getLogger(__name__)
 
 
 class DmaFault(Exception):
@@ -180,3 +185,60 @@ class RegisterFunction(PciFunction):
                     self.irq.msi(v)
         if what == "reset":
             self.msix_pending = 0
+
+
+class QueuedWork:
+    """A model whose work waits in queues in host memory (NVMe queues, virtqueues, a DMA
+    ring): one task at a time does it. `_kick()` starts the task when `_has_work()`;
+    `_forget_work()` (a reset, a stop) moves the generation on and cancels the task, so
+    whatever it was doing touches the device no more; a task that ends looks again, for work
+    that came meanwhile or for the next generation. An exception of the model's own code
+    fails this device (`_failed()`), never the daemon. Mixed into a PciFunction."""
+
+    spawn: Callable[[Callable[[], Awaitable[None]]], None]
+    _gen = 0  # bumped when work in flight must be forgotten
+    _active = False  # a task exists
+    _active_gen = -1  # the generation it works for
+    _scope: trio.CancelScope | None = None
+
+    def _has_work(self) -> bool:
+        raise NotImplementedError
+
+    async def _process(self, gen: int) -> None:
+        """Work until there is none, or gen is no longer the generation."""
+        raise NotImplementedError
+
+    def _failed(self) -> None:
+        """The processing raised: the device's fatal state."""
+        raise NotImplementedError
+
+    def _kick(self) -> None:
+        if self._active or not self._has_work():
+            return
+        self._active = True
+        self._active_gen = self._gen
+        self.spawn(self._work)
+
+    def _forget_work(self) -> None:
+        self._gen += 1
+        if self._scope is not None:
+            self._scope.cancel()
+
+    async def _work(self) -> None:
+        gen = self._gen
+        self._active_gen = gen
+        scope = trio.CancelScope()
+        self._scope = scope
+        try:
+            with scope:
+                try:
+                    await self._process(gen)
+                except Exception:  # a bug must fail this device, not the daemon
+                    log.exception("%s: processing failed", type(self).__name__)
+                    if gen == self._gen:
+                        self._failed()
+        finally:
+            if self._scope is scope:
+                self._scope = None
+            self._active = False
+        self._kick()

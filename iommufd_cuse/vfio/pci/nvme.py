@@ -30,7 +30,7 @@ import trio
 
 from .blockstore import LBA, PAGE, BlockStore
 from .config import ConfigSpace
-from .model import Bar, DmaFault, DmaPort, IrqSink, RegisterFunction
+from .model import Bar, DmaFault, DmaPort, IrqSink, QueuedWork, RegisterFunction
 
 log = logging.getLogger(__name__)
 
@@ -181,7 +181,7 @@ class Io:
     status: int = SC_SUCCESS
 
 
-class Nvme(RegisterFunction):
+class Nvme(QueuedWork, RegisterFunction):
     vendor_id = 0x1DE5  # the test vendor id of docs/dma-engine.md: Linux binds by class, with no quirks
     device_id = 0x0002
     revision = 0x01
@@ -219,9 +219,6 @@ class Nvme(RegisterFunction):
         self.blocks_read = self.blocks_written = 0
         self.reads = self.writes = 0
         self.power_cycles = 1
-        self._gen = 0
-        self._active = False
-        self._scope: trio.CancelScope | None = None
         self.config = ConfigSpace(self)
         self._power_on()
 
@@ -269,17 +266,9 @@ class Nvme(RegisterFunction):
     def _ready(self) -> bool:
         return bool(self.csts & CSTS_RDY) and not self.csts & CSTS_CFS and not self.shutdown
 
-    def _forget_work(self) -> None:
-        self._gen += 1
-        if self._scope is not None:
-            self._scope.cancel()
-
-    def _kick(self) -> None:
-        if not self._active and self._ready() and self._has_work():
-            self._active = True
-            self.spawn(self._worker)
-
     def _has_work(self) -> bool:
+        if not self._ready():
+            return False
         if self.events and not self.events_masked and self.aers and 0 in self.cqs and self.cqs[0].room():
             return True
         return any(sq.head != sq.tail and self.cqs[sq.cqid].room() for sq in self.sqs.values())
@@ -432,23 +421,8 @@ class Nvme(RegisterFunction):
         self._kick()
 
     # -- the worker ------------------------------------------------------------------------
-    async def _worker(self) -> None:
-        gen = self._gen
-        scope = trio.CancelScope()
-        self._scope = scope
-        try:
-            with scope:
-                try:
-                    await self._process(gen)
-                except Exception:  # a bug must fail this controller, not the daemon
-                    log.exception("nvme: command processing failed")
-                    if gen == self._gen:
-                        self._fatal("internal error")
-        finally:
-            if self._scope is scope:
-                self._scope = None
-            self._active = False
-        self._kick()  # work that came in after the last look, or for the generation after a reset
+    def _failed(self) -> None:
+        self._fatal("internal error")
 
     async def _process(self, gen: int) -> None:
         first = True

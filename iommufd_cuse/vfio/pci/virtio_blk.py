@@ -26,7 +26,7 @@ import trio
 
 from .blockstore import LBA, BlockStore
 from .config import ConfigSpace
-from .model import Bar, DmaFault, DmaPort, IrqSink, RegisterFunction
+from .model import Bar, DmaFault, DmaPort, IrqSink, QueuedWork, RegisterFunction
 
 log = logging.getLogger(__name__)
 
@@ -126,7 +126,7 @@ def _stream(segs: list[tuple[int, int]], start: int, length: int) -> list[tuple[
     return out
 
 
-class VirtioBlk(RegisterFunction):
+class VirtioBlk(QueuedWork, RegisterFunction):
     vendor_id = 0x1AF4  # virtio
     device_id = 0x1042  # 0x1040 + 2 (block): a non-transitional device
     revision = 0x01  # non-transitional devices have revision 1 or more
@@ -182,9 +182,7 @@ class VirtioBlk(RegisterFunction):
         self.requests = 0
         self.errors = 0
         self.sectors_read = self.sectors_written = 0
-        self._gen = 0
-        self._active = False
-        self._scope: trio.CancelScope | None = None
+        self._notified = False  # a queue was notified (or the device started) since the worker's last look
         self.config = ConfigSpace(self)
         self._pci_cfg = self.config.vendor_cap_offsets[-1]
         self.config.on_vendor_read = self._pci_cfg_read
@@ -248,6 +246,7 @@ class VirtioBlk(RegisterFunction):
     def _device_reset(self) -> None:
         """Device status 0: queues, features and interrupts back to their reset values."""
         self._forget_work()
+        self._notified = False
         self.device_status = 0
         self.isr = 0
         self.dfselect = self.gfselect = 0
@@ -261,17 +260,17 @@ class VirtioBlk(RegisterFunction):
         return bool(self.driver_features >> bit & 1)
 
     def _ready(self) -> bool:
-        return self.device_status & DRIVER_OK and not self.device_status & (DEVICE_NEEDS_RESET | FAILED)
+        return bool(self.device_status & DRIVER_OK) and not self.device_status & (DEVICE_NEEDS_RESET | FAILED)
 
-    def _forget_work(self) -> None:
-        self._gen += 1
-        if self._scope is not None:
-            self._scope.cancel()
+    def _has_work(self) -> bool:
+        return self._notified and self._ready()
 
-    def _kick(self) -> None:
-        if not self._active and self._ready():
-            self._active = True
-            self.spawn(self._worker)
+    def _notify(self) -> None:
+        self._notified = True
+        self._kick()
+
+    def _failed(self) -> None:
+        self._needs_reset("internal error")
 
     def _needs_reset(self, why: str) -> None:
         if self.device_status & DEVICE_NEEDS_RESET:
@@ -304,7 +303,7 @@ class VirtioBlk(RegisterFunction):
             return
         self._msix_config_changed(what)
         if what == "command":
-            self._kick()
+            self._notify()  # bus mastering back on: look at the rings again
         self._update_intx()
 
     # -- registers ------------------------------------------------------------------------
@@ -371,7 +370,7 @@ class VirtioBlk(RegisterFunction):
         if NOTIFY_AT <= offset < NOTIFY_AT + STRUCT_SPAN:
             index, rem = divmod(offset - NOTIFY_AT, NOTIFY_MULTIPLIER)
             if rem == 0 and size in (2, 4) and index < self.num_queues:
-                self._kick()
+                self._notify()
             return
         if COMMON_AT <= offset < COMMON_AT + COMMON_SIZE:
             self._common_write(offset - COMMON_AT, size, value)
@@ -434,7 +433,7 @@ class VirtioBlk(RegisterFunction):
         self.device_status = new
         if new & DRIVER_OK and not old & DRIVER_OK:
             log.info("virtio-blk: driver ready (features %#x)", self.driver_features)
-            self._kick()
+            self._notify()  # buffers made available before DRIVER_OK are looked at now
 
     def _enable_queue(self, q: VirtQueue) -> None:
         if q.desc % 16 or q.driver % 2 or q.device % 4:
@@ -444,29 +443,9 @@ class VirtioBlk(RegisterFunction):
         q.last_avail = q.used_idx = 0
 
     # -- the worker ------------------------------------------------------------------------
-    async def _worker(self) -> None:
-        gen = self._gen
-        scope = trio.CancelScope()
-        self._scope = scope
-        try:
-            with scope:
-                try:
-                    await self._process(gen)
-                except Exception:  # a bug must fail this device, not the daemon
-                    log.exception("virtio-blk: request processing failed")
-                    if gen == self._gen:
-                        self._needs_reset("internal error")
-        finally:
-            if self._scope is scope:
-                self._scope = None
-            self._active = False
-        if gen != self._gen:
-            self._kick()  # reset and set up again while this worker unwound: the next generation's
-
     async def _process(self, gen: int) -> None:
-        busy = True
-        while busy and gen == self._gen and self._ready():
-            busy = False
+        while self._notified and gen == self._gen and self._ready():
+            self._notified = False  # a notification from here on is seen by the next pass
             for q in self.queues:
                 if not q.enabled:
                     continue
@@ -481,7 +460,7 @@ class VirtioBlk(RegisterFunction):
                     return
                 if not reqs:
                     continue
-                busy = True
+                self._notified = True  # there may be more past this batch
                 if sum(len_ for r in reqs for _, len_ in r.readable + r.writable) > THREAD_MIN or (
                     self.disk.fd >= 0 and any(r.type in (T_FLUSH, T_WRITE_ZEROES) for r in reqs)
                 ):
@@ -493,7 +472,7 @@ class VirtioBlk(RegisterFunction):
                 self._complete(q, reqs)
                 if gen != self._gen:
                     return
-                await trio.lowlevel.checkpoint()  # fair to the event loop between rounds
+                await trio.lowlevel.checkpoint()  # fair to the event loop between batches
 
     def _note_fault(self, f: DmaFault) -> None:
         # kept without its traceback: its frames hold views of the disk, which could then never be closed
