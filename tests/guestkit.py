@@ -335,6 +335,37 @@ async def boot(
     return GuestRun(console, int(m.group(1)) if m else None, results, qemu_rc)
 
 
+async def boot_with_vfio_device(
+    dev_dir: str, vfio: int, initrd: Path, *, viommu: bool, qemu_args: Sequence[str] = (), timeout: float = 540
+) -> GuestRun:
+    """boot() with the daemon's /dev/vfio/devices/vfio<vfio> (under dev_dir) passed to QEMU by descriptor
+    (`-object iommufd,fd=N -device vfio-pci,fd=M`); with viommu, behind QEMU's intel-iommu and the guest's
+    `intel_iommu=on`, so that every guest DMA mapping becomes an IOAS_MAP/UNMAP on the daemon. qemu_args: more
+    of QEMU's arguments."""
+    # opened off the loop: the daemon answering the OPEN runs on it
+    iommu = await trio.to_thread.run_sync(os.open, os.path.join(dev_dir, "iommu"), os.O_RDWR)
+    try:
+        dev = await trio.to_thread.run_sync(os.open, os.path.join(dev_dir, f"vfio/devices/vfio{vfio}"), os.O_RDWR)
+    except OSError:
+        await trio.to_thread.run_sync(os.close, iommu)
+        raise
+    try:
+        args = ["-object", f"iommufd,id=iommufd0,fd={iommu}", *qemu_args]
+        if viommu:  # before the device it translates for
+            args += ["-device", "intel-iommu,caching-mode=on"]
+        args += ["-device", f"vfio-pci,fd={dev},iommufd=iommufd0"]
+        return await boot(
+            initrd,
+            qemu_args=args,
+            pass_fds=[iommu, dev],
+            cmdline="intel_iommu=on" if viommu else "",
+            timeout=timeout,
+        )
+    finally:
+        await trio.to_thread.run_sync(os.close, iommu)
+        await trio.to_thread.run_sync(os.close, dev)
+
+
 def scratch() -> Path:
     """A scratch directory for initramfs images and static binaries."""
     return Path(tempfile.mkdtemp(prefix="icuse-guest-", dir="/tmp"))

@@ -8,12 +8,10 @@ again, and a guest reboot, after which the driver probes the controller again an
 
 from __future__ import annotations
 
-import os
 import shutil
 
 import guestkit
 import pytest
-import trio
 from harness import CLIENTS
 from test_device_cdev import assert_released
 
@@ -93,38 +91,22 @@ exit 0
 async def boot_with_nvme(daemon, *, viommu: bool, reboot: bool = False) -> guestkit.GuestRun:
     kit = guestkit.require()
     work = guestkit.scratch()
-    # opened off the loop: the daemon answering the OPEN runs on it
-    iommu = await trio.to_thread.run_sync(os.open, os.path.join(daemon.dev_dir, "iommu"), os.O_RDWR)
-    dev = await trio.to_thread.run_sync(
-        os.open, os.path.join(daemon.dev_dir, f"vfio/devices/vfio{NVME_VFIO}"), os.O_RDWR
-    )
     try:
         initrd = guestkit.Initramfs(kit)
         initrd.add_modules("nvme", *(("9p", "9pnet_virtio") if reboot else ()))
+        args = []
         if reboot:  # the boot without a vIOMMU: device addresses are guest physical, for guest_nvme
             exe = guestkit.compile_static(CLIENTS / "guest_nvme.c", work / "guest_nvme")
             initrd.add_file("/bin/guest_nvme", exe)
+            # the host's root, for its nvme-cli (scripts/setup.sh installs it); a guest reboot resets the
+            # machine (boot() says -no-reboot)
+            args += [*guestkit.virtfs("/"), "-action", "reboot=reset"]
         initrd.script(("REBOOT=1\nUSER_DRIVER=1\nNVME_CLI=1\n" if reboot else "") + SCRIPT)
-        args = ["-object", f"iommufd,id=iommufd0,fd={iommu}"]
-        if reboot:  # the host's root, for its nvme-cli (scripts/setup.sh installs it)
-            args += guestkit.virtfs("/")
-        if viommu:  # before the device it translates for
-            args += ["-device", "intel-iommu,caching-mode=on"]
-        args += ["-device", f"vfio-pci,fd={dev},iommufd=iommufd0"]
-        if reboot:
-            args += ["-action", "reboot=reset"]  # a guest reboot resets the machine (boot() says -no-reboot)
-        run = await guestkit.boot(
-            initrd.build(work / "initrd"),
-            qemu_args=args,
-            pass_fds=[iommu, dev],
-            cmdline="intel_iommu=on" if viommu else "",
-            timeout=540,
+        return await guestkit.boot_with_vfio_device(
+            daemon.dev_dir, NVME_VFIO, initrd.build(work / "initrd"), viommu=viommu, qemu_args=args
         )
     finally:
-        await trio.to_thread.run_sync(os.close, iommu)
-        await trio.to_thread.run_sync(os.close, dev)
         shutil.rmtree(work, ignore_errors=True)
-    return run
 
 
 def assert_round_trip(run: guestkit.GuestRun) -> None:

@@ -16,12 +16,10 @@ BLKZEROOUT / FALLOC_FL_ZERO_RANGE (the host's util-linux, shared by 9p, could; n
 
 from __future__ import annotations
 
-import os
 import shutil
 
 import guestkit
 import pytest
-import trio
 from test_device_cdev import assert_released
 
 from iommufd_cuse.service import collect_status
@@ -81,32 +79,16 @@ exit 0
 async def boot_with_virtio_blk(daemon, *, viommu: bool) -> guestkit.GuestRun:
     kit = guestkit.require()
     work = guestkit.scratch()
-    # opened off the loop: the daemon answering the OPEN runs on it
-    iommu = await trio.to_thread.run_sync(os.open, os.path.join(daemon.dev_dir, "iommu"), os.O_RDWR)
-    dev = await trio.to_thread.run_sync(
-        os.open, os.path.join(daemon.dev_dir, f"vfio/devices/vfio{VBLK_VFIO}"), os.O_RDWR
-    )
     try:
         initrd = guestkit.Initramfs(kit)
         initrd.add_modules("virtio_blk")  # virtio_pci is built into the kit's kernel
         initrd.script(SCRIPT)
         # two CPUs, for the two queues (boot() says -smp 1; the later -smp wins)
-        args = ["-smp", "2", "-object", f"iommufd,id=iommufd0,fd={iommu}"]
-        if viommu:  # before the device it translates for
-            args += ["-device", "intel-iommu,caching-mode=on"]
-        args += ["-device", f"vfio-pci,fd={dev},iommufd=iommufd0"]
-        run = await guestkit.boot(
-            initrd.build(work / "initrd"),
-            qemu_args=args,
-            pass_fds=[iommu, dev],
-            cmdline="intel_iommu=on" if viommu else "",
-            timeout=540,
+        return await guestkit.boot_with_vfio_device(
+            daemon.dev_dir, VBLK_VFIO, initrd.build(work / "initrd"), viommu=viommu, qemu_args=["-smp", "2"]
         )
     finally:
-        await trio.to_thread.run_sync(os.close, iommu)
-        await trio.to_thread.run_sync(os.close, dev)
         shutil.rmtree(work, ignore_errors=True)
-    return run
 
 
 def assert_device_and_round_trip(run: guestkit.GuestRun) -> None:
