@@ -26,11 +26,20 @@
  *       and a configuration change interrupt; reset, set up again, I/O works)
  *   -r  function-level reset (VFIO_DEVICE_RESET) with a request queued, then
  *       set up again, I/O works
+ *   -B FILE  the benchmark (bench/virtio_blk/run.py): the round trip has written
+ *       the first BYTES of the disk through the device, so FILE (the disk's backing
+ *       file) has them in the page cache; then 4 KiB random reads at queue depth 1
+ *       and 32, 1 MiB sequential reads at queue depth 1 and 8 (each a chain of
+ *       size_max segments, within seg_max), into our memory, timed from the first
+ *       notification to the last completion, completions waited for on vector 1's
+ *       eventfd; each case against the same reads of FILE with pread in this
+ *       process, into the same memory, right after. A line per case:
+ *       "bench NAME: device N IOPS X GB/s, pread N IOPS X GB/s, ratio R"
  *   -m anon|memfd  the memory the device reads and writes (default memfd)
- *   -n BYTES  how much of the disk the round trip uses (default 8M)
+ *   -n BYTES  how much of the disk the round trip (and the benchmark) uses (default 8M)
  *
  *   cc -O2 -Wall -Wextra -Werror -Iinclude -o virtio_blk examples/virtio_blk.c
- *   ./virtio_blk [-e] [-r] [-m KIND] [-n BYTES] [IOMMU [DEVICE]]
+ *   ./virtio_blk [-e] [-r] [-B FILE] [-m KIND] [-n BYTES] [IOMMU [DEVICE]]
  *
  * The pattern (as examples/nvme.c's): sector n holds n as a little-endian u64,
  * then bytes (n % 251 + i) & 0xff for i = 0 .. 503. It prints a line per check
@@ -190,7 +199,7 @@ struct write_zeroes {
 #define OFF_ID 0x9000
 #define OFF_WZ 0xa000
 #define OFF_SCRATCH 0x10000 /* 64 KiB for single requests */
-#define OFF_DATA 0x100000   /* the two buffers of the round trip */
+#define OFF_DATA 0x100000   /* the two buffers of the round trip; with -B, the benchmark's slots after them */
 
 static int dev_fd = -1, iommufd = -1, irq[2] = { -1, -1 };
 static uint32_t ioas;
@@ -932,21 +941,153 @@ static void resets(void)
 	read_check("after the function-level reset");
 }
 
+/* -- benchmark ------------------------------------------------------------------------------ */
+
+#define SLOT (1u << 20)   /* a request's buffer */
+#define BENCH_SLOTS 32    /* the deepest queue of the benchmark */
+#define SEED 0x9e3779b97f4a7c15ull
+
+static uint64_t bench_off; /* where the slots are in our memory: after the round trip's buffers */
+static uint64_t rng = SEED;
+
+static uint64_t next_rand(void)
+{
+	rng ^= rng << 13, rng ^= rng >> 7, rng ^= rng << 17;
+	return rng;
+}
+
+static uint8_t *slot_buf(unsigned slot)
+{
+	return mem + bench_off + (uint64_t)slot * SLOT;
+}
+
+static int used_pending(void)
+{
+	return __atomic_load_n((volatile uint16_t *)(used + 2), __ATOMIC_ACQUIRE) != last_used;
+}
+
+struct result {
+	double iops, gbps;
+};
+
+/* count reads of size bytes, qd in flight, random (within span) or sequential. A request in
+ * slot s is a chain at descriptors s * per ..: header, data segments of at most size_max
+ * bytes (at most seg_max of them), status. Notified once per batch of requests made
+ * available; every used element there is taken before the slots are refilled. */
+static struct result bench_dev(uint32_t size, unsigned qd, uint64_t span, int random, uint64_t count)
+{
+	uint32_t seg = seg_limit(size);
+	unsigned nseg = (size + seg - 1) / seg, per = nseg + 2;
+	unsigned free_slots[BENCH_SLOTS], nfree = 0;
+	uint64_t issued = 0, done = 0, seq = 0;
+	double t0 = 0;
+
+	if (!seg || nseg > segs_limit(nseg))
+		fail("a benchmark request does not fit in seg_max x size_max");
+	if (qd > BENCH_SLOTS || qd * per > qsize)
+		fail("the benchmark's requests do not fit in the queue");
+	for (unsigned s = qd; s-- > 0;)
+		free_slots[nfree++] = s;
+	rng = SEED;
+	while (done < count) {
+		int pushed = 0;
+		while (issued < count && nfree) {
+			uint64_t off = random ? next_rand() % (span / size) * size : seq;
+			seq = (seq + size) % span;
+			unsigned slot = free_slots[--nfree];
+			uint16_t d = slot * per;
+			struct blk_hdr *h = hdr_of(slot);
+			*h = (struct blk_hdr){ .type = T_IN, .sector = off / SECTOR };
+			*status_of(slot) = 0xff;
+			put_desc(d++, iova(h), sizeof(*h), DESC_F_NEXT);
+			for (uint32_t n = 0; n < size; n += seg)
+				put_desc(d++, iova(slot_buf(slot) + n), size - n < seg ? size - n : seg,
+					 DESC_F_NEXT | DESC_F_WRITE);
+			put_desc(d, iova(status_of(slot)), 1, DESC_F_WRITE);
+			push(slot * per);
+			issued++;
+			pushed = 1;
+		}
+		if (pushed) {
+			if (!t0)
+				t0 = now();
+			kick();
+		}
+		do {
+			struct used_elem e = reap();
+			unsigned slot = e.id / per;
+			if (e.id % per || slot >= qd)
+				fail("used element with an id we did not submit");
+			must_ok(*status_of(slot), e.len, size + 1, "benchmark read");
+			free_slots[nfree++] = slot;
+			done++;
+		} while (used_pending());
+	}
+	double t = now() - t0;
+	return (struct result){ count / t, count * (double)size / t / 1e9 };
+}
+
+/* The same reads with pread, in the same order, into the same slots. */
+static struct result bench_pread(int fd, uint32_t size, unsigned qd, uint64_t span, int random, uint64_t count)
+{
+	uint64_t seq = 0;
+	double t0 = now();
+
+	rng = SEED;
+	for (uint64_t i = 0; i < count; i++) {
+		uint64_t off = random ? next_rand() % (span / size) * size : seq;
+		seq = (seq + size) % span;
+		if (pread(fd, slot_buf(i % qd), size, off) != (ssize_t)size)
+			die("pread of the backing file");
+	}
+	double t = now() - t0;
+	return (struct result){ count / t, count * (double)size / t / 1e9 };
+}
+
+static void bench(const char *file, uint64_t span)
+{
+	int fd = open(file, O_RDONLY | O_CLOEXEC);
+	if (fd < 0)
+		die(file);
+	static const struct {
+		const char *name;
+		uint32_t size;
+		unsigned qd;
+		int random;
+		uint64_t count;
+	} cases[] = {
+		{ "4k-random-qd1", 4096, 1, 1, 4000 },
+		{ "4k-random-qd32", 4096, 32, 1, 16000 },
+		{ "1m-seq-qd1", 1 << 20, 1, 0, 512 },
+		{ "1m-seq-qd8", 1 << 20, 8, 0, 1024 },
+	};
+	for (unsigned i = 0; i < sizeof(cases) / sizeof(cases[0]); i++) {
+		struct result d = bench_dev(cases[i].size, cases[i].qd, span, cases[i].random, cases[i].count);
+		struct result p = bench_pread(fd, cases[i].size, cases[i].qd, span, cases[i].random, cases[i].count);
+		printf("bench %s: device %.0f IOPS %.3f GB/s, pread %.0f IOPS %.3f GB/s, ratio %.3f\n", cases[i].name,
+		       d.iops, d.gbps, p.iops, p.gbps, d.iops / p.iops);
+	}
+	close(fd);
+}
+
 /* -- main ---------------------------------------------------------------------------------- */
 
 int main(int argc, char **argv)
 {
 	int do_errors = 0, do_reset = 0, use_memfd = 1, opt;
+	const char *bench_file = NULL;
 	uint64_t bytes = 8 << 20;
 
-	while ((opt = getopt(argc, argv, "erm:n:")) != -1) {
+	while ((opt = getopt(argc, argv, "erB:m:n:")) != -1) {
 		switch (opt) {
 		case 'e': do_errors = 1; break;
 		case 'r': do_reset = 1; break;
+		case 'B': bench_file = optarg; break;
 		case 'm': use_memfd = strcmp(optarg, "anon") != 0; break;
 		case 'n': bytes = strtoull(optarg, NULL, 0) << (strchr(optarg, 'M') ? 20 : 0); break;
 		default:
-			fprintf(stderr, "usage: %s [-e] [-r] [-m anon|memfd] [-n BYTES] [IOMMU [DEVICE]]\n", argv[0]);
+			fprintf(stderr, "usage: %s [-e] [-r] [-B FILE] [-m anon|memfd] [-n BYTES] [IOMMU [DEVICE]]\n",
+				argv[0]);
 			return 2;
 		}
 	}
@@ -985,9 +1126,13 @@ int main(int argc, char **argv)
 		fail("fewer than 2 MSI-X vectors");
 	printf("msi-x: %u vectors\n", irq_info.count);
 
-	/* Memory: rings, headers, tables, scratch, then the two buffers of the round trip. */
+	/* Memory: rings, headers, tables, scratch, then the two buffers of the round trip
+	 * (and, with -B, the benchmark's slots of 1 MiB). */
 	mem_size = OFF_DATA + 2 * (bytes + PAGE);
 	mem_size = (mem_size + (1 << 20) - 1) & ~(uint64_t)((1 << 20) - 1);
+	bench_off = mem_size;
+	if (bench_file)
+		mem_size += BENCH_SLOTS * SLOT;
 	if (use_memfd) {
 		int fd = memfd_create("virtio_blk", MFD_CLOEXEC);
 		if (fd < 0 || ftruncate(fd, mem_size))
@@ -1044,6 +1189,8 @@ int main(int argc, char **argv)
 		errors();
 	if (do_reset)
 		resets();
+	if (bench_file)
+		bench(bench_file, bytes);
 
 	/* A clean stop: reset the device, as a driver's remove path does. */
 	reset_device(NULL);
