@@ -8,13 +8,12 @@ Clients print one line per call (tests/clients/stepper.h):
 from __future__ import annotations
 
 import errno as E
-import shutil
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 
 import trio
-from harness import make_daemon, scratch_dir
+from harness import serving
 
 from iommufd_cuse import config
 from iommufd_cuse.daemon import Daemon
@@ -94,17 +93,8 @@ CAP_SYS_RESOURCE = 24
 @asynccontextmanager
 async def config_daemon(toml: str) -> AsyncIterator[Daemon]:
     """Like the `daemon` fixture, with a configuration of its own (TOML text)."""
-    base = scratch_dir()
-    try:
-        async with trio.open_nursery() as nursery:
-            d = make_daemon(base, config.parse(toml))
-            await nursery.start(d.run)
-            try:
-                yield d
-            finally:
-                nursery.cancel_scope.cancel()
-    finally:
-        shutil.rmtree(base, ignore_errors=True)
+    async with serving(config.parse(toml)) as d:
+        yield d
 
 
 async def wait_until(predicate: Callable[[], bool], timeout: float = 2.0, what: str = "condition") -> None:

@@ -9,7 +9,9 @@ import shutil
 import subprocess
 import tempfile
 from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
 from pathlib import Path
+from typing import Any
 
 import pytest
 import trio
@@ -70,22 +72,32 @@ def cbuild(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., Path]:
     return build
 
 
-def make_daemon(base: Path, cfg: config.Config | None = None) -> Daemon:
-    return Daemon(cfg or config.load(None), dev_dir=str(base / "dev"), mountpoint=str(base / "mnt"))
+def make_daemon(base: Path, cfg: config.Config | None = None, **kw: Any) -> Daemon:
+    return Daemon(cfg or config.load(None), dev_dir=str(base / "dev"), mountpoint=str(base / "mnt"), **kw)
+
+
+@asynccontextmanager
+async def serving(cfg: config.Config | None = None, base: Path | None = None, **kw: Any) -> AsyncIterator[Daemon]:
+    """A running daemon (cfg, or the embedded default configuration; kw: Daemon's options) with its mount and
+    nodes under base (a new scratch directory if none), which is removed afterwards."""
+    base = base or scratch_dir()
+    try:
+        async with trio.open_nursery() as nursery:
+            d = make_daemon(base, cfg, **kw)
+            await nursery.start(d.run)
+            try:
+                yield d
+            finally:
+                nursery.cancel_scope.cancel()
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
 
 
 @pytest.fixture
 async def daemon() -> AsyncIterator[Daemon]:
     """A running daemon with the embedded default configuration, nodes under a scratch /dev."""
-    base = scratch_dir()
-    try:
-        async with trio.open_nursery() as nursery:
-            d = make_daemon(base)
-            await nursery.start(d.run)
-            yield d
-            nursery.cancel_scope.cancel()
-    finally:
-        shutil.rmtree(base, ignore_errors=True)
+    async with serving() as d:
+        yield d
 
 
 async def run(

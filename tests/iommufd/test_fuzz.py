@@ -9,15 +9,14 @@ import errno
 import json
 import logging
 import os
-import shutil
 import sys
 from collections.abc import AsyncIterator
 
 import pytest
 import trio
-from harness import CLIENTS, run, scratch_dir
+from harness import CLIENTS, run, serving
 
-from iommufd_cuse import config, uapi
+from iommufd_cuse import uapi
 from iommufd_cuse.client import Iommufd
 from iommufd_cuse.daemon import Daemon
 
@@ -53,15 +52,8 @@ ROUNDS = int(os.environ.get("ICUSE_FUZZ_ROUNDS", "1500"))  # per process
 @pytest.fixture
 async def selftest_daemon() -> AsyncIterator[Daemon]:
     """A daemon in test mode: IOMMU_TEST_CMD and its mock IOMMU are fuzzed too."""
-    base = scratch_dir()
-    try:
-        async with trio.open_nursery() as nursery:
-            d = Daemon(config.load(None), dev_dir=str(base / "dev"), mountpoint=str(base / "mnt"), selftest=True)
-            await nursery.start(d.run)
-            yield d
-            nursery.cancel_scope.cancel()
-    finally:
-        shutil.rmtree(base, ignore_errors=True)
+    async with serving(selftest=True) as d:
+        yield d
 
 
 async def test_random_ioctls_from_several_processes_never_break_the_daemon(daemon, caplog):

@@ -12,7 +12,6 @@ from __future__ import annotations
 import errno
 import logging
 import os
-import shutil
 import subprocess
 import sys
 from collections.abc import AsyncIterator
@@ -21,7 +20,7 @@ from pathlib import Path
 import pytest
 import trio
 from clientkit import Step, mismatches, parse_steps, wait_until
-from harness import run, scratch_dir
+from harness import run, serving
 
 from iommufd_cuse import config, uapi
 from iommufd_cuse.daemon import Daemon
@@ -32,15 +31,8 @@ OK = "OK"
 
 
 async def _serve(selftest: bool) -> AsyncIterator[Daemon]:
-    base = scratch_dir()
-    try:
-        async with trio.open_nursery() as nursery:
-            d = Daemon(config.load(None), dev_dir=str(base / "dev"), mountpoint=str(base / "mnt"), selftest=selftest)
-            await nursery.start(d.run)
-            yield d
-            nursery.cancel_scope.cancel()
-    finally:
-        shutil.rmtree(base, ignore_errors=True)
+    async with serving(selftest=selftest) as d:
+        yield d
 
 
 @pytest.fixture

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 import trio
-from harness import make_daemon, run, scratch_dir
+from harness import run, scratch_dir, serving
 
 from iommufd_cuse import config, uapi
 from iommufd_cuse.client import AsyncIommufd, AsyncVfioDevice
@@ -61,15 +61,9 @@ async def file_daemon() -> AsyncIterator:
     nvme = next(d for d in cfg.devices if d.model == "nvme")
     nvme.options = {"size": 64 * MIB, "backing": str(backing), "serial": "TESTSN42", "model_name": "test ctrl"}
     cfg.devices = [nvme]
-    try:
-        async with trio.open_nursery() as nursery:
-            d = make_daemon(base, cfg)
-            await nursery.start(d.run)
-            d.backing = backing
-            yield d
-            nursery.cancel_scope.cancel()
-    finally:
-        shutil.rmtree(base, ignore_errors=True)
+    async with serving(cfg, base) as d:
+        d.backing = backing
+        yield d
 
 
 def open_files(path: Path) -> list[str]:

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 import trio
-from harness import make_daemon, run, scratch_dir
+from harness import run, scratch_dir, serving
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -90,14 +90,8 @@ async def only_virtio_blk(base: Path, **options) -> AsyncIterator:
     vblk = next(d for d in cfg.devices if d.model == "virtio-blk")
     vblk.options = options
     cfg.devices = [vblk]
-    try:
-        async with trio.open_nursery() as nursery:
-            d = make_daemon(base, cfg)
-            await nursery.start(d.run)
-            yield d
-            nursery.cancel_scope.cancel()
-    finally:
-        shutil.rmtree(base, ignore_errors=True)
+    async with serving(cfg, base) as d:
+        yield d
 
 
 @pytest.fixture
