@@ -8,6 +8,7 @@ reset; and, from Python, the config space, the virtio structures and the handsha
 
 from __future__ import annotations
 
+import itertools
 import os
 import re
 import shutil
@@ -430,20 +431,23 @@ async def test_read_only_disk_offers_ro() -> None:
 
 
 @given(
-    st.lists(st.integers(min_value=0, max_value=64), min_size=0, max_size=8),
+    st.lists(st.tuples(st.integers(min_value=0, max_value=64), st.booleans()), min_size=0, max_size=8),
     st.integers(min_value=0, max_value=600),
     st.integers(min_value=0, max_value=600),
 )
-def test_stream_pieces_are_the_slice_of_the_buffers(lengths: list[int], start: int, length: int) -> None:
+def test_stream_pieces_are_the_slice_of_the_buffers(buffers: list[tuple[int, bool]], start: int, length: int) -> None:
     """A request's buffers read as one stream (no layout assumed): the pieces of [start, start + length) are
-    that slice of the concatenated buffers, in order, none empty."""
+    that slice of the concatenated buffers, in order, none empty, buffers that follow each other in IOVA
+    taken as one piece."""
     segs, memory, addr = [], {}, 0x1000
-    for i, n in enumerate(lengths):
+    for i, (n, apart) in enumerate(buffers):
+        addr += 0x100 if apart else 0  # a hole before it: a piece that crossed into it would read nothing
         segs.append((addr, n))
         for k in range(n):
             memory[addr + k] = (i, k)
-        addr += n + 0x100  # buffers apart, so a piece that crosses one's end would read a hole
+        addr += n
     whole = [memory[a + k] for a, n in segs for k in range(n)]
     pieces = VB._stream(segs, start, length)
     assert all(n > 0 for _, n in pieces)
+    assert all(a + n != b for (a, n), (b, _) in itertools.pairwise(pieces))  # contiguous ones are merged
     assert [memory[a + k] for a, n in pieces for k in range(n)] == whole[start : start + length]

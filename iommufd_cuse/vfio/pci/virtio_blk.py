@@ -114,12 +114,18 @@ class Request:
 
 
 def _stream(segs: list[tuple[int, int]], start: int, length: int) -> list[tuple[int, int]]:
-    """The pieces of bytes [start, start + length) of a buffer made of segs."""
-    out, pos = [], 0
+    """The pieces of bytes [start, start + length) of a buffer made of segs: one per run of buffers that
+    follow each other in IOVA (one copy for what a driver split into segments of SIZE_MAX)."""
+    out: list[tuple[int, int]] = []
+    pos = 0
     for iova, n in segs:
         lo, hi = max(start, pos), min(start + length, pos + n)
         if lo < hi:
-            out.append((iova + lo - pos, hi - lo))
+            at = iova + lo - pos
+            if out and out[-1][0] + out[-1][1] == at:
+                out[-1] = (out[-1][0], out[-1][1] + hi - lo)
+            else:
+                out.append((at, hi - lo))
         pos += n
         if pos >= start + length:
             break
