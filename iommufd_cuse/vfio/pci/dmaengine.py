@@ -207,6 +207,7 @@ class DmaEngine(QueuedWork, RegisterFunction):
     def _has_work(self) -> bool:
         return bool(self.control & CTL_ENABLE) and not self.halted and self.ring_valid and self.head != self.tail
 
+    # -- interrupts ---------------------------------------------------------------------
     def _update_intx(self) -> None:
         self._drive_intx(self.int_status != 0 and not self.config.msix_enabled)
 

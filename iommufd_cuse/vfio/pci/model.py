@@ -92,7 +92,8 @@ class PciFunction:
     msix_table_offset = 0  # in that BAR, 8-byte aligned; 16 bytes per vector
     msix_pba_offset = 0x800  # in that BAR, 8-byte aligned; one bit per vector
     intx_pin = 1  # INTA#; 0 for none
-    vendor_caps: list[bytes] = []  # vendor-specific capabilities: each one's bytes after its id and next pointer
+    # vendor-specific capabilities: each one's bytes after its id and next pointer, or (bytes, write mask)
+    vendor_caps: list[bytes | tuple[bytes, bytes]] = []
 
     def __init__(self, dma: DmaPort, irq: IrqSink, spawn: Callable[[Callable[[], Awaitable[None]]], None]) -> None:
         self.dma = dma
