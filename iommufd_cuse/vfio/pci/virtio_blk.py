@@ -55,6 +55,7 @@ MSIX_CONFIG, NUM_QUEUES, STATUS, CONFIG_GENERATION = 0x10, 0x12, 0x14, 0x15
 Q_SELECT, Q_SIZE, Q_MSIX, Q_ENABLE, Q_NOTIFY_OFF = 0x16, 0x18, 0x1A, 0x1C, 0x1E
 Q_DESC, Q_DRIVER, Q_DEVICE = 0x20, 0x28, 0x30
 COMMON_SIZE = 0x38
+DEVICE_CONFIG_SIZE = 0x3C  # struct virtio_blk_config up to write_zeroes_may_unmap and its padding
 NO_VECTOR = 0xFFFF
 ISR_QUEUE, ISR_CONFIG = 1, 2
 
@@ -208,14 +209,10 @@ class VirtioBlk(QueuedWork, RegisterFunction):
         return [
             cap(CAP_COMMON, COMMON_AT, COMMON_SIZE),
             cap(CAP_ISR, ISR_AT, 1),
-            cap(CAP_DEVICE, DEVICE_AT, len(VirtioBlk._device_config_layout())),
+            cap(CAP_DEVICE, DEVICE_AT, DEVICE_CONFIG_SIZE),
             cap(CAP_NOTIFY, NOTIFY_AT, STRUCT_SPAN, struct.pack("<I", NOTIFY_MULTIPLIER)),
             (window, writable),
         ]
-
-    @staticmethod
-    def _device_config_layout() -> bytes:
-        return bytes(0x3C)  # struct virtio_blk_config up to write_zeroes_may_unmap and its padding
 
     # -- the PCI configuration access capability (4.1.4.9) -----------------------------
     def _pci_cfg_window(self) -> tuple[int, int, int] | None:
@@ -362,7 +359,7 @@ class VirtioBlk(QueuedWork, RegisterFunction):
 
     def _device_config(self) -> bytes:
         """struct virtio_blk_config."""
-        b = bytearray(len(self._device_config_layout()))
+        b = bytearray(DEVICE_CONFIG_SIZE)
         struct.pack_into("<QII", b, 0, self.disk.blocks, SIZE_MAX, SEG_MAX)  # capacity, size_max, seg_max
         struct.pack_into("<I", b, 0x14, LBA)  # blk_size (geometry at 0x10 not offered)
         struct.pack_into("<H", b, 0x22, self.num_queues)  # num_queues
