@@ -8,7 +8,9 @@ Compiles bench/isolation/victim.c and the hostile client of the tests
 directory, and times N IOMMU_OPTION round trips of the victim (each timed, 200 us
 apart) alone, then while the hostile client loops on each of: IOAS_ALLOC with a
 4 GiB zero tail, GET_HW_INFO with data_len 4 GiB before a guard page, ALLOW_IOVAS
-with 2^20 ranges, IOAS_MAP of 2^63 then attach. Prints p50 and p99 and the p99
+with 2^20 ranges, IOAS_MAP of 2^63 then attach, and a virtio-blk driver whose every
+request is the longest chain the device follows (an indirect table of 1024
+descriptors, 1022 of them 512-byte data buffers), 256 at a time. Prints p50 and p99 and the p99
 ratio to idle (target <= 3), and for each hostile call how long the daemon takes
 to stop on SIGTERM with it in flight (target < 2 s).
 """
@@ -27,7 +29,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchlib import BIN, ROOT, compile_c, serve_daemon  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
-MODES = ["alloc_tail", "hw_info", "allow_iovas", "map_high"]
+MODES = ["alloc_tail", "hw_info", "allow_iovas", "map_high", "virtio_chains"]
+DEVICE = {"virtio_chains": "vfio5"}  # the virtio-blk's cdev in the default topology; the others use the edu at vfio0
 
 
 def victim(exe: Path, node: Path, calls: int) -> tuple[int, int]:
@@ -38,7 +41,7 @@ def victim(exe: Path, node: Path, calls: int) -> tuple[int, int]:
 
 def start_hostile(exe: Path, mode: str, dev: Path) -> subprocess.Popen:
     p = subprocess.Popen(
-        [str(exe), mode, str(dev / "iommu"), str(dev / "vfio" / "devices" / "vfio0"), "0"],
+        [str(exe), mode, str(dev / "iommu"), str(dev / "vfio" / "devices" / DEVICE.get(mode, "vfio0")), "0"],
         stdout=subprocess.PIPE,
         stderr=subprocess.DEVNULL,
         text=True,

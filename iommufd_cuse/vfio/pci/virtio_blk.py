@@ -12,14 +12,15 @@ refuses completes with VIRTIO_BLK_S_IOERR (the port records the fault); a ring o
 descriptor table it cannot read or write, or a malformed descriptor chain, puts the
 device in DEVICE_NEEDS_RESET with a configuration interrupt, as QEMU's virtio_error does.
 A request moves at most SEG_MAX * SIZE_MAX bytes (what the device configuration
-advertises); batches moving much run in a worker thread. docs/virtio-blk.md has the rest.
+advertises); batches moving much in few pieces run in a worker thread, the rest on the event
+loop a slice at a time (chains followed, copies made). docs/virtio-blk.md has the rest.
 """
 
 from __future__ import annotations
 
 import logging
 import struct
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Generator, Iterator
 from dataclasses import dataclass
 
 import trio
@@ -80,7 +81,12 @@ WRITE_ZEROES_MAX = 32768  # sectors in one WRITE_ZEROES (16 MiB)
 QUEUES_MAX = 16
 FETCH_MAX = 64  # requests taken from one queue per turn
 DESC_BUDGET = 2048  # descriptors followed per turn, whatever the chains' lengths (the loop's time is everyone's)
-THREAD_MIN = 2 << 20  # a batch moving more than this runs in a worker thread
+THREAD_MIN = 2 << 20  # a batch moving more than this in at most THREAD_PIECES pieces runs in a worker thread
+THREAD_PIECES = SEG_MAX  # (more, each with Python around its copy, would hold the GIL the loop waits for)
+# The rest runs on the event loop, a slice at a time (a checkpoint between two):
+LOOP_SLICE = 64  # descriptors followed
+LOOP_COPIES = 4  # DMA copies made (each a few microseconds, however short) ...
+LOOP_BYTES = 128 << 10  # ... or bytes moved; a longer piece is copied in parts of this size
 
 SERIAL_DEFAULT = "ICUSE-VBLK0001"
 
@@ -106,31 +112,49 @@ class VirtQueue:
 class Request:
     queue: VirtQueue
     head: int
-    readable: list[tuple[int, int]]  # (iova, length), device-readable, in chain order
-    writable: list[tuple[int, int]]  # device-writable
+    readable: list[tuple[int, int]]  # (iova, length), device-readable, in chain order: buffers that follow
+    writable: list[tuple[int, int]]  # each other in IOVA as one, none empty; device-writable
     type: int = -1
     sector: int = 0
     status: int = S_OK
     written: int = 0  # bytes the device wrote into writable buffers (the used element's len)
+    fault: DmaFault | None = None  # writing the status byte faulted: the device needs a reset
+    in_len: int = 0  # bytes of the device-readable buffers
+    out_len: int = 0  # bytes of the device-writable buffers
+    descs: int = 0  # descriptors of the chain (an indirect one not counted)
+    any_writable: bool = False  # a device-writable descriptor, even an empty one
 
 
-def _stream(segs: list[tuple[int, int]], start: int, length: int) -> list[tuple[int, int]]:
+# A request's work a step at a time: each DMA copy yields the bytes it moved; the value is the status.
+Steps = Generator[int, None, int]
+
+
+def _pieces(segs: list[tuple[int, int]], start: int, length: int) -> Iterator[tuple[int, int]]:
     """The pieces of bytes [start, start + length) of a buffer made of segs: one per run of buffers that
-    follow each other in IOVA (one copy for what a driver split into segments of SIZE_MAX)."""
-    out: list[tuple[int, int]] = []
+    follow each other in IOVA (one copy for what a driver split into segments of SIZE_MAX), each given
+    as soon as the next buffer does not continue it."""
+    cur: tuple[int, int] | None = None
     pos = 0
     for iova, n in segs:
         lo, hi = max(start, pos), min(start + length, pos + n)
         if lo < hi:
             at = iova + lo - pos
-            if out and out[-1][0] + out[-1][1] == at:
-                out[-1] = (out[-1][0], out[-1][1] + hi - lo)
+            if cur and cur[0] + cur[1] == at:
+                cur = (cur[0], cur[1] + hi - lo)
             else:
-                out.append((at, hi - lo))
+                if cur:
+                    yield cur
+                cur = (at, hi - lo)
         pos += n
         if pos >= start + length:
             break
-    return out
+    if cur:
+        yield cur
+
+
+def _stream(segs: list[tuple[int, int]], start: int, length: int) -> list[tuple[int, int]]:
+    """_pieces as a list."""
+    return list(_pieces(segs, start, length))
 
 
 class VirtioBlk(QueuedWork, RegisterFunction):
@@ -453,7 +477,7 @@ class VirtioBlk(QueuedWork, RegisterFunction):
                 if not q.enabled:
                     continue
                 try:
-                    reqs = self._take(q)
+                    reqs = await self._take(q)
                 except DmaFault as f:
                     self._note_fault(f)
                     self._needs_reset(f"queue {q.index}: {f}")
@@ -464,12 +488,17 @@ class VirtioBlk(QueuedWork, RegisterFunction):
                 if not reqs:
                     continue
                 self._notified = True  # there may be more past this batch
-                if sum(len_ for r in reqs for _, len_ in r.readable + r.writable) > THREAD_MIN or (
+                # Long copies in few pieces go to a worker thread (the GIL released through them);
+                # the rest runs on the loop a few copies at a time. Not a batch of many short pieces
+                # in the thread: up to DESC_BUDGET 512-byte copies, the Python around each one holding
+                # the GIL, would keep the loop waiting for it.
+                pieces = sum(len(r.readable) + len(r.writable) for r in reqs)
+                if (pieces <= THREAD_PIECES and sum(r.in_len + r.out_len for r in reqs) > THREAD_MIN) or (
                     self.disk.fd >= 0 and any(r.type in (T_FLUSH, T_WRITE_ZEROES) for r in reqs)
                 ):
-                    await trio.to_thread.run_sync(self._run, reqs)
+                    await trio.to_thread.run_sync(self._run, reqs, gen)
                 else:
-                    self._run(reqs)
+                    await self._run_on_loop(reqs, gen)
                 if gen != self._gen:
                     return  # reset meanwhile: the queue is gone
                 self._complete(q, reqs)
@@ -487,8 +516,9 @@ class VirtioBlk(QueuedWork, RegisterFunction):
     def _u16(self, iova: int) -> int:
         return int.from_bytes(self.dma.read(iova, 2), "little")
 
-    def _take(self, q: VirtQueue) -> list[Request]:
-        """The requests made available on q since the last look (at most FETCH_MAX)."""
+    async def _take(self, q: VirtQueue) -> list[Request]:
+        """The requests made available on q since the last look (at most FETCH_MAX, their chains
+        DESC_BUDGET descriptors), with a checkpoint every LOOP_SLICE descriptors followed."""
         avail_idx = self._u16(q.driver + 2)
         pending = (avail_idx - q.last_avail) & U16
         if pending > q.size:
@@ -500,22 +530,34 @@ class VirtioBlk(QueuedWork, RegisterFunction):
         table = self.dma.read(q.desc, 16 * q.size)
         reqs: list[Request] = []
         walked = 0
+        self._slice = 0
         while len(reqs) < n and walked < DESC_BUDGET:
             slot = (q.last_avail + len(reqs)) % q.size
             head = int.from_bytes(ring[2 * slot : 2 * slot + 2], "little")
-            req = self._chain(q, head, table)
+            req = await self._chain(q, head, table)
             reqs.append(req)
-            walked += len(req.readable) + len(req.writable)
+            walked += req.descs
         q.last_avail = (q.last_avail + len(reqs)) & U16
         return reqs
 
-    def _chain(self, q: VirtQueue, head: int, table: bytes) -> Request:
-        """Follows the descriptor chain at head (with an indirect table, if any)."""
+    _slice = 0  # descriptors followed on the loop since the last checkpoint
+
+    async def _chain(self, q: VirtQueue, head: int, table: bytes) -> Request:
+        """Follows the descriptor chain at head (with an indirect table, if any). A reset while it
+        waits at a checkpoint cancels it (QueuedWork)."""
         if head >= q.size:
             raise ChainError(f"head {head} past the queue size {q.size}")
         req = Request(q, head, [], [])
         descs, count, i, indirect = table, q.size, head, False
-        for _ in range(count + 1):
+        steps = 0  # descriptors followed in the current table: more than it holds is a loop
+        while True:
+            steps += 1
+            if steps > count:
+                raise ChainError("a descriptor chain that loops")
+            self._slice += 1  # a chain of up to 1280 descriptors (256, then an indirect 1024) is not followed in one go
+            if self._slice >= LOOP_SLICE:
+                self._slice = 0
+                await trio.lowlevel.checkpoint()
             addr, length, flags, nxt = DESC.unpack_from(descs, 16 * i)
             if flags & DESC_INDIRECT:
                 # zero or more direct descriptors may come before it (2.7.5.3.2), none after, none inside
@@ -524,19 +566,28 @@ class VirtioBlk(QueuedWork, RegisterFunction):
                 if length % 16 or not 16 <= length <= 16 * INDIRECT_MAX:
                     raise ChainError(f"indirect table of {length} bytes")
                 descs, count, i, indirect = self.dma.read(addr, length), length // 16, 0, True
+                steps = 0  # the table's own bound from here on (up to INDIRECT_MAX, not the queue's size)
                 continue
             if flags & DESC_WRITE:
-                req.writable.append((addr, length))
-            elif req.writable:
+                segs = req.writable
+                req.out_len += length
+                req.any_writable = True
+            elif req.any_writable:
                 raise ChainError("a device-readable descriptor after a device-writable one")
             else:
-                req.readable.append((addr, length))
+                segs = req.readable
+                req.in_len += length
+            req.descs += 1
+            if length:  # a buffer that continues the last one is one with it: one copy, and no walk per buffer
+                if segs and segs[-1][0] + segs[-1][1] == addr:
+                    segs[-1] = (segs[-1][0], segs[-1][1] + length)
+                else:
+                    segs.append((addr, length))
             if not flags & DESC_NEXT:
                 return req
             if nxt >= count:
                 raise ChainError(f"next {nxt} past the table of {count}")
             i = nxt
-        raise ChainError("a descriptor chain that loops")
 
     # -- requests -------------------------------------------------------------------------------
     def _read_stream(self, segs: list[tuple[int, int]], start: int, length: int) -> bytes:
@@ -548,29 +599,64 @@ class VirtioBlk(QueuedWork, RegisterFunction):
             self.dma.write(iova, data[pos : pos + n])
             pos += n
 
-    def _run(self, reqs: list[Request]) -> None:
-        """Each request's work and data (on the loop or in a worker thread)."""
+    def _steps(self, reqs: list[Request], gen: int, part: int) -> Iterator[int]:
+        """Each request's work, data and status byte, a DMA copy (of at most part bytes) at a time:
+        the bytes it moved; a reset meanwhile (gen moved on) forgets the rest of the batch."""
         for r in reqs:
+            if gen != self._gen:
+                return
             try:
-                r.status = self._request(r)
+                r.status = yield from self._request(r, part)
             except DmaFault as f:
                 self._note_fault(f)
                 r.status = S_IOERR
+            self._put_status(r)
+            yield 1
 
-    def _request(self, r: Request) -> int:
-        in_len = sum(n for _, n in r.readable)
-        out_len = sum(n for _, n in r.writable)
-        if in_len < HEADER.size or out_len < 1:
+    def _run(self, reqs: list[Request], gen: int) -> None:
+        """The batch at once (in a worker thread)."""
+        for _ in self._steps(reqs, gen, REQUEST_MAX):
+            pass
+
+    async def _run_on_loop(self, reqs: list[Request], gen: int) -> None:
+        """The batch on the event loop, with a checkpoint every LOOP_COPIES copies or LOOP_BYTES bytes."""
+        copies = moved = 0
+        steps = self._steps(reqs, gen, LOOP_BYTES)
+        try:
+            for n in steps:
+                copies += 1
+                moved += n
+                if copies >= LOOP_COPIES or moved >= LOOP_BYTES:
+                    copies = moved = 0
+                    await trio.lowlevel.checkpoint()
+        finally:
+            steps.close()  # cancelled at a checkpoint (a reset): its frames let go of the disk's views
+
+    def _put_status(self, r: Request) -> None:
+        """The status byte: the last device-writable byte of the chain."""
+        if not r.any_writable:
+            return
+        r.written += 1
+        if r.writable:
+            iova, n = r.writable[-1]
+            try:
+                self.dma.write(iova + n - 1, bytes([r.status]))
+            except DmaFault as f:
+                r.fault = f
+
+    def _request(self, r: Request, part: int) -> Steps:
+        if r.in_len < HEADER.size or r.out_len < 1:
             log.info("virtio-blk: request without a header or a status byte")
             return S_IOERR
         r.type, _, r.sector = HEADER.unpack(self._read_stream(r.readable, 0, HEADER.size))
-        data_in, data_out = in_len - HEADER.size, out_len - 1  # driver -> device, device -> driver
+        yield HEADER.size
+        data_in, data_out = r.in_len - HEADER.size, r.out_len - 1  # driver -> device, device -> driver
         if r.type == T_IN:
-            return self._data(r, r.writable, 0, data_out, to_host=True)
+            return (yield from self._data(r, r.writable, 0, data_out, part, to_host=True))
         if r.type == T_OUT:
             if self.read_only:
                 return S_IOERR
-            return self._data(r, r.readable, HEADER.size, data_in, to_host=False)
+            return (yield from self._data(r, r.readable, HEADER.size, data_in, part, to_host=False))
         if r.type == T_FLUSH:
             try:
                 self.disk.flush()
@@ -588,19 +674,23 @@ class VirtioBlk(QueuedWork, RegisterFunction):
         log.info("virtio-blk: request type %d not supported", r.type)
         return S_UNSUPP
 
-    def _data(self, r: Request, segs: list[tuple[int, int]], start: int, length: int, *, to_host: bool) -> int:
+    def _data(
+        self, r: Request, segs: list[tuple[int, int]], start: int, length: int, part: int, *, to_host: bool
+    ) -> Steps:
         if length % LBA or length > REQUEST_MAX:
             log.info("virtio-blk: %d data bytes (a multiple of %d up to %d)", length, LBA, REQUEST_MAX)
             return S_IOERR
         if r.sector + length // LBA > self.disk.blocks:
             return S_IOERR
         pos = r.sector * LBA
-        view = self.disk.view
-        for iova, n in _stream(segs, start, length):
-            self.dma.transfer(iova, view[pos : pos + n], to_host)
-            pos += n
-            if to_host:
-                r.written += n
+        for iova, n in _pieces(segs, start, length):
+            for at in range(0, n, part):
+                k = min(n - at, part)
+                self.dma.transfer(iova + at, self.disk.view[pos : pos + k], to_host)
+                pos += k
+                if to_host:
+                    r.written += k
+                yield k
         if to_host:
             self.sectors_read += length // LBA
         else:
@@ -620,17 +710,21 @@ class VirtioBlk(QueuedWork, RegisterFunction):
         return S_OK
 
     def _complete(self, q: VirtQueue, reqs: list[Request]) -> None:
-        """Status bytes, used elements and the used index; then the interrupt."""
+        """The used elements (one write, two where the ring wraps) and the used index; then the
+        interrupt. The status bytes were written with each request's data (_steps)."""
         try:
             for r in reqs:
-                if r.writable:
-                    self._write_stream(r.writable, sum(n for _, n in r.writable) - 1, bytes([r.status]))
-                    r.written += 1
                 self.requests += 1
                 self.errors += r.status != S_OK
-                slot = q.used_idx % q.size
-                self.dma.write(q.device + 4 + 8 * slot, struct.pack("<II", r.head, r.written))
-                q.used_idx = (q.used_idx + 1) & U16
+                if r.fault is not None:
+                    raise r.fault
+            elems = b"".join(struct.pack("<II", r.head, r.written) for r in reqs)
+            slot = q.used_idx % q.size
+            first = min(len(reqs), q.size - slot)
+            self.dma.write(q.device + 4 + 8 * slot, elems[: 8 * first])
+            if first < len(reqs):
+                self.dma.write(q.device + 4, elems[8 * first :])
+            q.used_idx = (q.used_idx + len(reqs)) & U16
             self.dma.write(q.device + 2, struct.pack("<H", q.used_idx))
             no_interrupt = self._u16(q.driver) & AVAIL_NO_INTERRUPT
         except DmaFault as f:
