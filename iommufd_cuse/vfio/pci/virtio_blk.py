@@ -633,16 +633,16 @@ class VirtioBlk(QueuedWork, RegisterFunction):
             steps.close()  # cancelled at a checkpoint (a reset): its frames let go of the disk's views
 
     def _put_status(self, r: Request) -> None:
-        """The status byte: the last device-writable byte of the chain."""
-        if not r.any_writable:
+        """The status byte: the last device-writable byte of the chain (none: the chain has no room for it)."""
+        if not r.writable:
+            return
+        iova, n = r.writable[-1]
+        try:
+            self.dma.write(iova + n - 1, bytes([r.status]))
+        except DmaFault as f:
+            r.fault = f
             return
         r.written += 1
-        if r.writable:
-            iova, n = r.writable[-1]
-            try:
-                self.dma.write(iova + n - 1, bytes([r.status]))
-            except DmaFault as f:
-                r.fault = f
 
     def _request(self, r: Request, part: int) -> Steps:
         if r.in_len < HEADER.size or r.out_len < 1:
