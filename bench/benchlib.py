@@ -8,6 +8,7 @@ on sys.path to import this.
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -114,5 +115,53 @@ def serve_daemon(
             cmd = [sys.executable, "-m", "cProfile", "-o", profile, "-m", "iommufd_cuse.cli", *cmd[1:]]
         with fuse_server(cmd, dev / "iommu", mnt, name="the daemon", stop_timeout=stop_timeout) as proc:
             yield proc, dev
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+BLOCK_LINE = re.compile(
+    r"^bench (\S+): device ([0-9.]+) IOPS ([0-9.]+) GB/s, pread ([0-9.]+) IOPS ([0-9.]+) GB/s, ratio ([0-9.]+)$", re.M
+)
+BLOCK_CONFIG = """\
+[[iommu]]
+name = "vtd0"
+hw_info_type = "intel_vtd"
+pgsize_bitmap = 0x40201000
+aperture = [0x0, 0xffffffffffff]
+reserved = [[0xfee00000, 0xfeefffff]]
+
+[[device]]
+bdf = "{bdf}"
+model = "{model}"
+iommu = "vtd0"
+group = {group}
+size = {size}
+backing = "{backing}"
+"""
+
+
+def block_driver_rounds(
+    model: str, bdf: str, group: int, driver: Path, span: int, rounds: int, profile: str | None
+) -> dict[str, list[tuple[float, ...]]]:
+    """A block device bench (bench/nvme, bench/virtio_blk): the daemon serving one device of `model`
+    backed by a file in a scratch directory, its userspace driver run `rounds` times with `-B FILE -n span`;
+    per case the rows (device IOPS, device GB/s, pread IOPS, pread GB/s, ratio) it printed."""
+    scratch = Path(tempfile.mkdtemp(prefix=f"icuse-bench-{model}-", dir="/tmp"))
+    try:
+        backing = scratch / "disk.img"
+        cfg = scratch / "config.toml"
+        fields = {"bdf": bdf, "model": model, "group": group, "size": max(span, 256 << 20), "backing": backing}
+        cfg.write_text(BLOCK_CONFIG.format(**fields))
+        results: dict[str, list[tuple[float, ...]]] = {}
+        with serve_daemon(f"icuse-bench-{model}-", profile=profile, config=cfg) as (_proc, dev):
+            nodes = [str(dev / "iommu"), str(dev / "vfio" / "devices" / "vfio0")]
+            for _ in range(rounds):
+                argv = [str(driver), "-B", str(backing), "-n", str(span), *nodes]
+                p = subprocess.run(argv, capture_output=True, text=True)
+                if p.returncode != 0:
+                    raise SystemExit(f"{argv} exited {p.returncode}\n{p.stdout}\n{p.stderr}")
+                for name, *values in BLOCK_LINE.findall(p.stdout):
+                    results.setdefault(name, []).append(tuple(float(v) for v in values))
+        return results
     finally:
         shutil.rmtree(scratch, ignore_errors=True)

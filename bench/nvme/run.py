@@ -28,37 +28,14 @@ from __future__ import annotations
 
 import argparse
 import os
-import re
-import shutil
 import statistics
-import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchlib import BIN, ROOT, compile_c, serve_daemon  # noqa: E402
+from benchlib import BIN, ROOT, block_driver_rounds, compile_c  # noqa: E402
 
 TARGETS = {f"1m-seq-qd{qd}-{mode}": 0.5 for qd in (1, 8) for mode in ("irq", "polled")}
-LINE = re.compile(
-    r"^bench (\S+): device ([0-9.]+) IOPS ([0-9.]+) GB/s, pread ([0-9.]+) IOPS ([0-9.]+) GB/s, ratio ([0-9.]+)$", re.M
-)
-CONFIG = """\
-[[iommu]]
-name = "vtd0"
-hw_info_type = "intel_vtd"
-pgsize_bitmap = 0x40201000
-aperture = [0x0, 0xffffffffffff]
-reserved = [[0xfee00000, 0xfeefffff]]
-
-[[device]]
-bdf = "0000:00:07.0"
-model = "nvme"
-iommu = "vtd0"
-group = 7
-size = {size}
-backing = "{backing}"
-"""
 
 
 def main() -> int:
@@ -73,23 +50,7 @@ def main() -> int:
         raise SystemExit("--span must be a multiple of 1 MiB")
 
     driver = compile_c(BIN / "nvme", ROOT / "examples" / "nvme.c")
-    scratch = Path(tempfile.mkdtemp(prefix="icuse-bench-nvme-", dir="/tmp"))
-    try:
-        backing = scratch / "namespace.img"
-        cfg = scratch / "config.toml"
-        cfg.write_text(CONFIG.format(size=max(args.span, 256 << 20), backing=backing))
-        results: dict[str, list[tuple[float, ...]]] = {}
-        with serve_daemon("icuse-bench-nvme-", profile=args.profile, config=cfg) as (proc, dev):
-            nodes = [str(dev / "iommu"), str(dev / "vfio" / "devices" / "vfio0")]
-            for _ in range(args.rounds):
-                argv = [str(driver), "-B", str(backing), "-n", str(args.span), *nodes]
-                p = subprocess.run(argv, capture_output=True, text=True)
-                if p.returncode != 0:
-                    raise SystemExit(f"{argv} exited {p.returncode}\n{p.stdout}\n{p.stderr}")
-                for name, *values in LINE.findall(p.stdout):
-                    results.setdefault(name, []).append(tuple(float(v) for v in values))
-    finally:
-        shutil.rmtree(scratch, ignore_errors=True)
+    results = block_driver_rounds("nvme", "0000:00:07.0", 7, driver, args.span, args.rounds, args.profile)
 
     print(
         f"NVMe reads of a {args.span >> 20} MiB span through the controller vs pread of its backing file "

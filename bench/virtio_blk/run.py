@@ -25,36 +25,12 @@ from __future__ import annotations
 
 import argparse
 import os
-import re
-import shutil
 import statistics
-import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchlib import BIN, ROOT, compile_c, serve_daemon  # noqa: E402
-
-LINE = re.compile(
-    r"^bench (\S+): device ([0-9.]+) IOPS ([0-9.]+) GB/s, pread ([0-9.]+) IOPS ([0-9.]+) GB/s, ratio ([0-9.]+)$", re.M
-)
-CONFIG = """\
-[[iommu]]
-name = "vtd0"
-hw_info_type = "intel_vtd"
-pgsize_bitmap = 0x40201000
-aperture = [0x0, 0xffffffffffff]
-reserved = [[0xfee00000, 0xfeefffff]]
-
-[[device]]
-bdf = "0000:00:08.0"
-model = "virtio-blk"
-iommu = "vtd0"
-group = 8
-size = {size}
-backing = "{backing}"
-"""
+from benchlib import BIN, ROOT, block_driver_rounds, compile_c  # noqa: E402
 
 
 def main() -> int:
@@ -69,23 +45,7 @@ def main() -> int:
         raise SystemExit("--span must be a positive multiple of 1 MiB")
 
     driver = compile_c(BIN / "virtio_blk", ROOT / "examples" / "virtio_blk.c")
-    scratch = Path(tempfile.mkdtemp(prefix="icuse-bench-vblk-", dir="/tmp"))
-    try:
-        backing = scratch / "disk.img"
-        cfg = scratch / "config.toml"
-        cfg.write_text(CONFIG.format(size=max(args.span, 256 << 20), backing=backing))
-        results: dict[str, list[tuple[float, ...]]] = {}
-        with serve_daemon("icuse-bench-vblk-", profile=args.profile, config=cfg) as (proc, dev):
-            nodes = [str(dev / "iommu"), str(dev / "vfio" / "devices" / "vfio0")]
-            for _ in range(args.rounds):
-                argv = [str(driver), "-B", str(backing), "-n", str(args.span), *nodes]
-                p = subprocess.run(argv, capture_output=True, text=True)
-                if p.returncode != 0:
-                    raise SystemExit(f"{argv} exited {p.returncode}\n{p.stdout}\n{p.stderr}")
-                for name, *values in LINE.findall(p.stdout):
-                    results.setdefault(name, []).append(tuple(float(v) for v in values))
-    finally:
-        shutil.rmtree(scratch, ignore_errors=True)
+    results = block_driver_rounds("virtio-blk", "0000:00:08.0", 8, driver, args.span, args.rounds, args.profile)
 
     print(
         f"virtio-blk reads of a {args.span >> 20} MiB span through the device vs pread of its backing file "
