@@ -8,8 +8,8 @@ import os
 import shutil
 import subprocess
 import tempfile
-from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -70,6 +70,22 @@ def cbuild(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., Path]:
         return built[key]
 
     return build
+
+
+@contextmanager
+def built_examples(*names: str) -> Iterator[dict[str, Path]]:
+    """examples/NAME.c compiled as a user would (-O2 -Wall -Wextra -Werror) into a scratch directory any user
+    can enter, removed afterwards: name -> binary."""
+    out = scratch_dir()
+    try:
+        exes = {}
+        for name in names:
+            exes[name] = out / name
+            cmd = ["cc", "-O2", "-Wall", "-Wextra", "-Werror", f"-I{INCLUDE}", "-o", str(exes[name])]
+            subprocess.run([*cmd, str(ROOT / "examples" / f"{name}.c")], check=True)
+        yield exes
+    finally:
+        shutil.rmtree(out, ignore_errors=True)
 
 
 def make_daemon(base: Path, cfg: config.Config | None = None, **kw: Any) -> Daemon:

@@ -2,28 +2,21 @@
 
 from __future__ import annotations
 
-import shutil
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from clientkit import wait_until
-from harness import INCLUDE, NOBODY, ROOT, run, scratch_dir
+from harness import INCLUDE, NOBODY, ROOT, built_examples, run
 
 EXAMPLES = ROOT / "examples"
 
 
 @pytest.fixture(scope="module")
 def ioas_alloc() -> Iterator[Path]:
-    out = scratch_dir()  # world-traversable: the example also runs as nobody
-    exe = out / "ioas_alloc"
-    subprocess.run(
-        ["cc", "-Wall", "-Wextra", "-Werror", f"-I{INCLUDE}", "-o", str(exe), str(EXAMPLES / "ioas_alloc.c")],
-        check=True,
-    )
-    yield exe
-    shutil.rmtree(out, ignore_errors=True)
+    with built_examples("ioas_alloc") as exes:  # a world-traversable directory: the example also runs as nobody
+        yield exes["ioas_alloc"]
 
 
 async def test_ioas_alloc(daemon, ioas_alloc: Path) -> None:

@@ -12,14 +12,13 @@ from __future__ import annotations
 import mmap
 import os
 import re
-import shutil
 import subprocess
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import trio
+from harness import built_examples
 
 from iommufd_cuse import uapi
 from iommufd_cuse.client import AsyncIommufd, AsyncVfioDevice
@@ -44,13 +43,6 @@ EDU_GONE_IOVA = 0x600000  # edu.c: mapped, unmapped, then written by the device
 ENGINE_SRC_IOVA, ENGINE_DST_IOVA = 1 << 32, 1 << 36  # dma_engine.c
 
 
-def scratch_dir() -> Path:
-    """A directory that non-root clients can traverse (pytest's tmp_path is 0700)."""
-    d = Path(tempfile.mkdtemp(prefix="icuse-", dir="/tmp"))
-    d.chmod(0o755)
-    return d
-
-
 async def run(argv: list, timeout: float = 120) -> subprocess.CompletedProcess:
     """Run a client process to completion while the daemon keeps serving; it must exit 0."""
     argv = [str(a) for a in argv]
@@ -72,17 +64,8 @@ async def wait_until(predicate, timeout: float = 5.0, what: str = "condition") -
 
 @pytest.fixture(scope="module")
 def examples() -> Iterator[dict[str, Path]]:
-    out = scratch_dir()
-    bins = {}
-    for name in ("edu", "dma_engine"):
-        exe = out / name
-        subprocess.run(
-            ["cc", "-O2", "-Wall", "-Wextra", "-Werror", f"-I{INCLUDE}", "-o", str(exe), str(EXAMPLES / f"{name}.c")],
-            check=True,
-        )
-        bins[name] = exe
-    yield bins
-    shutil.rmtree(out, ignore_errors=True)
+    with built_examples("edu", "dma_engine") as exes:
+        yield exes
 
 
 def nodes(daemon, n: int) -> list[Path]:

@@ -9,15 +9,13 @@ from __future__ import annotations
 import mmap
 import os
 import re
-import shutil
 import struct
-import subprocess
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
 import trio
-from harness import run, scratch_dir, serving
+from harness import built_examples, run, scratch_dir, serving
 
 from iommufd_cuse import config, uapi
 from iommufd_cuse.client import AsyncIommufd, AsyncVfioDevice
@@ -38,14 +36,8 @@ def pattern(lba: int, blocks: int) -> bytes:
 
 @pytest.fixture(scope="module")
 def example() -> Iterator[Path]:
-    out = scratch_dir()
-    exe = out / "nvme"
-    subprocess.run(
-        ["cc", "-O2", "-Wall", "-Wextra", "-Werror", f"-I{INCLUDE}", "-o", str(exe), str(ROOT / "examples/nvme.c")],
-        check=True,
-    )
-    yield exe
-    shutil.rmtree(out, ignore_errors=True)
+    with built_examples("nvme") as exes:
+        yield exes["nvme"]
 
 
 def nodes(daemon, n: int = NVME_INDEX) -> list[Path]:

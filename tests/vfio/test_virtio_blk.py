@@ -11,7 +11,6 @@ from __future__ import annotations
 import itertools
 import os
 import re
-import shutil
 import struct
 import subprocess
 from collections.abc import AsyncIterator, Iterator
@@ -20,7 +19,7 @@ from pathlib import Path
 
 import pytest
 import trio
-from harness import run, scratch_dir, serving
+from harness import built_examples, run, scratch_dir, serving
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -60,24 +59,8 @@ def pattern(sector: int, count: int) -> bytes:
 
 @pytest.fixture(scope="module")
 def example() -> Iterator[Path]:
-    out = scratch_dir()
-    exe = out / "virtio_blk"
-    subprocess.run(
-        [
-            "cc",
-            "-O2",
-            "-Wall",
-            "-Wextra",
-            "-Werror",
-            f"-I{INCLUDE}",
-            "-o",
-            str(exe),
-            str(ROOT / "examples/virtio_blk.c"),
-        ],
-        check=True,
-    )
-    yield exe
-    shutil.rmtree(out, ignore_errors=True)
+    with built_examples("virtio_blk") as exes:
+        yield exes["virtio_blk"]
 
 
 def nodes(daemon, n: int = VBLK_INDEX) -> list[Path]:
