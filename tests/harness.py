@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import struct
 import subprocess
 import tempfile
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -86,6 +87,17 @@ def built_examples(*names: str) -> Iterator[dict[str, Path]]:
         yield exes
     finally:
         shutil.rmtree(out, ignore_errors=True)
+
+
+def device_nodes(daemon: Daemon, n: int) -> list[Path]:
+    """A daemon's /dev/iommu and /dev/vfio/devices/vfio<n>, as the examples take them."""
+    return [Path(daemon.dev_dir) / "iommu", Path(daemon.dev_dir) / "vfio" / "devices" / f"vfio{n}"]
+
+
+def block_pattern(first: int, count: int) -> bytes:
+    """What examples/nvme.c and virtio_blk.c write: block (512 bytes) n holds n (u64), then (n % 251 + i) & 0xff."""
+    table = bytes(i & 0xFF for i in range(251 + 512))
+    return b"".join(struct.pack("<Q", n) + table[n % 251 : n % 251 + 504] for n in range(first, first + count))
 
 
 def make_daemon(base: Path, cfg: config.Config | None = None, **kw: Any) -> Daemon:

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 import trio
-from harness import built_examples
+from harness import built_examples, device_nodes
 
 from iommufd_cuse import uapi
 from iommufd_cuse.client import AsyncIommufd, AsyncVfioDevice
@@ -66,10 +66,6 @@ async def wait_until(predicate, timeout: float = 5.0, what: str = "condition") -
 def examples() -> Iterator[dict[str, Path]]:
     with built_examples("edu", "dma_engine") as exes:
         yield exes
-
-
-def nodes(daemon, n: int) -> list[Path]:
-    return [Path(daemon.dev_dir) / "iommu", Path(daemon.dev_dir) / "vfio" / "devices" / f"vfio{n}"]
 
 
 def record_signals(monkeypatch: pytest.MonkeyPatch, vdev) -> list[tuple[int, int]]:
@@ -126,7 +122,7 @@ async def test_edu_example(daemon, examples, monkeypatch) -> None:
     signals = record_signals(monkeypatch, vdev)
     faults, edu_faults = vdev.fault_count, edu.fault_count
 
-    p = await run([examples["edu"], *nodes(daemon, 0)])
+    p = await run([examples["edu"], *device_nodes(daemon, 0)])
     out = p.stdout.decode()
 
     # RAM -> device buffer -> RAM, verified by the driver
@@ -157,7 +153,7 @@ async def test_engine_example_copies_64mib(daemon, examples, monkeypatch, kind: 
     copies = record_copies(monkeypatch, vdev)
     faults = vdev.fault_count
 
-    p = await run([examples["dma_engine"], "-m", kind, *nodes(daemon, 1)])
+    p = await run([examples["dma_engine"], "-m", kind, *device_nodes(daemon, 1)])
     out = p.stdout.decode()
 
     memory = {"anon": "anonymous", "thp": "anonymous huge page", "memfd": "memfd"}[kind]
@@ -182,7 +178,7 @@ async def test_engine_example_unmap_while_queued(daemon, examples, monkeypatch, 
     signals = record_signals(monkeypatch, vdev)
     faults = vdev.fault_count
 
-    p = await run([examples["dma_engine"], "-u", "-m", kind, *nodes(daemon, 1)])
+    p = await run([examples["dma_engine"], "-u", "-m", kind, *device_nodes(daemon, 1)])
     out = p.stdout.decode()
 
     assert "unmapped the destination of the last transfer (iova 0x1003000000 +0x1000000)" in out
@@ -220,7 +216,7 @@ class Client:
 
     @classmethod
     async def open(cls, daemon, n: int) -> Client:
-        iommu, node = nodes(daemon, n)
+        iommu, node = device_nodes(daemon, n)
         ctx = await AsyncIommufd.open(iommu)
         dev = await AsyncVfioDevice.open(node)
         await dev.bind(ctx.fd)
@@ -452,7 +448,7 @@ async def test_closing_the_device_mid_transfer_stops_the_engine(daemon, examples
     await wait_until(lambda: daemon.system.pinned_pages() == 0, what="pins released")
 
     # the daemon keeps serving: the same device, bound again, copies
-    dev = await AsyncVfioDevice.open(nodes(daemon, 1)[1])
+    dev = await AsyncVfioDevice.open(device_nodes(daemon, 1)[1])
     await dev.bind(c.ctx.fd)
     await dev.attach(c.ioas)
     c.dev = dev
@@ -469,5 +465,5 @@ async def test_closing_the_device_mid_transfer_stops_the_engine(daemon, examples
     await c.close()
     await released(daemon)
     # and another client: the edu example runs as usual
-    await run([examples["edu"], *nodes(daemon, 0)])
+    await run([examples["edu"], *device_nodes(daemon, 0)])
     await released(daemon)

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 import trio
-from harness import built_examples, run, scratch_dir, serving
+from harness import block_pattern, built_examples, device_nodes, run, scratch_dir, serving
 
 from iommufd_cuse import config, uapi
 from iommufd_cuse.client import AsyncIommufd, AsyncVfioDevice
@@ -28,12 +28,6 @@ MIB = 1 << 20
 NVME_INDEX = 4  # vfio4 in the default topology
 
 
-def pattern(lba: int, blocks: int) -> bytes:
-    """What examples/nvme.c writes: LBA n holds n (u64), then (n % 251 + i) & 0xff."""
-    table = bytes(i & 0xFF for i in range(251 + 512))
-    return b"".join(struct.pack("<Q", n) + table[n % 251 : n % 251 + 504] for n in range(lba, lba + blocks))
-
-
 @pytest.fixture(scope="module")
 def example() -> Iterator[Path]:
     with built_examples("nvme") as exes:
@@ -41,7 +35,7 @@ def example() -> Iterator[Path]:
 
 
 def nodes(daemon, n: int = NVME_INDEX) -> list[Path]:
-    return [Path(daemon.dev_dir) / "iommu", Path(daemon.dev_dir) / "vfio" / "devices" / f"vfio{n}"]
+    return device_nodes(daemon, n)
 
 
 @pytest.fixture
@@ -100,7 +94,7 @@ async def test_example_round_trip_against_the_backing_file(file_daemon, example)
     data = file_daemon.backing.read_bytes()
     assert len(data) == 64 * MIB
     blocks = 8 * MIB // 512
-    assert data[: (blocks - 64) * 512] == pattern(0, blocks - 64)
+    assert data[: (blocks - 64) * 512] == block_pattern(0, blocks - 64)
     assert data[(blocks - 64) * 512 : 8 * MIB] == bytes(64 * 512)
     assert data[8 * MIB :] == bytes(56 * MIB)
     assert vdev.fault_count == 0
@@ -310,10 +304,10 @@ async def test_identify_features_logs_and_queue_statuses(daemon) -> None:
     assert await d.cmd(0, N.ADM_ABORT, cdw=(1 | 5 << 16,)) == (0, 1)  # not aborted
 
     # logs: SMART counts what was done, firmware slot 1, an unknown log
-    d.mem[DATA : DATA + 4096] = pattern(0, 8)
+    d.mem[DATA : DATA + 4096] = block_pattern(0, 8)
     assert (await d.cmd(1, N.IO_WRITE, nsid=1, prp1=IOVA + DATA, cdw=(0, 0, 7)))[0] == 0
     assert (await d.cmd(1, N.IO_READ, nsid=1, prp1=IOVA + DATA + 4096, cdw=(0, 0, 7)))[0] == 0
-    assert d.mem[DATA + 4096 : DATA + 8192] == pattern(0, 8)
+    assert d.mem[DATA + 4096 : DATA + 8192] == block_pattern(0, 8)
     assert await d.cmd(0, N.ADM_GET_LOG_PAGE, nsid=0xFFFFFFFF, prp1=IOVA + DATA, cdw=(2 | 127 << 16,)) == (0, 0)
     smart = d.mem[DATA : DATA + 512]
     assert struct.unpack_from("<H", smart, 1)[0] == N.TEMPERATURE_K and smart[3] == 100

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 import trio
-from harness import built_examples, run, scratch_dir, serving
+from harness import block_pattern, built_examples, device_nodes, run, scratch_dir, serving
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -50,13 +50,6 @@ COMMON_CFG_SIZE = 0x38  # through queue_device
 BLK_CONFIG_SIZE = 0x3C  # struct virtio_blk_config through write_zeroes_may_unmap and its padding
 
 
-def pattern(sector: int, count: int) -> bytes:
-    """What examples/virtio_blk.c writes (examples/nvme.c's pattern): sector n holds n (u64),
-    then (n % 251 + i) & 0xff."""
-    table = bytes(i & 0xFF for i in range(251 + 512))
-    return b"".join(struct.pack("<Q", n) + table[n % 251 : n % 251 + 504] for n in range(sector, sector + count))
-
-
 @pytest.fixture(scope="module")
 def example() -> Iterator[Path]:
     with built_examples("virtio_blk") as exes:
@@ -64,7 +57,7 @@ def example() -> Iterator[Path]:
 
 
 def nodes(daemon, n: int = VBLK_INDEX) -> list[Path]:
-    return [Path(daemon.dev_dir) / "iommu", Path(daemon.dev_dir) / "vfio" / "devices" / f"vfio{n}"]
+    return device_nodes(daemon, n)
 
 
 @asynccontextmanager
@@ -141,7 +134,7 @@ async def test_example_round_trip_against_the_backing_file(file_daemon, example,
     data = file_daemon.backing.read_bytes()
     assert len(data) == 64 * MIB
     sectors = 8 * MIB // 512
-    assert data[: (sectors - 64) * 512] == pattern(0, sectors - 64)
+    assert data[: (sectors - 64) * 512] == block_pattern(0, sectors - 64)
     assert data[(sectors - 64) * 512 : 8 * MIB] == bytes(64 * 512)
     assert data[8 * MIB :] == bytes(56 * MIB)
     assert vdev.fault_count == 0
