@@ -89,6 +89,18 @@ def built_examples(*names: str) -> Iterator[dict[str, Path]]:
         shutil.rmtree(out, ignore_errors=True)
 
 
+def open_files(path: Path) -> list[str]:
+    """This process's descriptors open on path."""
+    fds = []
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            if os.readlink(f"/proc/self/fd/{fd}") == str(path):
+                fds.append(fd)
+        except OSError:
+            pass
+    return fds
+
+
 def device_nodes(daemon: Daemon, n: int) -> list[Path]:
     """A daemon's /dev/iommu and /dev/vfio/devices/vfio<n>, as the examples take them."""
     return [Path(daemon.dev_dir) / "iommu", Path(daemon.dev_dir) / "vfio" / "devices" / f"vfio{n}"]

@@ -15,7 +15,8 @@ from pathlib import Path
 
 import pytest
 import trio
-from harness import block_pattern, built_examples, device_nodes, run, scratch_dir, serving
+from harness import block_pattern, built_examples, device_nodes, open_files, run, scratch_dir, serving
+from test_device_cdev import assert_released
 
 from iommufd_cuse import config, uapi
 from iommufd_cuse.client import AsyncIommufd, AsyncVfioDevice
@@ -52,29 +53,11 @@ async def file_daemon() -> AsyncIterator:
         yield d
 
 
-def open_files(path: Path) -> list[str]:
-    fds = []
-    for fd in os.listdir("/proc/self/fd"):
-        try:
-            if os.readlink(f"/proc/self/fd/{fd}") == str(path):
-                fds.append(fd)
-        except OSError:
-            pass
-    return fds
-
-
 async def test_the_backing_file_is_closed_when_the_daemon_stops(file_daemon) -> None:
     assert open_files(file_daemon.backing)  # the daemon holds it while it serves
     file_daemon.shutdown()
     assert not open_files(file_daemon.backing)
     assert file_daemon.system.devices[0].vfio.model.ns.mm.closed
-
-
-async def released(daemon) -> None:
-    with trio.move_on_after(10):
-        while daemon.system.contexts or daemon.system.pinned_pages():
-            await trio.sleep(0.01)
-    assert not daemon.system.contexts and daemon.system.pinned_pages() == 0
 
 
 async def test_example_round_trip_against_the_backing_file(file_daemon, example) -> None:
@@ -100,7 +83,7 @@ async def test_example_round_trip_against_the_backing_file(file_daemon, example)
     assert vdev.fault_count == 0
     ctrl = vdev.model
     assert ctrl.reads > 0 and ctrl.blocks_written >= blocks
-    await released(file_daemon)
+    await assert_released(file_daemon)
 
 
 async def test_example_errors_resets_shutdown(daemon, example) -> None:
@@ -130,11 +113,11 @@ async def test_example_errors_resets_shutdown(daemon, example) -> None:
     assert "shutdown: CSTS 0x9 (shutdown complete)" in out
     assert "after the shutdown: controller ready, data intact" in out
     assert out.splitlines()[-1] == "done"
-    await released(daemon)
+    await assert_released(daemon)
     # and the controller serves the next client from scratch
     p = await run([example, *nodes(daemon)])
     assert p.stdout.decode().splitlines()[-1] == "done"
-    await released(daemon)
+    await assert_released(daemon)
 
 
 # -- from Python: registers, admin commands, events, back-pressure, faults ----------------------
@@ -321,7 +304,7 @@ async def test_identify_features_logs_and_queue_statuses(daemon) -> None:
     assert (sqid, status >> 1) == (0, 0x109 | DNR) and count == d.vdev.model.error_count
     assert (await d.cmd(0, 0x7F))[0] == N.SC_INVALID_OPCODE | DNR
     await d.close()
-    await released(daemon)
+    await assert_released(daemon)
 
 
 async def test_asynchronous_event_on_a_bad_doorbell(daemon) -> None:
@@ -348,7 +331,7 @@ async def test_asynchronous_event_on_a_bad_doorbell(daemon) -> None:
     cid, st, dw0 = await d.reap(0)  # now the second event, on the next held AER
     assert (st, dw0) == (0, N.AE_INVALID_DOORBELL_VALUE << 8 | N.LOG_ERROR << 16)
     await d.close()
-    await released(daemon)
+    await assert_released(daemon)
 
 
 async def test_a_full_completion_queue_holds_its_submission_queue(daemon) -> None:
@@ -367,7 +350,7 @@ async def test_a_full_completion_queue_holds_its_submission_queue(daemon) -> Non
     got += [await d.reap(1) for _ in range(3)]
     assert [c for c, _, _ in got] == sorted(c for c, _, _ in got)
     await d.close()
-    await released(daemon)
+    await assert_released(daemon)
 
 
 async def test_dma_faults_and_intx(daemon) -> None:
@@ -407,4 +390,4 @@ async def test_dma_faults_and_intx(daemon) -> None:
     finally:
         await d.close()
         os.close(efd)
-    await released(daemon)
+    await assert_released(daemon)

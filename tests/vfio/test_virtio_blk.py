@@ -9,7 +9,6 @@ reset; and, from Python, the config space, the virtio structures and the handsha
 from __future__ import annotations
 
 import itertools
-import os
 import re
 import struct
 import subprocess
@@ -19,9 +18,10 @@ from pathlib import Path
 
 import pytest
 import trio
-from harness import block_pattern, built_examples, device_nodes, run, scratch_dir, serving
+from harness import block_pattern, built_examples, device_nodes, open_files, run, scratch_dir, serving
 from hypothesis import given
 from hypothesis import strategies as st
+from test_device_cdev import assert_released
 
 from iommufd_cuse import config, uapi
 from iommufd_cuse.client import AsyncIommufd, AsyncVfioDevice
@@ -80,13 +80,6 @@ async def file_daemon() -> AsyncIterator:
         yield d
 
 
-async def released(daemon) -> None:
-    with trio.move_on_after(10):
-        while daemon.system.contexts or daemon.system.pinned_pages():
-            await trio.sleep(0.01)
-    assert not daemon.system.contexts and daemon.system.pinned_pages() == 0
-
-
 def finished(p: subprocess.CompletedProcess, out: str) -> None:
     """The example's last word: every check passed (a failed check prints a FAILED line and
     makes it exit 1)."""
@@ -141,7 +134,7 @@ async def test_example_round_trip_against_the_backing_file(file_daemon, example,
     # 2.7.5.3.2: a chain of normal descriptors ending in an indirect one is valid
     assert "indirect after a normal descriptor: 8 KiB read (sector 256)" in out, out
     finished(p, out)
-    await released(file_daemon)
+    await assert_released(file_daemon)
 
 
 @pytest.mark.parametrize("memory", ["memfd", "anon"])
@@ -183,24 +176,13 @@ async def test_example_errors_and_function_level_reset(daemon, example, memory) 
     # 4.1.4.5.1: the ISR's configuration bit is set before the configuration change notification
     assert "ISR: the device configuration interrupt bit is not set" not in out
     finished(p, out)
-    await released(daemon)
+    await assert_released(daemon)
     # and the device serves the next client from scratch
     p = await run([example, "-n", "1M", *nodes(daemon)], check=False)
     out = p.stdout.decode()
     assert "round trip: wrote 1048576 bytes" in out, p.stderr.decode()
     finished(p, out)
-    await released(daemon)
-
-
-def open_files(path: Path) -> list[str]:
-    fds = []
-    for fd in os.listdir("/proc/self/fd"):
-        try:
-            if os.readlink(f"/proc/self/fd/{fd}") == str(path):
-                fds.append(fd)
-        except OSError:
-            pass
-    return fds
+    await assert_released(daemon)
 
 
 async def test_the_backing_file_is_closed_when_the_daemon_stops_after_faults(file_daemon, example) -> None:
@@ -210,7 +192,7 @@ async def test_the_backing_file_is_closed_when_the_daemon_stops_after_faults(fil
     p = await run([example, "-e", "-n", "1M", *nodes(file_daemon, 0)], check=False)
     assert "read into an unmapped buffer: status 1 (IOERR)" in p.stdout.decode(), p.stderr.decode()
     assert vdev.fault_count == 3
-    await released(file_daemon)
+    await assert_released(file_daemon)
     assert open_files(file_daemon.backing)  # the daemon holds it while it serves
     file_daemon.shutdown()
     assert vdev.model.disk.mm.closed
@@ -361,7 +343,7 @@ async def test_config_space_and_virtio_capabilities(daemon) -> None:
         assert await v.common(DFSELECT, 4) == 1 and await v.common(DF, 4) == OFFERED_HI
     finally:
         await v.close()
-    await released(daemon)
+    await assert_released(daemon)
 
 
 async def test_feature_handshake_and_device_config(daemon) -> None:
@@ -391,7 +373,7 @@ async def test_feature_handshake_and_device_config(daemon) -> None:
         assert await v.common(STATUS, 1) == 0
     finally:
         await v.close()
-    await released(daemon)
+    await assert_released(daemon)
 
 
 async def test_read_only_disk_offers_ro() -> None:
@@ -403,7 +385,7 @@ async def test_read_only_disk_offers_ro() -> None:
             assert await v.handshake(OFFERED_LO | 1 << F_RO, OFFERED_HI) == ACKNOWLEDGE | DRIVER | FEATURES_OK
         finally:
             await v.close()
-        await released(d)
+        await assert_released(d)
 
 
 @given(
