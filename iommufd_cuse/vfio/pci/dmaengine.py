@@ -247,8 +247,7 @@ class DmaEngine(QueuedWork, RegisterFunction):
 
     def _fault(self, f: DmaFault, source: int) -> _Halt:
         self.fault_total += 1
-        self.faults.append(f)
-        del self.faults[:-256]
+        self._keep_fault(f)
         return _Halt(fault_reason_code(f.reason), source, f.iova, f.write)
 
     # -- the engine -----------------------------------------------------------------------

@@ -60,7 +60,6 @@ BUF_SIZE = 0x1000
 
 U32 = (1 << 32) - 1
 U64 = (1 << 64) - 1
-MAX_FAULTS_KEPT = 256
 
 
 def factorial32(n: int) -> int:
@@ -255,8 +254,7 @@ class Edu(PciFunction):
                     self.buffer[i : i + count] = data
             except DmaFault as f:
                 self.fault_count += 1
-                self.faults.append(f)
-                del self.faults[:-MAX_FAULTS_KEPT]
+                self._keep_fault(f)
                 log.warning("edu: %s", f)
         self.dma_cmd &= ~DMA_CMD_START
         if self.dma_cmd & DMA_CMD_IRQ:

@@ -21,6 +21,9 @@ import trio
 log = logging.getLogger(__name__)
 
 
+FAULTS_KEPT = 256
+
+
 class DmaFault(Exception):
     """A device access the IOMMU refused: recorded by the device, never silent."""
 
@@ -99,6 +102,15 @@ class PciFunction:
         self.dma = dma
         self.irq = irq
         self.spawn = spawn
+
+    faults: list[DmaFault]  # the DMA faults the device met, the newest FAULTS_KEPT (for status and tests)
+
+    def _keep_fault(self, f: DmaFault) -> None:
+        # without its traceback: its frames hold what the model was copying (views of its memory, a
+        # disk's mmap) for as long as the fault is kept, which could then never be released
+        f.__traceback__ = f.__context__ = None
+        self.faults.append(f)
+        del self.faults[:-FAULTS_KEPT]
 
     def mmio_read(self, bar: int, offset: int, size: int) -> int:
         raise NotImplementedError

@@ -300,8 +300,7 @@ class Nvme(QueuedWork, RegisterFunction):
     # -- faults --------------------------------------------------------------------------
     def _note_fault(self, f: DmaFault) -> None:
         self.fault_count += 1
-        self.faults.append(f)
-        del self.faults[:-256]
+        self._keep_fault(f)
 
     def _fatal(self, why: str) -> None:
         log.warning("nvme: controller fatal status: %s", why)

@@ -507,11 +507,8 @@ class VirtioBlk(QueuedWork, RegisterFunction):
                 await trio.lowlevel.checkpoint()  # fair to the event loop between batches
 
     def _note_fault(self, f: DmaFault) -> None:
-        # kept without its traceback: its frames hold views of the disk, which could then never be closed
-        f.__traceback__ = f.__context__ = None
         self.fault_count += 1
-        self.faults.append(f)
-        del self.faults[:-256]
+        self._keep_fault(f)
 
     def _u16(self, iova: int) -> int:
         return int.from_bytes(self.dma.read(iova, 2), "little")
