@@ -527,21 +527,18 @@ class VirtioBlk(QueuedWork, RegisterFunction):
         table = self.dma.read(q.desc, 16 * q.size)
         reqs: list[Request] = []
         walked = 0
-        self._slice = 0
         while len(reqs) < n and walked < DESC_BUDGET:
             slot = (q.last_avail + len(reqs)) % q.size
             head = int.from_bytes(ring[2 * slot : 2 * slot + 2], "little")
-            req = await self._chain(q, head, table)
+            req = await self._chain(q, head, table, walked)
             reqs.append(req)
             walked += req.descs
         q.last_avail = (q.last_avail + len(reqs)) & U16
         return reqs
 
-    _slice = 0  # descriptors followed on the loop since the last checkpoint
-
-    async def _chain(self, q: VirtQueue, head: int, table: bytes) -> Request:
-        """Follows the descriptor chain at head (with an indirect table, if any). A reset while it
-        waits at a checkpoint cancels it (QueuedWork)."""
+    async def _chain(self, q: VirtQueue, head: int, table: bytes, walked: int) -> Request:
+        """Follows the descriptor chain at head (with an indirect table, if any), walked descriptors
+        into the turn. A reset while it waits at a checkpoint cancels it (QueuedWork)."""
         if head >= q.size:
             raise ChainError(f"head {head} past the queue size {q.size}")
         req = Request(q, head, [], [])
@@ -551,9 +548,8 @@ class VirtioBlk(QueuedWork, RegisterFunction):
             steps += 1
             if steps > count:
                 raise ChainError("a descriptor chain that loops")
-            self._slice += 1  # a chain of up to 1280 descriptors (256, then an indirect 1024) is not followed in one go
-            if self._slice >= LOOP_SLICE:
-                self._slice = 0
+            walked += 1  # a chain of up to 1280 descriptors (256, then an indirect 1024) is not followed in one go
+            if walked % LOOP_SLICE == 0:
                 await trio.lowlevel.checkpoint()
             addr, length, flags, nxt = DESC.unpack_from(descs, 16 * i)
             if flags & DESC_INDIRECT:
